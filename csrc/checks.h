@@ -1,0 +1,100 @@
+// Argument checks at the op boundary, with messages that name the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace stn_ext {
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "stn_ext: ", name,
+              " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+              t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "stn_ext: ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; move them to one device");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "stn_ext: ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has dtype ", ref.scalar_type(), "; cast them to one dtype");
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "stn_ext: ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+}
+
+inline void check_device(const at::Tensor& t, c10::DeviceType type, const char* name) {
+  TORCH_CHECK(t.device().type() == type, "stn_ext: ", name, " must be a ", c10::DeviceTypeName(type),
+              " tensor in this kernel, got ", t.device());
+}
+
+// Checks shared by the CPU and CUDA kernels of each op; they return the sizes the kernels need.
+struct GateSizes {
+  int64_t rows, cols;
+};
+
+inline GateSizes check_gate(const at::Tensor& elem, const at::Tensor& hyper, const at::Tensor& scale,
+                            const char* elem_name = "elem") {
+  check_float(elem, elem_name);
+  check_same(elem, elem_name, hyper, "hyper");
+  check_same(elem, elem_name, scale, "scale");
+  TORCH_CHECK(elem.dim() >= 1, "stn_ext: ", elem_name, " must have at least one dimension");
+  check_shape(hyper, elem.sizes(), "hyper");
+  check_shape(scale, {elem.size(0)}, "scale");
+  const int64_t rows = elem.size(0);
+  return {rows, rows == 0 ? 0 : elem.numel() / rows};
+}
+
+struct EpilogueSizes {
+  int64_t batch, out, positions, per_group;
+};
+
+inline EpilogueSizes check_epilogue(const at::Tensor& o, const at::Tensor& s, int64_t groups,
+                                    bool channels_last, const char* o_name = "o") {
+  check_float(o, o_name);
+  check_same(o, o_name, s, "s");
+  TORCH_CHECK(o.dim() == 3, "stn_ext: ", o_name, " must be 3-D (B, P, 2*out) or (B, 2*out, P), got ",
+              o.sizes());
+  TORCH_CHECK(s.dim() == 2, "stn_ext: s must be 2-D (B, out), got ", s.sizes());
+  const int64_t batch = o.size(0);
+  const int64_t out = s.size(1);
+  const int64_t positions = channels_last ? o.size(1) : o.size(2);
+  const int64_t channels = channels_last ? o.size(2) : o.size(1);
+  TORCH_CHECK(groups >= 1 && out % groups == 0, "stn_ext: groups (", groups,
+              ") must be positive and divide the output channels (", out, ")");
+  TORCH_CHECK(channels == 2 * out, "stn_ext: ", o_name, " must have 2*out = ", 2 * out,
+              " channels (out taken from s), got ", channels);
+  TORCH_CHECK(s.size(0) == batch, "stn_ext: s has ", s.size(0), " rows but ", o_name, " has batch ",
+              batch);
+  return {batch, out, positions, out / groups};
+}
+
+// Shape of the epilogue output: o's shape with out channels instead of 2*out.
+inline std::vector<int64_t> epilogue_out_shape(const EpilogueSizes& z, bool channels_last) {
+  return channels_last ? std::vector<int64_t>{z.batch, z.positions, z.out}
+                       : std::vector<int64_t>{z.batch, z.out, z.positions};
+}
+
+inline void check_epilogue_extras(const at::Tensor& o, const EpilogueSizes& z,
+                                  const std::optional<at::Tensor>& t,
+                                  const std::optional<at::Tensor>& bias_elem,
+                                  const std::optional<at::Tensor>& bias_hyper) {
+  if (bias_elem) {
+    check_same(o, "o", *bias_elem, "bias_elem");
+    check_shape(*bias_elem, {z.out}, "bias_elem");
+  }
+  if (bias_hyper) {
+    TORCH_CHECK(t.has_value(), "stn_ext: bias_hyper needs t");
+    check_same(o, "o", *bias_hyper, "bias_hyper");
+    check_shape(*bias_hyper, {z.out}, "bias_hyper");
+  }
+  if (t) {
+    check_same(o, "o", *t, "t");
+    check_shape(*t, {z.batch, z.out}, "t");
+  }
+}
+
+}  // namespace stn_ext

@@ -1,0 +1,43 @@
+// Op schemas of stn_ext, registered once; the CPU and CUDA kernels live in csrc/cpu and csrc/cuda,
+// the autograd formulas and fake (meta) kernels in stn_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module `stn_ext._C`: importing it loads this library and so registers the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+bool with_cuda() {
+#ifdef STN_EXT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+TORCH_LIBRARY(stn_ext, m) {
+  // Which build is loaded: true when the CUDA kernels were compiled in.
+  m.def("with_cuda() -> bool", &with_cuda);
+
+  // --- STN layer -------------------------------------------------------------------------------
+  // W = elem + scale (.)row hyper; elem, hyper of shape (out, ...), scale (out,).
+  m.def("gate(Tensor elem, Tensor hyper, Tensor scale) -> Tensor");
+  // One pass over grad and hyper: (grad_hyper = scale (.)row grad, grad_scale_i = sum_j grad_ij hyper_ij).
+  m.def("gate_backward(Tensor grad, Tensor hyper, Tensor scale) -> (Tensor, Tensor)");
+  // Per-example epilogue. o: (B, P, 2*out) if channels_last else (B, 2*out, P), the GEMM/conv output
+  // against the stacked weight (group-interleaved when groups > 1); s, t: (B, out); biases: (out,).
+  // y = e + s (.) h + b_e + t (.) b_h, shaped like o with out channels.
+  m.def(
+      "per_example_epilogue(Tensor o, Tensor s, Tensor? t, Tensor? bias_elem, Tensor? bias_hyper, "
+      "int groups, bool channels_last) -> Tensor");
+  // Returns (grad_o = [g | g (.) s], grad_s = sum_P g (.) h, grad_sum = sum_P g).
+  m.def(
+      "per_example_epilogue_backward(Tensor grad, Tensor o, Tensor s, int groups, bool channels_last) "
+      "-> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,17 @@
+"""stn_ext: Self-Tuning Network layers and exact reversible learning as fused PyTorch ops."""
+from stn_ext import ops  # noqa: F401  (loads the compiled library and registers the ops)
+from stn_ext._library import has_cuda
+from stn_ext import functional, reference  # noqa: F401
+from stn_ext.nn import StnConv2d, StnLinear, convert, current_hyper_input, hyper_input
+
+__all__ = [
+    "StnLinear",
+    "StnConv2d",
+    "convert",
+    "hyper_input",
+    "current_hyper_input",
+    "has_cuda",
+    "functional",
+    "reference",
+]
+__version__ = "0.1.0"
