@@ -97,4 +97,14 @@ inline void check_epilogue_extras(const at::Tensor& o, const EpilogueSizes& z,
   }
 }
 
+// Helpers for optional tensors (biases, t) passed to the kernels.
+inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+template <typename scalar_t>
+const scalar_t* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
 }  // namespace stn_ext

@@ -5,9 +5,16 @@ per-example lam (B, n): one GEMM/conv against the stacked weight [W_e; W_h], the
                         y = e + s (.) h + b_e + t (.) b_h with s = lam V^T, t = lam C^T. Never B weights.
 """
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
-from stn_ext import ops
+from stn_ext import ops, reference
+
+
+def _needs_reference():
+    """The fused ops have reverse-mode autograd only: under torch.func transforms (grad, vmap, jvp,
+    jacrev, ...) and forward-mode AD the same maths runs as plain PyTorch ops (stn_ext.reference)."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def _fail(msg):
@@ -79,6 +86,8 @@ def stn_linear(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, 
     _check_args("stn_linear", x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem, bias_hyper, hyper_bias)
     if x.dim() == 0 or x.shape[-1] != weight_elem.shape[1]:
         _fail(f"stn_linear: x has shape {tuple(x.shape)} but the layer has in_features={weight_elem.shape[1]}")
+    if _needs_reference():
+        return reference.stn_linear(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem, bias_hyper, hyper_bias)
     if lam.dim() == 1:
         w = ops.gate(weight_elem, weight_hyper, torch.mv(hyper_weight, lam))
         return F.linear(x, w, _gated_bias(lam, bias_elem, bias_hyper, hyper_bias))
@@ -109,6 +118,9 @@ def stn_conv2d(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, 
         _fail(f"stn_conv2d: weight_elem must be 4-D (out, in/groups, kh, kw), got {tuple(weight_elem.shape)}")
     if x.dim() != 4 or x.shape[1] != weight_elem.shape[1] * groups:
         _fail(f"stn_conv2d: x has shape {tuple(x.shape)} but the layer expects (B, {weight_elem.shape[1] * groups}, H, W)")
+    if _needs_reference():
+        return reference.stn_conv2d(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem, bias_hyper, hyper_bias,
+                                    stride, padding, dilation, groups)
     if lam.dim() == 1:
         w = ops.gate(weight_elem, weight_hyper, torch.mv(hyper_weight, lam))
         return F.conv2d(x, w, _gated_bias(lam, bias_elem, bias_hyper, hyper_bias), stride, padding, dilation, groups)

@@ -67,11 +67,6 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad_in, 
   return {grad_hyper, grad_scale};
 }
 
-template <typename scalar_t>
-const scalar_t* optional_ptr(const std::optional<at::Tensor>& t) {
-  return t ? t->const_data_ptr<scalar_t>() : nullptr;
-}
-
 at::Tensor per_example_epilogue_cpu(const at::Tensor& o_in, const at::Tensor& s_in,
                                     const std::optional<at::Tensor>& t_in,
                                     const std::optional<at::Tensor>& bias_elem_in,
@@ -81,10 +76,7 @@ at::Tensor per_example_epilogue_cpu(const at::Tensor& o_in, const at::Tensor& s_
   check_epilogue_extras(o_in, z, t_in, bias_elem_in, bias_hyper_in);
   check_device(o_in, c10::kCPU, "o");
   const auto o = o_in.contiguous(), s = s_in.contiguous();
-  const auto contig = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-  };
-  const auto t = contig(t_in), be = contig(bias_elem_in), bh = contig(bias_hyper_in);
+  const auto t = contiguous_or_none(t_in), be = contiguous_or_none(bias_elem_in), bh = contiguous_or_none(bias_hyper_in);
   auto y = at::empty(epilogue_out_shape(z, channels_last), o.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;

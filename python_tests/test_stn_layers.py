@@ -1,0 +1,261 @@
+"""StnLinear, StnConv2d, convert(), hyper_input, torch.compile, torch.func and bad input."""
+import pytest
+import torch
+from torch import nn
+
+import stn_ext
+from stn_ext import reference as R
+
+
+def _randomise_hyper(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (stn_ext.StnLinear, stn_ext.StnConv2d)):
+                m.hyper_weight.normal_()
+                if m.hyper_bias is not None:
+                    m.hyper_bias.normal_()
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, groups=2, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(32, 16)
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x))).flatten(1)
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def test_fresh_layers_equal_elementary_layers(device):
+    lin = nn.Linear(7, 5, device=device)
+    stn = stn_ext.StnLinear.from_linear(lin, 3)
+    x = torch.randn(4, 2, 7, device=device)
+    for lam in (torch.randn(3, device=device), torch.randn(4, 3, device=device)):
+        torch.testing.assert_close(stn(x, lam), lin(x))
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect", device=device)
+    stn_c = stn_ext.StnConv2d.from_conv(conv, 2)
+    x = torch.randn(3, 4, 9, 9, device=device)
+    for lam in (torch.randn(2, device=device), torch.randn(3, 2, device=device)):
+        torch.testing.assert_close(stn_c(x, lam), conv(x))
+
+
+def test_fresh_layer_parameter_names_and_shapes():
+    layer = stn_ext.StnConv2d(4, 6, (3, 5), 2, groups=2)
+    shapes = {k: tuple(v.shape) for k, v in layer.named_parameters()}
+    assert shapes == {
+        "weight_elem": (6, 2, 3, 5), "weight_hyper": (6, 2, 3, 5), "hyper_weight": (6, 2),
+        "bias_elem": (6,), "bias_hyper": (6,), "hyper_bias": (6, 2),
+    }
+    assert torch.all(layer.hyper_weight == 0) and torch.all(layer.hyper_bias == 0)
+    lin = stn_ext.StnLinear(3, 4, 1, bias=False)
+    assert [k for k, _ in lin.named_parameters()] == ["weight_elem", "weight_hyper", "hyper_weight"]
+
+
+def test_layers_match_reference_with_hyper_weights(device):
+    layer = stn_ext.StnConv2d(3, 4, 3, 2, padding="same", device=device, dtype=torch.float64)
+    _randomise_hyper(layer)
+    x = torch.randn(2, 3, 6, 6, device=device, dtype=torch.float64)
+    lam = torch.randn(2, 2, device=device, dtype=torch.float64)
+    want = R.stn_conv2d(x, lam, *layer._stn_params(), padding="same")
+    torch.testing.assert_close(layer(x, lam), want)
+
+
+def test_convert_keeps_outputs_and_state_dict_round_trips(tmp_path):
+    model = SmallNet().eval()
+    x = torch.randn(5, 1, 8, 8)
+    before = model(x)
+    converted = stn_ext.convert(model, n_hyper=3)
+    assert converted is model
+    kinds = {name: type(m).__name__ for name, m in model.named_children()}
+    assert kinds["conv1"] == "StnConv2d" and kinds["conv2"] == "StnConv2d"
+    assert kinds["fc1"] == "StnLinear" and kinds["bn"] == "BatchNorm2d"
+    for lam in (torch.randn(3), torch.randn(5, 3)):
+        with stn_ext.hyper_input(lam):
+            torch.testing.assert_close(model(x), before)
+    _randomise_hyper(model)
+    lam = torch.randn(5, 3)
+    with stn_ext.hyper_input(lam):
+        after = model(x)
+    assert not torch.allclose(after, before)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh = stn_ext.convert(SmallNet().eval(), n_hyper=3)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt"))
+    with stn_ext.hyper_input(lam):
+        torch.testing.assert_close(fresh(x), after)
+
+
+def test_convert_filter_selects_layers():
+    model = stn_ext.convert(SmallNet(), 2, filter=lambda name, m: isinstance(m, nn.Linear))
+    assert isinstance(model.fc1, stn_ext.StnLinear) and isinstance(model.conv1, nn.Conv2d)
+    assert not isinstance(model.conv1, stn_ext.StnConv2d)
+
+
+def test_missing_hyper_input_is_a_clear_error():
+    layer = stn_ext.StnLinear(3, 2, 1)
+    with pytest.raises(RuntimeError, match="hyper_input"):
+        layer(torch.randn(2, 3))
+    with stn_ext.hyper_input(torch.zeros(1)):
+        with stn_ext.hyper_input(torch.zeros(2, 1)) as inner:
+            assert stn_ext.current_hyper_input() is inner
+        assert stn_ext.current_hyper_input().shape == (1,)
+    assert stn_ext.current_hyper_input() is None
+
+
+def test_training_lowers_loss():
+    # The layer learns through both paths: a few SGD steps on a fixed regression target.
+    torch.manual_seed(1)
+    layer = stn_ext.StnLinear(8, 4, 2)
+    x, target, lam = torch.randn(32, 8), torch.randn(32, 4), torch.randn(32, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(layer(x, lam), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert layer.hyper_weight.abs().sum() > 0  # V received gradient
+
+
+class Hyperless(nn.Module):
+    """A small model whose forward takes lam explicitly, for torch.compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = stn_ext.StnConv2d(1, 4, 3, 2, padding=1)
+        self.fc = stn_ext.StnLinear(4 * 16, 10, 2)
+
+    def forward(self, x, lam):
+        h = torch.relu(self.conv(x, lam))
+        return self.fc(nn.functional.avg_pool2d(h, 2).flatten(1), lam)
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["shared", "per_example"])
+def test_torch_compile_fullgraph_matches_eager(per_example):
+    torch._dynamo.reset()
+    model = Hyperless()
+    _randomise_hyper(model)
+    x = torch.randn(6, 1, 8, 8)
+    lam = torch.randn(6, 2) if per_example else torch.randn(2)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, lam), model(x, lam))
+    g_eager = torch.autograd.grad(model(x, lam).sum(), list(model.parameters()))
+    g_comp = torch.autograd.grad(compiled(x, lam).sum(), list(model.parameters()))
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor_with_hyper_input_context():
+    torch._dynamo.reset()
+    model = stn_ext.convert(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), 2)
+    _randomise_hyper(model)
+    x, lam = torch.randn(4, 5), torch.randn(4, 2)
+    compiled = torch.compile(model, fullgraph=True)
+    with stn_ext.hyper_input(lam):
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_torch_func_transforms_and_forward_ad_work():
+    # No fused rule exists for them, so the layers run the reference maths there: same values.
+    layer = stn_ext.StnLinear(5, 3, 2, dtype=torch.float64)
+    _randomise_hyper(layer)
+    x, lam = torch.randn(4, 5, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+
+    def loss(p, lam):
+        return torch.func.functional_call(layer, p, (x, lam)).square().sum()
+
+    lam_ = lam.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(params, lam_), [lam_])
+    torch.testing.assert_close(torch.func.grad(loss, argnums=1)(params, lam), want)
+    lams = torch.randn(3, 2, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(lambda l: layer(x, l))(lams), torch.stack([layer(x, l) for l in lams]))
+    tangent = torch.randn(2, dtype=torch.float64)
+    _, jvp = torch.func.jvp(lambda l: layer(x, l), (lam,), (tangent,))
+    eps = 1e-6
+    fd = (layer(x, lam + eps * tangent) - layer(x, lam - eps * tangent)) / (2 * eps)
+    torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-6)
+    conv = stn_ext.StnConv2d(2, 3, 3, 2, padding=1, dtype=torch.float64)
+    _randomise_hyper(conv)
+    xc = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(lam, tangent)
+        y_t = torch.autograd.forward_ad.unpack_dual(conv(xc, dual)).tangent
+    fd = (conv(xc, lam + eps * tangent) - conv(xc, lam - eps * tangent)) / (2 * eps)
+    torch.testing.assert_close(y_t, fd, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_graph_uses_the_fused_ops():
+    torch._dynamo.reset()
+    layer = stn_ext.StnLinear(5, 3, 2)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    torch.compile(layer, fullgraph=True, backend=backend)(torch.randn(4, 5), torch.randn(4, 2))
+    assert any("per_example_epilogue" in t for t in seen), seen
+
+
+BAD_LINEAR = [
+    (dict(lam=torch.zeros(3)), "n_hyper=2"),
+    (dict(lam=torch.zeros(5, 2)), "batch size"),
+    (dict(lam=torch.zeros(4, 2, 1)), "lam must have shape"),
+    (dict(lam=torch.zeros(2, dtype=torch.int64)), "lam must be a floating-point"),
+    (dict(lam=torch.zeros(2, dtype=torch.float64)), "lam has dtype"),
+    (dict(x=torch.zeros(4, 6)), "in_features=7"),
+    (dict(lam=torch.zeros(2, device="meta")), "lam is on meta"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_LINEAR, ids=[m for _, m in BAD_LINEAR])
+def test_bad_linear_input_is_a_clear_error(change, message):
+    layer = stn_ext.StnLinear(7, 3, 2)
+    args = dict(x=torch.zeros(4, 7), lam=torch.zeros(2))
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        layer(args["x"], args["lam"])
+
+
+def test_bad_conv_input_is_a_clear_error():
+    layer = stn_ext.StnConv2d(4, 6, 3, 2)
+    with pytest.raises(ValueError, match=r"expects \(B, 4, H, W\)"):
+        layer(torch.zeros(2, 3, 5, 5), torch.zeros(2))
+    with pytest.raises(ValueError, match="groups"):
+        stn_ext.StnConv2d(4, 6, 3, 2, groups=4)
+
+
+def test_bad_op_arguments_name_the_argument():
+    ops = torch.ops.stn_ext
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        ops.gate(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(4))
+    with pytest.raises(RuntimeError, match="hyper has dtype"):
+        ops.gate(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="floating-point"):
+        ops.gate(torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, 4, dtype=torch.int32),
+                 torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must have 2\\*out"):
+        ops.per_example_epilogue(torch.zeros(2, 5, 3), torch.zeros(2, 3), None, None, None, 1, True)
+    with pytest.raises(RuntimeError, match="bias_hyper needs t"):
+        ops.per_example_epilogue(torch.zeros(2, 5, 6), torch.zeros(2, 3), None, torch.zeros(3), torch.zeros(3), 1, True)
+    with pytest.raises(RuntimeError, match="groups"):
+        ops.per_example_epilogue(torch.zeros(2, 6, 5), torch.zeros(2, 3), None, None, None, 2, False)
+
+
+def test_cuda_tensors_on_cpu_only_build_say_how_to_rebuild():
+    # Call the op's CUDA kernel directly (what CUDA tensors would reach). A CPU-only build answers
+    # with rebuild instructions; a CUDA build checks that the tensors are on a CUDA device.
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    args = (torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3))
+    expected = "must be a cuda tensor" if stn_ext.has_cuda() else "FORCE_CUDA=1"
+    with pytest.raises(RuntimeError, match=expected):
+        torch.ops.stn_ext.gate.default.redispatch(keyset, *args)

@@ -1,0 +1,204 @@
+"""The compiled ops: opcheck, float64 gradcheck/gradgradcheck, the layers against the reference."""
+import pytest
+import torch
+
+import stn_ext
+from stn_ext import functional as Fn
+from stn_ext import reference as R
+from stn_cases import TOL, cast, conv_params, leaves, linear_params, make_lam
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+# --- opcheck: schema, fake kernel, autograd registration, for every op --------------------------
+
+
+def _op_samples(device):
+    d = dict(dtype=torch.float64, device=device)
+    r = lambda *s, grad=False: torch.randn(*s, **d).requires_grad_(grad)  # noqa: E731
+    yield torch.ops.stn_ext.gate.default, (r(5, 7, grad=True), r(5, 7, grad=True), r(5, grad=True))
+    yield torch.ops.stn_ext.gate.default, (r(4, 2, 3, 3, grad=True), r(4, 2, 3, 3), r(4, grad=True))
+    yield torch.ops.stn_ext.gate.default, (r(6), r(6), r(6))
+    yield torch.ops.stn_ext.gate_backward.default, (r(5, 7, grad=True), r(5, 7, grad=True), r(5, grad=True))
+    for groups, cl in [(1, True), (1, False), (2, False), (2, True)]:
+        o_shape = (3, 4, 8) if cl else (3, 8, 4)
+        y_shape = (3, 4, 4) if cl else (3, 4, 4)
+        yield torch.ops.stn_ext.per_example_epilogue.default, (
+            r(*o_shape, grad=True), r(3, 4, grad=True), r(3, 4, grad=True), r(4, grad=True), r(4, grad=True),
+            groups, cl)
+        yield torch.ops.stn_ext.per_example_epilogue.default, (r(*o_shape, grad=True), r(3, 4), None, None, None,
+                                                               groups, cl)
+        yield torch.ops.stn_ext.per_example_epilogue_backward.default, (
+            r(*y_shape, grad=True), r(*o_shape, grad=True), r(3, 4, grad=True), groups, cl)
+
+
+N_SAMPLES = len(list(_op_samples("cpu")))
+
+
+@pytest.mark.parametrize("index", range(N_SAMPLES))
+def test_opcheck(index, device):
+    op, args = list(_op_samples(device))[index]
+    torch.library.opcheck(op, args)
+
+
+# --- float64 gradcheck and gradgradcheck of the layers (and so of every op) ----------------------
+
+LINEAR_CASES = [
+    dict(per_example=False, bias=True),
+    dict(per_example=True, bias=True),
+    dict(per_example=True, bias=False),
+    dict(per_example=False, bias=False),
+    dict(per_example=True, bias=True, extra_dims=True),
+]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+def test_linear_gradcheck(case, device):
+    B, n = 4, 3
+    x = torch.randn((B, 2, 5) if case.get("extra_dims") else (B, 5), dtype=torch.float64, device=device)
+    args = leaves([x, make_lam(case["per_example"], B, n, device=device)]
+                  + linear_params(5, 6, n, bias=case["bias"], device=device))
+    inputs = [a for a in args if a is not None]
+    fn = lambda *a: Fn.stn_linear(*_fill(args, a))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+CONV_CASES = [
+    dict(per_example=False, groups=1, stride=1, padding=1, dilation=1, bias=True, channels_last=False),
+    dict(per_example=True, groups=1, stride=2, padding=0, dilation=1, bias=True, channels_last=False),
+    dict(per_example=True, groups=2, stride=1, padding=2, dilation=2, bias=True, channels_last=True),
+    dict(per_example=True, groups=2, stride=1, padding=1, dilation=1, bias=False, channels_last=False),
+    dict(per_example=False, groups=2, stride=2, padding=1, dilation=1, bias=False, channels_last=True),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_gradcheck(case, device):
+    B, n = 2, 2
+    x = torch.randn(B, 4, 5, 5, dtype=torch.float64, device=device)
+    if case["channels_last"]:
+        x = x.to(memory_format=torch.channels_last)
+    args = leaves([x, make_lam(case["per_example"], B, n, device=device)]
+                  + conv_params(4, 4, 3, n, groups=case["groups"], bias=case["bias"], device=device))
+    inputs = [a for a in args if a is not None]
+    kw = {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
+    fn = lambda *a: Fn.stn_conv2d(*_fill(args, a), **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def _fill(template, given):
+    """Put the non-None inputs given by gradcheck back among the Nones of the template."""
+    it = iter(given)
+    return [next(it) if t is not None else None for t in template]
+
+
+# --- forward and backward against the pure-PyTorch reference, every dtype ------------------------
+
+
+def _compare(fn_ours, fn_ref, args, dtype):
+    """Outputs and gradients of ours in `dtype` against the reference in float64 on the same values."""
+    ours_in = leaves(cast(args, dtype))
+    ref_in = leaves(cast(ours_in, torch.float64))
+    y = fn_ours(*ours_in)
+    y_ref = fn_ref(*ref_in)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    torch.testing.assert_close(y.double(), y_ref, **TOL[dtype])
+    w = torch.randn_like(y_ref)
+    (y * w.to(dtype)).sum().backward()
+    (y_ref * w).sum().backward()
+    for name, a, b in zip(range(len(ours_in)), ours_in, ref_in):
+        if a is None:
+            continue
+        scale = max(1.0, b.grad.abs().max().item())
+        torch.testing.assert_close(a.grad.double() / scale, b.grad / scale, **TOL[dtype],
+                                   msg=lambda m: f"gradient of input {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_example", [False, True], ids=["shared", "per_example"])
+@pytest.mark.parametrize("bias", ["full", "elem_only", "none"])
+def test_linear_matches_reference(dtype, per_example, bias, device):
+    B, n = 6, 3
+    params = linear_params(16, 12, n, bias=bias != "none", bias_hyper=bias == "full", device=device)
+    args = [torch.randn(B, 16, dtype=torch.float64, device=device), make_lam(per_example, B, n, device=device)] + params
+    _compare(Fn.stn_linear, R.stn_linear, args, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_example", [False, True], ids=["shared", "per_example"])
+@pytest.mark.parametrize("case", [
+    dict(groups=1, stride=1, padding=1, dilation=1, bias=True, channels_last=False),
+    dict(groups=1, stride=2, padding=0, dilation=1, bias=False, channels_last=True),
+    dict(groups=4, stride=1, padding=2, dilation=2, bias=True, channels_last=False),
+    dict(groups=2, stride=1, padding=1, dilation=1, bias=True, channels_last=True),
+], ids=str)
+def test_conv_matches_reference(dtype, per_example, case, device):
+    B, n = 3, 2
+    x = torch.randn(B, 8, 7, 6, dtype=torch.float64, device=device)
+    params = conv_params(8, 8, 3, n, groups=case["groups"], bias=case["bias"], device=device)
+    kw = {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
+    ml = torch.channels_last if case["channels_last"] else torch.contiguous_format
+
+    def ours(x, *rest):
+        return Fn.stn_conv2d(x.contiguous(memory_format=ml), *rest, **kw)
+
+    _compare(ours, lambda *a: R.stn_conv2d(*a, **kw), [x, make_lam(per_example, B, n, device=device)] + params, dtype)
+
+
+def test_per_example_linear_never_builds_batch_weights():
+    # The per-example path's peak allocation stays far below B copies of the weight.
+    B, n = 64, 2
+    args = [torch.randn(B, 256), make_lam(True, B, n, dtype=torch.float32)] + linear_params(256, 256, n, dtype=torch.float32)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        Fn.stn_linear(*args)
+    peak = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert peak < 4 * 256 * 256 * 4, peak  # B weights would be 64 * 256 KiB
+
+
+def test_non_contiguous_inputs(device):
+    B, n = 4, 2
+    x = torch.randn(10, B, dtype=torch.float64, device=device).t()  # (B, 10), non-contiguous
+    w_e, w_h, v, b_e, b_h, c = linear_params(10, 6, n, device=device)
+    w_e_t = w_e.t().contiguous().t()  # same values, transposed strides
+    v_t = v.t().contiguous().t()
+    lam = torch.randn(n, B, dtype=torch.float64, device=device).t()
+    for lam_ in (lam, lam[0]):
+        got = Fn.stn_linear(x, lam_, w_e_t, w_h, v_t, b_e, b_h, c)
+        want = R.stn_linear(x.contiguous(), lam_.contiguous(), w_e, w_h, v, b_e, b_h, c)
+        torch.testing.assert_close(got, want)
+    o = torch.randn(3, 8, 4, dtype=torch.float64, device=device).transpose(1, 2).contiguous().transpose(1, 2)
+    s = torch.randn(4, 3, dtype=torch.float64, device=device).t()
+    y = torch.ops.stn_ext.per_example_epilogue(o, s, None, None, None, 1, False)
+    e, h = o[:, :4], o[:, 4:]
+    torch.testing.assert_close(y, e + s[:, :, None] * h)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_autocast_cpu(dtype):
+    layer = stn_ext.StnLinear(16, 8, 2)
+    with torch.no_grad():
+        layer.hyper_weight.normal_()
+        layer.hyper_bias.normal_()
+    x = torch.randn(4, 16)
+    for lam in (torch.randn(2), torch.randn(4, 2)):
+        with torch.autocast("cpu", dtype=dtype):
+            y = layer(x, lam)
+        assert y.dtype == dtype
+        want = layer(x, lam)
+        torch.testing.assert_close(y.float(), want, rtol=5e-2, atol=5e-2)
+        y.float().sum().backward()
+        assert layer.weight_hyper.grad is not None and layer.weight_hyper.grad.dtype == torch.float32
+
+
+def test_autocast_conv_cpu():
+    layer = stn_ext.StnConv2d(4, 6, 3, 2, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    for lam in (torch.randn(2), torch.randn(2, 2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x, lam)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), layer(x, lam), rtol=5e-2, atol=5e-2)
