@@ -5,34 +5,13 @@ when torch has CUDA and a CUDA toolkit is found. TORCH_CUDA_ARCH_LIST and MAX_JO
 """
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_cuda_home():
-    """The toolkit root (holding include/cuda_runtime.h), not the folder of an nvcc wrapper script."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        # A wrapper script may exec the real nvcc: follow the exec line when there is one.
-        try:
-            with open(nvcc, "rb") as f:
-                head = f.read(4096).decode("utf-8", "ignore")
-            for word in head.split():
-                if word.endswith("/bin/nvcc"):
-                    candidates.append(os.path.dirname(os.path.dirname(word)))
-        except OSError:
-            pass
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in candidates:
-        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")):
-            return c
-    return None
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from find_cuda import find_cuda_home, pip_nvidia_dirs  # noqa: E402
 
 
 def want_cuda(torch_has_cuda, cuda_home):
@@ -44,16 +23,6 @@ def want_cuda(torch_has_cuda, cuda_home):
     if force == "0":
         return False
     return torch_has_cuda and cuda_home is not None
-
-
-def pip_nvidia_dirs(sub):
-    """Headers/libraries that pip's nvidia-* wheels install (cusparse.h and friends for torch 2.14)."""
-    import site
-
-    dirs = []
-    for sp in site.getsitepackages() + [site.getusersitepackages()]:
-        dirs += glob.glob(os.path.join(sp, "nvidia", "*", sub))
-    return [d for d in dirs if os.path.isdir(d)]
 
 
 CUDA_HOME = find_cuda_home()
