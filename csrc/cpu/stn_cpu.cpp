@@ -4,25 +4,22 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "op_args.h"
 #include "stn_math.h"
 
 namespace stn_ext {
 namespace {
 
-at::Tensor gate_cpu(const at::Tensor& elem_in, const at::Tensor& hyper_in, const at::Tensor& scale_in) {
-  const auto z = check_gate(elem_in, hyper_in, scale_in);
-  check_device(elem_in, c10::kCPU, "elem");
-  const auto elem = elem_in.contiguous(), hyper = hyper_in.contiguous(), scale = scale_in.contiguous();
-  auto out = at::empty_like(elem);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, elem.scalar_type(), "stn_ext::gate", [&] {
+at::Tensor gate_cpu(const at::Tensor& elem, const at::Tensor& hyper, const at::Tensor& scale) {
+  auto c = prepare_gate(elem, hyper, scale, c10::kCPU);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.elem.scalar_type(), "stn_ext::gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* e = elem.const_data_ptr<scalar_t>();
-    const scalar_t* h = hyper.const_data_ptr<scalar_t>();
-    const scalar_t* s = scale.const_data_ptr<scalar_t>();
-    scalar_t* w = out.mutable_data_ptr<scalar_t>();
-    const int64_t cols = z.cols;
-    at::parallel_for(0, z.rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
+    const scalar_t* e = c.elem.const_data_ptr<scalar_t>();
+    const scalar_t* h = c.hyper.const_data_ptr<scalar_t>();
+    const scalar_t* s = c.scale.const_data_ptr<scalar_t>();
+    scalar_t* w = c.out.mutable_data_ptr<scalar_t>();
+    const int64_t cols = c.z.cols;
+    at::parallel_for(0, c.z.rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
                      [&](int64_t r0, int64_t r1) {
                        for (int64_t r = r0; r < r1; ++r) {
                          const acc_t sr = static_cast<acc_t>(s[r]);
@@ -33,25 +30,21 @@ at::Tensor gate_cpu(const at::Tensor& elem_in, const at::Tensor& hyper_in, const
                        }
                      });
   });
-  return out;
+  return c.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad_in, const at::Tensor& hyper_in,
-                                                     const at::Tensor& scale_in) {
-  const auto z = check_gate(grad_in, hyper_in, scale_in, "grad");
-  check_device(grad_in, c10::kCPU, "grad");
-  const auto grad = grad_in.contiguous(), hyper = hyper_in.contiguous(), scale = scale_in.contiguous();
-  auto grad_hyper = at::empty_like(grad);
-  auto grad_scale = at::empty_like(scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stn_ext::gate_backward", [&] {
+std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad, const at::Tensor& hyper,
+                                                     const at::Tensor& scale) {
+  auto c = prepare_gate_backward(grad, hyper, scale, c10::kCPU);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.grad.scalar_type(), "stn_ext::gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const scalar_t* h = hyper.const_data_ptr<scalar_t>();
-    const scalar_t* s = scale.const_data_ptr<scalar_t>();
-    scalar_t* gh = grad_hyper.mutable_data_ptr<scalar_t>();
-    scalar_t* gs = grad_scale.mutable_data_ptr<scalar_t>();
-    const int64_t cols = z.cols;
-    at::parallel_for(0, z.rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
+    const scalar_t* g = c.grad.const_data_ptr<scalar_t>();
+    const scalar_t* h = c.hyper.const_data_ptr<scalar_t>();
+    const scalar_t* s = c.scale.const_data_ptr<scalar_t>();
+    scalar_t* gh = c.grad_hyper.mutable_data_ptr<scalar_t>();
+    scalar_t* gs = c.grad_scale.mutable_data_ptr<scalar_t>();
+    const int64_t cols = c.z.cols;
+    at::parallel_for(0, c.z.rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)),
                      [&](int64_t r0, int64_t r1) {
                        for (int64_t r = r0; r < r1; ++r) {
                          const acc_t sr = static_cast<acc_t>(s[r]);
@@ -64,28 +57,23 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad_in, 
                        }
                      });
   });
-  return {grad_hyper, grad_scale};
+  return {c.grad_hyper, c.grad_scale};
 }
 
-at::Tensor per_example_epilogue_cpu(const at::Tensor& o_in, const at::Tensor& s_in,
-                                    const std::optional<at::Tensor>& t_in,
-                                    const std::optional<at::Tensor>& bias_elem_in,
-                                    const std::optional<at::Tensor>& bias_hyper_in, int64_t groups,
+at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& t,
+                                    const std::optional<at::Tensor>& bias_elem,
+                                    const std::optional<at::Tensor>& bias_hyper, int64_t groups,
                                     bool channels_last) {
-  const auto z = check_epilogue(o_in, s_in, groups, channels_last);
-  check_epilogue_extras(o_in, z, t_in, bias_elem_in, bias_hyper_in);
-  check_device(o_in, c10::kCPU, "o");
-  const auto o = o_in.contiguous(), s = s_in.contiguous();
-  const auto t = contiguous_or_none(t_in), be = contiguous_or_none(bias_elem_in), bh = contiguous_or_none(bias_hyper_in);
-  auto y = at::empty(epilogue_out_shape(z, channels_last), o.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
+  auto c = prepare_epilogue(o, s, t, bias_elem, bias_hyper, groups, channels_last, c10::kCPU);
+  const auto& z = c.z;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* op = o.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    const scalar_t* tp = optional_ptr<scalar_t>(t);
-    const scalar_t* bep = optional_ptr<scalar_t>(be);
-    const scalar_t* bhp = optional_ptr<scalar_t>(bh);
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const scalar_t* op = c.o.const_data_ptr<scalar_t>();
+    const scalar_t* sp = c.s.const_data_ptr<scalar_t>();
+    const scalar_t* tp = optional_ptr<scalar_t>(c.t);
+    const scalar_t* bep = optional_ptr<scalar_t>(c.bias_elem);
+    const scalar_t* bhp = optional_ptr<scalar_t>(c.bias_hyper);
+    scalar_t* yp = c.y.mutable_data_ptr<scalar_t>();
     const int64_t out = z.out, P = z.positions, pg = z.per_group;
     // One task per (example, position) row when channels are innermost, else per (example, channel).
     const int64_t outer = channels_last ? z.batch * P : z.batch * out;
@@ -108,28 +96,21 @@ at::Tensor per_example_epilogue_cpu(const at::Tensor& o_in, const at::Tensor& s_
       }
     });
   });
-  return y;
+  return c.y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& o_in, const at::Tensor& s_in, int64_t groups,
-    bool channels_last) {
-  const auto z = check_epilogue(o_in, s_in, groups, channels_last);
-  check_same(o_in, "o", grad_in, "grad");
-  check_shape(grad_in, epilogue_out_shape(z, channels_last), "grad");
-  check_device(o_in, c10::kCPU, "o");
-  const auto grad = grad_in.contiguous(), o = o_in.contiguous(), s = s_in.contiguous();
-  auto grad_o = at::empty_like(o);
-  auto grad_s = at::empty_like(s);
-  auto grad_sum = at::empty_like(s);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
+    const at::Tensor& grad, const at::Tensor& o, const at::Tensor& s, int64_t groups, bool channels_last) {
+  auto c = prepare_epilogue_backward(grad, o, s, groups, channels_last, c10::kCPU);
+  const auto& z = c.z;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const scalar_t* op = o.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    scalar_t* gop = grad_o.mutable_data_ptr<scalar_t>();
-    scalar_t* gsp = grad_s.mutable_data_ptr<scalar_t>();
-    scalar_t* gsum = grad_sum.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = c.grad.const_data_ptr<scalar_t>();
+    const scalar_t* op = c.o.const_data_ptr<scalar_t>();
+    const scalar_t* sp = c.s.const_data_ptr<scalar_t>();
+    scalar_t* gop = c.grad_o.mutable_data_ptr<scalar_t>();
+    scalar_t* gsp = c.grad_s.mutable_data_ptr<scalar_t>();
+    scalar_t* gsum = c.grad_sum.mutable_data_ptr<scalar_t>();
     const int64_t out = z.out, P = z.positions, pg = z.per_group;
     // Each task owns whole (example, channel) sums: for channels_last it takes examples and keeps
     // a row of accumulators; otherwise it takes (example, channel) rows.
@@ -161,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cpu
       }
     });
   });
-  return {grad_o, grad_s, grad_sum};
+  return {c.grad_o, c.grad_s, c.grad_sum};
 }
 
 }  // namespace

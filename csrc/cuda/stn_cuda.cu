@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "op_args.h"
 #include "stn_math.h"
 
 namespace stn_ext {
@@ -134,92 +134,72 @@ __global__ void epilogue_backward_cf_kernel(const scalar_t* __restrict__ grad, c
   }
 }
 
-at::Tensor gate_cuda(const at::Tensor& elem_in, const at::Tensor& hyper_in, const at::Tensor& scale_in) {
-  const auto z = check_gate(elem_in, hyper_in, scale_in);
-  check_device(elem_in, c10::kCUDA, "elem");
-  const c10::cuda::CUDAGuard guard(elem_in.device());
-  const auto elem = elem_in.contiguous(), hyper = hyper_in.contiguous(), scale = scale_in.contiguous();
-  auto out = at::empty_like(elem);
-  if (out.numel() == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, elem.scalar_type(), "stn_ext::gate", [&] {
+at::Tensor gate_cuda(const at::Tensor& elem, const at::Tensor& hyper, const at::Tensor& scale) {
+  const c10::cuda::CUDAGuard guard(elem.device());
+  auto c = prepare_gate(elem, hyper, scale, c10::kCUDA);
+  const int64_t n = c.out.numel();
+  if (n == 0) return c.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.elem.scalar_type(), "stn_ext::gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gate_kernel<scalar_t, acc_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
-        elem.const_data_ptr<scalar_t>(), hyper.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), out.numel(), z.cols);
+    gate_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        c.elem.const_data_ptr<scalar_t>(), c.hyper.const_data_ptr<scalar_t>(), c.scale.const_data_ptr<scalar_t>(),
+        c.out.mutable_data_ptr<scalar_t>(), n, c.z.cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return c.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad_in, const at::Tensor& hyper_in,
-                                                      const at::Tensor& scale_in) {
-  const auto z = check_gate(grad_in, hyper_in, scale_in, "grad");
-  check_device(grad_in, c10::kCUDA, "grad");
-  const c10::cuda::CUDAGuard guard(grad_in.device());
-  const auto grad = grad_in.contiguous(), hyper = hyper_in.contiguous(), scale = scale_in.contiguous();
-  auto grad_hyper = at::empty_like(grad);
-  auto grad_scale = at::zeros_like(scale);
-  if (grad.numel() == 0) return {grad_hyper, grad_scale};
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stn_ext::gate_backward", [&] {
+std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad, const at::Tensor& hyper,
+                                                      const at::Tensor& scale) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto c = prepare_gate_backward(grad, hyper, scale, c10::kCUDA);
+  if (c.grad.numel() == 0) return {c.grad_hyper, c.grad_scale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.grad.scalar_type(), "stn_ext::gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gate_backward_kernel<scalar_t, acc_t><<<blocks_for(z.rows, kThreads / kWarp), kThreads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), hyper.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-        grad_hyper.mutable_data_ptr<scalar_t>(), grad_scale.mutable_data_ptr<scalar_t>(), z.rows, z.cols);
+    gate_backward_kernel<scalar_t, acc_t>
+        <<<blocks_for(c.z.rows, kThreads / kWarp), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            c.grad.const_data_ptr<scalar_t>(), c.hyper.const_data_ptr<scalar_t>(), c.scale.const_data_ptr<scalar_t>(),
+            c.grad_hyper.mutable_data_ptr<scalar_t>(), c.grad_scale.mutable_data_ptr<scalar_t>(), c.z.rows, c.z.cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_hyper, grad_scale};
+  return {c.grad_hyper, c.grad_scale};
 }
 
-at::Tensor per_example_epilogue_cuda(const at::Tensor& o_in, const at::Tensor& s_in,
-                                     const std::optional<at::Tensor>& t_in,
-                                     const std::optional<at::Tensor>& bias_elem_in,
-                                     const std::optional<at::Tensor>& bias_hyper_in, int64_t groups,
+at::Tensor per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& t,
+                                     const std::optional<at::Tensor>& bias_elem,
+                                     const std::optional<at::Tensor>& bias_hyper, int64_t groups,
                                      bool channels_last) {
-  const auto z = check_epilogue(o_in, s_in, groups, channels_last);
-  check_epilogue_extras(o_in, z, t_in, bias_elem_in, bias_hyper_in);
-  check_device(o_in, c10::kCUDA, "o");
-  const c10::cuda::CUDAGuard guard(o_in.device());
-  const auto o = o_in.contiguous(), s = s_in.contiguous();
-  const auto t = contiguous_or_none(t_in), be = contiguous_or_none(bias_elem_in), bh = contiguous_or_none(bias_hyper_in);
-  auto y = at::empty(epilogue_out_shape(z, channels_last), o.options());
-  if (y.numel() == 0) return y;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
+  const c10::cuda::CUDAGuard guard(o.device());
+  auto c = prepare_epilogue(o, s, t, bias_elem, bias_hyper, groups, channels_last, c10::kCUDA);
+  const int64_t n = c.y.numel();
+  if (n == 0) return c.y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    epilogue_kernel<scalar_t, acc_t><<<blocks_for(y.numel()), kThreads, 0, stream>>>(
-        o.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(t),
-        optional_ptr<scalar_t>(be), optional_ptr<scalar_t>(bh), y.mutable_data_ptr<scalar_t>(), z.batch, z.out,
-        z.positions, z.per_group, channels_last);
+    epilogue_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        c.o.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(c.t),
+        optional_ptr<scalar_t>(c.bias_elem), optional_ptr<scalar_t>(c.bias_hyper), c.y.mutable_data_ptr<scalar_t>(),
+        c.z.batch, c.z.out, c.z.positions, c.z.per_group, channels_last);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return y;
+  return c.y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& o_in, const at::Tensor& s_in, int64_t groups,
-    bool channels_last) {
-  const auto z = check_epilogue(o_in, s_in, groups, channels_last);
-  check_same(o_in, "o", grad_in, "grad");
-  check_shape(grad_in, epilogue_out_shape(z, channels_last), "grad");
-  check_device(o_in, c10::kCUDA, "o");
-  const c10::cuda::CUDAGuard guard(o_in.device());
-  const auto grad = grad_in.contiguous(), o = o_in.contiguous(), s = s_in.contiguous();
-  auto grad_o = at::empty_like(o);
-  auto grad_s = at::zeros_like(s);
-  auto grad_sum = at::zeros_like(s);
-  if (grad_o.numel() == 0) return {grad_o, grad_s, grad_sum};
-  auto stream = at::cuda::getCurrentCUDAStream();
+    const at::Tensor& grad, const at::Tensor& o, const at::Tensor& s, int64_t groups, bool channels_last) {
+  const c10::cuda::CUDAGuard guard(o.device());
+  auto c = prepare_epilogue_backward(grad, o, s, groups, channels_last, c10::kCUDA);
+  const auto& z = c.z;
   const int64_t rows = z.batch * z.out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
+  if (c.grad_o.numel() == 0) return {c.grad_o, c.grad_s, c.grad_sum};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const scalar_t* op = o.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
-    scalar_t* gop = grad_o.mutable_data_ptr<scalar_t>();
-    scalar_t* gsp = grad_s.mutable_data_ptr<scalar_t>();
-    scalar_t* gsum = grad_sum.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = c.grad.const_data_ptr<scalar_t>();
+    const scalar_t* op = c.o.const_data_ptr<scalar_t>();
+    const scalar_t* sp = c.s.const_data_ptr<scalar_t>();
+    scalar_t* gop = c.grad_o.mutable_data_ptr<scalar_t>();
+    scalar_t* gsp = c.grad_s.mutable_data_ptr<scalar_t>();
+    scalar_t* gsum = c.grad_sum.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       epilogue_backward_cl_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, stream>>>(
           gp, op, sp, gop, gsp, gsum, z.batch, z.out, z.positions, z.per_group);
@@ -229,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cud
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_o, grad_s, grad_sum};
+  return {c.grad_o, c.grad_s, c.grad_sum};
 }
 
 }  // namespace

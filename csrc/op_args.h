@@ -1,4 +1,5 @@
-// Argument checks at the op boundary, with messages that name the argument.
+// The op boundary, shared by the CPU and CUDA kernels: argument checks with messages that name the
+// argument, then contiguous inputs and allocated outputs (prepare_*), so a kernel only computes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -105,6 +106,75 @@ inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tens
 template <typename scalar_t>
 const scalar_t* optional_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
+// --- prepared calls: checked, contiguous inputs and allocated outputs ----------------------------
+
+struct GateCall {
+  at::Tensor elem, hyper, scale, out;
+  GateSizes z;
+};
+
+inline GateCall prepare_gate(const at::Tensor& elem, const at::Tensor& hyper, const at::Tensor& scale,
+                             c10::DeviceType device) {
+  const auto z = check_gate(elem, hyper, scale);
+  check_device(elem, device, "elem");
+  auto e = elem.contiguous();
+  auto out = at::empty_like(e);
+  return {e, hyper.contiguous(), scale.contiguous(), out, z};
+}
+
+struct GateBackwardCall {
+  at::Tensor grad, hyper, scale, grad_hyper, grad_scale;
+  GateSizes z;
+};
+
+inline GateBackwardCall prepare_gate_backward(const at::Tensor& grad, const at::Tensor& hyper,
+                                              const at::Tensor& scale, c10::DeviceType device) {
+  const auto z = check_gate(grad, hyper, scale, "grad");
+  check_device(grad, device, "grad");
+  auto g = grad.contiguous();
+  auto grad_hyper = at::empty_like(g);
+  auto grad_scale = at::zeros_like(scale, at::MemoryFormat::Contiguous);
+  return {g, hyper.contiguous(), scale.contiguous(), grad_hyper, grad_scale, z};
+}
+
+struct EpilogueCall {
+  at::Tensor o, s, y;
+  std::optional<at::Tensor> t, bias_elem, bias_hyper;
+  EpilogueSizes z;
+};
+
+inline EpilogueCall prepare_epilogue(const at::Tensor& o, const at::Tensor& s,
+                                     const std::optional<at::Tensor>& t,
+                                     const std::optional<at::Tensor>& bias_elem,
+                                     const std::optional<at::Tensor>& bias_hyper, int64_t groups,
+                                     bool channels_last, c10::DeviceType device) {
+  const auto z = check_epilogue(o, s, groups, channels_last);
+  check_epilogue_extras(o, z, t, bias_elem, bias_hyper);
+  check_device(o, device, "o");
+  auto y = at::empty(epilogue_out_shape(z, channels_last), o.options());
+  return {o.contiguous(), s.contiguous(), y, contiguous_or_none(t), contiguous_or_none(bias_elem),
+          contiguous_or_none(bias_hyper), z};
+}
+
+struct EpilogueBackwardCall {
+  at::Tensor grad, o, s, grad_o, grad_s, grad_sum;
+  EpilogueSizes z;
+};
+
+inline EpilogueBackwardCall prepare_epilogue_backward(const at::Tensor& grad, const at::Tensor& o,
+                                                      const at::Tensor& s, int64_t groups,
+                                                      bool channels_last, c10::DeviceType device) {
+  const auto z = check_epilogue(o, s, groups, channels_last);
+  check_same(o, "o", grad, "grad");
+  check_shape(grad, epilogue_out_shape(z, channels_last), "grad");
+  check_device(o, device, "o");
+  auto oc = o.contiguous();
+  auto grad_o = at::empty_like(oc);
+  auto grad_s = at::zeros_like(s, at::MemoryFormat::Contiguous);
+  auto grad_sum = at::zeros_like(s, at::MemoryFormat::Contiguous);
+  return {grad.contiguous(), oc, s.contiguous(), grad_o, grad_s, grad_sum, z};
 }
 
 }  // namespace stn_ext
