@@ -256,6 +256,6 @@ def test_cuda_tensors_on_cpu_only_build_say_how_to_rebuild():
     # with rebuild instructions; a CUDA build checks that the tensors are on a CUDA device.
     keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     args = (torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3))
-    expected = "must be a cuda tensor" if stn_ext.has_cuda() else "FORCE_CUDA=1"
+    expected = "must be a CUDA tensor" if stn_ext.has_cuda() else "FORCE_CUDA=1"
     with pytest.raises(RuntimeError, match=expected):
         torch.ops.stn_ext.gate.default.redispatch(keyset, *args)

@@ -135,8 +135,8 @@ __global__ void epilogue_backward_cf_kernel(const scalar_t* __restrict__ grad, c
 }
 
 at::Tensor gate_cuda(const at::Tensor& elem, const at::Tensor& hyper, const at::Tensor& scale) {
-  const c10::cuda::CUDAGuard guard(elem.device());
   auto c = prepare_gate(elem, hyper, scale, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(c.elem.device());  // after the checks: elem is on a CUDA device
   const int64_t n = c.out.numel();
   if (n == 0) return c.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.elem.scalar_type(), "stn_ext::gate", [&] {
@@ -151,8 +151,8 @@ at::Tensor gate_cuda(const at::Tensor& elem, const at::Tensor& hyper, const at::
 
 std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad, const at::Tensor& hyper,
                                                       const at::Tensor& scale) {
-  const c10::cuda::CUDAGuard guard(grad.device());
   auto c = prepare_gate_backward(grad, hyper, scale, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(c.grad.device());  // after the checks: grad is on a CUDA device
   if (c.grad.numel() == 0) return {c.grad_hyper, c.grad_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.grad.scalar_type(), "stn_ext::gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -169,8 +169,8 @@ at::Tensor per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s, c
                                      const std::optional<at::Tensor>& bias_elem,
                                      const std::optional<at::Tensor>& bias_hyper, int64_t groups,
                                      bool channels_last) {
-  const c10::cuda::CUDAGuard guard(o.device());
   auto c = prepare_epilogue(o, s, t, bias_elem, bias_hyper, groups, channels_last, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(c.o.device());  // after the checks: o is on a CUDA device
   const int64_t n = c.y.numel();
   if (n == 0) return c.y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
@@ -186,8 +186,8 @@ at::Tensor per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cuda(
     const at::Tensor& grad, const at::Tensor& o, const at::Tensor& s, int64_t groups, bool channels_last) {
-  const c10::cuda::CUDAGuard guard(o.device());
   auto c = prepare_epilogue_backward(grad, o, s, groups, channels_last, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(c.o.device());  // after the checks: o is on a CUDA device
   const auto& z = c.z;
   const int64_t rows = z.batch * z.out;
   if (c.grad_o.numel() == 0) return {c.grad_o, c.grad_s, c.grad_sum};
