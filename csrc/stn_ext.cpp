@@ -30,6 +30,9 @@ TORCH_LIBRARY(stn_ext, m) {
   m.def("gate(Tensor elem, Tensor hyper, Tensor scale) -> Tensor");
   // One pass over grad and hyper: (grad_hyper = scale (.)row grad, grad_scale_i = sum_j grad_ij hyper_ij).
   m.def("gate_backward(Tensor grad, Tensor hyper, Tensor scale) -> (Tensor, Tensor)");
+  // x (N, in) times the stacked weight [W_e; W_h]^T: (N, 2*out) in one GEMM, without copying the
+  // weights when weight_hyper follows weight_elem in memory (as StnLinear stores them).
+  m.def("stacked_linear(Tensor x, Tensor weight_elem, Tensor weight_hyper) -> Tensor");
   // Per-example epilogue. o: (B, P, 2*out) if channels_last else (B, 2*out, P), the GEMM/conv output
   // against the stacked weight (group-interleaved when groups > 1); s, t: (B, out); biases: (out,).
   // y = e + s (.) h + b_e + t (.) b_h, shaped like o with out channels.

@@ -20,6 +20,10 @@ def _op_samples(device):
     yield torch.ops.stn_ext.gate.default, (r(4, 2, 3, 3, grad=True), r(4, 2, 3, 3), r(4, grad=True))
     yield torch.ops.stn_ext.gate.default, (r(6), r(6), r(6))
     yield torch.ops.stn_ext.gate_backward.default, (r(5, 7, grad=True), r(5, 7, grad=True), r(5, grad=True))
+    yield torch.ops.stn_ext.stacked_linear.default, (r(4, 5, grad=True), r(3, 5, grad=True), r(3, 5, grad=True))
+    stacked = r(2, 3, 5)
+    yield torch.ops.stn_ext.stacked_linear.default, (r(4, 5, grad=True), stacked[0].requires_grad_(),
+                                                     stacked[1].requires_grad_())
     for groups, cl in [(1, True), (1, False), (2, False), (2, True)]:
         o_shape = (3, 4, 8) if cl else (3, 8, 4)
         y_shape = (3, 4, 4) if cl else (3, 4, 4)
@@ -86,6 +90,29 @@ def test_conv_gradcheck(case, device):
     fn = lambda *a: Fn.stn_conv2d(*_fill(args, a), **kw)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("adjacent", [True, False], ids=["adjacent", "separate"])
+def test_stacked_linear_both_layouts(adjacent, device):
+    stacked = torch.randn(2, 6, 5, dtype=torch.float64, device=device)
+    w_e, w_h = (stacked[0], stacked[1]) if adjacent else (stacked[0].clone(), stacked[1].clone())
+    assert (w_h.data_ptr() == w_e.data_ptr() + w_e.numel() * 8) == adjacent
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    ins = [t.detach().requires_grad_() for t in (x, w_e, w_h)]
+    y = torch.ops.stn_ext.stacked_linear(*ins)
+    torch.testing.assert_close(y, x @ torch.cat([w_e, w_h]).t())
+    assert torch.autograd.gradcheck(torch.ops.stn_ext.stacked_linear, ins)
+    assert torch.autograd.gradgradcheck(torch.ops.stn_ext.stacked_linear, ins)
+
+
+def test_module_weights_stay_adjacent_after_to():
+    layer = stn_ext.StnLinear(5, 4, 2).double()
+    assert layer.weight_hyper.data_ptr() == layer.weight_elem.data_ptr() + layer.weight_elem.numel() * 8
+    assert isinstance(layer.weight_elem, torch.nn.Parameter) and layer.weight_elem.dtype == torch.float64
+    sd = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(sd)
+    assert layer.weight_hyper.data_ptr() == layer.weight_elem.data_ptr() + layer.weight_elem.numel() * 8
+    torch.testing.assert_close(layer.weight_hyper, sd["weight_hyper"])
 
 
 def _fill(template, given):

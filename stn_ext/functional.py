@@ -92,11 +92,11 @@ def stn_linear(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, 
         w = ops.gate(weight_elem, weight_hyper, torch.mv(hyper_weight, lam))
         return F.linear(x, w, _gated_bias(lam, bias_elem, bias_hyper, hyper_bias))
     out = weight_elem.shape[0]
-    o = F.linear(x, torch.cat([weight_elem, weight_hyper]))
+    o = ops.stacked_linear(x.reshape(-1, x.shape[-1]), weight_elem, weight_hyper)
     s, t = _per_example_terms(lam, hyper_weight, hyper_bias, bias_hyper, o.dtype)
-    y = ops.per_example_epilogue(o.reshape(x.shape[0], -1, 2 * out), s, t, _cast(bias_elem, o.dtype),
+    y = ops.per_example_epilogue(o.view(x.shape[0], -1, 2 * out), s, t, _cast(bias_elem, o.dtype),
                                  _cast(bias_hyper, o.dtype), 1, True)
-    return y.view(o.shape[:-1] + (out,))
+    return y.view(x.shape[:-1] + (out,))
 
 
 def _stacked_conv_weight(weight_elem, weight_hyper, groups):

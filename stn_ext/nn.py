@@ -53,8 +53,11 @@ class _StnMixin:
         if n_hyper < 1:
             raise ValueError(f"stn_ext: n_hyper must be >= 1, got {n_hyper}")
         self.n_hyper = n_hyper
-        self.weight_elem = nn.Parameter(torch.empty(weight_shape, **factory))
-        self.weight_hyper = nn.Parameter(torch.empty(weight_shape, **factory))
+        # W_e and W_h are two halves of one (2, out, ...) storage, so the per-example path reads
+        # [W_e; W_h] as one matrix without copying it.
+        stacked = torch.empty((2,) + tuple(weight_shape), **factory)
+        self.weight_elem = nn.Parameter(stacked[0])
+        self.weight_hyper = nn.Parameter(stacked[1])
         self.hyper_weight = nn.Parameter(torch.empty(out, n_hyper, **factory))
         if bias:
             self.bias_elem = nn.Parameter(torch.empty(out, **factory))
@@ -76,6 +79,14 @@ class _StnMixin:
             nn.init.uniform_(self.bias_elem, -bound, bound)
             nn.init.uniform_(self.bias_hyper, -bound, bound)
             nn.init.zeros_(self.hyper_bias)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() ... make each parameter anew: put W_e and W_h back into one storage.
+        result = super()._apply(fn, recurse)
+        with torch.no_grad():
+            stacked = torch.stack([self.weight_elem.data, self.weight_hyper.data])
+            self.weight_elem.data, self.weight_hyper.data = stacked[0], stacked[1]
+        return result
 
     def _copy_elementary(self, weight, bias):
         with torch.no_grad():

@@ -86,6 +86,45 @@ torch.library.register_autograd("stn_ext::gate", _gate_bwd, setup_context=_gate_
 torch.library.register_autograd("stn_ext::gate_backward", _gate_backward_bwd, setup_context=_gate_backward_setup)
 
 
+# --- stacked_linear: x [W_e; W_h]^T in one GEMM -------------------------------------------------
+
+
+def stacked_linear(x, weight_elem, weight_hyper):
+    """``x @ cat([weight_elem, weight_hyper]).T`` for 2-D x, with no weight copy when they are adjacent."""
+    _library.check_device_supported(x, weight_elem)
+    return _ops.stacked_linear(x, weight_elem, weight_hyper)
+
+
+@torch.library.register_fake("stn_ext::stacked_linear")
+def _stacked_linear_fake(x, weight_elem, weight_hyper):
+    torch._check(x.dim() == 2, lambda: "stn_ext: x must be 2-D")
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return x.new_empty((x.shape[0], 2 * weight_elem.shape[0]), dtype=dtype)
+
+
+def _stacked_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _stacked_linear_bwd(ctx, grad):
+    # Half-size GEMMs on the two column blocks of grad (strided views, no copies); in grad's dtype,
+    # which differs from the inputs' under autocast.
+    x, w_e, w_h = ctx.saved_tensors
+    out, dt = w_e.shape[0], grad.dtype
+    g_e, g_h = grad[:, :out], grad[:, out:]
+    dx = dw_e = dw_h = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.addmm(g_e @ w_e.to(dt), g_h, w_h.to(dt)).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        dw_e = (g_e.t() @ x.to(dt)).to(w_e.dtype)
+    if ctx.needs_input_grad[2]:
+        dw_h = (g_h.t() @ x.to(dt)).to(w_h.dtype)
+    return dx, dw_e, dw_h
+
+
+torch.library.register_autograd("stn_ext::stacked_linear", _stacked_linear_bwd, setup_context=_stacked_linear_setup)
+
+
 # --- per-example epilogue: y = e + s (.) h + b_e + t (.) b_h -------------------------------------
 
 
