@@ -21,10 +21,17 @@ def _leaf(shape, device, dtype, scale=0.05):
     return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
 
 
+def _adjacent_pair(shape, device, dtype):
+    """W_e and W_h in one storage, as StnLinear keeps them."""
+    stacked = torch.randn((2,) + shape, device=device, dtype=dtype) * 0.05
+    return [stacked[0].detach().requires_grad_(), stacked[1].detach().requires_grad_()]
+
+
 def linear_case(case, device, dtype):
     B, n_in, n_out, n = case
     x = _leaf((B, n_in), device, dtype, 1.0)
-    p = [_leaf(s, device, dtype) for s in [(n_out, n_in), (n_out, n_in), (n_out, n), (n_out,), (n_out,), (n_out, n)]]
+    p = _adjacent_pair((n_out, n_in), device, dtype) + [_leaf(s, device, dtype) for s in [(n_out, n), (n_out,), (n_out,),
+                                                                                          (n_out, n)]]
     plain = (lambda x, w, b: F.linear(x, w, b), [x, p[0], p[3]])
     return plain, Fn.stn_linear, R.stn_linear, x, p, (_leaf((n,), device, dtype, 1.0), _leaf((B, n), device, dtype, 1.0))
 
