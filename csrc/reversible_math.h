@@ -27,6 +27,9 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#if !defined(__CUDA_ARCH__) && (defined(__x86_64__) || defined(_M_X64))
+#include <emmintrin.h>
+#endif
 
 namespace stn_ext {
 namespace rev {
@@ -54,6 +57,7 @@ struct Params {
   uint32_t q;             // 2^32 div n (n >= 2)
   uint32_t rem;           // 2^32 mod n
   uint64_t boundary;      // rem * (q + 1): slots below it belong to symbols of frequency q + 1
+  double inv_n, inv_q, inv_q1;  // 1/n, 1/q, 1/(q+1): first guesses of divisions, corrected exactly
 };
 
 inline Params make_params(double lr, int64_t n, int64_t radix_bits) {
@@ -68,11 +72,15 @@ inline Params make_params(double lr, int64_t n, int64_t radix_bits) {
     p.q = static_cast<uint32_t>(total / static_cast<uint64_t>(n));
     p.rem = static_cast<uint32_t>(total % static_cast<uint64_t>(n));
     p.boundary = static_cast<uint64_t>(p.rem) * (static_cast<uint64_t>(p.q) + 1);
+    p.inv_q = 1.0 / static_cast<double>(p.q);
+    p.inv_q1 = 1.0 / (static_cast<double>(p.q) + 1.0);
   } else {
     p.q = 0;
     p.rem = 0;
     p.boundary = 0;
+    p.inv_q = p.inv_q1 = 0.0;
   }
+  p.inv_n = 1.0 / static_cast<double>(n);
   return p;
 }
 
@@ -100,8 +108,10 @@ C10_HOST_DEVICE inline int64_t to_fixed(double y, bool* ok) {
     *ok = false;
     return 0;
   }
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__)
   return __double2ll_rn(y);
+#elif defined(__x86_64__) || defined(_M_X64)
+  return _mm_cvtsd_si64(_mm_set_sd(y));  // current rounding mode: nearest-even unless changed
 #else
   return static_cast<int64_t>(std::nearbyint(y));
 #endif
@@ -125,6 +135,54 @@ C10_HOST_DEVICE inline int64_t sub_checked(int64_t a, int64_t b, bool* ok) {
   const int64_t r = static_cast<int64_t>(static_cast<uint64_t>(a) - static_cast<uint64_t>(b));
   if (((a ^ b) & (a ^ r)) < 0) *ok = false;
   return r;
+}
+
+C10_HOST_DEVICE inline double u64_to_double(uint64_t a) {
+#ifdef __CUDA_ARCH__
+  return __ull2double_rn(a);
+#else
+  return static_cast<double>(a);
+#endif
+}
+
+// a / d and a % d for unsigned a, d without a hardware 64-bit division: a first guess from the
+// double reciprocal (off by at most one when a / d < 2^52 and d >= 2^16 or a < 2^53), then exact
+// correction, so the result is exact and the same on host and device.
+C10_HOST_DEVICE inline uint64_t udiv(uint64_t a, uint64_t d, double inv_d, uint64_t* r) {
+  uint64_t q = static_cast<uint64_t>(mul_rn(u64_to_double(a), inv_d));  // truncation: both sides
+  int64_t rr = static_cast<int64_t>(a - q * d);
+  while (rr < 0) {
+    rr += static_cast<int64_t>(d);
+    --q;
+  }
+  while (rr >= static_cast<int64_t>(d)) {
+    rr -= static_cast<int64_t>(d);
+    ++q;
+  }
+  *r = static_cast<uint64_t>(rr);
+  return q;
+}
+
+// floor(w / n) and w mod n (in [0, n)) for any int64 w and 2 <= n < 2^16: long division in two
+// 32-bit digits, each by udiv.
+C10_HOST_DEVICE inline int64_t floordiv(int64_t w, int64_t n, double inv_n, uint64_t* r) {
+  const int64_t hi = w >> 32;  // |hi| < 2^31
+  const uint64_t lo = static_cast<uint64_t>(w) & 0xffffffffull;
+  const uint64_t shift = uint64_t(1) << 31;  // make the high digit non-negative
+  uint64_t rh;
+  const uint64_t qh = udiv(static_cast<uint64_t>(hi + static_cast<int64_t>(shift)), static_cast<uint64_t>(n), inv_n, &rh);
+  // (hi + 2^31) = qh n + rh, so hi = (qh - 2^31 / n ...) : subtract the shift's own quotient exactly
+  uint64_t rs;
+  const uint64_t qs = udiv(shift, static_cast<uint64_t>(n), inv_n, &rs);
+  int64_t q_hi = static_cast<int64_t>(qh) - static_cast<int64_t>(qs);
+  int64_t r_hi = static_cast<int64_t>(rh) - static_cast<int64_t>(rs);
+  if (r_hi < 0) {
+    r_hi += n;
+    --q_hi;
+  }
+  const uint64_t t = (static_cast<uint64_t>(r_hi) << 32) | lo;  // < n 2^32 <= 2^48
+  const uint64_t q_lo = udiv(t, static_cast<uint64_t>(n), inv_n, r);
+  return static_cast<int64_t>(static_cast<uint64_t>(q_hi) << 32) + static_cast<int64_t>(q_lo);
 }
 
 // Float view of a fixed-point value: (double) x * 2^-radix, then one rounding to scalar_t (half
@@ -198,16 +256,15 @@ struct Stack {
   // pop a symbol in [0, n): rANS decode, state interval [2^32, 2^64), 32-bit words.
   C10_HOST_DEVICE inline uint64_t pop_n(const Params& p) {
     if (p.n == 1) return 0;
-    const uint32_t slot = static_cast<uint32_t>(head);
-    uint64_t s;
-    if (slot < p.boundary) {
-      s = slot / (p.q + 1u);
-    } else {
-      s = p.rem + (slot - static_cast<uint32_t>(p.boundary)) / p.q;
-    }
-    uint64_t f, c;
-    symbol(p, s, &f, &c);
-    head = f * (head >> 32) + (static_cast<uint64_t>(slot) - c);
+    const uint64_t slot = head & 0xffffffffull;
+    // branch-free choice of the symbol's class (a data-dependent branch here is a coin flip)
+    const bool big = slot < p.boundary;
+    const uint64_t f = static_cast<uint64_t>(p.q) + (big ? 1 : 0);
+    const uint64_t base = big ? 0 : p.boundary;
+    const uint64_t first = big ? 0 : p.rem;
+    uint64_t within;
+    const uint64_t s = first + udiv(slot - base, f, big ? p.inv_q1 : p.inv_q, &within);
+    head = f * (head >> 32) + within;
     if (head < kHeadLow) refill();
     return s;
   }
@@ -218,7 +275,9 @@ struct Stack {
     uint64_t f, c;
     symbol(p, s, &f, &c);
     if (head >= (f << 32)) spill();
-    head = ((head / f) << 32) + (head % f) + c;
+    uint64_t r;
+    const uint64_t q = udiv(head, f, s < p.rem ? p.inv_q1 : p.inv_q, &r);
+    head = (q << 32) + r + c;
   }
 };
 
@@ -235,13 +294,9 @@ C10_HOST_DEVICE inline int64_t gamma_forward(int64_t v, const Params& p, Stack& 
 // Inverse of gamma_forward.
 C10_HOST_DEVICE inline int64_t gamma_reverse(int64_t w, const Params& p, Stack& st, bool* ok) {
   if (p.n == kDen) return w;
-  int64_t q = w / p.n;
-  int64_t s = w % p.n;
-  if (s < 0) {
-    s += p.n;
-    q -= 1;
-  }
-  st.push_n(p, static_cast<uint64_t>(s));
+  uint64_t s = 0;
+  const int64_t q = p.n == 1 ? w : floordiv(w, p.n, p.inv_n, &s);
+  st.push_n(p, s);
   const uint64_t r = st.pop_den();
   if (q > (INT64_MAX >> kDenBits) || q < (INT64_MIN >> kDenBits)) {
     *ok = false;
