@@ -189,7 +189,7 @@ class ReversibleSGD:
 
     def check(self):
         """Read the kernels' status (synchronises): raise on overflow or a corrupted buffer."""
-        status = self._status.cpu()
+        status = self._status.cpu().clone()
         self._unchecked = 0
         self._bound = int(status[:, 1].max())
         flags = status[:, 0]
@@ -375,6 +375,13 @@ class HypergradientResult:
     momenta_used: Optional[torch.Tensor] = None
 
 
+_NOT_REPRODUCIBLE = (
+    "stn_ext: hypergradient: {what}. The training gradients were not reproducible bit for bit between the "
+    "forward and the reverse pass: make train_loss deterministic given (params, t) "
+    "(torch.use_deterministic_algorithms(True), a fixed data order, and random seeds such as dropout's set from t). "
+    "The hypergradient would be wrong, so none is returned.")
+
+
 def _schedule(s, T, n, what):
     s = torch.as_tensor(s).detach().double().cpu()
     if s.dim() == 1:
@@ -454,37 +461,36 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
         d_hyp = {k: torch.zeros_like(h) for k, h in hyper_leaves.items()}
         g_lr = torch.zeros(T, n, dtype=torch.float64)
         g_mom = torch.zeros(T, n, dtype=torch.float64)
-        for t in reversed(range(T)):
-            lr_t = lr_sched[t].tolist()
-            m_t = mom_q[t].tolist()
-            g_lr[t] = opt.unstep_weights(lr_t, dx=dx).cpu()
-            w, g = grads_at(t, True)
-            g_mom[t] = opt.unstep_velocity([gi.detach() for gi in g], m_t, lr=lr_t, dx=dx, dv=dv).cpu()
-            # One Hessian-vector product: with v_i' = m_i v_i - (1 - m_i) g_i(x, hypers), the reverse
-            # pass subtracts the vector-Jacobian product of g with (1 - m_i) dv_i from dx and d_hypers.
-            outs = [(gi, (1.0 - m_t[i]) * dv[i]) for i, gi in enumerate(g) if gi.requires_grad]
-            if outs:
-                targets = w + [hyper_leaves[k] for k in hyper_names]
-                hv = torch.autograd.grad([o for o, _ in outs], targets, grad_outputs=[d for _, d in outs],
-                                         allow_unused=True)
+        try:
+            for t in reversed(range(T)):
+                lr_t = lr_sched[t].tolist()
+                m_t = mom_q[t].tolist()
+                g_lr[t] = opt.unstep_weights(lr_t, dx=dx).cpu()
+                w, g = grads_at(t, True)
+                g_mom[t] = opt.unstep_velocity([gi.detach() for gi in g], m_t, lr=lr_t, dx=dx, dv=dv).cpu()
+                # One Hessian-vector product: with v_i' = m_i v_i - (1 - m_i) g_i(x, hypers), the reverse
+                # pass subtracts the vector-Jacobian product of g with (1 - m_i) dv_i from dx and d_hypers.
+                outs = [(gi, (1.0 - m_t[i]) * dv[i]) for i, gi in enumerate(g) if gi.requires_grad]
+                if outs:
+                    targets = w + [hyper_leaves[k] for k in hyper_names]
+                    hv = torch.autograd.grad([o for o, _ in outs], targets, grad_outputs=[d for _, d in outs],
+                                             allow_unused=True)
+                    for i in range(n):
+                        if hv[i] is not None:
+                            dx[i].sub_(hv[i].detach())
+                    for j, k in enumerate(hyper_names):
+                        if hv[n + j] is not None:
+                            d_hyp[k].sub_(hv[n + j].detach())
                 for i in range(n):
-                    if hv[i] is not None:
-                        dx[i].sub_(hv[i].detach())
-                for j, k in enumerate(hyper_names):
-                    if hv[n + j] is not None:
-                        d_hyp[k].sub_(hv[n + j].detach())
-            for i in range(n):
-                dv[i].mul_(m_t[i])
-    opt.check()
+                    dv[i].mul_(m_t[i])
+            opt.check()
+        except (ReversibilityError, FixedPointOverflowError, FloatingPointError) as err:
+            raise ReversibilityError(_NOT_REPRODUCIBLE.format(what=f"the reverse pass failed: {err}")) from err
     xr, vr = opt.exact_state()
     bad = [names[i] for i in range(n) if not (torch.equal(xr[i], x0[i]) and torch.equal(vr[i], v0[i]))]
     if bad or not opt.buffer_is_empty() or opt.steps != 0:
         what = f"weights or velocities of {', '.join(bad)} differ" if bad else "the information buffer is not empty"
-        raise ReversibilityError(
-            f"stn_ext: the reverse pass did not restore the initial state exactly ({what}). The training gradients "
-            "were not reproducible bit for bit between the forward and the reverse pass: make train_loss "
-            "deterministic given (params, t) (torch.use_deterministic_algorithms(True), fixed data order, and "
-            "random seeds such as dropout's set from t). The hypergradient would be wrong, so none is returned.")
+        raise ReversibilityError(_NOT_REPRODUCIBLE.format(what=f"the initial state did not come back exactly: {what}"))
     return HypergradientResult(
         val_loss=float(vl.detach()),
         final_params=final_params,
