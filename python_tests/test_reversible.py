@@ -99,7 +99,7 @@ def round_trip(n, momentum, T=1000, device="cpu", seed=0):
 
 
 @pytest.mark.parametrize("momentum", [0.5, 0.9, 0.99, 0.999])
-@pytest.mark.parametrize("n", [1, 7, 1000, 100_000])
+@pytest.mark.parametrize("n", [1, 7, 1000, 20_000])
 def test_round_trip_exact(n, momentum):
     bits, max_count = round_trip(n, momentum)
     ideal = -math.log2(R.gamma_num(momentum) / R.DEN)
