@@ -149,7 +149,10 @@ C10_HOST_DEVICE inline double u64_to_double(uint64_t a) {
 // double reciprocal (off by at most one when a / d < 2^52 and d >= 2^16 or a < 2^53), then exact
 // correction, so the result is exact and the same on host and device.
 C10_HOST_DEVICE inline uint64_t udiv(uint64_t a, uint64_t d, double inv_d, uint64_t* r) {
-  uint64_t q = static_cast<uint64_t>(mul_rn(u64_to_double(a), inv_d));  // truncation: both sides
+  // signed conversions when a < 2^63 (cheaper than unsigned ones on x86 without AVX-512); same values
+  const double ad = static_cast<int64_t>(a) >= 0 ? to_double(static_cast<int64_t>(a)) : u64_to_double(a);
+  const double qd = mul_rn(ad, inv_d);  // < 2^63: a / d < 2^48 wherever udiv is used
+  uint64_t q = static_cast<uint64_t>(static_cast<int64_t>(qd));  // truncation, as on the device
   int64_t rr = static_cast<int64_t>(a - q * d);
   while (rr < 0) {
     rr += static_cast<int64_t>(d);
@@ -201,16 +204,41 @@ C10_HOST_DEVICE inline scalar_t view_value(int64_t x, double inv_scale) {
 
 // --- the per-element stack ----------------------------------------------------------------------
 
-// One element's stack: word k lives at col[k * stride].
+// One element's stack: word k lives at col[k * stride]. The count is read only when a word is
+// spilled or refilled (rare: about every 32 / -log2(gamma) steps), which saves its memory traffic.
 struct Stack {
   uint32_t* col;
   int64_t stride;
   int64_t capacity;
   uint64_t head;
-  int32_t count;
-  uint64_t flags;
+  const int32_t* count_ptr;
+  int32_t count = 0;
+  int32_t loaded_count = 0;
+  bool loaded = false;
+  uint64_t flags = 0;
+
+  C10_HOST_DEVICE Stack(uint32_t* col_, int64_t stride_, int64_t capacity_, uint64_t head_,
+                        const int32_t* count_ptr_)
+      : col(col_), stride(stride_), capacity(capacity_), head(head_), count_ptr(count_ptr_) {}
+
+  C10_HOST_DEVICE inline void load() {
+    if (!loaded) {
+      count = loaded_count = *count_ptr;
+      loaded = true;
+    }
+  }
+
+  // Writes the count back when it changed; returns it then (for the caller's max), else 0.
+  C10_HOST_DEVICE inline int32_t commit_count(int32_t* out) const {
+    if (loaded && count != loaded_count) {
+      *out = count;
+      return count;
+    }
+    return 0;
+  }
 
   C10_HOST_DEVICE inline void spill() {
+    load();
     if (count >= capacity) {
       flags |= kStackFull;
       return;
@@ -221,6 +249,7 @@ struct Stack {
   }
 
   C10_HOST_DEVICE inline void refill() {
+    load();
     if (count <= 0) {
       flags |= kStackEmpty;
       return;
@@ -313,16 +342,18 @@ C10_HOST_DEVICE inline int64_t grad_term(double g, const Params& p, bool* ok) {
 // --- one element of each op ---------------------------------------------------------------------
 
 // Forward step: v <- gamma v - (1 - gamma) g;  x <- x + alpha v;  view <- x.
-// Commits only when nothing went wrong; returns the flags of this element.
+// Commits only when nothing went wrong; returns the flags of this element. *new_count is set to the
+// stack count when it changed (else left alone), for the caller's running maximum.
 template <typename scalar_t>
 C10_HOST_DEVICE inline uint64_t step_element(int64_t* x, int64_t* v, uint64_t* head, int32_t* count,
                                               uint32_t* col, int64_t stride, int64_t capacity,
-                                              scalar_t* view, scalar_t grad, const Params& p) {
+                                              scalar_t* view, scalar_t grad, const Params& p,
+                                              int32_t* new_count) {
   const double g = static_cast<double>(grad);
   if (!finite(g)) return kNonFinite;
   bool ok = true;
   const int64_t delta = grad_term(g, p, &ok);
-  Stack st{col, stride, capacity, *head, *count, 0};
+  Stack st(col, stride, capacity, *head, count);
   const int64_t w = gamma_forward(*v, p, st);
   const int64_t v_new = sub_checked(w, delta, &ok);
   const int64_t step = to_fixed(mul_rn(p.lr, to_double(v_new)), &ok);
@@ -332,7 +363,7 @@ C10_HOST_DEVICE inline uint64_t step_element(int64_t* x, int64_t* v, uint64_t* h
   *x = x_new;
   *v = v_new;
   *head = st.head;
-  if (st.count != *count) *count = st.count;
+  if (const int32_t c = st.commit_count(count)) *new_count = c;
   *view = view_value<scalar_t>(x_new, p.inv_scale);
   return 0;
 }
@@ -350,21 +381,22 @@ C10_HOST_DEVICE inline uint64_t unstep_weights_element(int64_t* x, int64_t v, sc
   return 0;
 }
 
-// Reverse of the velocity update: v <- (v + (1 - gamma) g) / gamma exactly. Returns flags.
+// Reverse of the velocity update: v <- (v + (1 - gamma) g) / gamma exactly. Returns flags; *new_count
+// as in step_element.
 C10_HOST_DEVICE inline uint64_t unstep_velocity_element(int64_t* v, uint64_t* head, int32_t* count,
                                                         uint32_t* col, int64_t stride, int64_t capacity,
-                                                        double g, const Params& p) {
+                                                        double g, const Params& p, int32_t* new_count) {
   if (!finite(g)) return kNonFinite;
   bool ok = true;
   const int64_t delta = grad_term(g, p, &ok);
   const int64_t w = add_checked(*v, delta, &ok);
-  Stack st{col, stride, capacity, *head, *count, 0};
+  Stack st(col, stride, capacity, *head, count);
   const int64_t v_old = gamma_reverse(w, p, st, &ok);
   if (!ok) st.flags |= kOverflow;
   if (st.flags) return st.flags;
   *v = v_old;
   *head = st.head;
-  if (st.count != *count) *count = st.count;
+  if (const int32_t c = st.commit_count(count)) *new_count = c;
   return 0;
 }
 

@@ -67,10 +67,11 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
-      int32_t mc = 0;
+      int32_t mc = 0, mc_i = 0;  // the largest count that changed in this block
       for (int64_t i = i0; i < i1; ++i) {
-        flags |= rev::step_element<scalar_t>(xp + i, vp + i, hp + i, cp + i, wp + i, n, capacity, yp + i, gp[i], p);
-        mc = std::max(mc, cp[i]);
+        flags |= rev::step_element<scalar_t>(xp + i, vp + i, hp + i, cp + i, wp + i, n, capacity, yp + i, gp[i], p,
+                                             &mc_i);
+        mc = std::max(mc, mc_i);
       }
       res.flags[b] = flags;
       res.max_count[b] = mc;
@@ -147,12 +148,12 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
     scalar_t* dvp = dv ? dv->mutable_data_ptr<scalar_t>() : nullptr;
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
-      int32_t mc = 0;
+      int32_t mc = 0, mc_i = 0;
       double sum = 0.0;
       for (int64_t i = i0; i < i1; ++i) {
         const double g = static_cast<double>(gp[i]);
-        flags |= rev::unstep_velocity_element(vp + i, hp + i, cp + i, wp + i, n, capacity, g, p);
-        mc = std::max(mc, cp[i]);
+        flags |= rev::unstep_velocity_element(vp + i, hp + i, cp + i, wp + i, n, capacity, g, p, &mc_i);
+        mc = std::max(mc, mc_i);
         if (dvp) {
           double d = static_cast<double>(dvp[i]);
           if (dxp) {

@@ -31,26 +31,23 @@ __device__ inline T block_reduce(T value, Op op, T* shared) {
   return value;  // valid in thread 0
 }
 
-struct OrOp {
-  __device__ unsigned long long operator()(unsigned long long a, unsigned long long b) const { return a | b; }
-};
-struct MaxOp {
-  __device__ int operator()(int a, int b) const { return a > b ? a : b; }
-};
 struct SumOp {
   __device__ double operator()(double a, double b) const { return a + b; }
 };
 
-// Flags and max count of a block into status (one atomic each, only when needed).
+// Flags and the largest changed stack count into status: flags (rare) by the threads that have them;
+// the count by one atomic per warp, and only when it exceeds what status already holds (usually
+// nothing changed, so no atomics at all).
 __device__ inline void report(unsigned long long flags, int max_count, int64_t* status) {
-  __shared__ unsigned long long sf[kThreads / 32];
-  __shared__ int sc[kThreads / 32];
-  flags = block_reduce(flags, OrOp(), sf);
-  max_count = block_reduce(max_count, MaxOp(), sc);
-  if (threadIdx.x == 0) {
-    if (flags) atomicOr(reinterpret_cast<unsigned long long*>(status), flags);
-    if (max_count > 0) atomicMax(reinterpret_cast<unsigned long long*>(status + 1),
-                                 static_cast<unsigned long long>(max_count));
+  if (flags) atomicOr(reinterpret_cast<unsigned long long*>(status), flags);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    const int other = __shfl_xor_sync(0xffffffffu, max_count, o);
+    max_count = other > max_count ? other : max_count;
+  }
+  if ((threadIdx.x % 32) == 0 && max_count > 0 &&
+      static_cast<long long>(max_count) > *reinterpret_cast<volatile long long*>(status + 1)) {
+    atomicMax(reinterpret_cast<unsigned long long*>(status + 1), static_cast<unsigned long long>(max_count));
   }
 }
 
@@ -70,8 +67,7 @@ __global__ void step_kernel(int64_t* __restrict__ x, int64_t* __restrict__ v, ui
   int mc = 0;
   if (i < n) {
     flags = rev::step_element<scalar_t>(x + i, v + i, head + i, count + i, words + i, n, capacity, view + i,
-                                        grad[i], p);
-    mc = count[i];
+                                        grad[i], p, &mc);
   }
   report(flags, mc, status);
 }
@@ -105,8 +101,7 @@ __global__ void unstep_velocity_kernel(int64_t* __restrict__ v, uint64_t* __rest
   double sum = 0.0;
   if (i < n) {
     const double g = static_cast<double>(grad[i]);
-    flags = rev::unstep_velocity_element(v + i, head + i, count + i, words + i, n, capacity, g, p);
-    mc = count[i];
+    flags = rev::unstep_velocity_element(v + i, head + i, count + i, words + i, n, capacity, g, p, &mc);
     if (dv) {
       double d = static_cast<double>(dv[i]);
       if (dx) {
