@@ -113,9 +113,10 @@ def bench_device(device, numel, repeats, warmup):
     # bytes each moves per element (reads + writes), for the memory-bound floor
     bytes_per_elem = {
         "torch.optim.SGD foreach": 4 * 5, "torch.optim.SGD fused": 4 * 5,  # p, g, buf read; p, buf written
-        # x, v, head, count, grad read; x, v, head, view written (count only when it changes)
-        "reversible_step op": 8 * 3 + 4 + 4 + 8 * 3 + 4,
-        "ReversibleSGD.step": 8 * 3 + 4 + 4 + 8 * 3 + 4,
+        # x, v, head, grad read; x, v, head, view written (the count and the words only on a spill or
+        # refill, about every 32 / -log2(momentum) steps per element)
+        "reversible_step op": 8 * 3 + 4 + 8 * 3 + 4,
+        "ReversibleSGD.step": 8 * 3 + 4 + 8 * 3 + 4,
     }
     for k, b in bytes_per_elem.items():
         if k in results and "seconds" in results[k]:
