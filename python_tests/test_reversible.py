@@ -624,3 +624,36 @@ def test_cuda_hypergradient_matches_cpu():
     assert rel_err(b.grad_lrs, a.grad_lrs) < 1e-9
     assert rel_err(b.grad_momenta, a.grad_momenta) < 1e-9
     assert all(torch.equal(p.cpu(), q) for p, q in zip(b.final_params, a.final_params))
+
+
+@needs_cuda
+def test_cuda_opcheck_and_bad_device():
+    st, g = op_args(device="cuda")
+    num = R.gamma_num(0.9)
+    torch.library.opcheck(torch.ops.stn_ext.reversible_step.default,
+                          (st.x, st.v, st.head, st.count, st.words, st.view, g, st.status, 0.01, num, RADIX))
+    dx, dv = torch.randn_like(g), torch.randn_like(g)
+    torch.library.opcheck(torch.ops.stn_ext.reversible_unstep_weights.default,
+                          (st.x, st.v, st.view, dx, st.status, 0.01, RADIX))
+    torch.library.opcheck(torch.ops.stn_ext.reversible_unstep_velocity.default,
+                          (st.v, st.head, st.count, st.words, g, dx, dv, st.status, 0.01, num, RADIX))
+    with pytest.raises(RuntimeError, match="grad is on"):
+        R.step(st.x, st.v, st.head, st.count, st.words, st.view, g.cpu(), st.status, 0.01, num, RADIX)
+
+
+@needs_cuda
+def test_cuda_optimizer_grows_buffer_and_reverses():
+    # momentum 2^-16 spills a word every other step: exercises the lazy status reads and the growth
+    w = torch.nn.Parameter(torch.randn(10_000, device="cuda"))
+    start = w.detach().clone()
+    opt = ReversibleSGD([("w", w)], initial_capacity=1)
+    gens = [torch.randn(10_000, device="cuda", generator=torch.Generator("cuda").manual_seed(t)) for t in range(4)]
+    for t in range(300):
+        w.grad = gens[t % 4]
+        opt.step(1e-3, 2.0**-16)
+    assert opt.capacity >= 150
+    for t in reversed(range(300)):
+        opt.unstep_weights(1e-3)
+        opt.unstep_velocity([gens[t % 4]], 2.0**-16)
+    opt.check()
+    assert opt.buffer_is_empty() and torch.equal(w.detach(), start)
