@@ -58,6 +58,9 @@ struct Params {
   uint32_t rem;           // 2^32 mod n
   uint64_t boundary;      // rem * (q + 1): slots below it belong to symbols of frequency q + 1
   double inv_n, inv_q, inv_q1;  // 1/n, 1/q, 1/(q+1): first guesses of divisions, corrected exactly
+  uint64_t magic_q, magic_q1;   // ceil(2^64 / q), ceil(2^64 / (q+1)): exact division of 32-bit numbers
+  uint64_t magic_n;             // ceil(2^64 / n): exact division of numbers below 2^48 by n < 2^16
+  uint64_t shift_q, shift_r;    // 2^31 = shift_q n + shift_r
 };
 
 inline Params make_params(double lr, int64_t n, int64_t radix_bits) {
@@ -74,13 +77,19 @@ inline Params make_params(double lr, int64_t n, int64_t radix_bits) {
     p.boundary = static_cast<uint64_t>(p.rem) * (static_cast<uint64_t>(p.q) + 1);
     p.inv_q = 1.0 / static_cast<double>(p.q);
     p.inv_q1 = 1.0 / (static_cast<double>(p.q) + 1.0);
+    p.magic_q = UINT64_MAX / p.q + 1;
+    p.magic_q1 = UINT64_MAX / (static_cast<uint64_t>(p.q) + 1) + 1;
   } else {
+    p.magic_q = p.magic_q1 = 0;
     p.q = 0;
     p.rem = 0;
     p.boundary = 0;
     p.inv_q = p.inv_q1 = 0.0;
   }
   p.inv_n = 1.0 / static_cast<double>(n);
+  p.magic_n = n >= 2 ? UINT64_MAX / static_cast<uint64_t>(n) + 1 : 0;
+  p.shift_q = (uint64_t(1) << 31) / static_cast<uint64_t>(n);
+  p.shift_r = (uint64_t(1) << 31) % static_cast<uint64_t>(n);
   return p;
 }
 
@@ -166,25 +175,35 @@ C10_HOST_DEVICE inline uint64_t udiv(uint64_t a, uint64_t d, double inv_d, uint6
   return q;
 }
 
+// floor(a / d) with magic = ceil(2^64 / d): one high multiply, exact whenever a < 2^N and d <= 2^L
+// with N + L <= 64 (Lemire, Kaser & Kurz 2019, "Faster remainder by direct computation", Theorem 1):
+// here a, d < 2^32, or a < 2^48 and d < 2^16.
+C10_HOST_DEVICE inline uint64_t div_magic(uint64_t a, uint64_t magic) {
+#ifdef __CUDA_ARCH__
+  return __umul64hi(magic, a);
+#else
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * a) >> 64);
+#endif
+}
+
 // floor(w / n) and w mod n (in [0, n)) for any int64 w and 2 <= n < 2^16: long division in two
-// 32-bit digits, each by udiv.
-C10_HOST_DEVICE inline int64_t floordiv(int64_t w, int64_t n, double inv_n, uint64_t* r) {
-  const int64_t hi = w >> 32;  // |hi| < 2^31
+// 32-bit digits, each by div_magic.
+C10_HOST_DEVICE inline int64_t floordiv(int64_t w, const Params& p, uint64_t* r) {
+  const uint64_t n = static_cast<uint64_t>(p.n);
+  const int64_t hi = w >> 32;  // |hi| <= 2^31
   const uint64_t lo = static_cast<uint64_t>(w) & 0xffffffffull;
-  const uint64_t shift = uint64_t(1) << 31;  // make the high digit non-negative
-  uint64_t rh;
-  const uint64_t qh = udiv(static_cast<uint64_t>(hi + static_cast<int64_t>(shift)), static_cast<uint64_t>(n), inv_n, &rh);
-  // (hi + 2^31) = qh n + rh, so hi = (qh - 2^31 / n ...) : subtract the shift's own quotient exactly
-  uint64_t rs;
-  const uint64_t qs = udiv(shift, static_cast<uint64_t>(n), inv_n, &rs);
-  int64_t q_hi = static_cast<int64_t>(qh) - static_cast<int64_t>(qs);
-  int64_t r_hi = static_cast<int64_t>(rh) - static_cast<int64_t>(rs);
+  // hi + 2^31 = qh n + rh (non-negative, < 2^32); 2^31 = shift_q n + shift_r
+  const uint64_t u = static_cast<uint64_t>(hi + (int64_t(1) << 31));
+  const uint64_t qh = div_magic(u, p.magic_n);
+  int64_t q_hi = static_cast<int64_t>(qh) - static_cast<int64_t>(p.shift_q);
+  int64_t r_hi = static_cast<int64_t>(u - qh * n) - static_cast<int64_t>(p.shift_r);
   if (r_hi < 0) {
-    r_hi += n;
+    r_hi += static_cast<int64_t>(n);
     --q_hi;
   }
   const uint64_t t = (static_cast<uint64_t>(r_hi) << 32) | lo;  // < n 2^32 <= 2^48
-  const uint64_t q_lo = udiv(t, static_cast<uint64_t>(n), inv_n, r);
+  const uint64_t q_lo = div_magic(t, p.magic_n);
+  *r = t - q_lo * n;
   return static_cast<int64_t>(static_cast<uint64_t>(q_hi) << 32) + static_cast<int64_t>(q_lo);
 }
 
@@ -291,8 +310,10 @@ struct Stack {
     const uint64_t f = static_cast<uint64_t>(p.q) + (big ? 1 : 0);
     const uint64_t base = big ? 0 : p.boundary;
     const uint64_t first = big ? 0 : p.rem;
-    uint64_t within;
-    const uint64_t s = first + udiv(slot - base, f, big ? p.inv_q1 : p.inv_q, &within);
+    const uint64_t off = slot - base;
+    const uint64_t k = div_magic(off, big ? p.magic_q1 : p.magic_q);
+    const uint64_t within = off - k * f;
+    const uint64_t s = first + k;
     head = f * (head >> 32) + within;
     if (head < kHeadLow) refill();
     return s;
@@ -324,7 +345,7 @@ C10_HOST_DEVICE inline int64_t gamma_forward(int64_t v, const Params& p, Stack& 
 C10_HOST_DEVICE inline int64_t gamma_reverse(int64_t w, const Params& p, Stack& st, bool* ok) {
   if (p.n == kDen) return w;
   uint64_t s = 0;
-  const int64_t q = p.n == 1 ? w : floordiv(w, p.n, p.inv_n, &s);
+  const int64_t q = p.n == 1 ? w : floordiv(w, p, &s);
   st.push_n(p, s);
   const uint64_t r = st.pop_den();
   if (q > (INT64_MAX >> kDenBits) || q < (INT64_MIN >> kDenBits)) {

@@ -118,6 +118,14 @@ def test_round_trip_extreme_momenta(momentum):
     round_trip(333, momentum, T=300)
 
 
+def test_round_trip_many_momenta():
+    # every code path of the divisions: powers of two, tiny and huge numerators, random ones
+    nums = [1, 2, 3, 4, 5, 7, 255, 256, 4097, 32768, 32769, 65534, 65535, 65536]
+    nums += torch.randint(2, R.DEN, (30,), generator=torch.Generator().manual_seed(11)).tolist()
+    for num in nums:
+        round_trip(64, num / R.DEN, T=120, seed=num)
+
+
 def test_bits_per_step_close_to_information_bound():
     for momentum in (0.5, 0.9, 0.99, 0.999):
         p = torch.nn.Parameter(torch.zeros(2000))
