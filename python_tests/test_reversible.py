@@ -143,6 +143,41 @@ def test_bits_per_step_close_to_information_bound():
         assert opt.buffer_bits() > 0
 
 
+@pytest.mark.parametrize("momentum", [0.3, 0.9, 0.999])
+def test_kernel_matches_python_reference_bit_for_bit(momentum):
+    from stn_ext.reversible_reference import Element
+
+    n, T = 48, 250
+    x, v, pool = hard_case(n, 21)
+    num = R.gamma_num(momentum)
+    st = RawState(x, v, capacity=T // 2 + 8)
+    ref = [Element(int(a), int(b)) for a, b in zip(x.tolist(), v.tolist())]
+    lrs = [1e-4, 1e-3, 3e-3]
+
+    def same():
+        heads = [(h + (1 << 64)) % (1 << 64) for h in st.head.tolist()]
+        counts = st.count.tolist()
+        words = st.words.tolist()
+        for i, e in enumerate(ref):
+            assert (st.x[i].item(), st.v[i].item(), heads[i]) == (e.x, e.v, e.head), i
+            assert counts[i] == len(e.words)
+            assert [words[k][i] % (1 << 32) for k in range(counts[i])] == e.words
+            assert st.view[i].item() == e.view(RADIX)
+
+    for t in range(T):
+        st.step(pool[t % 4], lrs[t % 3], num)
+        for i, e in enumerate(ref):
+            e.step(pool[t % 4][i].item(), lrs[t % 3], num, RADIX)
+        if t % 50 == 49:
+            same()
+    for t in reversed(range(T)):
+        st.unstep(pool[t % 4], lrs[t % 3], num)
+        for i, e in enumerate(ref):
+            e.unstep(pool[t % 4][i].item(), lrs[t % 3], num, RADIX)
+    same()
+    assert all(e.head == R.HEAD_EMPTY and not e.words for e in ref)
+
+
 def test_flags_overflow_and_leaves_element_untouched():
     x = torch.tensor([int((LIMIT - 1) * 2**RADIX), 0], dtype=torch.int64)
     v = torch.zeros(2, dtype=torch.int64)
