@@ -409,22 +409,24 @@ def mlp_problem(seed=0):
     return train_loss, val_loss, W0
 
 
-@pytest.mark.parametrize("per_param", [False, True])
-def test_hypergradient_mlp_matches_unrolled_float64(per_param):
+@pytest.mark.parametrize("mode", ["shared", "per_param", "per_layer"])
+def test_hypergradient_mlp_matches_unrolled_float64(mode):
     train_loss, val_loss, W0 = mlp_problem()
     T = 50
     n = len(W0)
     gen = torch.Generator().manual_seed(2)
-    shape = (T, n) if per_param else (T,)
+    groups = [0, 0, 1, 1] if mode == "per_layer" else None  # (weight, bias) of each layer share a schedule
+    shape = {"shared": (T,), "per_param": (T, n), "per_layer": (T, 2)}[mode]
     lrs = 0.3 + 0.1 * torch.rand(shape, generator=gen, dtype=torch.float64)
     moms = quantize_momentum(0.6 + 0.35 * torch.rand(shape, generator=gen, dtype=torch.float64))
     scale = torch.tensor(0.7, dtype=torch.float64)
     h = {"log_l2": torch.tensor(-4.0, dtype=torch.float64)}
-    res = hypergradient([scale * w for w in W0], train_loss, val_loss, lrs, moms, hypers=h)
+    res = hypergradient([scale * w for w in W0], train_loss, val_loss, lrs, moms, hypers=h, groups=groups)
 
     L, M = lrs.clone().requires_grad_(), moms.clone().requires_grad_()
     H, S = h["log_l2"].clone().requires_grad_(), scale.clone().requires_grad_()
-    vl = unrolled_reference([S * w for w in W0], train_loss, val_loss, L, M, {"log_l2": H})
+    cols = (lambda a: a[:, [0, 0, 1, 1]]) if groups else (lambda a: a)
+    vl = unrolled_reference([S * w for w in W0], train_loss, val_loss, cols(L), cols(M), {"log_l2": H})
     gl, gm, gh, gs = torch.autograd.grad(vl, [L, M, H, S])
     assert res.grad_lrs.shape == shape and res.grad_momenta.shape == shape
     assert abs(res.val_loss - float(vl.detach())) <= 1e-10 * abs(float(vl.detach()))

@@ -43,7 +43,8 @@ def build_parser():
     p.add_argument("--l2", type=float, default=1e-3, help="initial L2 strength on the weight matrices")
     p.add_argument("--init-scale", type=float, default=1.0,
                    help="initial scale of the weight matrices (times N(0, 1/fan_in))")
-    p.add_argument("--per-layer", action="store_true", help="separate schedules for each parameter tensor")
+    p.add_argument("--per-layer", action="store_true",
+                   help="separate schedules for each layer (its weight and bias share one)")
     p.add_argument("--no-l2", action="store_true", help="do not meta-learn the L2 strength")
     p.add_argument("--no-init-scale", action="store_true", help="do not meta-learn the initialisation scales")
     p.add_argument("--radix-bits", type=int, default=52, help="fixed-point radix of the exact weights")
@@ -117,8 +118,8 @@ class MetaProblem:
 
 def run(args):
     prob = MetaProblem(args)
-    n = len(prob.base)
-    shape = (args.steps, n) if args.per_layer else (args.steps,)
+    groups = [0, 0, 1, 1]  # layer of each parameter tensor (weight, bias, weight, bias)
+    shape = (args.steps, 2) if args.per_layer else (args.steps,)
     meta = {
         "log_lr": torch.full(shape, math.log(args.lr), dtype=torch.float64),
         "logit_momentum": torch.full(shape, math.log(args.momentum / (1 - args.momentum)), dtype=torch.float64),
@@ -153,7 +154,8 @@ def run(args):
         params = prob.init_params(scale)
         try:
             res = hypergradient(params, prob.train_loss, prob.val_loss, lrs, moms,
-                                hypers={"log_l2": leaves["log_l2"].detach()}, radix_bits=args.radix_bits)
+                                hypers={"log_l2": leaves["log_l2"].detach()}, radix_bits=args.radix_bits,
+                                groups=groups if args.per_layer else None)
             ok = math.isfinite(res.val_loss)
         except (FixedPointOverflowError, FloatingPointError, ReversibilityError) as err:
             ok, res = False, err
@@ -212,7 +214,7 @@ def write_outputs(args, history, schedules, seconds):
         cols = ["meta_iter", "step"]
         if per_layer:
             for i in range(first_lr.shape[1]):
-                cols += [f"lr_{i}", f"momentum_{i}"]
+                cols += [f"lr_layer{i}", f"momentum_layer{i}"]
         else:
             cols += ["lr", "momentum"]
         w.writerow(cols)
@@ -258,7 +260,7 @@ def plot(args, history, schedules):
         mo = moms if moms.dim() == 1 else moms[:, 0]
         axes[0].plot(lr.numpy(), color=color, label=f"meta-iter {it}")
         axes[1].plot(mo.numpy(), color=color, label=f"meta-iter {it}")
-    axes[0].set(title="learning-rate schedule" + (" (first tensor)" if args.per_layer else ""),
+    axes[0].set(title="learning-rate schedule" + (" (first layer)" if args.per_layer else ""),
                 xlabel="training step", ylabel="learning rate")
     axes[1].set(title="momentum schedule", xlabel="training step", ylabel="momentum")
     axes[0].legend(fontsize=7)

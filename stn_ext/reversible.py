@@ -382,24 +382,31 @@ _NOT_REPRODUCIBLE = (
     "The hypergradient would be wrong, so none is returned.")
 
 
-def _schedule(s, T, n, what):
+def _schedule(s, T, group_of, what):
+    """A (T,) or (T, n_groups) schedule as (T, n_params) columns, and its own shape."""
     s = torch.as_tensor(s).detach().double().cpu()
+    n_groups = max(group_of) + 1
     if s.dim() == 1:
         if s.shape[0] != T:
             raise ValueError(f"stn_ext: {what} has length {s.shape[0]}, lrs has {T}")
-        return s[:, None].expand(T, n), s.shape
-    if s.dim() == 2 and s.shape == (T, n):
-        return s, s.shape
-    raise ValueError(f"stn_ext: {what} must have shape (T,) or (T, {n}) (one column per parameter), got {tuple(s.shape)}")
+        return s[:, None].expand(T, len(group_of)), s.shape
+    if s.dim() == 2 and s.shape == (T, n_groups):
+        return s[:, group_of], s.shape
+    raise ValueError(f"stn_ext: {what} must have shape (T,) or (T, {n_groups}) (one column per group), "
+                     f"got {tuple(s.shape)}")
 
 
-def _fold(per_param, shape):
-    """(T, n) per-parameter gradients -> the schedule's own shape."""
-    return per_param.sum(1) if len(shape) == 1 else per_param
+def _fold(per_param, shape, group_of):
+    """(T, n_params) per-parameter gradients -> the schedule's own shape (summed within groups)."""
+    if len(shape) == 1:
+        return per_param.sum(1)
+    out = torch.zeros(shape, dtype=per_param.dtype)
+    out.index_add_(1, torch.tensor(group_of), per_param)
+    return out
 
 
 def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, velocities=None, radix_bits: int = 52,
-                  progress=None) -> HypergradientResult:
+                  groups=None, progress=None) -> HypergradientResult:
     """Exact gradients of ``val_loss`` after T steps of SGD with momentum, through the training.
 
     ``params``: the initial weights (tensors; not modified). ``train_loss(params, t, hypers)``: the
@@ -419,9 +426,12 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
     names = [n for n, _ in named]
     init = [p.detach() for _, p in named]
     n = len(init)
-    lr_sched, lr_shape = _schedule(lrs, torch.as_tensor(lrs).shape[0], n, "lrs")
+    group_of = list(range(n)) if groups is None else [int(g) for g in groups]
+    if len(group_of) != n or min(group_of) < 0:
+        raise ValueError(f"stn_ext: groups must give a non-negative group index for each of the {n} parameters")
+    lr_sched, lr_shape = _schedule(lrs, torch.as_tensor(lrs).shape[0], group_of, "lrs")
     T = lr_sched.shape[0]
-    mom_sched, mom_shape = _schedule(momenta, T, n, "momenta")
+    mom_sched, mom_shape = _schedule(momenta, T, group_of, "momenta")
     mom_q = quantize_momentum(mom_sched)
     hypers = dict(hypers or {})
     hyper_names = list(hypers)
@@ -494,12 +504,12 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
     return HypergradientResult(
         val_loss=float(vl.detach()),
         final_params=final_params,
-        grad_lrs=_fold(g_lr, lr_shape),
-        grad_momenta=_fold(g_mom, mom_shape),
+        grad_lrs=_fold(g_lr, lr_shape, group_of),
+        grad_momenta=_fold(g_mom, mom_shape, group_of),
         grad_params=[d.clone() for d in dx],
         grad_hypers={k: v.detach() for k, v in d_hyp.items()},
         grad_velocities=[d.clone() for d in dv],
         buffer_bits=buffer_bits,
         bits_per_element_per_step=bits_rate,
-        momenta_used=_fold(mom_q, mom_shape) if len(mom_shape) == 2 else mom_q[:, 0].clone(),
+        momenta_used=quantize_momentum(torch.as_tensor(momenta).detach().double().cpu()),
     )
