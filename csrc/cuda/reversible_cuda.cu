@@ -1,7 +1,7 @@
 // CUDA kernels of exact reversible SGD with momentum: one thread per element around the element maths
-// of reversible_math.h (the same code the CPU loop runs, so both give the same bits). Per-block
-// results: flags and the largest stack count go to status with one atomic per block; float64 partial
-// sums are written per block and summed afterwards in a fixed order (deterministic).
+// of reversible_math.h (the same code the CPU loop runs, so both give the same bits). Flags and the
+// largest changed stack count go to status by atomics only when there is something to report (rare);
+// float64 partial sums are written per block and summed afterwards in a fixed order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
