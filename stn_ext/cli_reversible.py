@@ -4,8 +4,8 @@ The kind of experiment of Maclaurin, Duvenaud & Adams (2015): an MLP on scikit-l
 images, shipped with scikit-learn, no download) is trained for T steps of SGD with momentum; the
 validation loss after training is differentiated exactly w.r.t. the per-step learning rates and
 momenta, the L2 strength and per-layer initialisation scales by running the training backwards bit for
-bit (stn_ext.reversible.hypergradient), and those hyperparameters are improved by normalised gradient descent over several
-meta-iterations. Writes the learned schedules (CSV), the meta-training curve (CSV) and a plot (PNG).
+bit (stn_ext.reversible.hypergradient), and those hyperparameters are improved by normalised gradient
+descent over several meta-iterations. Writes the learned schedules (CSV), the meta-training curve (CSV) and a plot (PNG).
 """
 import argparse
 import csv

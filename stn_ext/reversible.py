@@ -21,7 +21,6 @@ Momentum is quantised to n / 2^16 (see :func:`quantize_momentum`); learning rate
 step. Gradients must be reproducible bit for bit (deterministic algorithms, fixed data order and
 random seeds per step); :func:`hypergradient` checks this and raises :class:`ReversibilityError`.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
