@@ -61,11 +61,13 @@ def hard_case(n, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
     mag = torch.exp2(torch.rand(n, generator=gen).double() * 56 - 45).clamp(max=LIMIT - 40)
-    if n >= 4:  # a few at the very edge of the range
-        mag[:4] = torch.tensor([LIMIT - 40, LIMIT - 40 + 2.0**-30, 2.0**-52, 1.0], dtype=torch.float64)
+    vsign = torch.randn(n, generator=gen).double().sign()
+    if n >= 4:  # a few within 2^-20 of the edge of the range (moving inwards), and tiny ones
+        mag[:4] = torch.tensor([LIMIT - 2.0**-20, LIMIT - 1.0, 2.0**-52, 1.0], dtype=torch.float64)
+        vsign[:2] = -sign[:2]
     x = torch.round(sign * mag * 2.0**RADIX).long()
     vmag = torch.exp2(torch.rand(n, generator=gen).double() * 40 - 37)
-    v = torch.round(torch.randn(n, generator=gen).double().sign() * vmag * 2.0**RADIX).long()
+    v = torch.round(vsign * vmag * 2.0**RADIX).long()
     pool = []
     for scale in (1e-9, 1e-3, 1.0, 10.0):
         g = torch.randn(n, generator=gen).abs() * scale
