@@ -43,4 +43,28 @@ TORCH_LIBRARY(stn_ext, m) {
   m.def(
       "per_example_epilogue_backward(Tensor grad, Tensor o, Tensor s, int groups, bool channels_last) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // --- reversible learning ---------------------------------------------------------------------
+  // Exact SGD with momentum in int64 fixed point (value = int * 2^-radix_bits), gamma = gamma_num / 2^16
+  // applied as a bijection with a per-element information buffer (head: uint64 bits in int64, count:
+  // int32, words: (capacity, N) uint32 bits in int32); see csrc/reversible_math.h. x, v, head, count
+  // have view's shape; view is the float copy of x the model reads. status (2,) int64 accumulates
+  // [flags, largest stack count]; an element that would overflow (or finds no room) is left untouched
+  // and flagged, and the Python side raises. Nothing here synchronises with the device.
+  // Forward: v <- gamma v - (1 - gamma) grad; x <- x + lr v; view <- x.
+  m.def(
+      "reversible_step(Tensor(a!) x, Tensor(b!) v, Tensor(c!) head, Tensor(d!) count, Tensor(e!) words, "
+      "Tensor(f!) view, Tensor grad, Tensor(g!) status, float lr, int gamma_num, int radix_bits) -> ()");
+  // Reverse of the weight update: x <- x - lr v; view <- x. Returns sum(dx * v) (float64, 0-dim; 0
+  // without dx), the gradient of the objective w.r.t. this step's learning rate.
+  m.def(
+      "reversible_unstep_weights(Tensor(a!) x, Tensor v, Tensor(b!) view, Tensor? dx, Tensor(c!) status, "
+      "float lr, int radix_bits) -> Tensor");
+  // Reverse of the velocity update given the recomputed grad: v <- (v + (1 - gamma) grad) / gamma
+  // exactly. With dv: dv += lr * dx (when dx is given), and returns sum(dv * (v + grad)) with the
+  // restored v (float64, 0-dim), the gradient w.r.t. this step's momentum.
+  m.def(
+      "reversible_unstep_velocity(Tensor(a!) v, Tensor(b!) head, Tensor(c!) count, Tensor(d!) words, "
+      "Tensor grad, Tensor? dx, Tensor(e!)? dv, Tensor(f!) status, float lr, int gamma_num, int radix_bits) "
+      "-> Tensor");
 }

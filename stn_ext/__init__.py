@@ -1,7 +1,7 @@
 """stn_ext: Self-Tuning Network layers and exact reversible learning as fused PyTorch ops."""
 from stn_ext import ops  # noqa: F401  (loads the compiled library and registers the ops)
 from stn_ext._library import has_cuda
-from stn_ext import functional, reference  # noqa: F401
+from stn_ext import functional, reference, reversible  # noqa: F401
 from stn_ext.nn import StnConv2d, StnLinear, convert, current_hyper_input, hyper_input
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "has_cuda",
     "functional",
     "reference",
+    "reversible",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,183 @@
+// CPU kernels of exact reversible SGD with momentum: at::parallel_for loops around the element maths of
+// reversible_math.h. Elements are taken in fixed blocks, and the per-block partial results (flags,
+// largest stack count, float64 partial sums) are combined in block order, so results do not depend on
+// the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "reversible_checks.h"
+#include "reversible_math.h"
+
+namespace stn_ext {
+namespace {
+
+constexpr int64_t kBlock = 4096;
+
+struct BlockResults {
+  std::vector<uint64_t> flags;
+  std::vector<int64_t> max_count;
+  std::vector<double> sum;
+  explicit BlockResults(int64_t blocks) : flags(blocks, 0), max_count(blocks, 0), sum(blocks, 0.0) {}
+
+  // Folds the blocks into status (flags OR-ed, max count maxed) and returns the total sum.
+  double finish(const at::Tensor& status) const {
+    int64_t* st = status.mutable_data_ptr<int64_t>();
+    uint64_t f = static_cast<uint64_t>(st[0]);
+    int64_t m = st[1];
+    double s = 0.0;
+    for (size_t b = 0; b < flags.size(); ++b) {
+      f |= flags[b];
+      m = std::max(m, max_count[b]);
+      s += sum[b];
+    }
+    st[0] = static_cast<int64_t>(f);
+    st[1] = m;
+    return s;
+  }
+};
+
+template <typename F>
+void for_blocks(int64_t n, const F& body) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) body(b, b * kBlock, std::min(n, (b + 1) * kBlock));
+  });
+}
+
+void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& head,
+                         const at::Tensor& count, const at::Tensor& words, const at::Tensor& view,
+                         const at::Tensor& grad_in, const at::Tensor& status, double lr, int64_t gamma_num,
+                         int64_t radix_bits) {
+  const int64_t capacity = check_step(x, v, head, count, words, view, grad_in, status, c10::kCPU);
+  const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
+  const auto grad = grad_in.contiguous();
+  const int64_t n = view.numel();
+  BlockResults res((n + kBlock - 1) / kBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_step", [&] {
+    int64_t* xp = x.mutable_data_ptr<int64_t>();
+    int64_t* vp = v.mutable_data_ptr<int64_t>();
+    uint64_t* hp = reinterpret_cast<uint64_t*>(head.mutable_data_ptr<int64_t>());
+    int32_t* cp = count.mutable_data_ptr<int32_t>();
+    uint32_t* wp = reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>());
+    scalar_t* yp = view.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
+      uint64_t flags = 0;
+      int32_t mc = 0, mc_i = 0;  // the largest count that changed in this block
+      for (int64_t i = i0; i < i1; ++i) {
+        flags |= rev::step_element<scalar_t>(xp + i, vp + i, hp + i, cp + i, wp + i, n, capacity, yp + i, gp[i], p,
+                                             &mc_i);
+        mc = std::max(mc, mc_i);
+      }
+      res.flags[b] = flags;
+      res.max_count[b] = mc;
+    });
+  });
+  res.finish(status);
+}
+
+at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& view,
+                                         const std::optional<at::Tensor>& dx_in, const at::Tensor& status,
+                                         double lr, int64_t radix_bits) {
+  check_view(view, c10::kCPU);
+  check_exact_state(x, view, at::kLong, "x");
+  TORCH_CHECK(v.scalar_type() == at::kLong && v.device() == view.device() && v.sizes() == view.sizes(),
+              "stn_ext: v must be an int64 tensor of view's shape on view's device, got ", v.scalar_type(), " ",
+              v.sizes(), " on ", v.device());
+  check_optional_like_view(dx_in, view, "dx", false);
+  check_status(status, view);
+  const rev::Params p = check_scalars(lr, rev::kDen, radix_bits);
+  const auto vc = v.contiguous();
+  const std::optional<at::Tensor> dx = dx_in ? std::optional<at::Tensor>(dx_in->contiguous()) : std::nullopt;
+  const int64_t n = view.numel();
+  BlockResults res((n + kBlock - 1) / kBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_unstep_weights", [&] {
+    int64_t* xp = x.mutable_data_ptr<int64_t>();
+    const int64_t* vp = vc.const_data_ptr<int64_t>();
+    scalar_t* yp = view.mutable_data_ptr<scalar_t>();
+    const scalar_t* dxp = dx ? dx->const_data_ptr<scalar_t>() : nullptr;
+    for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
+      uint64_t flags = 0;
+      double sum = 0.0;
+      for (int64_t i = i0; i < i1; ++i) {
+        if (dxp) sum += static_cast<double>(dxp[i]) * (static_cast<double>(vp[i]) * p.inv_scale);
+        flags |= rev::unstep_weights_element<scalar_t>(xp + i, vp[i], yp + i, p);
+      }
+      res.flags[b] = flags;
+      res.sum[b] = sum;
+    });
+  });
+  return at::scalar_tensor(res.finish(status), view.options().dtype(at::kDouble));
+}
+
+at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor& head, const at::Tensor& count,
+                                          const at::Tensor& words, const at::Tensor& grad_in,
+                                          const std::optional<at::Tensor>& dx_in,
+                                          const std::optional<at::Tensor>& dv, const at::Tensor& status,
+                                          double lr, int64_t gamma_num, int64_t radix_bits) {
+  // grad stands in for view in the checks (v, head, count take its shape and device).
+  check_float(grad_in, "grad");
+  check_device(grad_in, c10::kCPU, "grad");
+  const auto& ref = grad_in;
+  TORCH_CHECK(v.scalar_type() == at::kLong, "stn_ext: v must be an int64 tensor, got ", v.scalar_type());
+  TORCH_CHECK(v.sizes() == ref.sizes(), "stn_ext: v must have the shape of grad ", ref.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(v.is_contiguous(), "stn_ext: v must be contiguous (it is updated in place)");
+  check_exact_state(head, v, at::kLong, "head");
+  check_exact_state(count, v, at::kInt, "count");
+  const int64_t capacity = check_words(words, v);
+  check_status(status, v);
+  TORCH_CHECK(v.device() == ref.device(), "stn_ext: v is on ", v.device(), " but grad is on ", ref.device());
+  check_optional_like_view(dx_in, ref, "dx", false);
+  check_optional_like_view(dv, ref, "dv", true);
+  const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
+  const auto grad = grad_in.contiguous();
+  const std::optional<at::Tensor> dx = dx_in ? std::optional<at::Tensor>(dx_in->contiguous()) : std::nullopt;
+  const int64_t n = grad.numel();
+  BlockResults res((n + kBlock - 1) / kBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stn_ext::reversible_unstep_velocity", [&] {
+    int64_t* vp = v.mutable_data_ptr<int64_t>();
+    uint64_t* hp = reinterpret_cast<uint64_t*>(head.mutable_data_ptr<int64_t>());
+    int32_t* cp = count.mutable_data_ptr<int32_t>();
+    uint32_t* wp = reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>());
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* dxp = dx ? dx->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dvp = dv ? dv->mutable_data_ptr<scalar_t>() : nullptr;
+    for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
+      uint64_t flags = 0;
+      int32_t mc = 0, mc_i = 0;
+      double sum = 0.0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const double g = static_cast<double>(gp[i]);
+        flags |= rev::unstep_velocity_element(vp + i, hp + i, cp + i, wp + i, n, capacity, g, p, &mc_i);
+        mc = std::max(mc, mc_i);
+        if (dvp) {
+          double d = static_cast<double>(dvp[i]);
+          if (dxp) {
+            d += lr * static_cast<double>(dxp[i]);
+            dvp[i] = static_cast<scalar_t>(d);
+            d = static_cast<double>(dvp[i]);
+          }
+          sum += d * (static_cast<double>(vp[i]) * p.inv_scale + g);
+        }
+      }
+      res.flags[b] = flags;
+      res.max_count[b] = mc;
+      res.sum[b] = sum;
+    });
+  });
+  return at::scalar_tensor(res.finish(status), grad.options().dtype(at::kDouble));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stn_ext, CPU, m) {
+  m.impl("reversible_step", &reversible_step_cpu);
+  m.impl("reversible_unstep_weights", &reversible_unstep_weights_cpu);
+  m.impl("reversible_unstep_velocity", &reversible_unstep_velocity_cpu);
+}
+
+}  // namespace stn_ext
