@@ -8,9 +8,9 @@ perturbed); its value is ``to_value(u)``:
     linear   value = u, clipped into [low, high]
 
 A discrete hyperparameter (``discrete=True``, e.g. the number of cutout holes) is rounded to the
-nearest integer after the transform. The hypernet sees ``z = (u - mid) / half``, an affine map that
-puts the range at about [-1, 1] (logit: mid 0, half 1), so hyperparameters of very different scales
-give comparable inputs.
+nearest integer after the transform. The trainer feeds the hypernet unconstrained values shifted by
+a constant (STN: z = u - u_init; Delta-STN: z = u~ - stopgrad(u)), so log-scale hyperparameters such
+as weight decay (u about -9) do not feed a large constant into every layer.
 
 Built-in names (``HyperSpace.build`` expands group names):
 
@@ -221,14 +221,16 @@ class HyperSpace:
         return {h.name: float(v[i]) for i, h in enumerate(self.hypers)}
 
     def normaliser(self, dtype=torch.float32, device=None):
-        """(mid, half) with hypernet input z = (u - mid) / half."""
+        """(mid, half) with hypernet input z = (u - mid) / half. half is 1: the perturbation scale sigma is
+        in unconstrained units and the hypernet sees it unshrunk (a wide log range would otherwise
+        squash sigma * eps to a signal the response barely learns from)."""
         mid, half = [], []
         for h in self.hypers:
             lo, hi = h.u_bounds()
             if h.transform == "logit":
                 lo, hi = -1.0, 1.0
             mid.append((lo + hi) / 2)
-            half.append((hi - lo) / 2)
+            half.append(1.0)
         return (torch.tensor(mid, dtype=dtype, device=device), torch.tensor(half, dtype=dtype, device=device))
 
     def sample(self, gen):

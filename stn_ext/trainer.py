@@ -190,7 +190,8 @@ class Trainer:
         dt = next(self.model.parameters()).dtype
         self.u = nn.Parameter(self.space.init_unconstrained(dt, self.device))
         self.hscale = nn.Parameter(torch.full((n,), _inv_softplus(cfg.scale_init), dtype=dt, device=self.device))
-        self.mid, self.half = self.space.normaliser(dt, self.device)
+        # STN input z = u - u_init (fixed offset: starts small like Delta-STN's, then moves with u)
+        self.mid, self.half = self.u.detach().clone(), torch.ones_like(self.u.detach())
         self.opt_w = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=cfg.hyper_lr)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
@@ -408,6 +409,20 @@ class Trainer:
         self.hstep += 1
         self.model.train()
         return float(ell.detach().sum()) / (self.val_batch / self.world) if self.world == 1 else None
+
+    def hypergradient(self, split=None):
+        """d(loss on ``split``, default the whole validation split) / du through the hypernet response, at
+        the unperturbed hyperparameters, in eval mode (what a hyper step follows, without the noise)."""
+        split = self.data.val if split is None else split
+        self.model.eval()
+        u = self.u.detach().clone().requires_grad_(True)
+        z = (u - u.detach()) / self.half if self.cfg.method != "stn" else (u - self.mid) / self.half
+        with stn_ext.hyper_input(z):
+            out = self.model(split.x)
+        loss = self._per_example_loss(out, split.y).mean()
+        (g,) = torch.autograd.grad(loss, u)
+        self.model.train()
+        return g
 
     # --- evaluation ------------------------------------------------------------------------------------
 
