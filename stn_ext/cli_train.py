@@ -186,9 +186,27 @@ def main(argv=None):
     cfg = config_from_args(a)
     from stn_ext import trainer
 
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ  # torchrun
+    if launched and a.nproc > 1:
+        print("error: --nproc spawns its own processes; under torchrun leave it at 1", file=sys.stderr)
+        return 2
     try:
         if a.nproc > 1:
             summary = trainer.run_distributed(cfg, a.nproc)
+        elif launched:
+            import torch
+
+            backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+            if cfg.device.startswith("cuda"):
+                cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                torch.cuda.set_device(cfg.device)
+            torch.distributed.init_process_group(backend)
+            try:
+                summary = trainer.train(cfg)
+            finally:
+                torch.distributed.destroy_process_group()
+            if int(os.environ["RANK"]) != 0:
+                return 0
         else:
             summary = trainer.train(cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -221,13 +239,15 @@ def build_demo_parser():
                    help="training examples (default 300: few enough that regularisation matters)")
     p.add_argument("--perturb", default="batch", choices=["example", "batch"], help="(default batch)")
     p.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
+    p.add_argument("--hidden", type=_ints, default=(128, 128), help="MLP hidden widths (default 128,128)")
+    p.add_argument("--hyper-lr", type=float, default=0.02, help="Adam learning rate of the hyperparameters (default 0.02)")
+    p.add_argument("--warmup", type=int, default=100, help="weight steps before the first hyper step (default 100)")
     p.add_argument("--out", default="runs/demo", help="folder for the runs (default runs/demo; '' for none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     return p
 
 
-DEMO_DEFAULTS = dict(hidden=(256, 256), warmup_steps=100, hyper_lr=0.02, scale_init=0.5)
 
 
 def demo(argv=None):
@@ -242,7 +262,8 @@ def demo(argv=None):
         for m in methods:
             out = os.path.join(a.out, f"{m}_seed{seed}") if a.out else ""
             cfg = TrainConfig(method=m, model=a.model, hypers=a.hypers, steps=a.steps, train_size=a.train_size,
-                              perturb=a.perturb, random_trials=a.trials, seed=seed, out=out, quiet=True, **DEMO_DEFAULTS)
+                              perturb=a.perturb, random_trials=a.trials, seed=seed, out=out, quiet=True, hidden=a.hidden,
+                              hyper_lr=a.hyper_lr, warmup_steps=a.warmup)
             t0 = time.perf_counter()
             s = train(cfg)
             s["label"] = m

@@ -24,8 +24,6 @@ processes). Each rank takes its rows of the same global batch, draws its rows of
 random numbers, and gradients (weights and hyperparameters) are summed across ranks, so every rank
 holds identical weights, hypernet and hyperparameters, equal to a 1-process run with the same batch.
 """
-import csv
-import io
 import json
 import math
 import os
@@ -77,7 +75,7 @@ class TrainConfig:
     random_trials: int = 4
     seed: int = 0
     data_seed: int = 0
-    eval_every: int = 0               # weight steps between evaluations (0: one epoch)
+    eval_every: int = 0               # weight steps between evaluations (0: one epoch, at least steps/50)
     checkpoint_every: int = 0         # weight steps between checkpoints (0: at each evaluation)
     out: str = ""                     # run folder ("" : no files)
     resume: bool = False
@@ -211,7 +209,7 @@ class Trainer:
         self.n_train_batches = len(self.data.train) // cfg.batch_size
         self.n_val_batches = max(1, len(self.data.val) // cfg.batch_size)
         self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
-        self.eval_every = cfg.eval_every or self.n_train_batches
+        self.eval_every = cfg.eval_every or max(self.n_train_batches, cfg.steps // 50)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
         self.total_hyper_steps = self._count_hyper_steps(cfg.steps)
         self.step = 0        # weight steps done
@@ -485,10 +483,26 @@ class Trainer:
 
     def save_checkpoint(self):
         if self.out:
+            self.log.flush_files()  # first: records past the checkpoint's step are dropped on resume
             checkpoint.save(self._ckpt_path(), self.state_dict())
-            self.log.flush_files()
 
     # --- the loop ------------------------------------------------------------------------------------
+
+    # fields that may differ between a run and its resumption without changing the result
+    RESUME_FREE = ("out", "resume", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every", "device")
+
+    def _check_same_config(self):
+        path = os.path.join(self.cfg.out, "config.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            old = json.load(f)
+        new = _jsonable(asdict(self.cfg))
+        diff = sorted(k for k in new if k not in self.RESUME_FREE and old.get(k) != new[k])
+        if diff:
+            raise ValueError("stn_ext: cannot resume " + self.cfg.out + " with a different configuration: " +
+                             ", ".join(f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in diff) +
+                             "; use the original settings or a new run folder")
 
     def _on_signal(self, signum, frame):
         self._stop_flag = True
@@ -501,6 +515,7 @@ class Trainer:
         c = self.cfg
         self.log = RunLog(self.out, self.space.names)
         if c.resume and os.path.exists(self._ckpt_path()):
+            self._check_same_config()
             self.load_state_dict(checkpoint.load(self._ckpt_path(), map_location=self.device))
             self.log.restore(self.step)
         elif self.out:
@@ -583,12 +598,17 @@ class Trainer:
 
 
 class RunLog:
-    """Per-step and per-evaluation records, kept in memory and written (atomically) as
-    steps.jsonl, epochs.jsonl and schedule.csv (the hyperparameter schedule) in the run folder."""
+    """Per-step and per-evaluation records, kept in memory and appended to steps.jsonl, epochs.jsonl
+    and schedule.csv (the hyperparameter schedule) in the run folder at each checkpoint (before the
+    checkpoint is written). On resume the files are cut back to the checkpoint's step and rewritten
+    atomically, so records of steps that are redone (or a line torn by a kill) disappear."""
+
+    FILES = ("steps.jsonl", "epochs.jsonl", "schedule.csv")
 
     def __init__(self, out, names):
         self.out, self.names = out, names
         self.steps, self.epochs = [], []
+        self._written = {"steps": 0, "epochs": 0}
 
     def step(self, rec, hypers, sigmas):
         rec = dict(rec)
@@ -599,24 +619,32 @@ class RunLog:
 
     def epoch(self, rec):
         self.epochs.append(rec)
-        if self.out:
-            self.flush_files()
+
+    def _csv_header(self):
+        return ",".join(["step"] + self.names + [f"sigma.{n}" for n in self.names]) + "\n"
+
+    def _csv_row(self, r):
+        sig = r.get("sigmas", {})
+        return ",".join([str(r["step"])] + [f"{r['hypers'][n]:.6g}" for n in self.names] +
+                        [f"{sig[n]:.6g}" if n in sig else "" for n in self.names]) + "\n"
 
     def flush_files(self):
+        """Append the records not yet on disk (fsync'ed)."""
         if not self.out:
             return
-        checkpoint.atomic_write_text(os.path.join(self.out, "steps.jsonl"),
-                                     "".join(json.dumps(r) + "\n" for r in self.steps))
-        checkpoint.atomic_write_text(os.path.join(self.out, "epochs.jsonl"),
-                                     "".join(json.dumps(r) + "\n" for r in self.epochs))
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["step"] + self.names + [f"sigma.{n}" for n in self.names])
-        for r in self.steps:
-            sig = r.get("sigmas", {})
-            w.writerow([r["step"]] + [f"{r['hypers'][n]:.6g}" for n in self.names] +
-                       [f"{sig[n]:.6g}" if n in sig else "" for n in self.names])
-        checkpoint.atomic_write_text(os.path.join(self.out, "schedule.csv"), buf.getvalue())
+        os.makedirs(self.out, exist_ok=True)
+        new_steps = self.steps[self._written["steps"]:]
+        new_epochs = self.epochs[self._written["epochs"]:]
+        if self._written["steps"] == 0 and not os.path.exists(os.path.join(self.out, "schedule.csv")):
+            checkpoint.atomic_write_text(os.path.join(self.out, "schedule.csv"), self._csv_header())
+        for name, text in (("steps.jsonl", "".join(json.dumps(r) + "\n" for r in new_steps)),
+                           ("epochs.jsonl", "".join(json.dumps(r) + "\n" for r in new_epochs)),
+                           ("schedule.csv", "".join(self._csv_row(r) for r in new_steps))):
+            with open(os.path.join(self.out, name), "a") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        self._written = {"steps": len(self.steps), "epochs": len(self.epochs)}
 
     def restore(self, step):
         """Reload the records of a resumed run up to the checkpoint's step (later ones are redone)."""
@@ -624,16 +652,25 @@ class RunLog:
             return
         for name, lst in (("steps.jsonl", self.steps), ("epochs.jsonl", self.epochs)):
             path = os.path.join(self.out, name)
+            recs = []
             if os.path.exists(path):
                 with open(path) as f:
-                    lst[:] = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= step]
-        # an evaluation at the checkpoint's step was logged before the checkpoint was written; keep one
-        seen, uniq = set(), []
-        for r in self.epochs:
-            if r["step"] not in seen:
-                seen.add(r["step"])
-                uniq.append(r)
-        self.epochs[:] = uniq
+                    for line in f:
+                        try:
+                            recs.append(json.loads(line))
+                        except ValueError:  # a line torn by a kill
+                            continue
+            seen, keep = set(), []
+            for r in recs:
+                if r["step"] <= step and r["step"] not in seen:
+                    seen.add(r["step"])
+                    keep.append(r)
+            lst[:] = keep
+        checkpoint.atomic_write_text(os.path.join(self.out, "steps.jsonl"), "".join(json.dumps(r) + "\n" for r in self.steps))
+        checkpoint.atomic_write_text(os.path.join(self.out, "epochs.jsonl"), "".join(json.dumps(r) + "\n" for r in self.epochs))
+        checkpoint.atomic_write_text(os.path.join(self.out, "schedule.csv"),
+                                     self._csv_header() + "".join(self._csv_row(r) for r in self.steps))
+        self._written = {"steps": len(self.steps), "epochs": len(self.epochs)}
 
 
 def _jsonable(d):
@@ -758,17 +795,18 @@ def _replace(cfg, **kw):
 
 
 def train(config, data=None, model=None):
-    """Run ``config`` (a TrainConfig or dict) and return its summary; the API behind the CLI."""
+    """Run ``config`` (a TrainConfig or dict) and return its summary; the API behind the CLI.
+    ``data``: a stn_ext.data.Dataset or None (config.data); ``model``: an STN nn.Module or None (the
+    built-in config.model); for method 'random', a zero-argument function returning a fresh model."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
     cfg.validate()
     if cfg.method == "random":
-        if model is not None and not callable(getattr(model, "__call__", None)):
-            raise TypeError("stn_ext: for random search pass model as a function returning a fresh model")
-        fn = None if model is None else (model if not isinstance(model, nn.Module) else None)
-        if isinstance(model, nn.Module):
+        if isinstance(model, nn.Module) or (model is not None and not callable(model)):
             raise TypeError("stn_ext: random search trains several models; pass model as a zero-argument "
                             "function returning a fresh model")
-        return random_search(cfg, data, fn)
+        return random_search(cfg, data, model)
+    if model is not None and not isinstance(model, nn.Module):
+        model = model()
     return Trainer(cfg, data=data, model=model).fit()
 
 
