@@ -215,6 +215,10 @@ def main(argv=None):
     if not a.quiet:
         print(format_table(summarise([summary]), title=f"\n{cfg.method} on {cfg.data} ({cfg.model}), "
                                                          f"{summary['steps']} weight steps"))
+        if cfg.method == "random":
+            for k, (loss, hp) in enumerate(zip(summary["trial_val_losses"], summary["trial_hypers"])):
+                print(f"  trial {k}{' (best)' if k == summary['best_trial'] else ''}: val_loss {loss:.4f}  " +
+                      " ".join(f"{n}={v:.4g}" for n, v in hp.items()))
         print("final hyperparameters: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["hypers"].items()))
         if cfg.out:
             print(f"run folder: {cfg.out}")
@@ -262,7 +266,7 @@ def demo(argv=None):
         for m in methods:
             out = os.path.join(a.out, f"{m}_seed{seed}") if a.out else ""
             cfg = TrainConfig(method=m, model=a.model, hypers=a.hypers, steps=a.steps, train_size=a.train_size,
-                              perturb=a.perturb, random_trials=a.trials, seed=seed, out=out, quiet=True, hidden=a.hidden,
+                              perturb=a.perturb, random_trials=a.trials, seed=seed, out=out, quiet=a.quiet, hidden=a.hidden,
                               hyper_lr=a.hyper_lr, warmup_steps=a.warmup)
             t0 = time.perf_counter()
             s = train(cfg)

@@ -528,7 +528,8 @@ class Trainer:
                     old[sig] = signal.signal(sig, self._on_signal)
                 except ValueError:  # not the main thread
                     pass
-        bar = tqdm(total=c.steps, initial=self.step, disable=c.quiet or self.rank != 0, desc=c.method,
+        desc = c.method + (f" seed {c.seed}" if c.seed else "")
+        bar = tqdm(total=c.steps, initial=self.step, disable=c.quiet or self.rank != 0, desc=desc,
                    leave=False, dynamic_ncols=True)
         interrupted = False
         try:
@@ -766,18 +767,16 @@ def random_search(config, data=None, model_fn=None):
                 continue
         tcfg = _replace(cfg, method="fixed", out=out, steps=per, stop_after=0, quiet=True,
                         inits={n: v for n, v in values.items()}, ranges=_ranges_of(space), hypers=tuple(space.names))
+        tcfg.quiet = cfg.quiet
         tr = Trainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
         s = tr.fit()
         s["trial"] = k
         results.append(s)
-        if not cfg.quiet and tr.rank == 0:
-            print(f"  random trial {k}: val_loss {s['val_loss']:.4f} " +
-                  " ".join(f"{n}={v:.3g}" for n, v in s["hypers"].items()))
     best = min(results, key=lambda r: r["val_loss"])
     summary = dict(best)
     summary.update(method="random", steps=per * cfg.random_trials, trials=len(results),
                    wall_s=sum(r["wall_s"] for r in results), best_trial=results.index(best),
-                   trial_val_losses=[r["val_loss"] for r in results])
+                   trial_val_losses=[r["val_loss"] for r in results], trial_hypers=[r["hypers"] for r in results])
     if cfg.out and _dist()[0] == 0:
         checkpoint.atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
     del t0
