@@ -401,3 +401,43 @@ def test_cli_train_run_and_errors(tmp_path):
     assert r.returncode == 2 and "unknown hyperparameter 'bogus'" in r.stderr
     r = _cli("train", "--range", "weight_decay=0.1:0.1", "--steps", "5", "--quiet")
     assert r.returncode == 2 and "empty range" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_cli_interrupt_then_resume_equals_uninterrupted(small_digits, tmp_path, how):
+    """Ctrl-C (stops at a step boundary after a checkpoint) or kill -9 (loses the steps since the last
+    checkpoint), then --resume: the final weights and hyperparameters equal an uninterrupted run."""
+    import signal
+    import time
+
+    args = ["--method", "delta-stn", "--steps", "1000", "--warmup", "20", "--hidden", "16", "--train-size", "256",
+            "--checkpoint-every", "50", "--no-plots", "--quiet"]
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stn_ext", "train", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=120)
+    if how == "SIGINT":
+        assert proc.returncode == 130, err
+        assert "continue with --resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 1000, "the run finished before the signal; the test needs it mid-run"
+    r = _cli("train", *args, "--out", str(out), "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr
+    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 1000
+    cfg = TrainConfig(method="delta-stn", steps=1000, warmup_steps=20, hidden=(16,), train_size=256, quiet=True)
+    ref = Trainer(cfg)
+    ref.fit()
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert torch.equal(resumed["u"], ref.u.detach()) and torch.equal(resumed["hscale"], ref.hscale.detach())
+    lines = (out / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 1001))

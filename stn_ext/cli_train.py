@@ -224,6 +224,7 @@ def main(argv=None):
             print(f"run folder: {cfg.out}")
     if not summary.get("complete", True):
         print(f"stopped at step {summary['steps']} of {cfg.steps}; continue with --resume", file=sys.stderr)
+        return 130
     return 0
 
 

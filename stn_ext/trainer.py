@@ -522,7 +522,7 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             checkpoint.atomic_write_json(os.path.join(self.out, "config.json"), _jsonable(asdict(c)))
         old = {}
-        if self.out:
+        if c.out:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     old[sig] = signal.signal(sig, self._on_signal)
@@ -559,6 +559,10 @@ class Trainer:
                     self.wall += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint()
+                if self.world > 1:  # stop together: a signal may reach ranks at different steps
+                    flag = torch.tensor([float(self._stop_flag)], device=self.device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    self._stop_flag = bool(flag.item())
                 if (c.stop_after and self.step >= c.stop_after) or self._stop_flag:
                     interrupted = True
                     self.wall += time.perf_counter() - t0
@@ -771,6 +775,9 @@ def random_search(config, data=None, model_fn=None):
         tr = Trainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
         s = tr.fit()
         s["trial"] = k
+        if not s["complete"]:  # interrupted: stop here; --resume continues this trial
+            s.update(method="random", trial=k)
+            return s
         results.append(s)
     best = min(results, key=lambda r: r["val_loss"])
     summary = dict(best)
