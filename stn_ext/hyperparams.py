@@ -112,7 +112,7 @@ class Hyper:
 BUILTINS = {
     "dropout": (0.0, 0.9, 0.05, "logit", False),
     "noise": (1e-3, 1.0, 0.02, "log", False),
-    "weight_decay": (1e-6, 1.0, 1e-4, "log", False),
+    "weight_decay": (1e-6, 1e-2, 1e-4, "log", False),
     "cutout_length": (0.0, 6.0, 2.0, "linear", True),
     "cutout_holes": (0.0, 4.0, 1.0, "linear", True),
     "shift": (0.0, 3.0, 1.0, "linear", True),
@@ -219,19 +219,6 @@ class HyperSpace:
     def as_dict(self, u):
         v = self.to_values(u.detach().double().cpu())
         return {h.name: float(v[i]) for i, h in enumerate(self.hypers)}
-
-    def normaliser(self, dtype=torch.float32, device=None):
-        """(mid, half) with hypernet input z = (u - mid) / half. half is 1: the perturbation scale sigma is
-        in unconstrained units and the hypernet sees it unshrunk (a wide log range would otherwise
-        squash sigma * eps to a signal the response barely learns from)."""
-        mid, half = [], []
-        for h in self.hypers:
-            lo, hi = h.u_bounds()
-            if h.transform == "logit":
-                lo, hi = -1.0, 1.0
-            mid.append((lo + hi) / 2)
-            half.append(1.0)
-        return (torch.tensor(mid, dtype=dtype, device=device), torch.tensor(half, dtype=dtype, device=device))
 
     def sample(self, gen):
         """{name: value} drawn at random from the space (random search)."""

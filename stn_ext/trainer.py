@@ -19,6 +19,15 @@ random      random search: ``random_trials`` fixed runs at values drawn from the
 ``steps`` counts weight steps (mini-batches of training data) for every method; STN methods also
 take hyper steps on validation batches (Ttrain:Tval after a warm-up).
 
+Python API (what the CLI uses)::
+
+    from stn_ext.trainer import TrainConfig, train
+    summary = train(TrainConfig(method="delta-stn", hypers=("dropout", "weight_decay"), steps=1500,
+                                out="runs/dstn"))
+    # own data and model: Dataset.from_arrays(x_train, y_train, x_val, y_val, x_test, y_test) and any
+    # nn.Module built on StnLinear/StnConv2d (n_hyper = number of tuned hyperparameters, optional
+    # stn_ext.models.HyperDropout slots): train(config, data=dataset, model=model)
+
 Data parallel: run under torch.distributed (gloo on CPU, nccl on GPU; ``run_distributed`` spawns local
 processes). Each rank takes its rows of the same global batch, draws its rows of the same global
 random numbers, and gradients (weights and hyperparameters) are summed across ranks, so every rank
