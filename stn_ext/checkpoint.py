@@ -58,11 +58,3 @@ def load(path, map_location="cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"stn_ext: no checkpoint at {path} to resume from")
     return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def rng_state(generator):
-    return generator.get_state()
-
-
-def set_rng_state(generator, state):
-    generator.set_state(state.to("cpu") if isinstance(state, torch.Tensor) else state)

@@ -50,7 +50,6 @@ from stn_ext import augment, checkpoint, models
 from stn_ext.augment import BatchRandom
 from stn_ext.data import Dataset, load as load_data
 from stn_ext.hyperparams import HyperSpace
-from stn_ext.nn import StnConv2d, StnLinear
 
 METHODS = ("stn", "delta-stn", "fixed", "random")
 
@@ -762,7 +761,6 @@ def random_search(config, data=None, model_fn=None):
     Trials run in out/trial_<k>; with resume, finished trials are kept and the current one resumes."""
     cfg = config.validate()
     per = cfg.steps // cfg.random_trials
-    t0 = time.perf_counter()
     base = Trainer(_replace(cfg, method="fixed", out="", resume=False, steps=per), data=data,
                    model=model_fn() if model_fn else None)
     space = base.space
@@ -795,7 +793,6 @@ def random_search(config, data=None, model_fn=None):
                    trial_val_losses=[r["val_loss"] for r in results], trial_hypers=[r["hypers"] for r in results])
     if cfg.out and _dist()[0] == 0:
         checkpoint.atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
-    del t0
     return summary
 
 
