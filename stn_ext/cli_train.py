@@ -245,8 +245,8 @@ def build_demo_parser():
     p.add_argument("--perturb", default="batch", choices=["example", "batch"], help="(default batch)")
     p.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
     p.add_argument("--hidden", type=_ints, default=(128, 128), help="MLP hidden widths (default 128,128)")
-    p.add_argument("--lr", type=float, default=0.03, help="weight SGD learning rate (default 0.03: random-search trials of
-                   "steps/trials steps converge too)")
+    p.add_argument("--lr", type=float, default=0.03, help="weight SGD learning rate (default 0.03, so that "
+                   "random-search trials of steps/trials steps converge too)")
     p.add_argument("--hyper-lr", type=float, default=0.02, help="Adam learning rate of the hyperparameters (default 0.02)")
     p.add_argument("--warmup", type=int, default=100, help="weight steps before the first hyper step (default 100)")
     p.add_argument("--out", default="runs/demo", help="folder for the runs (default runs/demo; '' for none)")
