@@ -441,3 +441,16 @@ def test_cli_interrupt_then_resume_equals_uninterrupted(small_digits, tmp_path, 
     assert torch.equal(resumed["u"], ref.u.detach()) and torch.equal(resumed["hscale"], ref.hscale.detach())
     lines = (out / "steps.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 1001))
+
+
+def test_cli_demo_end_to_end_small(tmp_path):
+    r = _cli("demo", "--steps", "40", "--seeds", "1", "--trials", "2", "--hidden", "16", "--warmup", "10",
+             "--out", str(tmp_path), "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr
+    for method in ("stn", "delta-stn", "fixed", "random"):
+        assert any(line.startswith(method + " ") for line in r.stdout.splitlines()), (method, r.stdout)
+        assert (tmp_path / f"{method}_seed0" / "summary.json").exists()
+    for col in ("val_loss", "val_acc", "test_loss", "test_acc", "wall_s"):
+        assert col in r.stdout
+    results = json.loads((tmp_path / "demo_results.json").read_text())
+    assert [x["steps"] for x in results] == [40, 40, 40, 40]
