@@ -524,7 +524,8 @@ class Trainer:
         self.log = RunLog(self.out, self.space.names)
         if c.resume and os.path.exists(self._ckpt_path()):
             self._check_same_config()
-            self.load_state_dict(checkpoint.load(self._ckpt_path(), map_location=self.device))
+            # on CPU: generator states must stay CPU tensors; load_state_dict moves the rest to the device
+            self.load_state_dict(checkpoint.load(self._ckpt_path(), map_location="cpu"))
             self.log.restore(self.step)
         elif self.out:
             os.makedirs(self.out, exist_ok=True)
