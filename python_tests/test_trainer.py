@@ -279,8 +279,9 @@ def _ridge_val_loss(X, y, Xv, yv, lam):
     return float(((Xv.double() @ w - yv.double()) ** 2).mean())
 
 
+@pytest.mark.parametrize("perturb", ["batch", "example"])
 @pytest.mark.parametrize("method", ["delta-stn", "stn"])
-def test_hypergradient_points_the_right_way_on_ridge_regression(method):
+def test_hypergradient_points_the_right_way_on_ridge_regression(method, perturb):
     X, y, Xv, yv = _ridge_problem()
     grid = torch.linspace(math.log(1e-3), math.log(1e2), 300)
     losses = [_ridge_val_loss(X, y, Xv, yv, math.exp(g)) for g in grid]
@@ -293,7 +294,7 @@ def test_hypergradient_points_the_right_way_on_ridge_regression(method):
         model = nn.Sequential(stn_ext.StnLinear(X.shape[1], 1, 1, bias=False))
         cfg = TrainConfig(method=method, hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e3)},
                           inits={"weight_decay": math.exp(u0)}, steps=800, batch_size=40, lr=0.02, hyper_lr=0.0,
-                          warmup_steps=0, perturb="batch", quiet=True)
+                          warmup_steps=0, perturb=perturb, quiet=True)
         tr = Trainer(cfg, data=data, model=model)
         tr.fit()
         g = float(tr.hypergradient())
