@@ -455,3 +455,27 @@ def test_cli_demo_end_to_end_small(tmp_path):
         assert col in r.stdout
     results = json.loads((tmp_path / "demo_results.json").read_text())
     assert [x["steps"] for x in results] == [40, 40, 40, 40]
+
+
+def test_custom_hyperparameter_reaches_the_model(small_digits):
+    """A hyperparameter of the user's own kind: the model reads its per-example values in training steps."""
+    seen = []
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = models.mlp(64, 10, 2, hidden=(16,))
+
+        def forward(self, x):
+            hp = models.current_hyperparameters()
+            if hp is not None and self.training:
+                seen.append(hp["input_gain"].clone())
+                x = x * hp["input_gain"].view(-1, 1, 1, 1)
+            return self.net(x)
+
+    space = HyperSpace([Hyper("input_gain", "custom", 0.5, 2.0, 1.0, "log"), Hyper("dropout.h1", "dropout", 0.0, 0.9, 0.1, slot="h1")])
+    s = train(TrainConfig(method="stn", steps=12, warmup_steps=4, hyper_lr=0.05, quiet=True), data=small_digits,
+              model=Scaled(), space=space)
+    assert s["steps"] == 12 and set(s["hypers"]) == {"input_gain", "dropout.h1"}
+    assert len(seen) == 12 and seen[0].shape == (64,) and torch.all((seen[0] >= 0.5) & (seen[0] <= 2.0))
+    assert seen[0].std() > 0  # per-example perturbed values

@@ -22,18 +22,32 @@ _REGULARISERS = []
 
 
 class _Regs:
-    def __init__(self, rates, rnd):
-        self.rates, self.rnd = rates, rnd
+    def __init__(self, rates, rnd, values):
+        self.rates, self.rnd, self.values = rates, rnd, values
 
 
 @contextlib.contextmanager
-def regularisers(rates, rnd):
-    """Dropout rates {slot: (B,) tensor or float} and the BatchRandom to draw masks from."""
-    _REGULARISERS.append(_Regs(dict(rates or {}), rnd))
+def regularisers(rates, rnd, values=None):
+    """Dropout rates {slot: (B,) tensor or float}, the BatchRandom to draw masks from, and the values of
+    all hyperparameters {name: (B,) or scalar tensor} (for ``current_hyperparameters``)."""
+    _REGULARISERS.append(_Regs(dict(rates or {}), rnd, dict(values or {})))
     try:
         yield
     finally:
         _REGULARISERS.pop()
+
+
+def current_hyperparameters():
+    """Within a training forward: {name: value} of every tuned hyperparameter ((B,) per example, or a
+    0-d tensor when the batch shares one), so a model can apply regularisers of its own kinds; draw
+    random numbers from ``current_random()`` to keep runs reproducible. None outside training steps
+    (evaluation and hyper steps run without regularisers)."""
+    return _REGULARISERS[-1].values if _REGULARISERS else None
+
+
+def current_random():
+    """The BatchRandom of the current training step (its draws are checkpointed and split across ranks)."""
+    return _REGULARISERS[-1].rnd if _REGULARISERS else None
 
 
 class HyperDropout(nn.Module):

@@ -274,6 +274,9 @@ class Trainer:
             return (u_tilde - self.u.detach()) / self.half
         return (u_tilde - self.mid) / self.half
 
+    def _named(self, vals):
+        return {h.name: vals[..., i] for i, h in enumerate(self.space.hypers)}
+
     def _regularise(self, x, vals, rnd):
         """Apply augmentations to x and return dropout rates, from values (n,) or (B, n)."""
         col = lambda i: vals[..., i]  # noqa: E731
@@ -362,26 +365,26 @@ class Trainer:
         if c.method == "fixed":
             vals = self.space.to_values(u)
             xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd):
+            with models.regularisers(rates, rnd, self._named(vals)):
                 loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
             self._apply(loss, self.params)
         elif c.method == "stn":
             u_t = u + F.softplus(self.hscale.detach()) * self._eps(rnd)
             vals = self.space.to_values(u_t)
             xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd):
+            with models.regularisers(rates, rnd, self._named(vals)):
                 loss, ell = self._loss(xr, y, self._z(u_t, False), vals)
             self._apply(loss, self.params)
         else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
             vals = self.space.to_values(u)
             xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd):
+            with models.regularisers(rates, rnd, self._named(vals)):
                 loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
             self._apply(loss, self.general_params)
             u_t = u + F.softplus(self.hscale.detach()) * self._eps(rnd)
             vals = self.space.to_values(u_t)
             xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd):
+            with models.regularisers(rates, rnd, self._named(vals)):
                 rloss, _ = self._loss(xr, y, self._z(u_t, True), vals, linearised=c.linearize)
             self._apply(rloss, self.response_params)
         self.step += 1
@@ -807,20 +810,24 @@ def _replace(cfg, **kw):
     return TrainConfig(**d).validate()
 
 
-def train(config, data=None, model=None):
+def train(config, data=None, model=None, space=None):
     """Run ``config`` (a TrainConfig or dict) and return its summary; the API behind the CLI.
     ``data``: a stn_ext.data.Dataset or None (config.data); ``model``: an STN nn.Module or None (the
-    built-in config.model); for method 'random', a zero-argument function returning a fresh model."""
+    built-in config.model); for method 'random', a zero-argument function returning a fresh model.
+    ``space``: a HyperSpace to use instead of config.hypers (it may hold hyperparameters of your own
+    kind: your model reads their per-example values from stn_ext.models.current_hyperparameters())."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
     cfg.validate()
     if cfg.method == "random":
         if isinstance(model, nn.Module) or (model is not None and not callable(model)):
             raise TypeError("stn_ext: random search trains several models; pass model as a zero-argument "
                             "function returning a fresh model")
+        if space is not None:
+            raise ValueError("stn_ext: random search builds its space from config.hypers")
         return random_search(cfg, data, model)
     if model is not None and not isinstance(model, nn.Module):
         model = model()
-    return Trainer(cfg, data=data, model=model).fit()
+    return Trainer(cfg, data=data, model=model, space=space).fit()
 
 
 # --- multi-process ----------------------------------------------------------------------------------------
