@@ -71,7 +71,8 @@ def build_parser():
                     "augmentation) tune themselves during training through self-tuning layers, or the "
                     "fixed/random-search baselines at the same number of weight steps.")
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn", "fixed", "random"])
+    g.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn", "fixed", "random"],
+                   help="see methods below (default delta-stn)")
     g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
     g.add_argument("--data", default="digits", choices=["digits"],
                    help="data set (scikit-learn digits, 8x8 images; own arrays go through the Python API)")
