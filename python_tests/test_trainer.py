@@ -1,0 +1,481 @@
+"""Tests of the bilevel trainer: hyperparameter spaces, augmentations, STN / Delta-STN runs, the
+hypergradient on ridge regression, checkpoint/resume, errors, CLI. (DDP: test_trainer_ddp.py.)"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import stn_ext
+from stn_ext import augment, models
+from stn_ext.augment import BatchRandom
+from stn_ext.data import Dataset, digits
+from stn_ext.hyperparams import BUILTINS, Hyper, HyperSpace
+from stn_ext.trainer import TrainConfig, Trainer, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: one thread is fastest and avoids oversubscribing a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    return digits(seed=0, train_size=256)
+
+
+# --- hyperparameter spaces ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(BUILTINS))
+def test_builtin_transforms_round_trip(kind):
+    low, high, init, transform, discrete = BUILTINS[kind]
+    h = Hyper(kind, kind, low, high, init, transform, discrete)
+    if discrete:
+        values = torch.arange(math.ceil(low), math.floor(high) + 1, dtype=torch.float64)
+    elif transform == "log":
+        values = torch.exp(torch.linspace(math.log(low), math.log(high), 9, dtype=torch.float64))
+    else:
+        values = torch.linspace(low, high, 11, dtype=torch.float64)[1:-1]
+    back = h.to_value(h.to_unconstrained(values))
+    assert torch.allclose(back, values, rtol=1e-6, atol=1e-9), (values, back)
+    # and the other way on the part of u-space that maps inside the range
+    lo, hi = h.u_bounds()
+    u = torch.linspace(lo, hi, 7, dtype=torch.float64)
+    if not discrete:
+        assert torch.allclose(h.to_unconstrained(h.to_value(u)), u, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", ["logit", "log", "linear"])
+def test_custom_range_round_trip(transform):
+    h = Hyper("x", "custom", 0.5, 7.0, 2.0, transform)
+    v = torch.tensor([0.6, 1.0, 2.5, 6.9], dtype=torch.float64)
+    assert torch.allclose(h.to_value(h.to_unconstrained(v)), v, rtol=1e-9)
+    assert 0.5 <= float(h.to_value(torch.tensor(-1e3, dtype=torch.float64))) <= 7.0
+
+
+def test_discrete_hyperparameters_stay_integral():
+    space = HyperSpace.build("cutout,shift,dropout", dropout_slots=["in"])
+    u = torch.randn(1000, len(space), dtype=torch.float64) * 5
+    v = space.to_values(u)
+    for i, h in enumerate(space.hypers):
+        if h.discrete:
+            assert torch.equal(v[:, i], v[:, i].round()), h.name
+            assert v[:, i].min() >= h.low and v[:, i].max() <= h.high
+        else:
+            assert not torch.equal(v[:, i], v[:, i].round())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = space.sample(g)
+        assert all(float(s[h.name]).is_integer() for h in space.hypers if h.discrete)
+
+
+def test_space_expands_groups_and_applies_ranges():
+    space = HyperSpace.build(["dropout", "weight_decay", "cutout"], dropout_slots=["in", "h1"],
+                             ranges={"dropout": (0.1, 0.6), "weight_decay": (1e-5, 1e-2)}, inits={"dropout.h1": 0.3})
+    assert space.names == ["dropout.in", "dropout.h1", "weight_decay", "cutout_length", "cutout_holes"]
+    d = {h.name: h for h in space.hypers}
+    assert (d["dropout.in"].low, d["dropout.in"].high) == (0.1, 0.6)
+    assert d["dropout.h1"].init == 0.3 and d["dropout.in"].low < d["dropout.in"].init < d["dropout.in"].high
+    vals = space.as_dict(space.init_unconstrained(torch.float64))
+    assert vals["dropout.h1"] == pytest.approx(0.3) and vals["weight_decay"] == pytest.approx(1e-4)
+
+
+# --- bad configuration gets a clear error ---------------------------------------------------------------
+
+
+def test_unknown_hyperparameter_name():
+    with pytest.raises(ValueError, match="unknown hyperparameter 'dropuot'"):
+        HyperSpace.build("dropuot", dropout_slots=["in"])
+    with pytest.raises(ValueError, match="unknown hyperparameter 'learning_rate'"):
+        Trainer(TrainConfig(method="stn", hypers=("learning_rate",), steps=1))
+
+
+def test_empty_range_and_bad_init():
+    with pytest.raises(ValueError, match="empty range"):
+        HyperSpace.build("weight_decay", ranges={"weight_decay": (1e-2, 1e-2)})
+    with pytest.raises(ValueError, match="empty range"):
+        Hyper("d", "dropout", 0.5, 0.1, 0.3)
+    with pytest.raises(ValueError, match="log transform needs low > 0"):
+        HyperSpace.build("noise", ranges={"noise": (0.0, 1.0)})
+    with pytest.raises(ValueError, match="outside"):
+        HyperSpace.build("weight_decay", inits={"weight_decay": 5.0})
+    with pytest.raises(ValueError, match="not among the tuned"):
+        HyperSpace.build("weight_decay", ranges={"noise": (0.1, 0.2)})
+    with pytest.raises(ValueError, match="empty"):
+        HyperSpace.build([])
+
+
+def test_wrong_data_shape():
+    x = torch.randn(20, 5)
+    with pytest.raises(ValueError, match="20 rows but y_train has 19"):
+        Dataset.from_arrays(x, torch.zeros(19, dtype=torch.long), x, torch.zeros(20, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"must be \(N, features\) or \(N, C, H, W\)"):
+        Dataset.from_arrays(torch.randn(20, 2, 3), torch.zeros(20), x, torch.zeros(20))
+    with pytest.raises(ValueError, match="different shapes per example"):
+        Dataset.from_arrays(x, torch.zeros(20, dtype=torch.long), torch.randn(20, 6), torch.zeros(20, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-integer labels"):
+        Dataset.from_arrays(x, torch.rand(20), x, torch.zeros(20))
+    with pytest.raises(TypeError, match="torch.Tensor or numpy.ndarray"):
+        Dataset.from_arrays([[1.0]], [0], x, torch.zeros(20))
+    flat = Dataset.from_arrays(x.numpy(), torch.zeros(20, dtype=torch.long).numpy(), x, torch.zeros(20, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"augments images and needs data shaped \(N, C, H, W\)"):
+        Trainer(TrainConfig(method="stn", hypers=("cutout",), steps=1, batch_size=8), data=flat)
+    with pytest.raises(ValueError, match="needs image data"):
+        Trainer(TrainConfig(method="stn", model="cnn", hypers=("weight_decay",), steps=1, batch_size=8), data=flat)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(method="sgd").validate()
+    with pytest.raises(ValueError, match="perturb"):
+        TrainConfig(perturb="layer").validate()
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        train({"method": "stn", "stepz": 3})
+    with pytest.raises(ValueError, match="n_hyper=2 but 1 hyperparameters"):
+        model = nn.Sequential(nn.Flatten(), stn_ext.StnLinear(64, 10, 2))
+        Trainer(TrainConfig(method="stn", hypers=("weight_decay",), steps=1), model=model)
+
+
+# --- augmentations ----------------------------------------------------------------------------------------
+
+
+def test_augmentations_per_example():
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(4, 1, 8, 8)
+    out = augment.cutout(x, torch.tensor([0.0, 2.0, 4.0, 4.0]), torch.tensor([1.0, 1.0, 0.0, 2.0]), BatchRandom(g, 4),
+                         max_holes=2)
+    zeros = (out == 0).flatten(1).sum(1)
+    assert zeros[0] == 0 and zeros[2] == 0            # length 0, or no holes: untouched
+    assert 1 <= zeros[1] <= 4 and 1 <= zeros[3] <= 32  # holes of side 2, two of side 4 (clipped at borders)
+    img = torch.arange(64.0).view(1, 1, 8, 8).expand(3, 1, 8, 8).contiguous()
+    sh = augment.random_shift(img, torch.tensor([0.0, 2.0, 2.0]), BatchRandom(g, 3))
+    assert torch.equal(sh[0], img[0])
+    assert ((sh[1] == 0).sum() + (img[1] == 0).sum()) >= 1
+    nz = augment.gaussian_noise(torch.zeros(2, 1000), torch.tensor([0.0, 1.0]), BatchRandom(g, 2))
+    assert nz[0].abs().max() == 0 and 0.8 < nz[1].std() < 1.2
+    m = augment.dropout_mask(torch.zeros(2, 20000), torch.tensor([0.0, 0.5]), BatchRandom(g, 2))
+    assert torch.all(m[0] == 1) and 0.45 < (m[1] == 0).float().mean() < 0.55 and m[1].max() == 2
+
+
+def test_batch_random_rows_match_global_draw():
+    a = BatchRandom(torch.Generator().manual_seed(3), 8).rand(5)
+    b = BatchRandom(torch.Generator().manual_seed(3), 8, offset=4, local=4).rand(5)
+    assert torch.equal(a[4:], b)
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_linearised_forward_matches_double_backward_jvp(kind, shared):
+    torch.manual_seed(0)
+    m = models.build(kind, (1, 8, 8), 10, 3, hidden=(16, 16), channels=(4, 8)).double()
+    for layer in models.stn_layers(m):
+        with torch.no_grad():
+            layer.hyper_weight.normal_()
+            layer.hyper_bias.normal_()
+    m.eval()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    delta = torch.randn(3 if shared else (5, 3), dtype=torch.float64)
+    y0, ydot = m.forward_linearised(x, delta)
+
+    def fn(lam):
+        with stn_ext.hyper_input(lam):
+            return m(x)
+
+    r0, rdot = models.jvp_by_double_backward(fn, delta)
+    assert torch.allclose(y0, r0, atol=1e-10) and torch.allclose(ydot, rdot, atol=1e-8)
+    # and it is the derivative: (f(h delta) - f(-h delta)) / 2h
+    h = 1e-5
+    fd = (fn(h * delta) - fn(-h * delta)) / (2 * h)
+    assert torch.allclose(ydot, fd, atol=1e-6)
+
+
+def test_effective_weight_l2():
+    torch.manual_seed(0)
+    tr = Trainer(TrainConfig(method="stn", hypers=("weight_decay", "noise"), steps=1, hidden=(8,)))
+    for layer in tr.layers:
+        with torch.no_grad():
+            layer.hyper_weight.normal_()
+    z = torch.randn(3, 2)
+    got = tr._l2(z)
+    for b in range(3):
+        with torch.no_grad():
+            want = sum(float((stn_ext.reference.gated_weight(z[b], l.weight_elem, l.weight_hyper, l.hyper_weight) ** 2).sum())
+                       for l in tr.layers)
+        assert got[b].item() == pytest.approx(want, rel=1e-5)
+    assert tr._l2(z[0]).item() == pytest.approx(got[0].item(), rel=1e-5)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(method="stn"), dict(method="delta-stn"),
+                                dict(method="delta-stn", linearize=True, perturb="batch")])
+def test_short_run_lowers_validation_loss(small_digits, kw):
+    cfg = TrainConfig(steps=120, warmup_steps=20, hidden=(64,), hyper_lr=0.01, eval_every=40, quiet=True, **kw)
+    tr = Trainer(cfg, data=small_digits)
+    s = tr.fit()
+    first, last = tr.log.epochs[0], tr.log.epochs[-1]
+    assert first["step"] == 0 and last["step"] == 120
+    assert last["val_loss"] < 0.6 * first["val_loss"], (first, last)
+    assert s["hyper_steps"] == (120 - 20) // 2
+    assert s["hypers"] != {h.name: h.init for h in tr.space.hypers}  # the hyperparameters moved
+
+
+def test_cnn_with_augmentation_and_discrete_schedule(small_digits, tmp_path):
+    cfg = TrainConfig(method="stn", model="cnn", hypers=("dropout", "cutout", "shift", "noise", "weight_decay"),
+                      channels=(4, 8), hidden=(16,), steps=40, warmup_steps=10, hyper_lr=0.05, out=str(tmp_path),
+                      eval_every=20, quiet=True)
+    s = train(cfg, data=small_digits)
+    assert s["complete"] and s["steps"] == 40
+    rows = [line.split(",") for line in open(tmp_path / "schedule.csv").read().strip().splitlines()]
+    header, rows = rows[0], rows[1:]
+    assert len(rows) == 40
+    for name in ("cutout_length", "cutout_holes", "shift"):
+        col = header.index(name)
+        assert all(float(r[col]).is_integer() for r in rows)
+    for f in ("config.json", "steps.jsonl", "epochs.jsonl", "summary.json", "losses.png", "accuracy.png", "hypers.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+
+
+def test_fixed_and_random_search_equal_steps(small_digits, tmp_path):
+    s = train(TrainConfig(method="fixed", steps=30, hidden=(16,), quiet=True), data=small_digits)
+    assert s["steps"] == 30 and s["hyper_steps"] == 0
+    assert s["hypers"]["dropout.in"] == pytest.approx(BUILTINS["dropout"][2], rel=1e-5)
+    r = train(TrainConfig(method="random", steps=30, random_trials=3, hidden=(16,), quiet=True, out=str(tmp_path)),
+              data=small_digits)
+    assert r["steps"] == 30 and r["trials"] == 3
+    assert r["val_loss"] == min(r["trial_val_losses"])
+    assert len({json.dumps(json.load(open(tmp_path / f"trial_{k}" / "summary.json"))["hypers"]) for k in range(3)}) == 3
+
+
+# --- the hypergradient on ridge regression ------------------------------------------------------------------
+
+
+def _ridge_problem(seed=0, N=40, d=30, Nv=400, noise=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=g) / math.sqrt(d) * 2
+    X, Xv = torch.randn(N, d, generator=g), torch.randn(Nv, d, generator=g)
+    y, yv = X @ w + noise * torch.randn(N, generator=g), Xv @ w + noise * torch.randn(Nv, generator=g)
+    return X, y, Xv, yv
+
+
+def _ridge_val_loss(X, y, Xv, yv, lam):
+    """Closed form: argmin_w mean (Xw - y)^2 + lam/2 |w|^2 = (X^T X + N lam/2 I)^-1 X^T y."""
+    N, d = X.shape
+    A = X.double().T @ X.double() + (N * lam / 2) * torch.eye(d, dtype=torch.float64)
+    w = torch.linalg.solve(A, X.double().T @ y.double())
+    return float(((Xv.double() @ w - yv.double()) ** 2).mean())
+
+
+@pytest.mark.parametrize("perturb", ["batch", "example"])
+@pytest.mark.parametrize("method", ["delta-stn", "stn"])
+def test_hypergradient_points_the_right_way_on_ridge_regression(method, perturb):
+    X, y, Xv, yv = _ridge_problem()
+    grid = torch.linspace(math.log(1e-3), math.log(1e2), 300)
+    losses = [_ridge_val_loss(X, y, Xv, yv, math.exp(g)) for g in grid]
+    u_star = float(grid[min(range(len(losses)), key=losses.__getitem__)])
+    assert math.log(1e-3) + 1 < u_star < math.log(1e2) - 1  # an interior optimum
+    data = Dataset.from_arrays(X, y, Xv, yv, task="regression")
+    for offset in (-2.5, 2.5):
+        u0 = u_star + offset
+        torch.manual_seed(0)
+        model = nn.Sequential(stn_ext.StnLinear(X.shape[1], 1, 1, bias=False))
+        cfg = TrainConfig(method=method, hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e3)},
+                          inits={"weight_decay": math.exp(u0)}, steps=800, batch_size=40, lr=0.02, hyper_lr=0.0,
+                          warmup_steps=0, perturb=perturb, quiet=True)
+        tr = Trainer(cfg, data=data, model=model)
+        tr.fit()
+        g = float(tr.hypergradient())
+        h = 1e-3
+        exact = (_ridge_val_loss(X, y, Xv, yv, math.exp(u0 + h)) - _ridge_val_loss(X, y, Xv, yv, math.exp(u0 - h))) / (2 * h)
+        assert math.copysign(1, g) == math.copysign(1, exact), (offset, g, exact)
+        assert abs(g) > 0.1 * abs(exact), (offset, g, exact)  # not a vanishing response
+
+
+def test_stn_moves_l2_toward_the_optimum():
+    X, y, Xv, yv = _ridge_problem()
+    grid = torch.linspace(math.log(1e-3), math.log(1e2), 300)
+    losses = [_ridge_val_loss(X, y, Xv, yv, math.exp(g)) for g in grid]
+    u_star = float(grid[min(range(len(losses)), key=losses.__getitem__)])
+    data = Dataset.from_arrays(X, y, Xv, yv, task="regression")
+    torch.manual_seed(0)
+    u0 = u_star + 2.5
+    cfg = TrainConfig(method="delta-stn", hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e3)},
+                      inits={"weight_decay": math.exp(u0)}, steps=1200, batch_size=40, lr=0.02, hyper_lr=0.03,
+                      warmup_steps=200, perturb="batch", val_per_cycle=1, train_per_cycle=2, quiet=True)
+    tr = Trainer(cfg, data=data, model=nn.Sequential(stn_ext.StnLinear(X.shape[1], 1, 1, bias=False)))
+    s = tr.fit()
+    u_end = math.log(s["hypers"]["weight_decay"])
+    assert abs(u_end - u_star) < 0.5 * abs(u0 - u_star), (u0, u_end, u_star)
+
+
+# --- checkpoint / resume -------------------------------------------------------------------------------------
+
+
+def _final_state(tr):
+    st = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    st["u"], st["hscale"] = tr.u.detach().clone(), tr.hscale.detach().clone()
+    return st
+
+
+@pytest.mark.parametrize("kw", [dict(method="stn", perturb="example"),
+                                dict(method="delta-stn", linearize=True, hypers=("dropout", "noise", "cutout"))])
+def test_resume_equals_uninterrupted(small_digits, tmp_path, kw):
+    base = dict(steps=60, warmup_steps=10, hidden=(16,), eval_every=16, checkpoint_every=8, hyper_lr=0.02,
+                quiet=True, plots=False, **kw)
+    full = Trainer(TrainConfig(out=str(tmp_path / "full"), **base), data=small_digits)
+    full.fit()
+    # interrupted at step 29 (checkpointed there), then resumed in a fresh Trainer
+    part = Trainer(TrainConfig(out=str(tmp_path / "part"), stop_after=29, **base), data=small_digits)
+    s1 = part.fit()
+    assert not s1["complete"] and s1["steps"] == 29
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "part"), resume=True, **base), data=small_digits)
+    s2 = resumed.fit()
+    assert s2["complete"] and s2["steps"] == 60
+    a, b = _final_state(full), _final_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the logs read the same too (apart from wall times)
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in open(path)]  # noqa: E731
+    assert strip(tmp_path / "full" / "epochs.jsonl") == strip(tmp_path / "part" / "epochs.jsonl")
+    assert (tmp_path / "full" / "schedule.csv").read_text() == (tmp_path / "part" / "schedule.csv").read_text()
+
+
+def test_resume_from_an_older_checkpoint_after_kill(small_digits, tmp_path):
+    """A kill between checkpoints: resume restarts from the last checkpoint and still ends identical."""
+    base = dict(method="delta-stn", steps=40, warmup_steps=5, hidden=(16,), checkpoint_every=10, quiet=True,
+                plots=False)
+    full = Trainer(TrainConfig(out=str(tmp_path / "a"), **base), data=small_digits)
+    full.fit()
+    part = Trainer(TrainConfig(out=str(tmp_path / "b"), stop_after=20, **base), data=small_digits)
+    part.fit()
+    import shutil
+    keep = tmp_path / "b" / "checkpoint.pt"
+    shutil.copy(keep, tmp_path / "ck20")
+    Trainer(TrainConfig(out=str(tmp_path / "b"), stop_after=27, resume=True, **base), data=small_digits).fit()
+    shutil.copy(tmp_path / "ck20", keep)  # as if killed at step 27 before its checkpoint landed
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "b"), resume=True, **base), data=small_digits)
+    resumed.fit()
+    a, b = _final_state(full), _final_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [p for p in os.listdir(tmp_path / "b") if p.endswith(".tmp")]
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+def _cli(*args, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "stn_ext", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_cli_help():
+    r = _cli("train", "--help")
+    assert r.returncode == 0
+    for word in ("--method", "delta-stn", "--hypers", "weight_decay", "cutout", "--resume", "--out", "--quiet"):
+        assert word in r.stdout, word
+    r = _cli("demo", "--help")
+    assert r.returncode == 0 and "random search" in r.stdout
+
+
+def test_cli_train_run_and_errors(tmp_path):
+    out = tmp_path / "run"
+    r = _cli("train", "--method", "stn", "--steps", "30", "--warmup", "10", "--hidden", "16", "--train-size", "200",
+             "--out", str(out), "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert "val_loss" in r.stdout and "stn" in r.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+    r = _cli("train", "--hypers", "dropout,bogus", "--steps", "5", "--quiet")
+    assert r.returncode == 2 and "unknown hyperparameter 'bogus'" in r.stderr
+    r = _cli("train", "--range", "weight_decay=0.1:0.1", "--steps", "5", "--quiet")
+    assert r.returncode == 2 and "empty range" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_cli_interrupt_then_resume_equals_uninterrupted(small_digits, tmp_path, how):
+    """Ctrl-C (stops at a step boundary after a checkpoint) or kill -9 (loses the steps since the last
+    checkpoint), then --resume: the final weights and hyperparameters equal an uninterrupted run."""
+    import signal
+    import time
+
+    args = ["--method", "delta-stn", "--steps", "1000", "--warmup", "20", "--hidden", "16", "--train-size", "256",
+            "--checkpoint-every", "50", "--no-plots", "--quiet"]
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stn_ext", "train", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=120)
+    if how == "SIGINT":
+        assert proc.returncode == 130, err
+        assert "continue with --resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 1000, "the run finished before the signal; the test needs it mid-run"
+    r = _cli("train", *args, "--out", str(out), "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr
+    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == 1000
+    cfg = TrainConfig(method="delta-stn", steps=1000, warmup_steps=20, hidden=(16,), train_size=256, quiet=True)
+    ref = Trainer(cfg)
+    ref.fit()
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert torch.equal(resumed["u"], ref.u.detach()) and torch.equal(resumed["hscale"], ref.hscale.detach())
+    lines = (out / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 1001))
+
+
+def test_cli_demo_end_to_end_small(tmp_path):
+    r = _cli("demo", "--steps", "40", "--seeds", "1", "--trials", "2", "--hidden", "16", "--warmup", "10",
+             "--out", str(tmp_path), "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr
+    for method in ("stn", "delta-stn", "fixed", "random"):
+        assert any(line.startswith(method + " ") for line in r.stdout.splitlines()), (method, r.stdout)
+        assert (tmp_path / f"{method}_seed0" / "summary.json").exists()
+    for col in ("val_loss", "val_acc", "test_loss", "test_acc", "wall_s"):
+        assert col in r.stdout
+    results = json.loads((tmp_path / "demo_results.json").read_text())
+    assert [x["steps"] for x in results] == [40, 40, 40, 40]
+
+
+def test_custom_hyperparameter_reaches_the_model(small_digits):
+    """A hyperparameter of the user's own kind: the model reads its per-example values in training steps."""
+    seen = []
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = models.mlp(64, 10, 2, hidden=(16,))
+
+        def forward(self, x):
+            hp = models.current_hyperparameters()
+            if hp is not None and self.training:
+                seen.append(hp["input_gain"].clone())
+                x = x * hp["input_gain"].view(-1, 1, 1, 1)
+            return self.net(x)
+
+    space = HyperSpace([Hyper("input_gain", "custom", 0.5, 2.0, 1.0, "log"), Hyper("dropout.h1", "dropout", 0.0, 0.9, 0.1, slot="h1")])
+    s = train(TrainConfig(method="stn", steps=12, warmup_steps=4, hyper_lr=0.05, quiet=True), data=small_digits,
+              model=Scaled(), space=space)
+    assert s["steps"] == 12 and set(s["hypers"]) == {"input_gain", "dropout.h1"}
+    assert len(seen) == 12 and seen[0].shape == (64,) and torch.all((seen[0] >= 0.5) & (seen[0] <= 2.0))
+    assert seen[0].std() > 0  # per-example perturbed values

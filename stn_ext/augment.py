@@ -1,0 +1,102 @@
+"""Batch augmentations as tensor ops on the batch's device, one hyperparameter value per example.
+
+Random numbers come from a ``BatchRandom``: it draws for the *global* batch (all data-parallel ranks
+together) and returns this rank's rows, so a run on 2 processes uses exactly the random numbers of a
+run on 1 process with the same global batch.
+"""
+import torch
+
+
+class BatchRandom:
+    """Random draws for rows [offset, offset + local) of a global batch of ``global_batch`` rows."""
+
+    def __init__(self, generator, global_batch, offset=0, local=None):
+        self.generator = generator
+        self.global_batch = global_batch
+        self.offset = offset
+        self.local = global_batch - offset if local is None else local
+
+    def _rows(self, t):
+        return t[self.offset:self.offset + self.local]
+
+    def rand(self, *shape, device=None, dtype=torch.float32):
+        device = self.generator.device if device is None else device
+        return self._rows(torch.rand((self.global_batch,) + shape, generator=self.generator, device=device, dtype=dtype))
+
+    def randn(self, *shape, device=None, dtype=torch.float32):
+        device = self.generator.device if device is None else device
+        return self._rows(torch.randn((self.global_batch,) + shape, generator=self.generator, device=device, dtype=dtype))
+
+    def shared_randn(self, *shape, dtype=torch.float32):
+        """One draw shared by the whole batch (same on every rank)."""
+        return torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=dtype)
+
+
+def _per_example(v, B, device, dtype=torch.float32):
+    v = torch.as_tensor(v, device=device, dtype=dtype)
+    return v.expand(B) if v.dim() == 0 else v
+
+
+def _check_images(x, what):
+    if x.dim() != 4:
+        raise ValueError(f"stn_ext: {what} needs image batches shaped (B, C, H, W), got {tuple(x.shape)}")
+
+
+def gaussian_noise(x, std, rnd):
+    """x + std_b * N(0, 1), std per example (B,) or scalar."""
+    std = _per_example(std, x.shape[0], x.device, x.dtype)
+    eps = rnd.randn(*x.shape[1:], device=x.device, dtype=x.dtype)
+    return x + std.view((-1,) + (1,) * (x.dim() - 1)) * eps
+
+
+def cutout(x, length, holes, rnd, max_holes=None):
+    """Zero ``holes_b`` squares of side ``length_b`` (integers per example) at random centres (squares may
+    cross the border, as in DeVries & Taylor 2017). ``max_holes`` bounds the draws (defaults to the
+    largest value in ``holes``; pass the range's upper bound so the draws do not depend on the values)."""
+    _check_images(x, "cutout")
+    B, _, H, W = x.shape
+    length = _per_example(length, B, x.device).round()
+    holes = _per_example(holes, B, x.device).round()
+    K = int(max_holes if max_holes is not None else (holes.max().item() if B else 0))
+    if K <= 0:
+        return x
+    cy = (rnd.rand(K, device=x.device) * H).floor()  # (B, K)
+    cx = (rnd.rand(K, device=x.device) * W).floor()
+    ys = torch.arange(H, device=x.device, dtype=torch.float32)
+    xs = torch.arange(W, device=x.device, dtype=torch.float32)
+    lo = torch.div(length, 2, rounding_mode="floor")[:, None]  # (B, 1)
+    y0, x0 = cy - lo, cx - lo  # top-left corners (B, K)
+    in_y = (ys[None, None, :] >= y0[..., None]) & (ys[None, None, :] < (y0 + length[:, None])[..., None])
+    in_x = (xs[None, None, :] >= x0[..., None]) & (xs[None, None, :] < (x0 + length[:, None])[..., None])
+    active = torch.arange(K, device=x.device)[None, :] < holes[:, None]  # (B, K)
+    box = in_y[..., :, None] & in_x[..., None, :] & active[..., None, None]  # (B, K, H, W)
+    keep = ~box.any(1)
+    return x * keep[:, None].to(x.dtype)
+
+
+def random_shift(x, max_shift, rnd, bound=None):
+    """Shift each image by integers (dy, dx) drawn uniformly in [-s_b, s_b], filling with zeros.
+    ``bound`` (the range's upper bound) only fixes how many random numbers are drawn."""
+    _check_images(x, "random shift")
+    B, C, H, W = x.shape
+    s = _per_example(max_shift, B, x.device).round()
+    r = rnd.rand(2, device=x.device)  # (B, 2)
+    d = (r * (2 * s[:, None] + 1)).floor() - s[:, None]  # integers in [-s, s]
+    dy, dx = d[:, 0].long(), d[:, 1].long()
+    ys = torch.arange(H, device=x.device)[None, :] - dy[:, None]  # source row for each target row (B, H)
+    xs = torch.arange(W, device=x.device)[None, :] - dx[:, None]
+    vy = (ys >= 0) & (ys < H)
+    vx = (xs >= 0) & (xs < W)
+    ys, xs = ys.clamp(0, H - 1), xs.clamp(0, W - 1)
+    out = x.gather(2, ys[:, None, :, None].expand(B, C, H, W))
+    out = out.gather(3, xs[:, None, None, :].expand(B, C, H, W))
+    mask = (vy[:, :, None] & vx[:, None, :]).to(x.dtype)
+    return out * mask[:, None]
+
+
+def dropout_mask(x, rate, rnd):
+    """Inverted-dropout mask for x with a rate per example (B,) or scalar: 0 with prob p_b, else 1/(1-p_b)."""
+    p = _per_example(rate, x.shape[0], x.device, x.dtype).clamp(0, 0.999)
+    u = rnd.rand(*x.shape[1:], device=x.device, dtype=x.dtype)
+    keep = (u >= p.view((-1,) + (1,) * (x.dim() - 1))).to(x.dtype)
+    return keep / (1 - p).view((-1,) + (1,) * (x.dim() - 1))

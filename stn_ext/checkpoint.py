@@ -1,0 +1,60 @@
+"""Atomic file writes and checkpoints.
+
+Every write goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed over
+the target with os.replace (atomic on POSIX and Windows), so a kill at any moment leaves either the
+old file or the new one, never a torn one.
+"""
+import io
+import json
+import os
+import tempfile
+
+import torch
+
+
+def atomic_write_bytes(path, data):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save(path, state):
+    """torch.save ``state`` to ``path`` atomically."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"stn_ext: no checkpoint at {path} to resume from")
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,299 @@
+"""``python -m stn_ext train`` (one run) and ``python -m stn_ext demo`` (the README comparison)."""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from stn_ext.hyperparams import BUILTINS, GROUPS
+
+HYPER_HELP = (
+    "hyperparameters to tune, comma separated: dropout (one rate per dropout slot of the model: mlp has "
+    "dropout.in, dropout.h1, dropout.h2; cnn has dropout.c1, dropout.c2, dropout.h1; name one as e.g. "
+    "dropout.h1), noise (std of additive Gaussian input noise), weight_decay (L2 on the weights in the "
+    "training loss), cutout (= cutout_length,cutout_holes; discrete), shift (max random shift in pixels; "
+    "discrete). Built-in ranges/initial values: " +
+    "; ".join(f"{k} [{lo:g}, {hi:g}] init {init:g} ({tr}{', discrete' if d else ''})"
+              for k, (lo, hi, init, tr, d) in BUILTINS.items()) + f"; groups: {', '.join(GROUPS)}"
+)
+
+EPILOG = """\
+methods:
+  stn        Self-Tuning Networks (MacKay et al. 2019): perturbed hyperparameters feed a hypernet in
+             every layer; Ttrain weight steps on training batches, then Tval hyper steps on
+             validation batches (eval mode), after a warm-up.
+  delta-stn  Delta-STN (Bae & Grosse 2020): centred hypernet input, general + response weight steps,
+             optional --linearize; evaluation at delta = 0.
+  fixed      plain training at the initial hyperparameters (--init).
+  random     random search: --trials fixed runs drawn from the same space, splitting --steps.
+
+outputs (in --out): config.json, steps.jsonl (per weight step: train loss, hyperparameters, scales),
+epochs.jsonl (per evaluation: val/test loss and accuracy), schedule.csv (the hyperparameter schedule),
+losses.png, accuracy.png, hypers.png, checkpoint.pt, summary.json. Interrupt with Ctrl-C (saves at the
+next step boundary) or kill, then rerun with --resume to continue to the same result.
+
+examples:
+  python -m stn_ext train --method delta-stn --hypers dropout,weight_decay --steps 1500 --out runs/dstn
+  python -m stn_ext train --model cnn --method stn --hypers dropout,cutout,shift --out runs/cnn
+  python -m stn_ext train --method random --trials 4 --range weight_decay=1e-5:1e-1 --out runs/rs
+  python -m stn_ext train --method stn --out runs/dstn --resume
+"""
+
+
+def _kv(items, what, parse):
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise SystemExit(f"stn_ext train: {what} must look like NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = parse(v)
+        except ValueError:
+            raise SystemExit(f"stn_ext train: cannot parse {what} {item!r}")
+    return out
+
+
+def _range(v):
+    lo, sep, hi = v.partition(":")
+    if not sep:
+        raise ValueError(v)
+    return (float(lo), float(hi))
+
+
+def _ints(v):
+    return tuple(int(x) for x in v.split(",") if x.strip())
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m stn_ext train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Bilevel training of a small network whose hyperparameters (dropout, noise, weight decay, "
+                    "augmentation) tune themselves during training through self-tuning layers, or the "
+                    "fixed/random-search baselines at the same number of weight steps.")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn", "fixed", "random"],
+                   help="see methods below (default delta-stn)")
+    g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
+    g.add_argument("--data", default="digits", choices=["digits"],
+                   help="data set (scikit-learn digits, 8x8 images; own arrays go through the Python API)")
+    g.add_argument("--hypers", default="dropout,weight_decay", help=HYPER_HELP)
+    g.add_argument("--range", action="append", metavar="NAME=LOW:HIGH",
+                   help="search range of a hyperparameter or group, e.g. weight_decay=1e-5:1e-1 (repeatable)")
+    g.add_argument("--init", action="append", metavar="NAME=VALUE",
+                   help="initial value (the value used by --method fixed), e.g. dropout=0.2 (repeatable)")
+    g.add_argument("--hidden", type=_ints, default=(128, 128), help="hidden widths, e.g. 128,128 (mlp; cnn uses the first)")
+    g.add_argument("--channels", type=_ints, default=(16, 32), help="cnn channels per conv stage, e.g. 16,32")
+    g.add_argument("--train-size", type=int, default=0, help="cap the training split (0: all 1078 digits)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1500, help="weight steps (random search: in total) (default 1500)")
+    g.add_argument("--batch-size", type=int, default=64, help="global mini-batch (all processes) (default 64)")
+    g.add_argument("--lr", type=float, default=0.01, help="weight SGD learning rate (default 0.01)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--hyper-lr", type=float, default=3e-3, help="Adam learning rate for the hyperparameters")
+    g.add_argument("--hyper-lr-schedule", default="cosine", choices=["cosine", "constant"],
+                   help="decay of the hyper learning rate (cosine settles the hyperparameters) (default cosine)")
+    g.add_argument("--scale-init", type=float, default=0.5, help="initial perturbation scale sigma (default 0.5)")
+    g.add_argument("--tau", type=float, default=1e-3, help="entropy weight on the perturbation scales (default 1e-3)")
+    g.add_argument("--ttrain", type=int, default=2, help="weight steps per cycle (default 2)")
+    g.add_argument("--tval", type=int, default=1, help="hyper steps per cycle (default 1)")
+    g.add_argument("--warmup", type=int, default=100, help="weight steps before the first hyper step (default 100)")
+    g.add_argument("--perturb", default="example", choices=["example", "batch"],
+                   help="one perturbation per example (papers' default) or one per batch (less noisy, fused path)")
+    g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
+    g.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="", help="run folder (metrics, schedule, plots, checkpoint)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--eval-every", type=int, default=0, help="weight steps between evaluations (0: each epoch)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="weight steps between checkpoints (0: each evaluation)")
+    g.add_argument("--stop-after", type=int, default=0, help="stop as if interrupted after this many weight steps")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default cpu)")
+    g.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default; small models "
+                   "run fastest on 1) (default 1)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or tables (CI)")
+    return p
+
+
+def config_from_args(a):
+    from stn_ext.trainer import TrainConfig
+
+    return TrainConfig(
+        method=a.method, model=a.model, data=a.data, hypers=a.hypers, ranges=_kv(a.range, "--range", _range),
+        inits=_kv(a.init, "--init", float), steps=a.steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+        hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, scale_init=a.scale_init, tau=a.tau,
+        train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
+        linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
+        random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, eval_every=a.eval_every,
+        checkpoint_every=a.checkpoint_every, out=a.out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
+        device=a.device, stop_after=a.stop_after)
+
+
+def format_table(rows, title=""):
+    """rows: summaries (dicts with method, val/test loss/acc, wall_s, maybe seed)."""
+    cols = [("method", "{}"), ("seeds", "{}"), ("val_loss", "{}"), ("val_acc", "{}"), ("test_loss", "{}"),
+            ("test_acc", "{}"), ("wall_s", "{}")]
+    lines = [title] if title else []
+    body = []
+    for r in rows:
+        body.append([str(r.get(c, "")) for c, _ in cols])
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, (c, _) in enumerate(cols)]
+    lines.append("  ".join(c.ljust(w) for (c, _), w in zip(cols, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def _fmt(xs, digits=4):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return ""
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} +- {statistics.stdev(xs):.{digits}f}"
+
+
+def summarise(results):
+    """Group summaries by method: mean +- std over seeds."""
+    order, groups = [], {}
+    for r in results:
+        key = r["label"] if "label" in r else r["method"]
+        if key not in groups:
+            order.append(key)
+            groups[key] = []
+        groups[key].append(r)
+    rows = []
+    for key in order:
+        g = groups[key]
+        rows.append({"method": key, "seeds": len(g), "val_loss": _fmt([r["val_loss"] for r in g]),
+                     "val_acc": _fmt([r.get("val_acc") for r in g], 3), "test_loss": _fmt([r["test_loss"] for r in g]),
+                     "test_acc": _fmt([r.get("test_acc") for r in g], 3), "wall_s": _fmt([r["wall_s"] for r in g], 1)})
+    return rows
+
+
+def _set_threads(n):
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    _set_threads(a.threads)
+    cfg = config_from_args(a)
+    from stn_ext import trainer
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ  # torchrun
+    if launched and a.nproc > 1:
+        print("error: --nproc spawns its own processes; under torchrun leave it at 1", file=sys.stderr)
+        return 2
+    try:
+        if a.nproc > 1:
+            summary = trainer.run_distributed(cfg, a.nproc)
+        elif launched:
+            import torch
+
+            backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+            if cfg.device.startswith("cuda"):
+                cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                torch.cuda.set_device(cfg.device)
+            torch.distributed.init_process_group(backend)
+            try:
+                summary = trainer.train(cfg)
+            finally:
+                torch.distributed.destroy_process_group()
+            if int(os.environ["RANK"]) != 0:
+                return 0
+        else:
+            summary = trainer.train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not a.quiet:
+        print(format_table(summarise([summary]), title=f"\n{cfg.method} on {cfg.data} ({cfg.model}), "
+                                                         f"{summary['steps']} weight steps"))
+        if cfg.method == "random":
+            for k, (loss, hp) in enumerate(zip(summary["trial_val_losses"], summary["trial_hypers"])):
+                print(f"  trial {k}{' (best)' if k == summary['best_trial'] else ''}: val_loss {loss:.4f}  " +
+                      " ".join(f"{n}={v:.4g}" for n, v in hp.items()))
+        print("final hyperparameters: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["hypers"].items()))
+        if cfg.out:
+            print(f"run folder: {cfg.out}")
+    if not summary.get("complete", True):
+        print(f"stopped at step {summary['steps']} of {cfg.steps}; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_demo_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m stn_ext demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The README demo: on scikit-learn's digits, STN and Delta-STN tune dropout rates and weight "
+                    "decay during one training run; compared with fixed hyperparameters and random search at the "
+                    "same number of weight steps. Prints validation/test loss and accuracy and wall time (mean +- "
+                    "std over seeds). Sized to run in a few minutes on a laptop CPU.")
+    p.add_argument("--steps", type=int, default=1500, help="weight steps per method and seed (default 1500)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    p.add_argument("--methods", default="stn,delta-stn,fixed,random", help="comma separated (default all four)")
+    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    p.add_argument("--hypers", default="dropout,weight_decay", help="as for train (default dropout,weight_decay)")
+    p.add_argument("--train-size", type=int, default=300,
+                   help="training examples (default 300: few enough that regularisation matters)")
+    p.add_argument("--perturb", default="batch", choices=["example", "batch"], help="(default batch)")
+    p.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
+    p.add_argument("--hidden", type=_ints, default=(128, 128), help="MLP hidden widths (default 128,128)")
+    p.add_argument("--lr", type=float, default=0.03, help="weight SGD learning rate (default 0.03, so that "
+                   "random-search trials of steps/trials steps converge too)")
+    p.add_argument("--hyper-lr", type=float, default=0.02, help="Adam learning rate of the hyperparameters (default 0.02)")
+    p.add_argument("--warmup", type=int, default=100, help="weight steps before the first hyper step (default 100)")
+    p.add_argument("--out", default="runs/demo", help="folder for the runs (default runs/demo; '' for none)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+
+
+def demo(argv=None):
+    a = build_demo_parser().parse_args(argv)
+    _set_threads(a.threads)
+    from stn_ext.trainer import TrainConfig, train
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    results = []
+    t_all = time.perf_counter()
+    for seed in range(a.seeds):
+        for m in methods:
+            out = os.path.join(a.out, f"{m}_seed{seed}") if a.out else ""
+            cfg = TrainConfig(method=m, model=a.model, hypers=a.hypers, steps=a.steps, train_size=a.train_size,
+                              perturb=a.perturb, random_trials=a.trials, seed=seed, out=out, quiet=a.quiet, hidden=a.hidden,
+                              lr=a.lr, hyper_lr=a.hyper_lr, warmup_steps=a.warmup)
+            t0 = time.perf_counter()
+            s = train(cfg)
+            s["label"] = m
+            results.append(s)
+            if not a.quiet:
+                print(f"seed {seed} {m:<9} val_loss {s['val_loss']:.4f} val_acc {s.get('val_acc', 0):.3f} "
+                      f"test_loss {s['test_loss']:.4f} test_acc {s.get('test_acc', 0):.3f} "
+                      f"({time.perf_counter() - t0:.1f} s) " +
+                      " ".join(f"{k}={v:.3g}" for k, v in s["hypers"].items()), flush=True)
+    table = format_table(summarise(results), title=(
+        f"\ndigits ({a.train_size or 'all'} training examples), {a.model}, tuning {a.hypers}; {a.steps} weight steps "
+        f"per run (random search: {a.trials} trials x {a.steps // a.trials}); mean +- std over {a.seeds} seed(s)"))
+    print(table)
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    if a.out:
+        from stn_ext.checkpoint import atomic_write_json, atomic_write_text
+
+        atomic_write_json(os.path.join(a.out, "demo_results.json"), results)
+        atomic_write_text(os.path.join(a.out, "demo_table.txt"), table + "\n")
+        print(f"runs, schedules and plots in {a.out}/<method>_seed<k>/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Data for the trainer: scikit-learn's digits (8x8 images, shipped with the package) by default, or a
+user's tensors / NumPy arrays through ``Dataset.from_arrays``."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self):
+        return self.x.shape[0]
+
+
+@dataclass
+class Dataset:
+    """train/val/test splits; ``task`` is 'classification' (y int64 class labels) or 'regression'
+    (y float, (N,) or (N, k))."""
+
+    train: Split
+    val: Split
+    test: Split
+    task: str = "classification"
+    n_classes: int = 0
+    name: str = "custom"
+
+    @property
+    def input_shape(self):
+        return tuple(self.train.x.shape[1:])
+
+    @property
+    def is_image(self):
+        return len(self.input_shape) == 3
+
+    def to(self, device):
+        mv = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
+        return Dataset(mv(self.train), mv(self.val), mv(self.test), self.task, self.n_classes, self.name)
+
+    @classmethod
+    def from_arrays(cls, x_train, y_train, x_val, y_val, x_test=None, y_test=None, task="classification",
+                    name="custom"):
+        """Splits from tensors or NumPy arrays. x: (N, F) features or (N, C, H, W) images (float);
+        y: (N,) integer labels for classification, (N,) or (N, k) floats for regression. Without a
+        test split the validation split is reused as test (and the summary says so)."""
+        if task not in ("classification", "regression"):
+            raise ValueError(f"stn_ext: task must be 'classification' or 'regression', got {task!r}")
+        if (x_test is None) != (y_test is None):
+            raise ValueError("stn_ext: give both x_test and y_test, or neither")
+        if x_test is None:
+            x_test, y_test = x_val, y_val
+        splits = []
+        for which, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
+            x, y = _tensor(x, f"x_{which}"), _tensor(y, f"y_{which}")
+            if x.dim() not in (2, 4):
+                raise ValueError(f"stn_ext: x_{which} must be (N, features) or (N, C, H, W), got shape {tuple(x.shape)}")
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"stn_ext: x_{which} has {x.shape[0]} rows but y_{which} has {y.shape[0]}")
+            if x.shape[0] == 0:
+                raise ValueError(f"stn_ext: the {which} split is empty")
+            if not x.is_floating_point():
+                x = x.float()
+            if task == "classification":
+                if y.dim() != 1:
+                    raise ValueError(f"stn_ext: y_{which} must be (N,) class labels, got shape {tuple(y.shape)}")
+                if y.is_floating_point() and not torch.equal(y, y.round()):
+                    raise ValueError(f"stn_ext: y_{which} holds non-integer labels; for real targets use task='regression'")
+                y = y.long()
+                if y.numel() and y.min() < 0:
+                    raise ValueError(f"stn_ext: y_{which} holds negative class labels")
+            else:
+                if y.dim() not in (1, 2):
+                    raise ValueError(f"stn_ext: y_{which} must be (N,) or (N, k) targets, got shape {tuple(y.shape)}")
+                y = y.float() if not y.is_floating_point() else y
+            splits.append(Split(x.contiguous(), y.contiguous()))
+        shapes = {tuple(s.x.shape[1:]) for s in splits}
+        if len(shapes) != 1:
+            raise ValueError(f"stn_ext: train/val/test inputs have different shapes per example: {sorted(shapes)}")
+        tshapes = {tuple(s.y.shape[1:]) for s in splits}
+        if len(tshapes) != 1:
+            raise ValueError(f"stn_ext: train/val/test targets have different shapes per example: {sorted(tshapes)}")
+        n_classes = int(max(int(s.y.max()) for s in splits) + 1) if task == "classification" else 0
+        return cls(*splits, task=task, n_classes=n_classes, name=name)
+
+
+def _tensor(a, name):
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu()
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a))
+    raise TypeError(f"stn_ext: {name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
+
+
+def digits(seed=0, val_fraction=0.2, test_fraction=0.2, train_size=None):
+    """scikit-learn's digits (1797 8x8 grey images, 10 classes) as (N, 1, 8, 8) in [0, 1], split
+    train/val/test at random (stratified-free, fixed by ``seed``). ``train_size`` caps the training
+    split (a smaller one overfits more, which makes regularisation matter)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1000 + seed))
+    n = x.shape[0]
+    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
+    te, va, tr = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    if train_size is not None:
+        tr = tr[:train_size]
+    return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), "classification", 10, "digits")
+
+
+def load(name, seed=0, **kw):
+    if name == "digits":
+        return digits(seed=seed, **kw)
+    raise ValueError(f"stn_ext: unknown data set {name!r}; built in: 'digits' (pass your own arrays through "
+                     "stn_ext.data.Dataset.from_arrays)")

@@ -1,0 +1,884 @@
+"""Bilevel training with self-tuning networks.
+
+Methods (``TrainConfig.method``):
+
+stn         MacKay et al. 2019. Hyperparameters u (unconstrained) with a learned perturbation scale
+            sigma = softplus(h). Weight step: lam~ = u + sigma (.) eps (per example or one per batch),
+            the regularisers use value(lam~), the hypernet sees z = (lam~ - mid) / half, all weights
+            step on the training loss. Hyper step (eval mode: no dropout/augmentation/noise): the
+            validation loss at the perturbed lam~ minus tau * entropy(sigma); gradients reach u and h
+            only through the hypernet response.
+delta-stn   Bae & Grosse 2020. The hypernet sees the centred delta = (lam~ - stopgrad(u)) / half.
+            General step: W_e, b_e (and any non-STN parameters) at delta = 0 with the regularisers
+            at u; response step: V, C, W_h, b_h at delta = sigma eps with the regularisers at lam~,
+            optionally on the linearised network f(W_e) + J (Phi delta). Evaluation at delta = 0.
+fixed       plain training at the initial hyperparameters (hypernet input 0: the elementary net).
+random      random search: ``random_trials`` fixed runs at values drawn from the space, splitting the
+            same total number of weight steps; the best final validation loss wins.
+
+``steps`` counts weight steps (mini-batches of training data) for every method; STN methods also
+take hyper steps on validation batches (Ttrain:Tval after a warm-up).
+
+Python API (what the CLI uses)::
+
+    from stn_ext.trainer import TrainConfig, train
+    summary = train(TrainConfig(method="delta-stn", hypers=("dropout", "weight_decay"), steps=1500,
+                                out="runs/dstn"))
+    # own data and model: Dataset.from_arrays(x_train, y_train, x_val, y_val, x_test, y_test) and any
+    # nn.Module built on StnLinear/StnConv2d (n_hyper = number of tuned hyperparameters, optional
+    # stn_ext.models.HyperDropout slots): train(config, data=dataset, model=model)
+
+Data parallel: run under torch.distributed (gloo on CPU, nccl on GPU; ``run_distributed`` spawns local
+processes). Each rank takes its rows of the same global batch, draws its rows of the same global
+random numbers, and gradients (weights and hyperparameters) are summed across ranks, so every rank
+holds identical weights, hypernet and hyperparameters, equal to a 1-process run with the same batch.
+"""
+import json
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stn_ext
+from stn_ext import augment, checkpoint, models
+from stn_ext.augment import BatchRandom
+from stn_ext.data import Dataset, load as load_data
+from stn_ext.hyperparams import HyperSpace
+
+METHODS = ("stn", "delta-stn", "fixed", "random")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved as config.json in the run folder)."""
+
+    method: str = "delta-stn"
+    model: str = "mlp"                # mlp | cnn (ignored when a model is passed to Trainer)
+    data: str = "digits"              # digits (ignored when data is passed to Trainer)
+    hypers: tuple = ("dropout", "weight_decay")
+    ranges: dict = field(default_factory=dict)   # {name: (low, high)}
+    inits: dict = field(default_factory=dict)    # {name: initial value}
+    steps: int = 1500                 # weight steps (total over all trials for random search)
+    batch_size: int = 64              # global batch (all ranks together)
+    lr: float = 0.01                  # SGD with momentum for the weights
+    momentum: float = 0.9
+    hyper_lr: float = 3e-3            # Adam for u and the perturbation scales
+    hyper_lr_schedule: str = "cosine"  # cosine | constant
+    scale_init: float = 0.5           # initial sigma (in unconstrained units)
+    tau: float = 1e-3                 # entropy weight
+    train_per_cycle: int = 2          # Ttrain
+    val_per_cycle: int = 1            # Tval
+    warmup_steps: int = 100           # weight steps before the first hyper step
+    perturb: str = "example"          # example (papers' default) | batch (one perturbation per batch)
+    linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
+    hidden: tuple = (128, 128)
+    channels: tuple = (16, 32)
+    train_size: int = 0               # cap on the digits training split (0: all)
+    random_trials: int = 4
+    seed: int = 0
+    data_seed: int = 0
+    eval_every: int = 0               # weight steps between evaluations (0: one epoch, at least steps/50)
+    checkpoint_every: int = 0         # weight steps between checkpoints (0: at each evaluation)
+    out: str = ""                     # run folder ("" : no files)
+    resume: bool = False
+    quiet: bool = False
+    plots: bool = True
+    device: str = "cpu"
+    stop_after: int = 0               # stop (as if interrupted) after this many weight steps; 0: never
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"stn_ext: unknown TrainConfig fields {unknown}")
+        return cls(**d)
+
+    def validate(self):
+        if self.method not in METHODS:
+            raise ValueError(f"stn_ext: unknown method {self.method!r}; expected one of {METHODS}")
+        if self.perturb not in ("example", "batch"):
+            raise ValueError(f"stn_ext: perturb must be 'example' or 'batch', got {self.perturb!r}")
+        if self.hyper_lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"stn_ext: hyper_lr_schedule must be 'cosine' or 'constant', got {self.hyper_lr_schedule!r}")
+        for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stn_ext: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "stop_after", "train_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
+        if self.method == "random" and self.steps < self.random_trials:
+            raise ValueError(f"stn_ext: random search with {self.random_trials} trials needs steps >= trials")
+        if self.lr <= 0 or self.hyper_lr < 0 or self.scale_init <= 0 or self.tau < 0:
+            raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and tau >= 0")
+        if self.resume and not self.out:
+            raise ValueError("stn_ext: resume needs the run folder (out)")
+        if isinstance(self.hypers, str):
+            self.hypers = tuple(h.strip() for h in self.hypers.split(",") if h.strip())
+        self.hypers = tuple(self.hypers)
+        self.hidden, self.channels = tuple(self.hidden), tuple(self.channels)
+        return self
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _inv_softplus(y):
+    return y + math.log(-math.expm1(-y))
+
+
+class _Stop(Exception):
+    pass
+
+
+class Trainer:
+    """One training run of a fixed, STN or Delta-STN method (random search: ``random_search``).
+
+    ``data``: a stn_ext.data.Dataset (default: ``config.data``). ``model``: an nn.Module built on
+    StnLinear/StnConv2d whose layers take their hyperparameter input from ``stn_ext.hyper_input``
+    (with n_hyper equal to the number of tuned hyperparameters; HyperDropout slots are found), or
+    None for the built-in ``config.model``; pass ``model_fn(n_hyper, dropout_slots)`` instead when the
+    size depends on the space."""
+
+    def __init__(self, config, data=None, model=None, space=None):
+        cfg = self.cfg = config.validate() if isinstance(config, TrainConfig) else TrainConfig.from_dict(config).validate()
+        if cfg.method == "random":
+            raise ValueError("stn_ext: use stn_ext.trainer.train (or random_search) for method 'random'")
+        self.rank, self.world = _dist()
+        self.device = torch.device(cfg.device)
+        if data is None:
+            data = load_data(cfg.data, seed=cfg.data_seed, **({"train_size": cfg.train_size} if cfg.train_size else {}))
+        if not isinstance(data, Dataset):
+            raise TypeError("stn_ext: data must be a stn_ext.data.Dataset (see Dataset.from_arrays)")
+        self.data = data.to(self.device)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"stn_ext: the global batch {cfg.batch_size} must divide among {self.world} processes")
+        if cfg.batch_size > len(self.data.train):
+            raise ValueError(f"stn_ext: batch_size {cfg.batch_size} exceeds the {len(self.data.train)} training examples")
+        self.local_batch = cfg.batch_size // self.world
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if model is None:
+                slots = models.dropout_slots(cfg.model, cfg.hidden, cfg.channels)
+                self.space = space or HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
+                n_out = self.data.n_classes if self.data.task == "classification" else \
+                    (1 if self.data.train.y.dim() == 1 else self.data.train.y.shape[1])
+                model = models.build(cfg.model, self.data.input_shape, n_out, len(self.space), cfg.hidden, cfg.channels)
+            else:
+                slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
+                self.space = space or HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
+        self.model = model.to(self.device)
+        self.layers = models.stn_layers(self.model)
+        if not self.layers:
+            raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
+        n = len(self.space)
+        bad = [type(m).__name__ for m in self.layers if m.n_hyper != n]
+        if bad:
+            raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but {n} "
+                             f"hyperparameters are tuned ({self.space.names})")
+        self.response_params = []
+        for m in self.layers:
+            self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
+        ids = {id(p) for p in self.response_params}
+        self.general_params = [p for p in self.model.parameters() if id(p) not in ids]
+        self.params = list(self.model.parameters())
+
+        dt = next(self.model.parameters()).dtype
+        self.u = nn.Parameter(self.space.init_unconstrained(dt, self.device))
+        self.hscale = nn.Parameter(torch.full((n,), _inv_softplus(cfg.scale_init), dtype=dt, device=self.device))
+        # STN input z = u - u_init (fixed offset: starts small like Delta-STN's, then moves with u)
+        self.mid, self.half = self.u.detach().clone(), torch.ones_like(self.u.detach())
+        self.opt_w = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
+        self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=cfg.hyper_lr)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
+        self.i_wd = self.space.index("weight_decay")
+        self.i_noise = self.space.index("noise")
+        self.i_cut_len, self.i_cut_holes = self.space.index("cutout_length"), self.space.index("cutout_holes")
+        self.i_shift = self.space.index("shift")
+        self.drop = {h.slot: i for i, h in enumerate(self.space.hypers) if h.kind == "dropout"}
+        unused = [s for s in self.drop if s not in slots]
+        if unused:
+            raise ValueError(f"stn_ext: the model has no dropout slot {unused}; its slots: {slots}")
+        if self.world > 1:  # identical start on every rank
+            with torch.no_grad():
+                for t in self.params + [self.u, self.hscale]:
+                    torch.distributed.broadcast(t.data, 0)
+
+        self.n_train_batches = len(self.data.train) // cfg.batch_size
+        self.n_val_batches = max(1, len(self.data.val) // cfg.batch_size)
+        self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
+        self.eval_every = cfg.eval_every or max(self.n_train_batches, cfg.steps // 50)
+        self.ckpt_every = cfg.checkpoint_every or self.eval_every
+        self.total_hyper_steps = self._count_hyper_steps(cfg.steps)
+        self.step = 0        # weight steps done
+        self.hstep = 0       # hyper steps done
+        self.wall = 0.0      # seconds of training so far (over resumes)
+        self._perm_cache = {}
+        self.out = cfg.out if (cfg.out and self.rank == 0) else ""
+        self._stop_flag = False
+
+    # --- schedules and data order ------------------------------------------------------------------
+
+    @property
+    def tunes(self):
+        return self.cfg.method in ("stn", "delta-stn")
+
+    def _hyper_steps_after(self, t):
+        """Hyper steps taken right after weight step number t (1-based)."""
+        c = self.cfg
+        if not self.tunes or t <= c.warmup_steps or (t - c.warmup_steps) % c.train_per_cycle:
+            return 0
+        return c.val_per_cycle
+
+    def _count_hyper_steps(self, steps):
+        return sum(self._hyper_steps_after(t) for t in range(1, steps + 1))
+
+    def _hyper_lr(self):
+        c = self.cfg
+        if c.hyper_lr_schedule == "constant" or self.total_hyper_steps == 0:
+            return c.hyper_lr
+        return c.hyper_lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, self.total_hyper_steps) / self.total_hyper_steps))
+
+    def _perm(self, which, epoch, n):
+        key = (which, epoch)
+        if key not in self._perm_cache:
+            self._perm_cache.clear() if len(self._perm_cache) > 4 else None
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 2 + (which == "val"))
+            self._perm_cache[key] = torch.randperm(n, generator=g).to(self.device)
+        return self._perm_cache[key]
+
+    def _batch(self, split, which, k, B):
+        """Local rows of global batch number k of a split (epochs reshuffle, last partial batch dropped)."""
+        per_epoch = len(split) // B
+        perm = self._perm(which, k // per_epoch, len(split))
+        pos = k % per_epoch
+        local = B // self.world
+        idx = perm[pos * B + self.rank * local: pos * B + (self.rank + 1) * local]
+        return split.x[idx], split.y[idx], BatchRandom(self.gen, B, self.rank * local, local)
+
+    # --- pieces of a step -----------------------------------------------------------------------------
+
+    def _z(self, u_tilde, centred):
+        """Hypernet input for unconstrained hyperparameters u_tilde ((n,) or (B, n))."""
+        if centred:
+            return (u_tilde - self.u.detach()) / self.half
+        return (u_tilde - self.mid) / self.half
+
+    def _named(self, vals):
+        return {h.name: vals[..., i] for i, h in enumerate(self.space.hypers)}
+
+    def _regularise(self, x, vals, rnd):
+        """Apply augmentations to x and return dropout rates, from values (n,) or (B, n)."""
+        col = lambda i: vals[..., i]  # noqa: E731
+        if self.i_shift:
+            x = augment.random_shift(x, col(self.i_shift[0]), rnd)
+        if self.i_cut_len or self.i_cut_holes:
+            length = col(self.i_cut_len[0]) if self.i_cut_len else 4.0
+            holes = col(self.i_cut_holes[0]) if self.i_cut_holes else 1.0
+            max_holes = self.space.hypers[self.i_cut_holes[0]].high if self.i_cut_holes else 1
+            x = augment.cutout(x, length, holes, rnd, max_holes=math.floor(max_holes))
+        if self.i_noise:
+            x = augment.gaussian_noise(x, col(self.i_noise[0]), rnd)
+        rates = {slot: col(i) for slot, i in self.drop.items()}
+        return x, rates
+
+    def _per_example_loss(self, out, y):
+        if self.data.task == "classification":
+            return F.cross_entropy(out, y, reduction="none")
+        out = out.reshape(y.shape) if out.numel() == y.numel() else out
+        d = (out - y) ** 2
+        return d.reshape(d.shape[0], -1).sum(1)
+
+    def _l2(self, z):
+        """Squared norm of the effective weights W(z) of every STN layer: (B,) for z (B, n), else scalar.
+        Row r of W(z) is W_e,r + s_r W_h,r with s = z V^T, so ||W||^2 = sum_r A_r + 2 s_r B_r + s_r^2 C_r."""
+        total = 0
+        for m in self.layers:
+            we, wh = m.weight_elem.flatten(1), m.weight_hyper.flatten(1)
+            a, b, c = (we * we).sum(1), (we * wh).sum(1), (wh * wh).sum(1)
+            s = z @ m.hyper_weight.t()
+            total = total + (a + 2 * s * b + s * s * c).sum(-1)
+        return total
+
+    def _forward(self, x, z, linearised):
+        if not linearised:
+            with stn_ext.hyper_input(z):
+                return self.model(x)
+        if hasattr(self.model, "forward_linearised"):
+            y0, ydot = self.model.forward_linearised(x, z)
+        else:
+            def fn(lam):
+                with stn_ext.hyper_input(lam):
+                    return self.model(x)
+            y0, ydot = models.jvp_by_double_backward(fn, z)
+        return y0 if ydot is None else y0 + ydot
+
+    def _loss(self, x, y, z, vals, linearised=False):
+        """Training loss of the local rows, normalised by the global batch (sums over ranks to the mean)."""
+        out = self._forward(x, z, linearised)
+        ell = self._per_example_loss(out, y)
+        loss = ell.sum() / self.cfg.batch_size
+        if self.i_wd:
+            wd = vals[..., self.i_wd[0]]
+            pen = 0.5 * wd * self._l2(z)
+            loss = loss + (pen.sum() if pen.dim() else pen * x.shape[0]) / self.cfg.batch_size
+        return loss, ell.detach()
+
+    def _allreduce(self, tensors):
+        if self.world == 1:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+
+    def _apply(self, loss, params):
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        self._allreduce(grads)
+        for p in self.params:
+            p.grad = None
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.opt_w.step()
+
+    def _eps(self, rnd):
+        n = len(self.space)
+        return rnd.randn(n) if self.cfg.perturb == "example" else rnd.shared_randn(n)
+
+    def weight_step(self):
+        c = self.cfg
+        self.model.train()
+        x, y, rnd = self._batch(self.data.train, "train", self.step, c.batch_size)
+        u = self.u.detach()
+        if c.method == "fixed":
+            vals = self.space.to_values(u)
+            xr, rates = self._regularise(x, vals, rnd)
+            with models.regularisers(rates, rnd, self._named(vals)):
+                loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
+            self._apply(loss, self.params)
+        elif c.method == "stn":
+            u_t = u + F.softplus(self.hscale.detach()) * self._eps(rnd)
+            vals = self.space.to_values(u_t)
+            xr, rates = self._regularise(x, vals, rnd)
+            with models.regularisers(rates, rnd, self._named(vals)):
+                loss, ell = self._loss(xr, y, self._z(u_t, False), vals)
+            self._apply(loss, self.params)
+        else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
+            vals = self.space.to_values(u)
+            xr, rates = self._regularise(x, vals, rnd)
+            with models.regularisers(rates, rnd, self._named(vals)):
+                loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
+            self._apply(loss, self.general_params)
+            u_t = u + F.softplus(self.hscale.detach()) * self._eps(rnd)
+            vals = self.space.to_values(u_t)
+            xr, rates = self._regularise(x, vals, rnd)
+            with models.regularisers(rates, rnd, self._named(vals)):
+                rloss, _ = self._loss(xr, y, self._z(u_t, True), vals, linearised=c.linearize)
+            self._apply(rloss, self.response_params)
+        self.step += 1
+        return self._global_mean(ell)
+
+    def _global_mean(self, ell):
+        s = ell.sum().reshape(1)
+        if self.world > 1:
+            torch.distributed.all_reduce(s)
+        return float(s) / self.cfg.batch_size
+
+    def hyper_step(self):
+        """One step on u and the perturbation scales: validation loss at the perturbed hyperparameters
+        (eval mode), minus tau * entropy; gradients only through the hypernet response."""
+        c = self.cfg
+        self.model.eval()
+        x, y, rnd = self._batch(self.data.val, "val", self.hstep, self.val_batch)
+        sigma = F.softplus(self.hscale)
+        u_t = self.u + sigma * self._eps(rnd)
+        z = self._z(u_t, c.method == "delta-stn")
+        out = self._forward(x, z, c.method == "delta-stn" and c.linearize)
+        ell = self._per_example_loss(out, y)
+        entropy = torch.log(sigma * math.sqrt(2 * math.pi * math.e)).sum()
+        loss = ell.sum() / self.val_batch - c.tau * entropy / self.world
+        grads = list(torch.autograd.grad(loss, [self.u, self.hscale]))
+        self._allreduce(grads)
+        self.u.grad, self.hscale.grad = grads
+        for g in self.opt_h.param_groups:
+            g["lr"] = self._hyper_lr()
+        self.opt_h.step()
+        self.hstep += 1
+        self.model.train()
+        return float(ell.detach().sum()) / (self.val_batch / self.world) if self.world == 1 else None
+
+    def hypergradient(self, split=None):
+        """d(loss on ``split``, default the whole validation split) / du through the hypernet response, at
+        the unperturbed hyperparameters, in eval mode (what a hyper step follows, without the noise)."""
+        split = self.data.val if split is None else split
+        self.model.eval()
+        u = self.u.detach().clone().requires_grad_(True)
+        z = (u - u.detach()) / self.half if self.cfg.method != "stn" else (u - self.mid) / self.half
+        with stn_ext.hyper_input(z):
+            out = self.model(split.x)
+        loss = self._per_example_loss(out, split.y).mean()
+        (g,) = torch.autograd.grad(loss, u)
+        self.model.train()
+        return g
+
+    # --- evaluation ------------------------------------------------------------------------------------
+
+    def eval_input(self):
+        """Hypernet input at evaluation: the current u (STN), delta = 0 (Delta-STN, fixed)."""
+        if self.cfg.method == "stn":
+            return self._z(self.u.detach(), False)
+        return torch.zeros_like(self.u.detach())
+
+    @torch.no_grad()
+    def evaluate(self, split):
+        self.model.eval()
+        z = self.eval_input()
+        total, correct = 0.0, 0
+        for i in range(0, len(split), 512):
+            x, y = split.x[i:i + 512], split.y[i:i + 512]
+            with stn_ext.hyper_input(z):
+                out = self.model(x)
+            total += float(self._per_example_loss(out, y).sum())
+            if self.data.task == "classification":
+                correct += int((out.argmax(1) == y).sum())
+        self.model.train()
+        r = {"loss": total / len(split)}
+        if self.data.task == "classification":
+            r["acc"] = correct / len(split)
+        return r
+
+    def hyper_values(self):
+        return self.space.as_dict(self.u)
+
+    def sigmas(self):
+        s = F.softplus(self.hscale.detach()).cpu()
+        return {name: float(s[i]) for i, name in enumerate(self.space.names)}
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        return {
+            "model": self.model.state_dict(), "u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(),
+            "opt_w": self.opt_w.state_dict(), "opt_h": self.opt_h.state_dict(),
+            "gen": self.gen.get_state(), "step": self.step, "hstep": self.hstep, "wall": self.wall,
+            "space": self.space.names, "method": self.cfg.method, "world": self.world,
+        }
+
+    def load_state_dict(self, st):
+        if st["space"] != self.space.names or st["method"] != self.cfg.method:
+            raise ValueError(f"stn_ext: the checkpoint is of method {st['method']!r} with hyperparameters {st['space']}, "
+                             f"this run is {self.cfg.method!r} with {self.space.names}")
+        self.model.load_state_dict(st["model"])
+        with torch.no_grad():
+            self.u.copy_(st["u"])
+            self.hscale.copy_(st["hscale"])
+        self.opt_w.load_state_dict(st["opt_w"])
+        self.opt_h.load_state_dict(st["opt_h"])
+        self.gen.set_state(st["gen"])
+        self.step, self.hstep, self.wall = st["step"], st["hstep"], st["wall"]
+
+    def _ckpt_path(self):
+        return os.path.join(self.cfg.out, "checkpoint.pt")
+
+    def save_checkpoint(self):
+        if self.out:
+            self.log.flush_files()  # first: records past the checkpoint's step are dropped on resume
+            checkpoint.save(self._ckpt_path(), self.state_dict())
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    # fields that may differ between a run and its resumption without changing the result
+    RESUME_FREE = ("out", "resume", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every", "device")
+
+    def _check_same_config(self):
+        path = os.path.join(self.cfg.out, "config.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            old = json.load(f)
+        new = _jsonable(asdict(self.cfg))
+        diff = sorted(k for k in new if k not in self.RESUME_FREE and old.get(k) != new[k])
+        if diff:
+            raise ValueError("stn_ext: cannot resume " + self.cfg.out + " with a different configuration: " +
+                             ", ".join(f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in diff) +
+                             "; use the original settings or a new run folder")
+
+    def _on_signal(self, signum, frame):
+        self._stop_flag = True
+
+    def fit(self):
+        """Train to ``config.steps`` weight steps (continuing from the checkpoint with ``resume``).
+        Returns the summary dict. SIGINT/SIGTERM stop at the next step boundary after a checkpoint."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        self.log = RunLog(self.out, self.space.names)
+        if c.resume and os.path.exists(self._ckpt_path()):
+            self._check_same_config()
+            # on CPU: generator states must stay CPU tensors; load_state_dict moves the rest to the device
+            self.load_state_dict(checkpoint.load(self._ckpt_path(), map_location="cpu"))
+            self.log.restore(self.step)
+        elif self.out:
+            os.makedirs(self.out, exist_ok=True)
+            checkpoint.atomic_write_json(os.path.join(self.out, "config.json"), _jsonable(asdict(c)))
+        old = {}
+        if c.out:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    old[sig] = signal.signal(sig, self._on_signal)
+                except ValueError:  # not the main thread
+                    pass
+        desc = c.method + (f" seed {c.seed}" if c.seed else "")
+        bar = tqdm(total=c.steps, initial=self.step, disable=c.quiet or self.rank != 0, desc=desc,
+                   leave=False, dynamic_ncols=True)
+        interrupted = False
+        try:
+            if self.step == 0:
+                self._log_eval()
+            t0 = time.perf_counter()
+            while self.step < c.steps:
+                train_loss = self.weight_step()
+                rec = {"step": self.step, "train_loss": train_loss}
+                hl = []
+                for _ in range(self._hyper_steps_after(self.step)):
+                    hl.append(self.hyper_step())
+                if hl:
+                    rec["hyper_steps"] = self.hstep
+                    rec["hyper_lr"] = self.opt_h.param_groups[0]["lr"]
+                    if hl[0] is not None:
+                        rec["hyper_val_loss"] = sum(hl) / len(hl)
+                self.log.step(rec, self.hyper_values(), self.sigmas() if self.tunes else None)
+                bar.update(1)
+                if self.step % self.eval_every == 0 or self.step == c.steps:
+                    self.wall += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    ev = self._log_eval()
+                    bar.set_postfix(val_loss=f"{ev['val_loss']:.3f}")
+                    t0 = time.perf_counter()
+                if self.step % self.ckpt_every == 0 or self.step == c.steps:
+                    self.wall += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save_checkpoint()
+                if self.world > 1:  # stop together: a signal may reach ranks at different steps
+                    flag = torch.tensor([float(self._stop_flag)], device=self.device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    self._stop_flag = bool(flag.item())
+                if (c.stop_after and self.step >= c.stop_after) or self._stop_flag:
+                    interrupted = True
+                    self.wall += time.perf_counter() - t0
+                    self.save_checkpoint()
+                    break
+        finally:
+            bar.close()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        summary = self.summary(interrupted)
+        if self.out:
+            checkpoint.atomic_write_json(os.path.join(self.out, "summary.json"), summary)
+            if c.plots and not interrupted:
+                plot_run(self.out)
+        return summary
+
+    def _log_eval(self):
+        v, t = self.evaluate(self.data.val), self.evaluate(self.data.test)
+        rec = {"step": self.step, "epoch": self.step / max(1, self.n_train_batches), "hyper_steps": self.hstep,
+               "val_loss": v["loss"], "test_loss": t["loss"], "wall_s": self.wall}
+        if "acc" in v:
+            rec["val_acc"], rec["test_acc"] = v["acc"], t["acc"]
+        rec["hypers"] = self.hyper_values()
+        self.log.epoch(rec)
+        return rec
+
+    def summary(self, interrupted=False):
+        last = self.log.epochs[-1] if self.log.epochs else self._log_eval()
+        s = {"method": self.cfg.method, "steps": self.step, "hyper_steps": self.hstep, "wall_s": self.wall,
+             "val_loss": last["val_loss"], "test_loss": last["test_loss"], "hypers": self.hyper_values(),
+             "complete": not interrupted and self.step >= self.cfg.steps, "seed": self.cfg.seed,
+             "perturb": self.cfg.perturb, "linearize": self.cfg.linearize}
+        if "val_acc" in last:
+            s["val_acc"], s["test_acc"] = last["val_acc"], last["test_acc"]
+        if self.tunes:
+            s["sigmas"] = self.sigmas()
+        return s
+
+
+class RunLog:
+    """Per-step and per-evaluation records, kept in memory and appended to steps.jsonl, epochs.jsonl
+    and schedule.csv (the hyperparameter schedule) in the run folder at each checkpoint (before the
+    checkpoint is written). On resume the files are cut back to the checkpoint's step and rewritten
+    atomically, so records of steps that are redone (or a line torn by a kill) disappear."""
+
+    FILES = ("steps.jsonl", "epochs.jsonl", "schedule.csv")
+
+    def __init__(self, out, names):
+        self.out, self.names = out, names
+        self.steps, self.epochs = [], []
+        self._written = {"steps": 0, "epochs": 0}
+
+    def step(self, rec, hypers, sigmas):
+        rec = dict(rec)
+        rec["hypers"] = hypers
+        if sigmas is not None:
+            rec["sigmas"] = sigmas
+        self.steps.append(rec)
+
+    def epoch(self, rec):
+        self.epochs.append(rec)
+
+    def _csv_header(self):
+        return ",".join(["step"] + self.names + [f"sigma.{n}" for n in self.names]) + "\n"
+
+    def _csv_row(self, r):
+        sig = r.get("sigmas", {})
+        return ",".join([str(r["step"])] + [f"{r['hypers'][n]:.6g}" for n in self.names] +
+                        [f"{sig[n]:.6g}" if n in sig else "" for n in self.names]) + "\n"
+
+    def flush_files(self):
+        """Append the records not yet on disk (fsync'ed)."""
+        if not self.out:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        new_steps = self.steps[self._written["steps"]:]
+        new_epochs = self.epochs[self._written["epochs"]:]
+        if self._written["steps"] == 0 and not os.path.exists(os.path.join(self.out, "schedule.csv")):
+            checkpoint.atomic_write_text(os.path.join(self.out, "schedule.csv"), self._csv_header())
+        for name, text in (("steps.jsonl", "".join(json.dumps(r) + "\n" for r in new_steps)),
+                           ("epochs.jsonl", "".join(json.dumps(r) + "\n" for r in new_epochs)),
+                           ("schedule.csv", "".join(self._csv_row(r) for r in new_steps))):
+            with open(os.path.join(self.out, name), "a") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        self._written = {"steps": len(self.steps), "epochs": len(self.epochs)}
+
+    def restore(self, step):
+        """Reload the records of a resumed run up to the checkpoint's step (later ones are redone)."""
+        if not self.out:
+            return
+        for name, lst in (("steps.jsonl", self.steps), ("epochs.jsonl", self.epochs)):
+            path = os.path.join(self.out, name)
+            recs = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    for line in f:
+                        try:
+                            recs.append(json.loads(line))
+                        except ValueError:  # a line torn by a kill
+                            continue
+            seen, keep = set(), []
+            for r in recs:
+                if r["step"] <= step and r["step"] not in seen:
+                    seen.add(r["step"])
+                    keep.append(r)
+            lst[:] = keep
+        checkpoint.atomic_write_text(os.path.join(self.out, "steps.jsonl"), "".join(json.dumps(r) + "\n" for r in self.steps))
+        checkpoint.atomic_write_text(os.path.join(self.out, "epochs.jsonl"), "".join(json.dumps(r) + "\n" for r in self.epochs))
+        checkpoint.atomic_write_text(os.path.join(self.out, "schedule.csv"),
+                                     self._csv_header() + "".join(self._csv_row(r) for r in self.steps))
+        self._written = {"steps": len(self.steps), "epochs": len(self.epochs)}
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+# --- plots ---------------------------------------------------------------------------------------------
+
+
+def plot_run(out):
+    """losses.png, accuracy.png and hypers.png in the run folder (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(name):
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    steps, epochs = read("steps.jsonl"), read("epochs.jsonl")
+    if not steps or not epochs:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["step"] for r in steps]
+    tl = [r["train_loss"] for r in steps]
+    k = max(1, len(tl) // 100)
+    smooth = [sum(tl[max(0, i - k + 1):i + 1]) / len(tl[max(0, i - k + 1):i + 1]) for i in range(len(tl))]
+    ax.plot(xs, smooth, label="train (smoothed)", alpha=0.7)
+    hv = [(r["step"], r["hyper_val_loss"]) for r in steps if "hyper_val_loss" in r]
+    if hv:
+        ax.plot(*zip(*hv), label="hyper step val batch", alpha=0.3)
+    ax.plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="val")
+    ax.plot([r["step"] for r in epochs], [r["test_loss"] for r in epochs], "s-", label="test")
+    ax.set_xlabel("weight step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "losses.png"), dpi=100)
+    plt.close(fig)
+    if "val_acc" in epochs[0]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["step"] for r in epochs], [r["val_acc"] for r in epochs], "o-", label="val")
+        ax.plot([r["step"] for r in epochs], [r["test_acc"] for r in epochs], "s-", label="test")
+        ax.set_xlabel("weight step")
+        ax.set_ylabel("accuracy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "accuracy.png"), dpi=100)
+        plt.close(fig)
+    names = list(steps[0]["hypers"])
+    fig, axes = plt.subplots(len(names), 1, figsize=(6, 2 + 1.6 * len(names)), sharex=True, squeeze=False)
+    for ax, n in zip(axes[:, 0], names):
+        ax.plot(xs, [r["hypers"][n] for r in steps])
+        ax.set_ylabel(n)
+        if n.startswith(("weight_decay", "noise")):
+            ax.set_yscale("log")
+    axes[-1, 0].set_xlabel("weight step")
+    fig.suptitle("hyperparameter schedule")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "hypers.png"), dpi=100)
+    plt.close(fig)
+
+
+# --- random search and the entry points -------------------------------------------------------------------
+
+
+def random_search(config, data=None, model_fn=None):
+    """``random_trials`` fixed runs at values drawn from the space, ``steps // trials`` weight steps
+    each (the same total as one STN run); the trial with the lowest final validation loss wins.
+    Trials run in out/trial_<k>; with resume, finished trials are kept and the current one resumes."""
+    cfg = config.validate()
+    per = cfg.steps // cfg.random_trials
+    base = Trainer(_replace(cfg, method="fixed", out="", resume=False, steps=per), data=data,
+                   model=model_fn() if model_fn else None)
+    space = base.space
+    g = torch.Generator().manual_seed(cfg.seed + 31337)
+    trials = [space.sample(g) for _ in range(cfg.random_trials)]
+    results = []
+    for k, values in enumerate(trials):
+        out = os.path.join(cfg.out, f"trial_{k}") if cfg.out else ""
+        done = os.path.join(out, "summary.json") if out else ""
+        if cfg.resume and done and os.path.exists(done):
+            with open(done) as f:
+                s = json.load(f)
+            if s.get("complete"):
+                results.append(s)
+                continue
+        tcfg = _replace(cfg, method="fixed", out=out, steps=per, stop_after=0, quiet=True,
+                        inits={n: v for n, v in values.items()}, ranges=_ranges_of(space), hypers=tuple(space.names))
+        tcfg.quiet = cfg.quiet
+        tr = Trainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
+        s = tr.fit()
+        s["trial"] = k
+        if not s["complete"]:  # interrupted: stop here; --resume continues this trial
+            s.update(method="random", trial=k)
+            return s
+        results.append(s)
+    best = min(results, key=lambda r: r["val_loss"])
+    summary = dict(best)
+    summary.update(method="random", steps=per * cfg.random_trials, trials=len(results),
+                   wall_s=sum(r["wall_s"] for r in results), best_trial=results.index(best),
+                   trial_val_losses=[r["val_loss"] for r in results], trial_hypers=[r["hypers"] for r in results])
+    if cfg.out and _dist()[0] == 0:
+        checkpoint.atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
+    return summary
+
+
+def _ranges_of(space):
+    return {h.name: (h.low, h.high) for h in space.hypers}
+
+
+def _replace(cfg, **kw):
+    d = asdict(cfg)
+    d.update(kw)
+    return TrainConfig(**d).validate()
+
+
+def train(config, data=None, model=None, space=None):
+    """Run ``config`` (a TrainConfig or dict) and return its summary; the API behind the CLI.
+    ``data``: a stn_ext.data.Dataset or None (config.data); ``model``: an STN nn.Module or None (the
+    built-in config.model); for method 'random', a zero-argument function returning a fresh model.
+    ``space``: a HyperSpace to use instead of config.hypers (it may hold hyperparameters of your own
+    kind: your model reads their per-example values from stn_ext.models.current_hyperparameters())."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
+    cfg.validate()
+    if cfg.method == "random":
+        if isinstance(model, nn.Module) or (model is not None and not callable(model)):
+            raise TypeError("stn_ext: random search trains several models; pass model as a zero-argument "
+                            "function returning a fresh model")
+        if space is not None:
+            raise ValueError("stn_ext: random search builds its space from config.hypers")
+        return random_search(cfg, data, model)
+    if model is not None and not isinstance(model, nn.Module):
+        model = model()
+    return Trainer(cfg, data=data, model=model, space=space).fit()
+
+
+# --- multi-process ----------------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, cfg_dict, result_path, backend):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    try:
+        cfg = TrainConfig.from_dict(cfg_dict)
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{rank % torch.cuda.device_count()}"
+            torch.cuda.set_device(cfg.device)
+        if cfg.method == "random":
+            summary = random_search(cfg.validate())
+            state = None
+        else:
+            tr = Trainer(cfg)
+            summary = tr.fit()
+            state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
+            state["__u"], state["__hscale"] = tr.u.detach().cpu(), tr.hscale.detach().cpu()
+        if result_path:
+            checkpoint.save(f"{result_path}.rank{rank}", {"summary": summary, "state": state})
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_distributed(config, nprocs, result_path=""):
+    """Train ``config`` on ``nprocs`` local processes (gloo on CPU, nccl on CUDA) and return rank 0's
+    summary. With ``result_path``, each rank saves {'summary', 'state'} to result_path.rank<k>."""
+    import torch.multiprocessing as mp
+
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
+    cfg.validate()
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    keep = result_path
+    if not result_path:
+        import tempfile
+        result_path = os.path.join(tempfile.mkdtemp(prefix="stn_ext_ddp_"), "result")
+    mp.spawn(_worker, args=(nprocs, free_port(), _jsonable(asdict(cfg)), result_path, backend), nprocs=nprocs,
+             join=True)
+    res = checkpoint.load(f"{result_path}.rank0")
+    if not keep:
+        for r in range(nprocs):
+            os.unlink(f"{result_path}.rank{r}")
+    return res["summary"]
