@@ -79,6 +79,44 @@ inline int64_t check_step(const at::Tensor& x, const at::Tensor& v, const at::Te
 }
 
 inline void check_optional_like_view(const std::optional<at::Tensor>& t, const at::Tensor& view,
+                                     const char* name, bool mutated);
+
+// reversible_unstep_weights
+inline void check_unstep_weights(const at::Tensor& x, const at::Tensor& v, const at::Tensor& view,
+                                 const std::optional<at::Tensor>& dx, const at::Tensor& status,
+                                 c10::DeviceType type) {
+  check_view(view, type);
+  check_exact_state(x, view, at::kLong, "x");
+  TORCH_CHECK(v.scalar_type() == at::kLong && v.device() == view.device() && v.sizes() == view.sizes(),
+              "stn_ext: v must be an int64 tensor of view's shape on view's device, got ", v.scalar_type(), " ",
+              v.sizes(), " on ", v.device());
+  check_optional_like_view(dx, view, "dx", false);
+  check_status(status, view);
+}
+
+// reversible_unstep_velocity: grad stands in for view (v, head, count take its shape and device).
+// Returns the capacity of words.
+inline int64_t check_unstep_velocity(const at::Tensor& v, const at::Tensor& head, const at::Tensor& count,
+                                     const at::Tensor& words, const at::Tensor& grad,
+                                     const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dv,
+                                     const at::Tensor& status, c10::DeviceType type) {
+  check_float(grad, "grad");
+  check_device(grad, type, "grad");
+  TORCH_CHECK(v.scalar_type() == at::kLong, "stn_ext: v must be an int64 tensor, got ", v.scalar_type());
+  TORCH_CHECK(v.sizes() == grad.sizes(), "stn_ext: v must have the shape of grad ", grad.sizes(), ", got ",
+              v.sizes());
+  TORCH_CHECK(v.is_contiguous(), "stn_ext: v must be contiguous (it is updated in place)");
+  TORCH_CHECK(v.device() == grad.device(), "stn_ext: v is on ", v.device(), " but grad is on ", grad.device());
+  check_exact_state(head, v, at::kLong, "head");
+  check_exact_state(count, v, at::kInt, "count");
+  const int64_t capacity = check_words(words, v);
+  check_status(status, v);
+  check_optional_like_view(dx, grad, "dx", false);
+  check_optional_like_view(dv, grad, "dv", true);
+  return capacity;
+}
+
+inline void check_optional_like_view(const std::optional<at::Tensor>& t, const at::Tensor& view,
                                      const char* name, bool mutated) {
   if (!t) return;
   check_like_view(*t, view, name);

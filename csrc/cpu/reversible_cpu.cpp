@@ -83,16 +83,10 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
 at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& view,
                                          const std::optional<at::Tensor>& dx_in, const at::Tensor& status,
                                          double lr, int64_t radix_bits) {
-  check_view(view, c10::kCPU);
-  check_exact_state(x, view, at::kLong, "x");
-  TORCH_CHECK(v.scalar_type() == at::kLong && v.device() == view.device() && v.sizes() == view.sizes(),
-              "stn_ext: v must be an int64 tensor of view's shape on view's device, got ", v.scalar_type(), " ",
-              v.sizes(), " on ", v.device());
-  check_optional_like_view(dx_in, view, "dx", false);
-  check_status(status, view);
+  check_unstep_weights(x, v, view, dx_in, status, c10::kCPU);
   const rev::Params p = check_scalars(lr, rev::kDen, radix_bits);
   const auto vc = v.contiguous();
-  const std::optional<at::Tensor> dx = dx_in ? std::optional<at::Tensor>(dx_in->contiguous()) : std::nullopt;
+  const auto dx = contiguous_or_none(dx_in);
   const int64_t n = view.numel();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_unstep_weights", [&] {
@@ -119,23 +113,10 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
                                           const std::optional<at::Tensor>& dx_in,
                                           const std::optional<at::Tensor>& dv, const at::Tensor& status,
                                           double lr, int64_t gamma_num, int64_t radix_bits) {
-  // grad stands in for view in the checks (v, head, count take its shape and device).
-  check_float(grad_in, "grad");
-  check_device(grad_in, c10::kCPU, "grad");
-  const auto& ref = grad_in;
-  TORCH_CHECK(v.scalar_type() == at::kLong, "stn_ext: v must be an int64 tensor, got ", v.scalar_type());
-  TORCH_CHECK(v.sizes() == ref.sizes(), "stn_ext: v must have the shape of grad ", ref.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(v.is_contiguous(), "stn_ext: v must be contiguous (it is updated in place)");
-  check_exact_state(head, v, at::kLong, "head");
-  check_exact_state(count, v, at::kInt, "count");
-  const int64_t capacity = check_words(words, v);
-  check_status(status, v);
-  TORCH_CHECK(v.device() == ref.device(), "stn_ext: v is on ", v.device(), " but grad is on ", ref.device());
-  check_optional_like_view(dx_in, ref, "dx", false);
-  check_optional_like_view(dv, ref, "dv", true);
+  const int64_t capacity = check_unstep_velocity(v, head, count, words, grad_in, dx_in, dv, status, c10::kCPU);
   const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
   const auto grad = grad_in.contiguous();
-  const std::optional<at::Tensor> dx = dx_in ? std::optional<at::Tensor>(dx_in->contiguous()) : std::nullopt;
+  const auto dx = contiguous_or_none(dx_in);
   const int64_t n = grad.numel();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stn_ext::reversible_unstep_velocity", [&] {

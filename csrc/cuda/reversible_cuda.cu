@@ -141,17 +141,11 @@ void reversible_step_cuda(const at::Tensor& x, const at::Tensor& v, const at::Te
 at::Tensor reversible_unstep_weights_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& view,
                                           const std::optional<at::Tensor>& dx_in, const at::Tensor& status,
                                           double lr, int64_t radix_bits) {
-  check_view(view, c10::kCUDA);
-  check_exact_state(x, view, at::kLong, "x");
-  TORCH_CHECK(v.scalar_type() == at::kLong && v.device() == view.device() && v.sizes() == view.sizes(),
-              "stn_ext: v must be an int64 tensor of view's shape on view's device, got ", v.scalar_type(), " ",
-              v.sizes(), " on ", v.device());
-  check_optional_like_view(dx_in, view, "dx", false);
-  check_status(status, view);
+  check_unstep_weights(x, v, view, dx_in, status, c10::kCUDA);
   const rev::Params p = check_scalars(lr, rev::kDen, radix_bits);
   const c10::cuda::CUDAGuard guard(view.device());
   const auto vc = v.contiguous();
-  const std::optional<at::Tensor> dx = dx_in ? std::optional<at::Tensor>(dx_in->contiguous()) : std::nullopt;
+  const auto dx = contiguous_or_none(dx_in);
   const int64_t n = view.numel();
   const int64_t blocks = blocks_for(n);
   auto partial = at::zeros({dx ? blocks : 0}, view.options().dtype(at::kDouble));
@@ -173,23 +167,11 @@ at::Tensor reversible_unstep_velocity_cuda(const at::Tensor& v, const at::Tensor
                                            const std::optional<at::Tensor>& dx_in,
                                            const std::optional<at::Tensor>& dv, const at::Tensor& status,
                                            double lr, int64_t gamma_num, int64_t radix_bits) {
-  check_float(grad_in, "grad");
-  check_device(grad_in, c10::kCUDA, "grad");
-  const auto& ref = grad_in;
-  TORCH_CHECK(v.scalar_type() == at::kLong, "stn_ext: v must be an int64 tensor, got ", v.scalar_type());
-  TORCH_CHECK(v.sizes() == ref.sizes(), "stn_ext: v must have the shape of grad ", ref.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(v.is_contiguous(), "stn_ext: v must be contiguous (it is updated in place)");
-  TORCH_CHECK(v.device() == ref.device(), "stn_ext: v is on ", v.device(), " but grad is on ", ref.device());
-  check_exact_state(head, v, at::kLong, "head");
-  check_exact_state(count, v, at::kInt, "count");
-  const int64_t capacity = check_words(words, v);
-  check_status(status, v);
-  check_optional_like_view(dx_in, ref, "dx", false);
-  check_optional_like_view(dv, ref, "dv", true);
+  const int64_t capacity = check_unstep_velocity(v, head, count, words, grad_in, dx_in, dv, status, c10::kCUDA);
   const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
-  const c10::cuda::CUDAGuard guard(ref.device());
+  const c10::cuda::CUDAGuard guard(grad_in.device());
   const auto grad = grad_in.contiguous();
-  const std::optional<at::Tensor> dx = dx_in ? std::optional<at::Tensor>(dx_in->contiguous()) : std::nullopt;
+  const auto dx = contiguous_or_none(dx_in);
   const int64_t n = grad.numel();
   const int64_t blocks = blocks_for(n);
   auto partial = at::zeros({dv ? blocks : 0}, grad.options().dtype(at::kDouble));
