@@ -172,8 +172,9 @@ inline EpilogueBackwardCall prepare_epilogue_backward(const at::Tensor& grad, co
   check_device(o, device, "o");
   auto oc = o.contiguous();
   auto grad_o = at::empty_like(oc);
-  auto grad_s = at::zeros_like(s, at::MemoryFormat::Contiguous);
-  auto grad_sum = at::zeros_like(s, at::MemoryFormat::Contiguous);
+  // Every (example, channel) sum is written by the kernels (zero when there are no positions).
+  auto grad_s = at::empty_like(s, at::MemoryFormat::Contiguous);
+  auto grad_sum = at::empty_like(s, at::MemoryFormat::Contiguous);
   return {grad.contiguous(), oc, s.contiguous(), grad_o, grad_s, grad_sum, z};
 }
 

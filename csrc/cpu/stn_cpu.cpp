@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "op_args.h"
 #include "stn_math.h"
 
@@ -60,6 +63,34 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad, con
   return {c.grad_hyper, c.grad_scale};
 }
 
+// The epilogue loops walk contiguous runs (channels of one group at one position, or positions of
+// one channel), with the bias terms chosen at compile time, so the compiler vectorises them.
+
+// y[j] = e[j] + s[j] h[j] + b_e[j] + t[j] b_h[j] along a run of channels at one position.
+template <bool kElem, bool kHyper, typename scalar_t, typename acc_t>
+inline void epilogue_channels(const scalar_t* __restrict__ e, const scalar_t* __restrict__ h,
+                              const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
+                              const scalar_t* __restrict__ be, const scalar_t* __restrict__ bh,
+                              scalar_t* __restrict__ y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t bias = epilogue_bias<acc_t>(kElem ? static_cast<acc_t>(be[j]) : acc_t(0),
+                                            kHyper ? static_cast<acc_t>(t[j]) : acc_t(0),
+                                            kHyper ? static_cast<acc_t>(bh[j]) : acc_t(0));
+    y[j] = epilogue_value<scalar_t, acc_t>(e[j], h[j], static_cast<acc_t>(s[j]), bias);
+  }
+}
+
+// Calls f with std::integral_constant flags for (bias_elem given, bias_hyper given).
+template <typename F>
+inline void with_bias_flags(bool elem, bool hyper, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (elem && hyper) f(T{}, T{});
+  else if (elem) f(T{}, N{});
+  else if (hyper) f(N{}, T{});
+  else f(N{}, N{});
+}
+
 at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& t,
                                     const std::optional<at::Tensor>& bias_elem,
                                     const std::optional<at::Tensor>& bias_hyper, int64_t groups,
@@ -74,25 +105,38 @@ at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, co
     const scalar_t* bep = optional_ptr<scalar_t>(c.bias_elem);
     const scalar_t* bhp = optional_ptr<scalar_t>(c.bias_hyper);
     scalar_t* yp = c.y.mutable_data_ptr<scalar_t>();
-    const int64_t out = z.out, P = z.positions, pg = z.per_group;
-    // One task per (example, position) row when channels are innermost, else per (example, channel).
-    const int64_t outer = channels_last ? z.batch * P : z.batch * out;
-    const int64_t inner = channels_last ? out : P;
-    at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1)), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t k = 0; k < inner; ++k) {
-          const int64_t b = channels_last ? i / P : i / out;
-          const int64_t c = channels_last ? k : i % out;
-          const int64_t p = channels_last ? i % P : k;
-          const int64_t bc = b * out + c;
-          const acc_t bias = epilogue_bias<acc_t>(bep ? static_cast<acc_t>(bep[c]) : acc_t(0),
-                                                  tp ? static_cast<acc_t>(tp[bc]) : acc_t(0),
-                                                  bhp ? static_cast<acc_t>(bhp[c]) : acc_t(0));
-          const int64_t ce = elem_channel(c, pg);
-          yp[offset3(b, c, p, out, P, channels_last)] = epilogue_value<scalar_t, acc_t>(
-              op[offset3(b, ce, p, 2 * out, P, channels_last)], op[offset3(b, ce + pg, p, 2 * out, P, channels_last)],
-              static_cast<acc_t>(sp[bc]), bias);
-        }
+    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = out / pg;
+    with_bias_flags(bep != nullptr, bhp != nullptr, [&](auto has_elem, auto has_hyper) {
+      constexpr bool kElem = decltype(has_elem)::value, kHyper = decltype(has_hyper)::value;
+      if (channels_last) {
+        // Rows of (example, position): each group's channels are one run.
+        at::parallel_for(0, z.batch * P, std::max<int64_t>(1, 16384 / std::max<int64_t>(out, 1)), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / P;
+            for (int64_t g = 0; g < G; ++g) {
+              const scalar_t* e = op + r * 2 * out + g * 2 * pg;
+              const int64_t c0 = b * out + g * pg;
+              epilogue_channels<kElem, kHyper, scalar_t, acc_t>(e, e + pg, sp + c0, tp ? tp + c0 : nullptr,
+                                                                bep ? bep + g * pg : nullptr,
+                                                                bhp ? bhp + g * pg : nullptr, yp + r * out + g * pg, pg);
+            }
+          }
+        });
+      } else {
+        // Rows of (example, channel): the positions are one run with one scale and one bias.
+        at::parallel_for(0, z.batch * out, std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1)), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / out, ch = r % out;
+            const acc_t bias = epilogue_bias<acc_t>(kElem ? static_cast<acc_t>(bep[ch]) : acc_t(0),
+                                                    kHyper ? static_cast<acc_t>(tp[r]) : acc_t(0),
+                                                    kHyper ? static_cast<acc_t>(bhp[ch]) : acc_t(0));
+            const acc_t sv = static_cast<acc_t>(sp[r]);
+            const scalar_t* e = op + (b * 2 * out + elem_channel(ch, pg)) * P;
+            const scalar_t* h = e + pg * P;
+            scalar_t* y = yp + r * P;
+            for (int64_t q = 0; q < P; ++q) y[q] = epilogue_value<scalar_t, acc_t>(e[q], h[q], sv, bias);
+          }
+        });
       }
     });
   });
@@ -111,36 +155,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cpu
     scalar_t* gop = c.grad_o.mutable_data_ptr<scalar_t>();
     scalar_t* gsp = c.grad_s.mutable_data_ptr<scalar_t>();
     scalar_t* gsum = c.grad_sum.mutable_data_ptr<scalar_t>();
-    const int64_t out = z.out, P = z.positions, pg = z.per_group;
-    // Each task owns whole (example, channel) sums: for channels_last it takes examples and keeps
-    // a row of accumulators; otherwise it takes (example, channel) rows.
-    const bool by_example = channels_last;
-    const int64_t outer = by_example ? z.batch : z.batch * out;
-    const int64_t work = by_example ? P * out : P;
-    at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1)), [&](int64_t i0, int64_t i1) {
-      std::vector<acc_t> ds(by_example ? out : 1), gs(by_example ? out : 1);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = by_example ? i : i / out;
-        const int64_t c0 = by_example ? 0 : i % out;
-        const int64_t c1 = by_example ? out : c0 + 1;
-        std::fill(ds.begin(), ds.end(), acc_t(0));
-        std::fill(gs.begin(), gs.end(), acc_t(0));
-        for (int64_t p = 0; p < P; ++p) {
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t ce = elem_channel(c, pg);
-            const int64_t oe = offset3(b, ce, p, 2 * out, P, channels_last);
-            const int64_t oh = offset3(b, ce + pg, p, 2 * out, P, channels_last);
-            epilogue_backward_value<scalar_t, acc_t>(gp[offset3(b, c, p, out, P, channels_last)], op[oh],
-                                                     static_cast<acc_t>(sp[b * out + c]), gop + oe, gop + oh,
-                                                     &ds[c - c0], &gs[c - c0]);
+    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = out / pg;
+    if (channels_last) {
+      // One task per example owns its (out,) sums; positions are walked in order, channels in runs.
+      at::parallel_for(0, z.batch, std::max<int64_t>(1, 16384 / std::max<int64_t>(P * out, 1)), [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> ds(out), gs(out);
+        for (int64_t b = b0; b < b1; ++b) {
+          std::fill(ds.begin(), ds.end(), acc_t(0));
+          std::fill(gs.begin(), gs.end(), acc_t(0));
+          const scalar_t* s_row = sp + b * out;
+          for (int64_t q = 0; q < P; ++q) {
+            const int64_t r = b * P + q;
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t off = r * 2 * out + g * 2 * pg, c0 = g * pg;
+              const scalar_t* __restrict__ gr = gp + r * out + c0;
+              const scalar_t* __restrict__ h = op + off + pg;
+              const scalar_t* __restrict__ s_g = s_row + c0;
+              scalar_t* __restrict__ ge = gop + off;
+              scalar_t* __restrict__ gh = gop + off + pg;
+              acc_t* __restrict__ dsg = ds.data() + c0;
+              acc_t* __restrict__ gsg = gs.data() + c0;
+              for (int64_t j = 0; j < pg; ++j) {
+                epilogue_backward_value<scalar_t, acc_t>(gr[j], h[j], static_cast<acc_t>(s_g[j]), ge + j, gh + j, dsg + j,
+                                                         gsg + j);
+              }
+            }
+          }
+          for (int64_t ch = 0; ch < out; ++ch) {
+            gsp[b * out + ch] = static_cast<scalar_t>(ds[ch]);
+            gsum[b * out + ch] = static_cast<scalar_t>(gs[ch]);
           }
         }
-        for (int64_t c = c0; c < c1; ++c) {
-          gsp[b * out + c] = static_cast<scalar_t>(ds[c - c0]);
-          gsum[b * out + c] = static_cast<scalar_t>(gs[c - c0]);
+      });
+    } else {
+      // Rows of (example, channel): the positions are one run.
+      at::parallel_for(0, z.batch * out, std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / out, ch = r % out;
+          const int64_t off = (b * 2 * out + elem_channel(ch, pg)) * P;
+          const scalar_t* __restrict__ gr = gp + r * P;
+          const scalar_t* __restrict__ h = op + off + pg * P;
+          scalar_t* __restrict__ ge = gop + off;
+          scalar_t* __restrict__ gh = gop + off + pg * P;
+          const acc_t sv = static_cast<acc_t>(sp[r]);
+          acc_t ds = 0, gs = 0;
+          for (int64_t q = 0; q < P; ++q) {
+            epilogue_backward_value<scalar_t, acc_t>(gr[q], h[q], sv, ge + q, gh + q, &ds, &gs);
+          }
+          gsp[r] = static_cast<scalar_t>(ds);
+          gsum[r] = static_cast<scalar_t>(gs);
         }
-      }
-    });
+      });
+    }
   });
   return {c.grad_o, c.grad_s, c.grad_sum};
 }
