@@ -128,7 +128,8 @@ def markdown_table(rows, meta):
     lines = [f"# STN layers vs plain layers: {meta['device']}, {meta['dtype']}, torch {meta['torch']}, {meta['date']}",
              "",
              "Forward+backward. Each cell is the variant's median time divided by the plain layer's (nn.Linear / "
-             "nn.Conv2d) in the same run; below it, the activation memory autograd keeps (MiB).", "",
+             "nn.Conv2d) in the same run; in brackets, the activation memory autograd keeps for backward (MiB, "
+             "parameters not counted).", "",
              "| layer | shape | plain (ms) | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in rows:
         res = r["results"]
@@ -146,7 +147,7 @@ def _plot(rows, meta, path):
     import matplotlib.pyplot as plt
 
     names = [k for k in rows[0]["results"] if k != "plain"]
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)) + 2.5, 4))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         ys = [r["results"][name]["seconds"] / r["results"]["plain"]["seconds"] if name in r["results"] else 0
@@ -157,7 +158,7 @@ def _plot(rows, meta, path):
     ax.set_xticklabels([f"{r['layer']}\n{r['shape']}" for r in rows], fontsize=7)
     ax.set_ylabel("time / plain layer (fwd+bwd)")
     ax.set_title(f"{meta['device']}, {meta['dtype']}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
