@@ -4,10 +4,6 @@ import torch
 DEVICES = ["cpu", "cuda"]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and a CUDA build of stn_ext")
-
-
 @pytest.fixture(params=DEVICES)
 def device(request):
     if request.param == "cuda":

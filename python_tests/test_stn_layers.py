@@ -91,6 +91,13 @@ def test_convert_keeps_outputs_and_state_dict_round_trips(tmp_path):
         torch.testing.assert_close(fresh(x), after)
 
 
+def test_convert_of_a_bare_layer_is_a_clear_error():
+    with pytest.raises(ValueError, match="from_linear"):
+        stn_ext.convert(nn.Linear(3, 2), 1)
+    with pytest.raises(ValueError, match="from_conv"):
+        stn_ext.convert(nn.Conv2d(3, 2, 1), 1)
+
+
 def test_convert_filter_selects_layers():
     model = stn_ext.convert(SmallNet(), 2, filter=lambda name, m: isinstance(m, nn.Linear))
     assert isinstance(model.fc1, stn_ext.StnLinear) and isinstance(model.conv1, nn.Conv2d)

@@ -127,7 +127,7 @@ def stn_conv2d(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, 
     out = weight_elem.shape[0]
     o = F.conv2d(x, _stacked_conv_weight(weight_elem, weight_hyper, groups), None, stride, padding, dilation, groups)
     B, _, H, W = o.shape
-    channels_last = o.dim() == 4 and o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()
+    channels_last = o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()
     o3 = o.permute(0, 2, 3, 1).reshape(B, H * W, 2 * out) if channels_last else o.reshape(B, 2 * out, H * W)
     s, t = _per_example_terms(lam, hyper_weight, hyper_bias, bias_hyper, o.dtype)
     y = ops.per_example_epilogue(o3, s, t, _cast(bias_elem, o.dtype), _cast(bias_hyper, o.dtype), groups, channels_last)

@@ -194,16 +194,13 @@ def convert(model, n_hyper, filter=None):
     ``with stn_ext.hyper_input(lam): model(x)``."""
     if n_hyper < 1:
         raise ValueError(f"stn_ext.convert: n_hyper must be >= 1, got {n_hyper}")
-    targets = []
-    for name, module in model.named_modules():
-        if type(module) in (nn.Linear, nn.Conv2d) and (filter is None or filter(name, module)):
-            targets.append((name, module))
-    if not targets and isinstance(model, (nn.Linear, nn.Conv2d)):
+    if type(model) in (nn.Linear, nn.Conv2d):
+        # Nothing holds the model to replace it in; say so instead of returning it unconverted.
         raise ValueError("stn_ext.convert: the model is itself a Linear/Conv2d; use StnLinear.from_linear or "
                          "StnConv2d.from_conv")
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) in (nn.Linear, nn.Conv2d) and (filter is None or filter(name, module))]
     for name, module in targets:
-        if not name:
-            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, nn.Linear):
