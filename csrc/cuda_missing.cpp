@@ -17,7 +17,7 @@ void no_cuda(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stn_ext, CUDA, m) {
-  for (const char* name : {"gate", "gate_backward", "stacked_linear", "per_example_epilogue",
+  for (const char* name : {"gate", "gate_backward", "per_example_linear", "per_example_epilogue",
                            "per_example_epilogue_backward", "reversible_step", "reversible_unstep_weights",
                            "reversible_unstep_velocity"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda>());

@@ -79,23 +79,16 @@ inline std::vector<int64_t> epilogue_out_shape(const EpilogueSizes& z, bool chan
                        : std::vector<int64_t>{z.batch, z.out, z.positions};
 }
 
-inline void check_epilogue_extras(const at::Tensor& o, const EpilogueSizes& z,
-                                  const std::optional<at::Tensor>& t,
-                                  const std::optional<at::Tensor>& bias_elem,
-                                  const std::optional<at::Tensor>& bias_hyper) {
-  if (bias_elem) {
-    check_same(o, "o", *bias_elem, "bias_elem");
-    check_shape(*bias_elem, {z.out}, "bias_elem");
-  }
-  if (bias_hyper) {
-    TORCH_CHECK(t.has_value(), "stn_ext: bias_hyper needs t");
-    check_same(o, "o", *bias_hyper, "bias_hyper");
-    check_shape(*bias_hyper, {z.out}, "bias_hyper");
-  }
-  if (t) {
-    check_same(o, "o", *t, "t");
-    check_shape(*t, {z.batch, z.out}, "t");
-  }
+// The epilogue's offset: (B, out) per example, or (out,) shared by the batch. Returns its stride
+// between examples (0 when shared).
+inline int64_t check_epilogue_offset(const at::Tensor& o, const EpilogueSizes& z,
+                                     const std::optional<at::Tensor>& offset) {
+  if (!offset) return 0;
+  check_same(o, "o", *offset, "offset");
+  const bool per_example = offset->dim() == 2 && offset->size(0) == z.batch && offset->size(1) == z.out;
+  TORCH_CHECK(per_example || (offset->dim() == 1 && offset->size(0) == z.out), "stn_ext: offset must have shape (B=",
+              z.batch, ", out=", z.out, ") or (out=", z.out, ",), got ", offset->sizes());
+  return per_example ? z.out : 0;
 }
 
 // Helpers for optional tensors (biases, t) passed to the kernels.
@@ -141,21 +134,19 @@ inline GateBackwardCall prepare_gate_backward(const at::Tensor& grad, const at::
 
 struct EpilogueCall {
   at::Tensor o, s, y;
-  std::optional<at::Tensor> t, bias_elem, bias_hyper;
+  std::optional<at::Tensor> offset;
+  int64_t offset_stride;  // between examples: out, or 0 for a shared (out,) offset
   EpilogueSizes z;
 };
 
 inline EpilogueCall prepare_epilogue(const at::Tensor& o, const at::Tensor& s,
-                                     const std::optional<at::Tensor>& t,
-                                     const std::optional<at::Tensor>& bias_elem,
-                                     const std::optional<at::Tensor>& bias_hyper, int64_t groups,
+                                     const std::optional<at::Tensor>& offset, int64_t groups,
                                      bool channels_last, c10::DeviceType device) {
   const auto z = check_epilogue(o, s, groups, channels_last);
-  check_epilogue_extras(o, z, t, bias_elem, bias_hyper);
+  const int64_t offset_stride = check_epilogue_offset(o, z, offset);
   check_device(o, device, "o");
   auto y = at::empty(epilogue_out_shape(z, channels_last), o.options());
-  return {o.contiguous(), s.contiguous(), y, contiguous_or_none(t), contiguous_or_none(bias_elem),
-          contiguous_or_none(bias_hyper), z};
+  return {o.contiguous(), s.contiguous(), y, contiguous_or_none(offset), offset_stride, z};
 }
 
 struct EpilogueBackwardCall {

@@ -24,16 +24,11 @@ C10_HOST_DEVICE inline acc_t gate_backward_value(scalar_t grad, scalar_t hyper, 
   return g * static_cast<acc_t>(hyper);
 }
 
-// Per-example epilogue: the GEMM/conv against [W_e; W_h] gave o = [e | h]; the row offset
-// bias = b_e + t * b_h is computed once per (example, channel) by epilogue_bias.
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t epilogue_bias(acc_t bias_elem, acc_t t, acc_t bias_hyper) {
-  return bias_elem + t * bias_hyper;
-}
-
+// Per-example epilogue: the GEMM/conv against [W_e; W_h] gave o = [e | h]; offset is the gated bias
+// b_e + t * b_h of the (example, channel), formed outside by one small GEMM.
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline scalar_t epilogue_value(scalar_t e, scalar_t h, acc_t s, acc_t bias) {
-  return static_cast<scalar_t>(static_cast<acc_t>(e) + s * static_cast<acc_t>(h) + bias);
+C10_HOST_DEVICE inline scalar_t epilogue_value(scalar_t e, scalar_t h, acc_t s, acc_t offset) {
+  return static_cast<scalar_t>(static_cast<acc_t>(e) + s * static_cast<acc_t>(h) + offset);
 }
 
 // Backward of the epilogue for one element: G = [g | g * s] is written; the caller accumulates

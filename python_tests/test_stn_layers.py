@@ -210,6 +210,10 @@ def test_compiled_graph_uses_the_fused_ops():
         return gm
 
     torch.compile(layer, fullgraph=True, backend=backend)(torch.randn(4, 5), torch.randn(4, 2))
+    assert any("per_example_linear" in t for t in seen), seen
+    seen.clear()
+    conv = stn_ext.StnConv2d(3, 4, 3, 2)
+    torch.compile(conv, fullgraph=True, backend=backend)(torch.randn(2, 3, 6, 6), torch.randn(2, 2))
     assert any("per_example_epilogue" in t for t in seen), seen
 
 
@@ -251,11 +255,13 @@ def test_bad_op_arguments_name_the_argument():
         ops.gate(torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, 4, dtype=torch.int32),
                  torch.zeros(3, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="must have 2\\*out"):
-        ops.per_example_epilogue(torch.zeros(2, 5, 3), torch.zeros(2, 3), None, None, None, 1, True)
-    with pytest.raises(RuntimeError, match="bias_hyper needs t"):
-        ops.per_example_epilogue(torch.zeros(2, 5, 6), torch.zeros(2, 3), None, torch.zeros(3), torch.zeros(3), 1, True)
+        ops.per_example_epilogue(torch.zeros(2, 5, 3), torch.zeros(2, 3), None, 1, True)
+    with pytest.raises(RuntimeError, match="offset must have shape"):
+        ops.per_example_epilogue(torch.zeros(2, 5, 6), torch.zeros(2, 3), torch.zeros(3, 3), 1, True)
     with pytest.raises(RuntimeError, match="groups"):
-        ops.per_example_epilogue(torch.zeros(2, 6, 5), torch.zeros(2, 3), None, None, None, 2, False)
+        ops.per_example_epilogue(torch.zeros(2, 6, 5), torch.zeros(2, 3), None, 2, False)
+    with pytest.raises(RuntimeError, match="s must have shape"):
+        ops.per_example_linear(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 3), None)
 
 
 def test_cuda_tensors_on_cpu_only_build_say_how_to_rebuild():

@@ -20,18 +20,27 @@ def _op_samples(device):
     yield torch.ops.stn_ext.gate.default, (r(4, 2, 3, 3, grad=True), r(4, 2, 3, 3), r(4, grad=True))
     yield torch.ops.stn_ext.gate.default, (r(6), r(6), r(6))
     yield torch.ops.stn_ext.gate_backward.default, (r(5, 7, grad=True), r(5, 7, grad=True), r(5, grad=True))
-    yield torch.ops.stn_ext.stacked_linear.default, (r(4, 5, grad=True), r(3, 5, grad=True), r(3, 5, grad=True))
     stacked = r(2, 3, 5)
-    yield torch.ops.stn_ext.stacked_linear.default, (r(4, 5, grad=True), stacked[0].requires_grad_(),
-                                                     stacked[1].requires_grad_())
+    for x_shape in [(4, 5), (4, 2, 5)]:
+        yield torch.ops.stn_ext.per_example_linear.default, (
+            r(*x_shape, grad=True), r(3, 5, grad=True), r(3, 5, grad=True), r(4, 3, grad=True), r(4, 3, grad=True))
+        yield torch.ops.stn_ext.per_example_linear.default, (
+            r(*x_shape, grad=True), stacked[0].requires_grad_(), stacked[1].requires_grad_(), r(4, 3), r(3, grad=True))
+        yield torch.ops.stn_ext.per_example_linear.default, (r(*x_shape, grad=True), r(3, 5), r(3, 5), r(4, 3), None)
+        n = x_shape[0] * x_shape[1] if len(x_shape) == 3 else x_shape[0]
+        yield torch.ops.stn_ext.per_example_linear_backward.default, (
+            r(*x_shape[:-1], 3, grad=True), r(*x_shape, grad=True), r(3, 5, grad=True), r(3, 5, grad=True),
+            r(n, 6, grad=True), r(4, 3, grad=True), [True, True, True])
+    yield torch.ops.stn_ext.per_example_linear_backward.default, (
+        r(4, 3), r(4, 5), r(3, 5), r(3, 5), r(4, 6), r(4, 3), [False, True, False])
     for groups, cl in [(1, True), (1, False), (2, False), (2, True)]:
         o_shape = (3, 4, 8) if cl else (3, 8, 4)
         y_shape = (3, 4, 4) if cl else (3, 4, 4)
         yield torch.ops.stn_ext.per_example_epilogue.default, (
-            r(*o_shape, grad=True), r(3, 4, grad=True), r(3, 4, grad=True), r(4, grad=True), r(4, grad=True),
-            groups, cl)
-        yield torch.ops.stn_ext.per_example_epilogue.default, (r(*o_shape, grad=True), r(3, 4), None, None, None,
-                                                               groups, cl)
+            r(*o_shape, grad=True), r(3, 4, grad=True), r(3, 4, grad=True), groups, cl)
+        yield torch.ops.stn_ext.per_example_epilogue.default, (
+            r(*o_shape, grad=True), r(3, 4, grad=True), r(4, grad=True), groups, cl)
+        yield torch.ops.stn_ext.per_example_epilogue.default, (r(*o_shape, grad=True), r(3, 4), None, groups, cl)
         yield torch.ops.stn_ext.per_example_epilogue_backward.default, (
             r(*y_shape, grad=True), r(*o_shape, grad=True), r(3, 4, grad=True), groups, cl)
 
@@ -93,16 +102,33 @@ def test_conv_gradcheck(case, device):
 
 
 @pytest.mark.parametrize("adjacent", [True, False], ids=["adjacent", "separate"])
-def test_stacked_linear_both_layouts(adjacent, device):
+def test_per_example_linear_both_layouts(adjacent, device):
+    # W_e, W_h in one storage (read as [W_e; W_h] without a copy) or apart (concatenated): same results.
     stacked = torch.randn(2, 6, 5, dtype=torch.float64, device=device)
     w_e, w_h = (stacked[0], stacked[1]) if adjacent else (stacked[0].clone(), stacked[1].clone())
     assert (w_h.data_ptr() == w_e.data_ptr() + w_e.numel() * 8) == adjacent
-    x = torch.randn(4, 5, dtype=torch.float64, device=device)
-    ins = [t.detach().requires_grad_() for t in (x, w_e, w_h)]
-    y = torch.ops.stn_ext.stacked_linear(*ins)
-    torch.testing.assert_close(y, x @ torch.cat([w_e, w_h]).t())
-    assert torch.autograd.gradcheck(torch.ops.stn_ext.stacked_linear, ins)
-    assert torch.autograd.gradgradcheck(torch.ops.stn_ext.stacked_linear, ins)
+    x, s = (torch.randn(4, 5, dtype=torch.float64, device=device), torch.randn(4, 6, dtype=torch.float64, device=device))
+    ins = [t.detach().requires_grad_() for t in (x, w_e, w_h, s)]
+    op = lambda *a: torch.ops.stn_ext.per_example_linear(*a, None)[0]  # noqa: E731
+    y, o = torch.ops.stn_ext.per_example_linear(*ins, None)
+    torch.testing.assert_close(o, x @ torch.cat([w_e, w_h]).t())
+    torch.testing.assert_close(y, x @ w_e.t() + s * (x @ w_h.t()))
+    assert torch.autograd.gradcheck(op, ins)
+    assert torch.autograd.gradgradcheck(op, ins)
+
+
+def test_per_example_linear_backward_skips_masked_grads(device):
+    d = dict(dtype=torch.float64, device=device)
+    g, x, w_e, w_h, s = (torch.randn(4, 3, **d), torch.randn(4, 5, **d), torch.randn(3, 5, **d),
+                         torch.randn(3, 5, **d), torch.randn(4, 3, **d))
+    o = x @ torch.cat([w_e, w_h]).t()
+    full = torch.ops.stn_ext.per_example_linear_backward(g, x, w_e, w_h, o, s, [True, True, True])
+    part = torch.ops.stn_ext.per_example_linear_backward(g, x, w_e, w_h, o, s, [False, True, False])
+    assert part[0] is None and part[2] is None
+    torch.testing.assert_close(part[1], full[1])
+    torch.testing.assert_close(full[0], g @ w_e + (g * s) @ w_h)
+    torch.testing.assert_close(full[2], (g * s).t() @ x)
+    torch.testing.assert_close(full[3], g * o[:, 3:])
 
 
 def test_module_weights_stay_adjacent_after_to():
@@ -199,7 +225,7 @@ def test_non_contiguous_inputs(device):
         torch.testing.assert_close(got, want)
     o = torch.randn(3, 8, 4, dtype=torch.float64, device=device).transpose(1, 2).contiguous().transpose(1, 2)
     s = torch.randn(4, 3, dtype=torch.float64, device=device).t()
-    y = torch.ops.stn_ext.per_example_epilogue(o, s, None, None, None, 1, False)
+    y = torch.ops.stn_ext.per_example_epilogue(o, s, None, 1, False)
     e, h = o[:, :4], o[:, 4:]
     torch.testing.assert_close(y, e + s[:, :, None] * h)
 

@@ -2,7 +2,8 @@
 
 shared lam (n,):        W(lam) by the fused gate op, then one GEMM/conv.
 per-example lam (B, n): one GEMM/conv against the stacked weight [W_e; W_h], then the fused epilogue
-                        y = e + s (.) h + b_e + t (.) b_h with s = lam V^T, t = lam C^T. Never B weights.
+                        y = e + s (.) h + offset with s = lam V^T and offset = b_e + (lam C^T) (.) b_h.
+                        Never B weights.
 """
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -70,15 +71,12 @@ def _gated_bias(lam, bias_elem, bias_hyper, hyper_bias):
     return ops.gate(bias_elem, bias_hyper, torch.mv(hyper_bias, lam))
 
 
-def _per_example_terms(lam, hyper_weight, hyper_bias, bias_hyper, dtype):
-    """s = lam V^T and t = lam C^T, cast to the GEMM output's dtype (differs under autocast)."""
-    s = (lam @ hyper_weight.t()).to(dtype)
-    t = (lam @ hyper_bias.t()).to(dtype) if bias_hyper is not None else None
-    return s, t
-
-
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
+def _per_example_offset(lam, bias_elem, bias_hyper, hyper_bias):
+    """The gated bias b_e + (lam C^T) (.) b_h = b_e + lam (C (.)row b_h)^T per example, in one small
+    GEMM (its backward is small GEMMs too, no pass over (B, out)); b_e alone, or None."""
+    if bias_elem is None or bias_hyper is None:
+        return bias_elem
+    return torch.addmm(bias_elem, lam, (hyper_bias * bias_hyper[:, None]).t())
 
 
 def stn_linear(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, bias_hyper=None, hyper_bias=None):
@@ -91,12 +89,9 @@ def stn_linear(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, 
     if lam.dim() == 1:
         w = ops.gate(weight_elem, weight_hyper, torch.mv(hyper_weight, lam))
         return F.linear(x, w, _gated_bias(lam, bias_elem, bias_hyper, hyper_bias))
-    out = weight_elem.shape[0]
-    o = ops.stacked_linear(x.reshape(-1, x.shape[-1]), weight_elem, weight_hyper)
-    s, t = _per_example_terms(lam, hyper_weight, hyper_bias, bias_hyper, o.dtype)
-    y = ops.per_example_epilogue(o.view(x.shape[0], -1, 2 * out), s, t, _cast(bias_elem, o.dtype),
-                                 _cast(bias_hyper, o.dtype), 1, True)
-    return y.view(x.shape[:-1] + (out,))
+    s = lam @ hyper_weight.t()
+    return ops.per_example_linear(x, weight_elem, weight_hyper, s, _per_example_offset(lam, bias_elem, bias_hyper,
+                                                                                       hyper_bias))
 
 
 def _stacked_conv_weight(weight_elem, weight_hyper, groups):
@@ -129,8 +124,9 @@ def stn_conv2d(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, 
     B, _, H, W = o.shape
     channels_last = o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()
     o3 = o.permute(0, 2, 3, 1).reshape(B, H * W, 2 * out) if channels_last else o.reshape(B, 2 * out, H * W)
-    s, t = _per_example_terms(lam, hyper_weight, hyper_bias, bias_hyper, o.dtype)
-    y = ops.per_example_epilogue(o3, s, t, _cast(bias_elem, o.dtype), _cast(bias_hyper, o.dtype), groups, channels_last)
+    s = (lam @ hyper_weight.t()).to(o.dtype)  # o's dtype differs under autocast
+    offset = _per_example_offset(lam, bias_elem, bias_hyper, hyper_bias)
+    y = ops.per_example_epilogue(o3, s, None if offset is None else offset.to(o.dtype), groups, channels_last)
     if channels_last:
         return y.view(B, H, W, out).permute(0, 3, 1, 2)
     return y.view(B, out, H, W)

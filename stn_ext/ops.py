@@ -86,53 +86,61 @@ torch.library.register_autograd("stn_ext::gate", _gate_bwd, setup_context=_gate_
 torch.library.register_autograd("stn_ext::gate_backward", _gate_backward_bwd, setup_context=_gate_backward_setup)
 
 
-# --- stacked_linear: x [W_e; W_h]^T in one GEMM -------------------------------------------------
+# --- per_example_linear: one GEMM against [W_e; W_h], then the fused epilogue ----------------------
 
 
-def stacked_linear(x, weight_elem, weight_hyper):
-    """``x @ cat([weight_elem, weight_hyper]).T`` for 2-D x, with no weight copy when they are adjacent."""
+def per_example_linear(x, weight_elem, weight_hyper, s, offset):
+    """Per-example STN linear layer y = x W_e^T + s (.) (x W_h^T) + offset; x (B, ..., in), s (B, out),
+    offset (B, out), (out,) or None."""
     _library.check_device_supported(x, weight_elem)
-    return _ops.stacked_linear(x, weight_elem, weight_hyper)
+    return _ops.per_example_linear(x, weight_elem, weight_hyper, s, offset)[0]
 
 
-@torch.library.register_fake("stn_ext::stacked_linear")
-def _stacked_linear_fake(x, weight_elem, weight_hyper):
-    torch._check(x.dim() == 2, lambda: "stn_ext: x must be 2-D")
+@torch.library.register_fake("stn_ext::per_example_linear")
+def _per_example_linear_fake(x, weight_elem, weight_hyper, s, offset):
+    torch._check(x.dim() >= 2, lambda: "stn_ext: x must be (B, ..., in)")
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return x.new_empty((x.shape[0], 2 * weight_elem.shape[0]), dtype=dtype)
+    out = weight_elem.shape[0]
+    o = x.new_empty((x.numel() // x.shape[-1], 2 * out), dtype=dtype)
+    return x.new_empty(x.shape[:-1] + (out,), dtype=dtype), o
 
 
-def _stacked_linear_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _per_example_linear_setup(ctx, inputs, output):
+    x, w_e, w_h, s, offset = inputs
+    ctx.offset_dim = None if offset is None else offset.dim()
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for o
+    ctx.save_for_backward(x, w_e, w_h, s, output[1])
 
 
-def _stacked_linear_bwd(ctx, grad):
-    # Half-size GEMMs on the two column blocks of grad (strided views, no copies); in grad's dtype,
-    # which differs from the inputs' under autocast. (One GEMM for d[W_e; W_h] measured slower on CPU
-    # in a whole training step, though not in isolation.)
-    x, w_e, w_h = ctx.saved_tensors
-    out, dt = w_e.shape[0], grad.dtype
-    g_e, g_h = grad[:, :out], grad[:, out:]
-    dx = dw_e = dw_h = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.addmm(g_e @ w_e.to(dt), g_h, w_h.to(dt)).to(x.dtype)
-    if ctx.needs_input_grad[1]:
-        dw_e = (g_e.t() @ x.to(dt)).to(w_e.dtype)
-    if ctx.needs_input_grad[2]:
-        dw_h = (g_h.t() @ x.to(dt)).to(w_h.dtype)
-    return dx, dw_e, dw_h
+def _per_example_linear_bwd(ctx, grad, _grad_o):
+    if grad is None:
+        return (None,) * 5
+    x, w_e, w_h, s, o = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        # Double backward: grad_s depends on x and W_h through o, which the forward saved detached.
+        o = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), torch.cat([w_e, w_h])).to(o.dtype)
+    dx, dw_e, dw_h, ds = _ops.per_example_linear_backward(grad, x, w_e, w_h, o, s, list(need[:3]))
+    d_offset = None
+    if ctx.needs_input_grad[4]:
+        # grad summed over positions (if x had any), and over the batch for a shared offset.
+        d_offset = grad if x.dim() == 2 else grad.reshape(s.shape[0], -1, s.shape[1]).sum(1)
+        d_offset = d_offset.sum(0) if ctx.offset_dim == 1 else d_offset
+    return dx, dw_e, dw_h, ds, d_offset
 
 
-torch.library.register_autograd("stn_ext::stacked_linear", _stacked_linear_bwd, setup_context=_stacked_linear_setup)
+torch.library.register_autograd("stn_ext::per_example_linear", _per_example_linear_bwd,
+                                setup_context=_per_example_linear_setup)
 
 
 # --- per-example epilogue: y = e + s (.) h + b_e + t (.) b_h -------------------------------------
 
 
-def per_example_epilogue(o, s, t, bias_elem, bias_hyper, groups, channels_last):
+def per_example_epilogue(o, s, offset, groups, channels_last):
     """Fused epilogue of the per-example path; see csrc/stn_ext.cpp for the layout of ``o``."""
     _library.check_device_supported(o, s)
-    return _ops.per_example_epilogue(o, s, t, bias_elem, bias_hyper, groups, channels_last)
+    return _ops.per_example_epilogue(o, s, offset, groups, channels_last)
 
 
 def _out_shape(o, out, channels_last):
@@ -169,7 +177,7 @@ def _per_position(x, channels_last):
 
 
 @torch.library.register_fake("stn_ext::per_example_epilogue")
-def _epilogue_fake(o, s, t, bias_elem, bias_hyper, groups, channels_last):
+def _epilogue_fake(o, s, offset, groups, channels_last):
     torch._check(o.dim() == 3, lambda: "stn_ext: o must be 3-D")
     torch._check(s.dim() == 2, lambda: "stn_ext: s must be 2-D (B, out)")
     return o.new_empty(_out_shape(o, s.shape[1], channels_last))
@@ -181,19 +189,19 @@ def _epilogue_backward_fake(grad, o, s, groups, channels_last):
 
 
 def _epilogue_setup(ctx, inputs, output):
-    o, s, t, bias_elem, bias_hyper, groups, channels_last = inputs
+    o, s, offset, groups, channels_last = inputs
     ctx.groups, ctx.channels_last = groups, channels_last
-    ctx.has_bias_elem = bias_elem is not None
-    ctx.save_for_backward(o, s, t, bias_hyper)
+    ctx.offset_dim = None if offset is None else offset.dim()
+    ctx.save_for_backward(o, s)
 
 
 def _epilogue_bwd(ctx, grad):
-    o, s, t, bias_hyper = ctx.saved_tensors
+    o, s = ctx.saved_tensors
     grad_o, grad_s, grad_sum = _ops.per_example_epilogue_backward(grad, o, s, ctx.groups, ctx.channels_last)
-    grad_t = grad_sum * bias_hyper if bias_hyper is not None else None
-    grad_bias_elem = grad_sum.sum(0) if ctx.has_bias_elem else None
-    grad_bias_hyper = (grad_sum * t).sum(0) if bias_hyper is not None else None
-    return grad_o, grad_s, grad_t, grad_bias_elem, grad_bias_hyper, None, None
+    grad_offset = None
+    if ctx.needs_input_grad[2]:
+        grad_offset = grad_sum.sum(0) if ctx.offset_dim == 1 else grad_sum
+    return grad_o, grad_s, grad_offset, None, None
 
 
 def _epilogue_backward_setup(ctx, inputs, output):

@@ -64,50 +64,39 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad, con
 }
 
 // The epilogue loops walk contiguous runs (channels of one group at one position, or positions of
-// one channel), with the bias terms chosen at compile time, so the compiler vectorises them.
+// one channel), with the offset's presence chosen at compile time, so the compiler vectorises them.
 
-// y[j] = e[j] + s[j] h[j] + b_e[j] + t[j] b_h[j] along a run of channels at one position.
-template <bool kElem, bool kHyper, typename scalar_t, typename acc_t>
+// y[j] = e[j] + s[j] h[j] + offset[j] along a run of channels at one position.
+template <bool kOffset, typename scalar_t, typename acc_t>
 inline void epilogue_channels(const scalar_t* __restrict__ e, const scalar_t* __restrict__ h,
-                              const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
-                              const scalar_t* __restrict__ be, const scalar_t* __restrict__ bh,
+                              const scalar_t* __restrict__ s, const scalar_t* __restrict__ offset,
                               scalar_t* __restrict__ y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t bias = epilogue_bias<acc_t>(kElem ? static_cast<acc_t>(be[j]) : acc_t(0),
-                                            kHyper ? static_cast<acc_t>(t[j]) : acc_t(0),
-                                            kHyper ? static_cast<acc_t>(bh[j]) : acc_t(0));
-    y[j] = epilogue_value<scalar_t, acc_t>(e[j], h[j], static_cast<acc_t>(s[j]), bias);
+    const acc_t off = kOffset ? static_cast<acc_t>(offset[j]) : acc_t(0);
+    y[j] = epilogue_value<scalar_t, acc_t>(e[j], h[j], static_cast<acc_t>(s[j]), off);
   }
 }
 
-// Calls f with std::integral_constant flags for (bias_elem given, bias_hyper given).
+// Calls f with std::integral_constant<bool, flag>.
 template <typename F>
-inline void with_bias_flags(bool elem, bool hyper, F&& f) {
-  using T = std::true_type;
-  using N = std::false_type;
-  if (elem && hyper) f(T{}, T{});
-  else if (elem) f(T{}, N{});
-  else if (hyper) f(N{}, T{});
-  else f(N{}, N{});
+inline void with_flag(bool flag, F&& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
 }
 
-at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& t,
-                                    const std::optional<at::Tensor>& bias_elem,
-                                    const std::optional<at::Tensor>& bias_hyper, int64_t groups,
-                                    bool channels_last) {
-  auto c = prepare_epilogue(o, s, t, bias_elem, bias_hyper, groups, channels_last, c10::kCPU);
+at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& offset,
+                                    int64_t groups, bool channels_last) {
+  auto c = prepare_epilogue(o, s, offset, groups, channels_last, c10::kCPU);
   const auto& z = c.z;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* op = c.o.const_data_ptr<scalar_t>();
     const scalar_t* sp = c.s.const_data_ptr<scalar_t>();
-    const scalar_t* tp = optional_ptr<scalar_t>(c.t);
-    const scalar_t* bep = optional_ptr<scalar_t>(c.bias_elem);
-    const scalar_t* bhp = optional_ptr<scalar_t>(c.bias_hyper);
+    const scalar_t* offp = optional_ptr<scalar_t>(c.offset);
     scalar_t* yp = c.y.mutable_data_ptr<scalar_t>();
-    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = out / pg;
-    with_bias_flags(bep != nullptr, bhp != nullptr, [&](auto has_elem, auto has_hyper) {
-      constexpr bool kElem = decltype(has_elem)::value, kHyper = decltype(has_hyper)::value;
+    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = out / pg, ostride = c.offset_stride;
+    with_flag(offp != nullptr, [&](auto has_offset) {
+      constexpr bool kOffset = decltype(has_offset)::value;
       if (channels_last) {
         // Rows of (example, position): each group's channels are one run.
         at::parallel_for(0, z.batch * P, std::max<int64_t>(1, 16384 / std::max<int64_t>(out, 1)), [&](int64_t r0, int64_t r1) {
@@ -115,26 +104,23 @@ at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, co
             const int64_t b = r / P;
             for (int64_t g = 0; g < G; ++g) {
               const scalar_t* e = op + r * 2 * out + g * 2 * pg;
-              const int64_t c0 = b * out + g * pg;
-              epilogue_channels<kElem, kHyper, scalar_t, acc_t>(e, e + pg, sp + c0, tp ? tp + c0 : nullptr,
-                                                                bep ? bep + g * pg : nullptr,
-                                                                bhp ? bhp + g * pg : nullptr, yp + r * out + g * pg, pg);
+              epilogue_channels<kOffset, scalar_t, acc_t>(e, e + pg, sp + b * out + g * pg,
+                                                          kOffset ? offp + b * ostride + g * pg : nullptr,
+                                                          yp + r * out + g * pg, pg);
             }
           }
         });
       } else {
-        // Rows of (example, channel): the positions are one run with one scale and one bias.
+        // Rows of (example, channel): the positions are one run with one scale and one offset.
         at::parallel_for(0, z.batch * out, std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1)), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t b = r / out, ch = r % out;
-            const acc_t bias = epilogue_bias<acc_t>(kElem ? static_cast<acc_t>(bep[ch]) : acc_t(0),
-                                                    kHyper ? static_cast<acc_t>(tp[r]) : acc_t(0),
-                                                    kHyper ? static_cast<acc_t>(bhp[ch]) : acc_t(0));
+            const acc_t off = kOffset ? static_cast<acc_t>(offp[b * ostride + ch]) : acc_t(0);
             const acc_t sv = static_cast<acc_t>(sp[r]);
             const scalar_t* e = op + (b * 2 * out + elem_channel(ch, pg)) * P;
             const scalar_t* h = e + pg * P;
             scalar_t* y = yp + r * P;
-            for (int64_t q = 0; q < P; ++q) y[q] = epilogue_value<scalar_t, acc_t>(e[q], h[q], sv, bias);
+            for (int64_t q = 0; q < P; ++q) y[q] = epilogue_value<scalar_t, acc_t>(e[q], h[q], sv, off);
           }
         });
       }

@@ -55,16 +55,10 @@ __global__ void gate_backward_kernel(const scalar_t* __restrict__ grad, const sc
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ inline acc_t row_bias(const scalar_t* t, const scalar_t* be, const scalar_t* bh, int64_t c, int64_t bc) {
-  return epilogue_bias<acc_t>(be ? static_cast<acc_t>(be[c]) : acc_t(0), t ? static_cast<acc_t>(t[bc]) : acc_t(0),
-                              bh ? static_cast<acc_t>(bh[c]) : acc_t(0));
-}
-
-template <typename scalar_t, typename acc_t>
 __global__ void epilogue_kernel(const scalar_t* __restrict__ o, const scalar_t* __restrict__ s,
-                                const scalar_t* __restrict__ t, const scalar_t* __restrict__ be,
-                                const scalar_t* __restrict__ bh, scalar_t* __restrict__ y, int64_t batch,
-                                int64_t out, int64_t P, int64_t per_group, bool channels_last) {
+                                const scalar_t* __restrict__ offset, int64_t offset_stride,
+                                scalar_t* __restrict__ y, int64_t batch, int64_t out, int64_t P, int64_t per_group,
+                                bool channels_last) {
   const int64_t n = batch * out * P;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     // i walks y in memory order, so neighbouring threads touch neighbouring addresses.
@@ -78,11 +72,11 @@ __global__ void epilogue_kernel(const scalar_t* __restrict__ o, const scalar_t* 
       c = (i / P) % out;
       b = i / (out * P);
     }
-    const int64_t bc = b * out + c;
     const int64_t ce = elem_channel(c, per_group);
+    const acc_t off = offset ? static_cast<acc_t>(offset[b * offset_stride + c]) : acc_t(0);
     y[i] = epilogue_value<scalar_t, acc_t>(o[offset3(b, ce, p, 2 * out, P, channels_last)],
                                            o[offset3(b, ce + per_group, p, 2 * out, P, channels_last)],
-                                           static_cast<acc_t>(s[bc]), row_bias<scalar_t, acc_t>(t, be, bh, c, bc));
+                                           static_cast<acc_t>(s[b * out + c]), off);
   }
 }
 
@@ -165,20 +159,17 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad, co
   return {c.grad_hyper, c.grad_scale};
 }
 
-at::Tensor per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& t,
-                                     const std::optional<at::Tensor>& bias_elem,
-                                     const std::optional<at::Tensor>& bias_hyper, int64_t groups,
-                                     bool channels_last) {
-  auto c = prepare_epilogue(o, s, t, bias_elem, bias_hyper, groups, channels_last, c10::kCUDA);
+at::Tensor per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& offset,
+                                     int64_t groups, bool channels_last) {
+  auto c = prepare_epilogue(o, s, offset, groups, channels_last, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(c.o.device());  // after the checks: o is on a CUDA device
   const int64_t n = c.y.numel();
   if (n == 0) return c.y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     epilogue_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        c.o.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(c.t),
-        optional_ptr<scalar_t>(c.bias_elem), optional_ptr<scalar_t>(c.bias_hyper), c.y.mutable_data_ptr<scalar_t>(),
-        c.z.batch, c.z.out, c.z.positions, c.z.per_group, channels_last);
+        c.o.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(c.offset),
+        c.offset_stride, c.y.mutable_data_ptr<scalar_t>(), c.z.batch, c.z.out, c.z.positions, c.z.per_group, channels_last);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return c.y;

@@ -1,0 +1,102 @@
+// The per-example STN linear layer as one op pair (MacKay et al. 2019, per-example lam):
+//   forward:  o = x [W_e; W_h]^T in one GEMM, then the fused epilogue y = e + s (.) h + offset, where
+//             offset = b_e + t (.) b_h is formed by the caller (one small GEMM);
+//   backward: with gs = g (.) s, dx = g W_e + gs W_h, dW_e = g^T x, dW_h = gs^T x, ds = sum_P g (.) h.
+// Both are device generic (ATen's GEMMs; the epilogue kernel through the dispatcher), so they are
+// registered once. The backward is CompositeImplicitAutograd: autograd differentiates its ATen ops,
+// which gives double backward, while the forward's autograd (stn_ext/ops.py) calls it with grad mode
+// off, so a training step pays no recording.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+#include "op_args.h"
+
+namespace stn_ext {
+namespace {
+
+// [W_e; W_h] as a view when weight_hyper directly follows weight_elem in one storage (as StnLinear
+// keeps them), else a copy.
+at::Tensor stacked_weight(const at::Tensor& elem, const at::Tensor& hyper) {
+  const bool adjacent = elem.is_contiguous() && hyper.is_contiguous() && elem.numel() > 0 &&
+                        hyper.storage().is_alias_of(elem.storage()) &&
+                        hyper.storage_offset() == elem.storage_offset() + elem.numel();
+  if (adjacent) {
+    return elem.as_strided({2 * elem.size(0), elem.size(1)}, {elem.size(1), 1});
+  }
+  return at::cat({elem, hyper});
+}
+
+// Checks of the linear-specific arguments; the epilogue kernel checks the offset.
+void check_linear(const at::Tensor& x, const at::Tensor& weight_elem, const at::Tensor& weight_hyper,
+                  const at::Tensor& s) {
+  check_float(x, "x");
+  check_same(weight_elem, "weight_elem", weight_hyper, "weight_hyper");
+  TORCH_CHECK(x.device() == weight_elem.device(), "stn_ext: x is on ", x.device(), " but weight_elem is on ",
+              weight_elem.device());
+  TORCH_CHECK(weight_elem.dim() == 2, "stn_ext: weight_elem must be 2-D (out, in), got ", weight_elem.sizes());
+  check_shape(weight_hyper, weight_elem.sizes(), "weight_hyper");
+  TORCH_CHECK(x.dim() >= 2 && x.size(-1) == weight_elem.size(1), "stn_ext: x must have shape (B, ..., ",
+              weight_elem.size(1), "), got ", x.sizes());
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == weight_elem.size(0),
+              "stn_ext: s must have shape (B=", x.size(0), ", out=", weight_elem.size(0), "), got ", s.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const at::Tensor& weight_elem,
+                                                      const at::Tensor& weight_hyper, const at::Tensor& s,
+                                                      const std::optional<at::Tensor>& offset) {
+  check_linear(x, weight_elem, weight_hyper, s);
+  const int64_t batch = x.size(0), in = weight_elem.size(1), out = weight_elem.size(0);
+  // at::linear sees autocast (this op falls through it), so o may be in a lower precision than x.
+  at::Tensor o = at::linear(x.reshape({-1, in}), stacked_weight(weight_elem, weight_hyper));
+  const auto dt = o.scalar_type();
+  static auto epilogue = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("stn_ext::per_example_epilogue", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               int64_t, bool)>();
+  const auto offset_dt = offset ? std::optional<at::Tensor>(offset->to(dt)) : std::nullopt;
+  at::Tensor y = epilogue.call(o.view({batch, -1, 2 * out}), s.to(dt), offset_dt, 1, true);
+  auto y_shape = x.sizes().vec();
+  y_shape.back() = out;
+  return {y.view(y_shape), o};
+}
+
+// Written with symbolic sizes: as a CompositeImplicitAutograd kernel it is traced by torch.compile.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight_elem, const at::Tensor& weight_hyper,
+    const at::Tensor& o, const at::Tensor& s, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(x.dim() >= 2 && weight_elem.dim() == 2 && o.dim() == 2 && s.dim() == 2,
+              "stn_ext: per_example_linear_backward expects x (B, ..., in), 2-D weights, o (N, 2*out) and s (B, out)");
+  const c10::SymInt batch = x.sym_size(0), in = weight_elem.sym_size(1), out = weight_elem.sym_size(0);
+  // In grad's dtype: under autocast it is lower than the saved inputs'.
+  const auto dt = grad.scalar_type();
+  const at::Tensor g = grad.reshape_symint({batch, -1, out});
+  const at::Tensor g2 = g.view_symint({-1, out});
+  const at::Tensor gs = (g * s.to(dt).unsqueeze(1)).view_symint({-1, out});  // g (.) s, contiguous
+  at::Tensor dx, dw_e, dw_h;
+  if (output_mask[0]) {
+    dx = at::addmm(at::mm(g2, weight_elem.to(dt)), gs, weight_hyper.to(dt)).view_symint(x.sym_sizes()).to(x.scalar_type());
+  }
+  const at::Tensor x2 = x.reshape_symint({-1, in}).to(dt);
+  if (output_mask[1]) dw_e = at::mm(g2.t(), x2).to(weight_elem.scalar_type());
+  if (output_mask[2]) dw_h = at::mm(gs.t(), x2).to(weight_hyper.scalar_type());
+  const at::Tensor h = o.narrow_symint(1, out, out);
+  // One position per example (x of shape (B, in)) needs no sum over positions.
+  const at::Tensor ds = x.dim() == 2 ? g2 * h : (g * h.view_symint({batch, -1, out})).sum(1);
+  return {dx, dw_e, dw_h, ds.to(s.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stn_ext, CompositeExplicitAutograd, m) {
+  m.impl("per_example_linear", &per_example_linear);
+}
+
+TORCH_LIBRARY_IMPL(stn_ext, CompositeImplicitAutograd, m) {
+  m.impl("per_example_linear_backward", &per_example_linear_backward);
+}
+
+}  // namespace stn_ext
