@@ -69,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="include the shapes skipped on CPU (B=8192 4096->4096)")
     ap.add_argument("--repeats", type=int, default=10, help="timed repeats per variant (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs first (torch.compile compiles here)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure each case this many times; the table shows the median ratio and its range")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     ap.add_argument("--only", choices=["linear", "conv"], help="time one layer kind only")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -83,10 +85,21 @@ def main(argv=None):
     rows = []
     for kind, case in todo:
         vs = variants("Linear" if kind == "Linear" else "Conv2d", case, args.device, dtype, not args.no_compile)
-        rows.append(dict(layer=kind, shape=_shape_name(kind, case), results=measure(vs, args.device, args.repeats,
-                                                                                     args.warmup)))
+        rounds = [measure(vs, args.device, args.repeats, args.warmup) for _ in range(max(1, args.rounds))]
+        rows.append(dict(layer=kind, shape=_shape_name(kind, case), results=combine_rounds(rounds)))
         print(_summary(rows[-1]), flush=True)
     _write(rows, args)
+
+
+def combine_rounds(rounds):
+    """Per variant: median seconds over the rounds, and the median, min and max of its ratio to the
+    plain layer measured in the same round (a shared machine drifts between rounds)."""
+    combined = {}
+    for name in rounds[0]:
+        ratios = [r[name]["seconds"] / r["plain"]["seconds"] for r in rounds]
+        combined[name] = dict(rounds[-1][name], seconds=statistics.median(r[name]["seconds"] for r in rounds),
+                              ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+    return combined
 
 
 def _shape_name(kind, case):
@@ -99,7 +112,7 @@ def _shape_name(kind, case):
 
 def _summary(row):
     base = row["results"]["plain"]["seconds"]
-    ratios = ", ".join(f"{k} {v['seconds'] / base:.2f}x" for k, v in row["results"].items() if k != "plain")
+    ratios = ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in row["results"].items() if k != "plain")
     return f"{row['layer']} {row['shape']}: plain {base * 1e3:.2f} ms; {ratios}"
 
 
@@ -114,7 +127,7 @@ def _write(rows, args):
     stamp = datetime.date.today().isoformat()
     base = os.path.join(args.out, f"{args.device}-{args.dtype}-{stamp}")
     meta = dict(device=_device_name(args.device), dtype=args.dtype, torch=torch.__version__, date=stamp,
-                repeats=args.repeats, warmup=args.warmup)
+                repeats=args.repeats, warmup=args.warmup, rounds=args.rounds)
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     with open(base + ".md", "w") as f:
@@ -127,15 +140,17 @@ def markdown_table(rows, meta):
     names = [k for k in rows[0]["results"] if k != "plain"]
     lines = [f"# STN layers vs plain layers: {meta['device']}, {meta['dtype']}, torch {meta['torch']}, {meta['date']}",
              "",
-             "Forward+backward. Each cell is the variant's median time divided by the plain layer's (nn.Linear / "
-             "nn.Conv2d) in the same run; in brackets, the activation memory autograd keeps for backward (MiB, "
-             "parameters not counted).", "",
+             f"Forward+backward. Each cell is the variant's median time divided by the plain layer's (nn.Linear / "
+             f"nn.Conv2d) measured in the same round, the median over {meta.get('rounds', 1)} rounds with the "
+             f"smallest and largest in brackets, then the activation memory autograd keeps for backward (MiB, "
+             f"parameters not counted).", "",
              "| layer | shape | plain (ms) | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in rows:
         res = r["results"]
         base = res["plain"]["seconds"]
-        cells = [f"{res[k]['seconds'] / base:.2f}x ({res[k]['saved_mib']:.0f})" if k in res else "" for k in names]
-        lines.append(f"| {r['layer']} | {r['shape']} | {base * 1e3:.2f} ({res['plain']['saved_mib']:.0f}) | "
+        cells = [f"{res[k]['ratio']:.2f}x ({res[k]['ratio_min']:.2f}-{res[k]['ratio_max']:.2f}) "
+                 f"{res[k]['saved_mib']:.0f} MiB" if k in res else "" for k in names]
+        lines.append(f"| {r['layer']} | {r['shape']} | {base * 1e3:.2f}, {res['plain']['saved_mib']:.0f} MiB | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -150,8 +165,7 @@ def _plot(rows, meta, path):
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)) + 2.5, 4))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
-        ys = [r["results"][name]["seconds"] / r["results"]["plain"]["seconds"] if name in r["results"] else 0
-              for r in rows]
+        ys = [r["results"][name]["ratio"] if name in r["results"] else 0 for r in rows]
         ax.bar([i + j * width for i in range(len(rows))], ys, width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
