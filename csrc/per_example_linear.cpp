@@ -45,6 +45,14 @@ void check_linear(const at::Tensor& x, const at::Tensor& weight_elem, const at::
               "stn_ext: s must have shape (B=", x.size(0), ", out=", weight_elem.size(0), "), got ", s.sizes());
 }
 
+// Positions per example: the product of x's middle dimensions (1 for x of shape (B, in)). Spelled out
+// rather than inferred with -1, which an empty batch leaves ambiguous.
+c10::SymInt positions(const at::Tensor& x) {
+  c10::SymInt p = 1;
+  for (int64_t d = 1; d + 1 < x.dim(); ++d) p = p * x.sym_size(d);
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const at::Tensor& weight_elem,
                                                       const at::Tensor& weight_hyper, const at::Tensor& s,
                                                       const std::optional<at::Tensor>& offset) {
@@ -58,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                int64_t, bool)>();
   const auto offset_dt = offset ? std::optional<at::Tensor>(offset->to(dt)) : std::nullopt;
-  at::Tensor y = epilogue.call(o.view({batch, -1, 2 * out}), s.to(dt), offset_dt, 1, true);
+  at::Tensor y = epilogue.call(o.view({batch, positions(x).expect_int(), 2 * out}), s.to(dt), offset_dt, 1, true);
   auto y_shape = x.sizes().vec();
   y_shape.back() = out;
   return {y.view(y_shape), o};
@@ -71,9 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_ba
   TORCH_CHECK(x.dim() >= 2 && weight_elem.dim() == 2 && o.dim() == 2 && s.dim() == 2,
               "stn_ext: per_example_linear_backward expects x (B, ..., in), 2-D weights, o (N, 2*out) and s (B, out)");
   const c10::SymInt batch = x.sym_size(0), in = weight_elem.sym_size(1), out = weight_elem.sym_size(0);
+  const c10::SymInt P = positions(x);
   // In grad's dtype: under autocast it is lower than the saved inputs'.
   const auto dt = grad.scalar_type();
-  const at::Tensor g = grad.reshape_symint({batch, -1, out});
+  const at::Tensor g = grad.reshape_symint({batch, P, out});
   const at::Tensor g2 = g.view_symint({-1, out});
   const at::Tensor gs = (g * s.to(dt).unsqueeze(1)).view_symint({-1, out});  // g (.) s, contiguous
   at::Tensor dx, dw_e, dw_h;
@@ -85,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_ba
   if (output_mask[2]) dw_h = at::mm(gs.t(), x2).to(weight_hyper.scalar_type());
   const at::Tensor h = o.narrow_symint(1, out, out);
   // One position per example (x of shape (B, in)) needs no sum over positions.
-  const at::Tensor ds = x.dim() == 2 ? g2 * h : (g * h.view_symint({batch, -1, out})).sum(1);
+  const at::Tensor ds = x.dim() == 2 ? g2 * h : (g * h.view_symint({batch, P, out})).sum(1);
   return {dx, dw_e, dw_h, ds.to(s.scalar_type())};
 }
 

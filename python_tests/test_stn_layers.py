@@ -46,6 +46,22 @@ def test_fresh_layers_equal_elementary_layers(device):
         torch.testing.assert_close(stn_c(x, lam), conv(x))
 
 
+@pytest.mark.parametrize("x_shape", [(0, 5), (0, 4, 5), (2, 0, 5)], ids=str)
+def test_empty_batches_and_positions(x_shape, device):
+    layer = stn_ext.StnLinear(5, 3, 2, device=device)
+    _randomise_hyper(layer)
+    x = torch.randn(*x_shape, device=device, requires_grad=True)
+    for lam in (torch.randn(2, device=device), torch.randn(x_shape[0], 2, device=device)):
+        y = layer(x, lam)
+        assert y.shape == x_shape[:-1] + (3,)
+        y.sum().backward()
+        assert x.grad.shape == x.shape and torch.all(layer.weight_hyper.grad == 0)
+        layer.zero_grad()
+    conv = stn_ext.StnConv2d(3, 4, 3, 2, device=device)
+    y = conv(torch.randn(0, 3, 6, 6, device=device), torch.randn(0, 2, device=device))
+    assert y.shape == (0, 4, 4, 4)
+
+
 def test_fresh_layer_parameter_names_and_shapes():
     layer = stn_ext.StnConv2d(4, 6, (3, 5), 2, groups=2)
     shapes = {k: tuple(v.shape) for k, v in layer.named_parameters()}

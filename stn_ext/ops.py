@@ -3,6 +3,8 @@
 Every backward is written in differentiable ops (the backward ops have autograd of their own), so
 double backward works: the trainer and reversible learning take Hessian-vector products.
 """
+import math
+
 import torch
 
 from stn_ext import _library  # noqa: F401  (loads the library that defines the schemas)
@@ -125,7 +127,7 @@ def _per_example_linear_bwd(ctx, grad, _grad_o):
     d_offset = None
     if ctx.needs_input_grad[4]:
         # grad summed over positions (if x had any), and over the batch for a shared offset.
-        d_offset = grad if x.dim() == 2 else grad.reshape(s.shape[0], -1, s.shape[1]).sum(1)
+        d_offset = grad if x.dim() == 2 else grad.reshape(s.shape[0], math.prod(x.shape[1:-1]), s.shape[1]).sum(1)
         d_offset = d_offset.sum(0) if ctx.offset_dim == 1 else d_offset
     return dx, dw_e, dw_h, ds, d_offset
 
