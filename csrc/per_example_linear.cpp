@@ -82,9 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_ba
   const c10::SymInt P = positions(x);
   // In grad's dtype: under autocast it is lower than the saved inputs'.
   const auto dt = grad.scalar_type();
-  const at::Tensor g = grad.reshape_symint({batch, P, out});
+  // Contiguous (no copy when they already are), so both can be viewed as (N, out) GEMM operands.
+  const at::Tensor g = grad.contiguous().view_symint({batch, P, out});
   const at::Tensor g2 = g.view_symint({-1, out});
-  const at::Tensor gs = (g * s.to(dt).unsqueeze(1)).view_symint({-1, out});  // g (.) s, contiguous
+  const at::Tensor gs = (g * s.to(dt).unsqueeze(1)).contiguous().view_symint({-1, out});  // g (.) s
   at::Tensor dx, dw_e, dw_h;
   if (output_mask[0]) {
     dx = at::addmm(at::mm(g2, weight_elem.to(dt)), gs, weight_hyper.to(dt)).view_symint(x.sym_sizes()).to(x.scalar_type());

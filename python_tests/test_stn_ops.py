@@ -230,6 +230,20 @@ def test_non_contiguous_inputs(device):
     torch.testing.assert_close(y, e + s[:, :, None] * h)
 
 
+def test_non_contiguous_gradients(device):
+    # The gradient reaching the per-example ops may be permuted or broadcast (expanded) by what follows.
+    B, n = 4, 2
+    args = [torch.randn(B, 6, 5, dtype=torch.float64, device=device), make_lam(True, B, n, device=device)]
+    args += linear_params(5, 3, n, device=device)
+    ours, ref = leaves(args), leaves(args)
+    for fn, a in ((Fn.stn_linear, ours), (R.stn_linear, ref)):
+        y = fn(*a)
+        (y.transpose(0, 1).reshape(6, -1) ** 2).sum().backward()
+        fn(*a).sum().backward()  # an expanded (zero-stride) gradient
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast(dtype, device):
     if device == "cpu" and dtype == torch.float16:
