@@ -7,6 +7,7 @@
 // which gives double backward, while the forward's autograd (stn_ext/ops.py) calls it with grad mode
 // off, so a training step pays no recording.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -58,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& offset) {
   check_linear(x, weight_elem, weight_hyper, s);
   const int64_t batch = x.size(0), in = weight_elem.size(1), out = weight_elem.size(0);
-  // at::linear sees autocast (this op falls through it), so o may be in a lower precision than x.
+  // Under autocast the inputs arrive cast (per_example_linear_autocast below).
   at::Tensor o = at::linear(x.reshape({-1, in}), stacked_weight(weight_elem, weight_hyper));
   const auto dt = o.scalar_type();
   static auto epilogue = c10::Dispatcher::singleton()
@@ -99,10 +100,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_ba
   return {dx, dw_e, dw_h, ds.to(s.scalar_type())};
 }
 
+// Autocast rule, as ATen's lower-precision ops have: the inputs are cast to the autocast dtype and the
+// op runs with autocast off. (Leaving it to the at::linear inside the op worked in eager mode only: under
+// torch.compile the op then ran in float32.) W_e and W_h are cast into one (2, out, in) buffer, so the
+// op still reads them as one stacked matrix without a copy.
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor> per_example_linear_autocast(const at::Tensor& x, const at::Tensor& weight_elem,
+                                                               const at::Tensor& weight_hyper, const at::Tensor& s,
+                                                               const std::optional<at::Tensor>& offset) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto dt = at::autocast::get_autocast_dtype(kDevice);
+  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
+  at::Tensor w_e = weight_elem, w_h = weight_hyper;
+  if (at::autocast::is_eligible(weight_elem, kDevice) && at::autocast::is_eligible(weight_hyper, kDevice) &&
+      weight_elem.sizes() == weight_hyper.sizes()) {
+    at::Tensor both = at::empty({2, weight_elem.size(0), weight_elem.size(1)}, weight_elem.options().dtype(dt));
+    both.select(0, 0).copy_(weight_elem);
+    both.select(0, 1).copy_(weight_hyper);
+    w_e = both.select(0, 0);
+    w_h = both.select(0, 1);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("stn_ext::per_example_linear", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const std::optional<at::Tensor>&)>();
+  const auto offset_cast = offset ? std::optional<at::Tensor>(cast(*offset)) : std::nullopt;
+  return op.call(cast(x), w_e, w_h, cast(s), offset_cast);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stn_ext, CompositeExplicitAutograd, m) {
   m.impl("per_example_linear", &per_example_linear);
+}
+
+TORCH_LIBRARY_IMPL(stn_ext, AutocastCPU, m) {
+  m.impl("per_example_linear", &per_example_linear_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(stn_ext, AutocastCUDA, m) {
+  m.impl("per_example_linear", &per_example_linear_autocast<c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(stn_ext, CompositeImplicitAutograd, m) {

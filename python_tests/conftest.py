@@ -1,5 +1,16 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# torch.compile's on-disk cache keys a graph by the ops it calls, not by their compiled code: a graph
+# cached from an earlier build of stn_ext could be replayed. Each test session compiles afresh.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="stn_ext_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 DEVICES = ["cpu", "cuda"]
 

@@ -216,6 +216,33 @@ def test_torch_func_transforms_and_forward_ad_work():
     torch.testing.assert_close(y_t, fd, rtol=1e-6, atol=1e-6)
 
 
+def test_compile_under_autocast_matches_eager():
+    # The per-example Linear op casts its inputs at the autocast key, so compiled code runs it in
+    # bfloat16 as eager does (it used to run in float32 under torch.compile).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = stn_ext.StnLinear(16, 8, 2)
+    _randomise_hyper(layer)
+    x, lam = torch.randn(4, 3, 16), torch.randn(4, 2)
+
+    def f(x, lam):  # an op after the layer, so compiled code reads the layer's output
+        return torch.relu(layer(x, lam)) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_eager, y_compiled = f(x, lam), compiled(x, lam)
+    assert y_eager.dtype == y_compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(y_compiled, y_eager)
+    grads = []
+    for y in (y_eager, y_compiled):
+        layer.zero_grad()
+        y.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):  # the two graphs round in bfloat16 at different places
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * max(1.0, b.abs().max().item()))
+
+
 def test_compiled_graph_uses_the_fused_ops():
     torch._dynamo.reset()
     layer = stn_ext.StnLinear(5, 3, 2)

@@ -101,7 +101,7 @@ def per_example_linear(x, weight_elem, weight_hyper, s, offset):
 @torch.library.register_fake("stn_ext::per_example_linear")
 def _per_example_linear_fake(x, weight_elem, weight_hyper, s, offset):
     torch._check(x.dim() >= 2, lambda: "stn_ext: x must be (B, ..., in)")
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = torch.promote_types(x.dtype, weight_elem.dtype)  # the autocast rule has cast them already
     out = weight_elem.shape[0]
     o = x.new_empty((x.numel() // x.shape[-1], 2 * out), dtype=dtype)
     return x.new_empty(x.shape[:-1] + (out,), dtype=dtype), o
