@@ -81,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_ba
               "stn_ext: per_example_linear_backward expects x (B, ..., in), 2-D weights, o (N, 2*out) and s (B, out)");
   const c10::SymInt batch = x.sym_size(0), in = weight_elem.sym_size(1), out = weight_elem.sym_size(0);
   const c10::SymInt P = positions(x);
-  // In grad's dtype: under autocast it is lower than the saved inputs'.
+  // In grad's dtype. The autocast rule below gives the op inputs of one dtype, so the casts are no-ops
+  // on the autograd path; they keep a direct call with mixed dtypes working.
   const auto dt = grad.scalar_type();
   // Contiguous (no copy when they already are), so both can be viewed as (N, out) GEMM operands.
   const at::Tensor g = grad.contiguous().view_symint({batch, P, out});

@@ -125,7 +125,7 @@ def _per_example_linear_bwd(ctx, grad, _grad_o):
         o = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), torch.cat([w_e, w_h])).to(o.dtype)
     dx, dw_e, dw_h, ds = _ops.per_example_linear_backward(grad, x, w_e, w_h, o, s, list(need[:3]))
     d_offset = None
-    if ctx.needs_input_grad[4]:
+    if need[4]:
         # grad summed over positions (if x had any), and over the batch for a shared offset.
         d_offset = grad if x.dim() == 2 else grad.reshape(s.shape[0], math.prod(x.shape[1:-1]), s.shape[1]).sum(1)
         d_offset = d_offset.sum(0) if ctx.offset_dim == 1 else d_offset
