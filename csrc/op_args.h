@@ -53,30 +53,39 @@ struct EpilogueSizes {
   int64_t batch, out, positions, per_group;
 };
 
+// o is the stacked GEMM/conv output (2*out channels) or, with stacked = false, a tensor shaped like the
+// layer output (out channels): the h half the forward kept, or the incoming gradient.
 inline EpilogueSizes check_epilogue(const at::Tensor& o, const at::Tensor& s, int64_t groups,
-                                    bool channels_last, const char* o_name = "o") {
+                                    bool channels_last, const char* o_name = "o", bool stacked = true) {
   check_float(o, o_name);
   check_same(o, o_name, s, "s");
-  TORCH_CHECK(o.dim() == 3, "stn_ext: ", o_name, " must be 3-D (B, P, 2*out) or (B, 2*out, P), got ",
+  TORCH_CHECK(o.dim() == 3, "stn_ext: ", o_name, " must be 3-D (B, P, channels) or (B, channels, P), got ",
               o.sizes());
   TORCH_CHECK(s.dim() == 2, "stn_ext: s must be 2-D (B, out), got ", s.sizes());
   const int64_t batch = o.size(0);
   const int64_t out = s.size(1);
   const int64_t positions = channels_last ? o.size(1) : o.size(2);
   const int64_t channels = channels_last ? o.size(2) : o.size(1);
+  const int64_t expected = stacked ? 2 * out : out;
   TORCH_CHECK(groups >= 1 && out % groups == 0, "stn_ext: groups (", groups,
               ") must be positive and divide the output channels (", out, ")");
-  TORCH_CHECK(channels == 2 * out, "stn_ext: ", o_name, " must have 2*out = ", 2 * out,
+  TORCH_CHECK(channels == expected, "stn_ext: ", o_name, " must have ", stacked ? "2*out = " : "out = ", expected,
               " channels (out taken from s), got ", channels);
   TORCH_CHECK(s.size(0) == batch, "stn_ext: s has ", s.size(0), " rows but ", o_name, " has batch ",
               batch);
   return {batch, out, positions, out / groups};
 }
 
-// Shape of the epilogue output: o's shape with out channels instead of 2*out.
+// Shape of the epilogue output (and of the h it keeps): o's shape with out channels instead of 2*out.
 inline std::vector<int64_t> epilogue_out_shape(const EpilogueSizes& z, bool channels_last) {
   return channels_last ? std::vector<int64_t>{z.batch, z.positions, z.out}
                        : std::vector<int64_t>{z.batch, z.out, z.positions};
+}
+
+// Shape of the stacked output o (and of its gradient): 2*out channels.
+inline std::vector<int64_t> epilogue_stacked_shape(const EpilogueSizes& z, bool channels_last) {
+  return channels_last ? std::vector<int64_t>{z.batch, z.positions, 2 * z.out}
+                       : std::vector<int64_t>{z.batch, 2 * z.out, z.positions};
 }
 
 // The epilogue's offset: (B, out) per example, or (out,) shared by the batch. Returns its stride
@@ -133,7 +142,7 @@ inline GateBackwardCall prepare_gate_backward(const at::Tensor& grad, const at::
 }
 
 struct EpilogueCall {
-  at::Tensor o, s, y;
+  at::Tensor o, s, y, h;
   std::optional<at::Tensor> offset;
   int64_t offset_stride;  // between examples: out, or 0 for a shared (out,) offset
   EpilogueSizes z;
@@ -146,27 +155,27 @@ inline EpilogueCall prepare_epilogue(const at::Tensor& o, const at::Tensor& s,
   const int64_t offset_stride = check_epilogue_offset(o, z, offset);
   check_device(o, device, "o");
   auto y = at::empty(epilogue_out_shape(z, channels_last), o.options());
-  return {o.contiguous(), s.contiguous(), y, contiguous_or_none(offset), offset_stride, z};
+  auto h = at::empty(epilogue_out_shape(z, channels_last), o.options());
+  return {o.contiguous(), s.contiguous(), y, h, contiguous_or_none(offset), offset_stride, z};
 }
 
 struct EpilogueBackwardCall {
-  at::Tensor grad, o, s, grad_o, grad_s, grad_sum;
+  at::Tensor grad, h, s, grad_o, grad_s, grad_sum;
   EpilogueSizes z;
 };
 
-inline EpilogueBackwardCall prepare_epilogue_backward(const at::Tensor& grad, const at::Tensor& o,
+inline EpilogueBackwardCall prepare_epilogue_backward(const at::Tensor& grad, const at::Tensor& h,
                                                       const at::Tensor& s, int64_t groups,
                                                       bool channels_last, c10::DeviceType device) {
-  const auto z = check_epilogue(o, s, groups, channels_last);
-  check_same(o, "o", grad, "grad");
-  check_shape(grad, epilogue_out_shape(z, channels_last), "grad");
-  check_device(o, device, "o");
-  auto oc = o.contiguous();
-  auto grad_o = at::empty_like(oc);
+  const auto z = check_epilogue(h, s, groups, channels_last, "h", /*stacked=*/false);
+  check_same(h, "h", grad, "grad");
+  check_shape(grad, h.sizes(), "grad");
+  check_device(h, device, "h");
+  auto grad_o = at::empty(epilogue_stacked_shape(z, channels_last), h.options());
   // Every (example, channel) sum is written by the kernels (zero when there are no positions).
   auto grad_s = at::empty_like(s, at::MemoryFormat::Contiguous);
   auto grad_sum = at::empty_like(s, at::MemoryFormat::Contiguous);
-  return {grad.contiguous(), oc, s.contiguous(), grad_o, grad_s, grad_sum, z};
+  return {grad.contiguous(), h.contiguous(), s.contiguous(), grad_o, grad_s, grad_sum, z};
 }
 
 }  // namespace stn_ext

@@ -1,6 +1,6 @@
 // The per-example STN linear layer as one op pair (MacKay et al. 2019, per-example lam):
 //   forward:  o = x [W_e; W_h]^T in one GEMM, then the fused epilogue y = e + s (.) h + offset, where
-//             offset = b_e + t (.) b_h is formed by the caller (one small GEMM);
+//             offset = b_e + t (.) b_h is formed by the caller (one small GEMM); h is kept, o freed;
 //   backward: with gs = g (.) s, dx = g W_e + gs W_h, dW_e = g^T x, dW_h = gs^T x, ds = sum_P g (.) h.
 // Both are device generic (ATen's GEMMs; the epilogue kernel through the dispatcher), so they are
 // registered once. The backward is CompositeImplicitAutograd: autograd differentiates its ATen ops,
@@ -64,21 +64,21 @@ std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const
   const auto dt = o.scalar_type();
   static auto epilogue = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("stn_ext::per_example_epilogue", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                               int64_t, bool)>();
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const std::optional<at::Tensor>&, int64_t, bool)>();
   const auto offset_dt = offset ? std::optional<at::Tensor>(offset->to(dt)) : std::nullopt;
-  at::Tensor y = epilogue.call(o.view({batch, positions(x).expect_int(), 2 * out}), s.to(dt), offset_dt, 1, true);
+  auto [y, h] = epilogue.call(o.view({batch, positions(x).expect_int(), 2 * out}), s.to(dt), offset_dt, 1, true);
   auto y_shape = x.sizes().vec();
   y_shape.back() = out;
-  return {y.view(y_shape), o};
+  return {y.view(y_shape), h.view({-1, out})};
 }
 
 // Written with symbolic sizes: as a CompositeImplicitAutograd kernel it is traced by torch.compile.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight_elem, const at::Tensor& weight_hyper,
-    const at::Tensor& o, const at::Tensor& s, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(x.dim() >= 2 && weight_elem.dim() == 2 && o.dim() == 2 && s.dim() == 2,
-              "stn_ext: per_example_linear_backward expects x (B, ..., in), 2-D weights, o (N, 2*out) and s (B, out)");
+    const at::Tensor& h, const at::Tensor& s, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(x.dim() >= 2 && weight_elem.dim() == 2 && h.dim() == 2 && s.dim() == 2,
+              "stn_ext: per_example_linear_backward expects x (B, ..., in), 2-D weights, h (N, out) and s (B, out)");
   const c10::SymInt batch = x.sym_size(0), in = weight_elem.sym_size(1), out = weight_elem.sym_size(0);
   const c10::SymInt P = positions(x);
   // In grad's dtype. The autocast rule below gives the op inputs of one dtype, so the casts are no-ops
@@ -95,7 +95,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_ba
   const at::Tensor x2 = x.reshape_symint({-1, in}).to(dt);
   if (output_mask[1]) dw_e = at::mm(g2.t(), x2).to(weight_elem.scalar_type());
   if (output_mask[2]) dw_h = at::mm(gs.t(), x2).to(weight_hyper.scalar_type());
-  const at::Tensor h = o.narrow_symint(1, out, out);
   // One position per example (x of shape (B, in)) needs no sum over positions.
   const at::Tensor ds = x.dim() == 2 ? g2 * h : (g * h.view_symint({batch, P, out})).sum(1);
   return {dx, dw_e, dw_h, ds.to(s.scalar_type())};

@@ -30,26 +30,29 @@ TORCH_LIBRARY(stn_ext, m) {
   m.def("gate(Tensor elem, Tensor hyper, Tensor scale) -> Tensor");
   // One pass over grad and hyper: (grad_hyper = scale (.)row grad, grad_scale_i = sum_j grad_ij hyper_ij).
   m.def("gate_backward(Tensor grad, Tensor hyper, Tensor scale) -> (Tensor, Tensor)");
-  // Per-example linear layer, x (B, ..., in), s (B, out), offset (B, out) or (out,): returns (y, o)
-  // with o = x [W_e; W_h]^T of shape (N, 2*out) from one GEMM (no weight copy when weight_hyper follows
-  // weight_elem in memory, as StnLinear stores them) and y = e + s (.) h + offset of shape
-  // (B, ..., out) from the epilogue below. o is kept for the backward.
+  // Per-example linear layer, x (B, ..., in), s (B, out), offset (B, out) or (out,): returns (y, h).
+  // One GEMM gives o = x [W_e; W_h]^T of shape (N, 2*out) (no weight copy when weight_hyper follows
+  // weight_elem in memory, as StnLinear stores them); the epilogue below gives y = e + s (.) h + offset
+  // of shape (B, ..., out) and h of shape (N, out), the only part of o the backward needs.
   m.def(
       "per_example_linear(Tensor x, Tensor weight_elem, Tensor weight_hyper, Tensor s, Tensor? offset) "
       "-> (Tensor, Tensor)");
   // Its backward given grad = dL/dy: (grad_x, grad_weight_elem, grad_weight_hyper, grad_s); the first
   // three only where output_mask says (else undefined). grad_offset is grad summed over positions.
   m.def(
-      "per_example_linear_backward(Tensor grad, Tensor x, Tensor weight_elem, Tensor weight_hyper, Tensor o, "
+      "per_example_linear_backward(Tensor grad, Tensor x, Tensor weight_elem, Tensor weight_hyper, Tensor h, "
       "Tensor s, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // Per-example epilogue. o: (B, P, 2*out) if channels_last else (B, 2*out, P), the GEMM/conv output
   // against the stacked weight (group-interleaved when groups > 1); s: (B, out); offset: the gated
-  // bias b_e + t (.) b_h, (B, out), or (out,) when only b_e is there. y = e + s (.) h + offset, shaped
-  // like o with out channels.
-  m.def("per_example_epilogue(Tensor o, Tensor s, Tensor? offset, int groups, bool channels_last) -> Tensor");
-  // Returns (grad_o = [g | g (.) s], grad_s = sum_P g (.) h, grad_sum = sum_P g = grad of a (B, out) offset).
+  // bias b_e + t (.) b_h, (B, out), or (out,) when only b_e is there. Returns (y = e + s (.) h + offset,
+  // h), both shaped like o with out channels: h is kept for the backward in place of all of o.
   m.def(
-      "per_example_epilogue_backward(Tensor grad, Tensor o, Tensor s, int groups, bool channels_last) "
+      "per_example_epilogue(Tensor o, Tensor s, Tensor? offset, int groups, bool channels_last) "
+      "-> (Tensor, Tensor)");
+  // Given grad = dL/dy and the kept h: (grad_o = [g | g (.) s] shaped like o, grad_s = sum_P g (.) h,
+  // grad_sum = sum_P g = grad of a (B, out) offset).
+  m.def(
+      "per_example_epilogue_backward(Tensor grad, Tensor h, Tensor s, int groups, bool channels_last) "
       "-> (Tensor, Tensor, Tensor)");
 
   // --- reversible learning ---------------------------------------------------------------------

@@ -260,6 +260,21 @@ def test_compiled_graph_uses_the_fused_ops():
     assert any("per_example_epilogue" in t for t in seen), seen
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_per_example_layers_keep_h_not_the_stacked_output(kind):
+    # Backward needs only the h half of the stacked output o = [e | h]; keeping all of o would hold
+    # 2*out channels per example where the pure-PyTorch layer holds out.
+    B, out = 4, 6
+    layer, x = ((stn_ext.StnLinear(5, out, 2), torch.randn(B, 5)) if kind == "linear"
+                else (stn_ext.StnConv2d(3, out, 3, 2, padding=1), torch.randn(B, 3, 7, 7)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x.requires_grad_(), torch.randn(B, 2))
+    activations = [t for t in saved if t.dim() > 1 and t.shape[0] == B]
+    assert activations and all(t.numel() <= y.numel() for t in activations), [t.shape for t in saved]
+    assert max(t.untyped_storage().nbytes() for t in activations) <= y.untyped_storage().nbytes()
+
+
 BAD_LINEAR = [
     (dict(lam=torch.zeros(3)), "n_hyper=2"),
     (dict(lam=torch.zeros(5, 2)), "batch size"),
@@ -303,6 +318,8 @@ def test_bad_op_arguments_name_the_argument():
         ops.per_example_epilogue(torch.zeros(2, 5, 6), torch.zeros(2, 3), torch.zeros(3, 3), 1, True)
     with pytest.raises(RuntimeError, match="groups"):
         ops.per_example_epilogue(torch.zeros(2, 6, 5), torch.zeros(2, 3), None, 2, False)
+    with pytest.raises(RuntimeError, match="h must have out = 3"):
+        ops.per_example_epilogue_backward(torch.zeros(2, 5, 6), torch.zeros(2, 5, 6), torch.zeros(2, 3), 1, True)
     with pytest.raises(RuntimeError, match="s must have shape"):
         ops.per_example_linear(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 3), None)
 

@@ -103,27 +103,27 @@ def _per_example_linear_fake(x, weight_elem, weight_hyper, s, offset):
     torch._check(x.dim() >= 2, lambda: "stn_ext: x must be (B, ..., in)")
     dtype = torch.promote_types(x.dtype, weight_elem.dtype)  # the autocast rule has cast them already
     out = weight_elem.shape[0]
-    o = x.new_empty((x.numel() // x.shape[-1], 2 * out), dtype=dtype)
-    return x.new_empty(x.shape[:-1] + (out,), dtype=dtype), o
+    h = x.new_empty((x.numel() // x.shape[-1], out), dtype=dtype)
+    return x.new_empty(x.shape[:-1] + (out,), dtype=dtype), h
 
 
 def _per_example_linear_setup(ctx, inputs, output):
     x, w_e, w_h, s, offset = inputs
     ctx.offset_dim = None if offset is None else offset.dim()
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for o
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for h
     ctx.save_for_backward(x, w_e, w_h, s, output[1])
 
 
 def _per_example_linear_bwd(ctx, grad, _grad_o):
     if grad is None:
         return (None,) * 5
-    x, w_e, w_h, s, o = ctx.saved_tensors
+    x, w_e, w_h, s, h = ctx.saved_tensors
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():
-        # Double backward: grad_s depends on x and W_h through o, which the forward saved detached.
-        o = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), torch.cat([w_e, w_h])).to(o.dtype)
-    dx, dw_e, dw_h, ds = _ops.per_example_linear_backward(grad, x, w_e, w_h, o, s, list(need[:3]))
+        # Double backward: grad_s depends on x and W_h through h, which the forward saved detached.
+        h = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), w_h).to(h.dtype)
+    dx, dw_e, dw_h, ds = _ops.per_example_linear_backward(grad, x, w_e, w_h, h, s, list(need[:3]))
     d_offset = None
     if need[4]:
         # grad summed over positions (if x had any), and over the batch for a shared offset.
@@ -136,17 +136,21 @@ torch.library.register_autograd("stn_ext::per_example_linear", _per_example_line
                                 setup_context=_per_example_linear_setup)
 
 
-# --- per-example epilogue: y = e + s (.) h + b_e + t (.) b_h -------------------------------------
+# --- per-example epilogue: y = e + s (.) h + offset ------------------------------------------------
 
 
 def per_example_epilogue(o, s, offset, groups, channels_last):
-    """Fused epilogue of the per-example path; see csrc/stn_ext.cpp for the layout of ``o``."""
+    """Fused epilogue of the per-example path, y; see csrc/stn_ext.cpp for the layout of ``o``."""
     _library.check_device_supported(o, s)
-    return _ops.per_example_epilogue(o, s, offset, groups, channels_last)
+    return _ops.per_example_epilogue(o, s, offset, groups, channels_last)[0]
 
 
 def _out_shape(o, out, channels_last):
     return (o.shape[0], o.shape[1], out) if channels_last else (o.shape[0], out, o.shape[2])
+
+
+def _stacked_shape(h, channels_last):
+    return (h.shape[0], h.shape[1], 2 * h.shape[2]) if channels_last else (h.shape[0], 2 * h.shape[1], h.shape[2])
 
 
 def split_halves(o, groups, channels_last):
@@ -182,24 +186,32 @@ def _per_position(x, channels_last):
 def _epilogue_fake(o, s, offset, groups, channels_last):
     torch._check(o.dim() == 3, lambda: "stn_ext: o must be 3-D")
     torch._check(s.dim() == 2, lambda: "stn_ext: s must be 2-D (B, out)")
-    return o.new_empty(_out_shape(o, s.shape[1], channels_last))
+    shape = _out_shape(o, s.shape[1], channels_last)
+    return o.new_empty(shape), o.new_empty(shape)
 
 
 @torch.library.register_fake("stn_ext::per_example_epilogue_backward")
-def _epilogue_backward_fake(grad, o, s, groups, channels_last):
-    return o.new_empty(o.shape), s.new_empty(s.shape), s.new_empty(s.shape)
+def _epilogue_backward_fake(grad, h, s, groups, channels_last):
+    return h.new_empty(_stacked_shape(h, channels_last)), s.new_empty(s.shape), s.new_empty(s.shape)
 
 
 def _epilogue_setup(ctx, inputs, output):
-    o, s, offset, groups, channels_last = inputs
+    _, s, offset, groups, channels_last = inputs
     ctx.groups, ctx.channels_last = groups, channels_last
     ctx.offset_dim = None if offset is None else offset.dim()
-    ctx.save_for_backward(o, s)
+    ctx.set_materialize_grads(False)  # h's gradient is None but in double backward
+    # h (an output, differentiable: the copy of o's h half) rather than o: half the memory kept.
+    ctx.save_for_backward(output[1], s)
 
 
-def _epilogue_bwd(ctx, grad):
-    o, s = ctx.saved_tensors
-    grad_o, grad_s, grad_sum = _ops.per_example_epilogue_backward(grad, o, s, ctx.groups, ctx.channels_last)
+def _epilogue_bwd(ctx, grad, grad_h):
+    h, s = ctx.saved_tensors
+    g, cl = ctx.groups, ctx.channels_last
+    if grad is None:
+        grad = torch.zeros_like(h)
+    grad_o, grad_s, grad_sum = _ops.per_example_epilogue_backward(grad, h, s, g, cl)
+    if grad_h is not None:
+        grad_o = grad_o + join_halves(torch.zeros_like(grad_h), grad_h, g, cl)
     grad_offset = None
     if ctx.needs_input_grad[2]:
         grad_offset = grad_sum.sum(0) if ctx.offset_dim == 1 else grad_sum
@@ -207,28 +219,27 @@ def _epilogue_bwd(ctx, grad):
 
 
 def _epilogue_backward_setup(ctx, inputs, output):
-    grad, o, s, groups, channels_last = inputs
+    grad, h, s, groups, channels_last = inputs
     ctx.groups, ctx.channels_last = groups, channels_last
-    ctx.save_for_backward(grad, o, s)
+    ctx.save_for_backward(grad, h, s)
 
 
 def _epilogue_backward_bwd(ctx, a_o, a_s, a_sum):
     # Derivative of (grad_o, grad_s, grad_sum) in plain ops (double backward).
-    grad, o, s = ctx.saved_tensors
+    grad, h, s = ctx.saved_tensors
     g, cl = ctx.groups, ctx.channels_last
-    h = split_halves(o, g, cl)[1]
-    a_e, a_h = split_halves(a_o, g, cl) if a_o is not None else (None, None)
     d_grad = torch.zeros_like(grad)
-    d_o = d_s = None
+    d_h = d_s = None
     if a_o is not None:
+        a_e, a_h = split_halves(a_o, g, cl)
         d_grad = d_grad + a_e + _per_position(s, cl) * a_h
         d_s = (a_h * grad).sum(1 if cl else 2)
     if a_s is not None:
         d_grad = d_grad + _per_position(a_s, cl) * h
-        d_o = join_halves(torch.zeros_like(grad), _per_position(a_s, cl) * grad, g, cl)
+        d_h = _per_position(a_s, cl) * grad
     if a_sum is not None:
         d_grad = d_grad + _per_position(a_sum, cl)
-    return d_grad, d_o, d_s, None, None
+    return d_grad, d_h, d_s, None, None
 
 
 torch.library.register_autograd("stn_ext::per_example_epilogue", _epilogue_bwd, setup_context=_epilogue_setup)

@@ -66,14 +66,15 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad, con
 // The epilogue loops walk contiguous runs (channels of one group at one position, or positions of
 // one channel), with the offset's presence chosen at compile time, so the compiler vectorises them.
 
-// y[j] = e[j] + s[j] h[j] + offset[j] along a run of channels at one position.
+// y[j] = e[j] + s[j] h[j] + offset[j] along a run of channels at one position; h is kept in h_kept.
 template <bool kOffset, typename scalar_t, typename acc_t>
 inline void epilogue_channels(const scalar_t* __restrict__ e, const scalar_t* __restrict__ h,
                               const scalar_t* __restrict__ s, const scalar_t* __restrict__ offset,
-                              scalar_t* __restrict__ y, int64_t n) {
+                              scalar_t* __restrict__ y, scalar_t* __restrict__ h_kept, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const acc_t off = kOffset ? static_cast<acc_t>(offset[j]) : acc_t(0);
     y[j] = epilogue_value<scalar_t, acc_t>(e[j], h[j], static_cast<acc_t>(s[j]), off);
+    h_kept[j] = h[j];
   }
 }
 
@@ -84,7 +85,7 @@ inline void with_flag(bool flag, F&& f) {
   else f(std::false_type{});
 }
 
-at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& offset,
+std::tuple<at::Tensor, at::Tensor> per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& offset,
                                     int64_t groups, bool channels_last) {
   auto c = prepare_epilogue(o, s, offset, groups, channels_last, c10::kCPU);
   const auto& z = c.z;
@@ -94,6 +95,7 @@ at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, co
     const scalar_t* sp = c.s.const_data_ptr<scalar_t>();
     const scalar_t* offp = optional_ptr<scalar_t>(c.offset);
     scalar_t* yp = c.y.mutable_data_ptr<scalar_t>();
+    scalar_t* hp = c.h.mutable_data_ptr<scalar_t>();
     const int64_t out = z.out, P = z.positions, pg = z.per_group, G = out / pg, ostride = c.offset_stride;
     with_flag(offp != nullptr, [&](auto has_offset) {
       constexpr bool kOffset = decltype(has_offset)::value;
@@ -106,7 +108,7 @@ at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, co
               const scalar_t* e = op + r * 2 * out + g * 2 * pg;
               epilogue_channels<kOffset, scalar_t, acc_t>(e, e + pg, sp + b * out + g * pg,
                                                           kOffset ? offp + b * ostride + g * pg : nullptr,
-                                                          yp + r * out + g * pg, pg);
+                                                          yp + r * out + g * pg, hp + r * out + g * pg, pg);
             }
           }
         });
@@ -119,24 +121,28 @@ at::Tensor per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, co
             const acc_t sv = static_cast<acc_t>(sp[r]);
             const scalar_t* e = op + (b * 2 * out + elem_channel(ch, pg)) * P;
             const scalar_t* h = e + pg * P;
-            scalar_t* y = yp + r * P;
-            for (int64_t q = 0; q < P; ++q) y[q] = epilogue_value<scalar_t, acc_t>(e[q], h[q], sv, off);
+            scalar_t* __restrict__ y = yp + r * P;
+            scalar_t* __restrict__ h_kept = hp + r * P;
+            for (int64_t q = 0; q < P; ++q) {
+              y[q] = epilogue_value<scalar_t, acc_t>(e[q], h[q], sv, off);
+              h_kept[q] = h[q];
+            }
           }
         });
       }
     });
   });
-  return c.y;
+  return {c.y, c.h};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& o, const at::Tensor& s, int64_t groups, bool channels_last) {
-  auto c = prepare_epilogue_backward(grad, o, s, groups, channels_last, c10::kCPU);
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, int64_t groups, bool channels_last) {
+  auto c = prepare_epilogue_backward(grad, h, s, groups, channels_last, c10::kCPU);
   const auto& z = c.z;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.h.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = c.grad.const_data_ptr<scalar_t>();
-    const scalar_t* op = c.o.const_data_ptr<scalar_t>();
+    const scalar_t* hp = c.h.const_data_ptr<scalar_t>();
     const scalar_t* sp = c.s.const_data_ptr<scalar_t>();
     scalar_t* gop = c.grad_o.mutable_data_ptr<scalar_t>();
     scalar_t* gsp = c.grad_s.mutable_data_ptr<scalar_t>();
@@ -155,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cpu
             for (int64_t g = 0; g < G; ++g) {
               const int64_t off = r * 2 * out + g * 2 * pg, c0 = g * pg;
               const scalar_t* __restrict__ gr = gp + r * out + c0;
-              const scalar_t* __restrict__ h = op + off + pg;
+              const scalar_t* __restrict__ h = hp + r * out + c0;
               const scalar_t* __restrict__ s_g = s_row + c0;
               scalar_t* __restrict__ ge = gop + off;
               scalar_t* __restrict__ gh = gop + off + pg;
@@ -180,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cpu
           const int64_t b = r / out, ch = r % out;
           const int64_t off = (b * 2 * out + elem_channel(ch, pg)) * P;
           const scalar_t* __restrict__ gr = gp + r * P;
-          const scalar_t* __restrict__ h = op + off + pg * P;
+          const scalar_t* __restrict__ h = hp + r * P;
           scalar_t* __restrict__ ge = gop + off;
           scalar_t* __restrict__ gh = gop + off + pg * P;
           const acc_t sv = static_cast<acc_t>(sp[r]);

@@ -57,11 +57,11 @@ __global__ void gate_backward_kernel(const scalar_t* __restrict__ grad, const sc
 template <typename scalar_t, typename acc_t>
 __global__ void epilogue_kernel(const scalar_t* __restrict__ o, const scalar_t* __restrict__ s,
                                 const scalar_t* __restrict__ offset, int64_t offset_stride,
-                                scalar_t* __restrict__ y, int64_t batch, int64_t out, int64_t P, int64_t per_group,
-                                bool channels_last) {
+                                scalar_t* __restrict__ y, scalar_t* __restrict__ h_kept, int64_t batch, int64_t out,
+                                int64_t P, int64_t per_group, bool channels_last) {
   const int64_t n = batch * out * P;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    // i walks y in memory order, so neighbouring threads touch neighbouring addresses.
+    // i walks y (and h_kept, shaped alike) in memory order, so neighbouring threads touch neighbouring addresses.
     int64_t b, c, p;
     if (channels_last) {
       c = i % out;
@@ -74,16 +74,17 @@ __global__ void epilogue_kernel(const scalar_t* __restrict__ o, const scalar_t* 
     }
     const int64_t ce = elem_channel(c, per_group);
     const acc_t off = offset ? static_cast<acc_t>(offset[b * offset_stride + c]) : acc_t(0);
-    y[i] = epilogue_value<scalar_t, acc_t>(o[offset3(b, ce, p, 2 * out, P, channels_last)],
-                                           o[offset3(b, ce + per_group, p, 2 * out, P, channels_last)],
+    const scalar_t h = o[offset3(b, ce + per_group, p, 2 * out, P, channels_last)];
+    y[i] = epilogue_value<scalar_t, acc_t>(o[offset3(b, ce, p, 2 * out, P, channels_last)], h,
                                            static_cast<acc_t>(s[b * out + c]), off);
+    h_kept[i] = h;
   }
 }
 
 // Backward, channels innermost: one thread per (example, channel) walks the positions; neighbouring
 // threads read neighbouring channels.
 template <typename scalar_t, typename acc_t>
-__global__ void epilogue_backward_cl_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ o,
+__global__ void epilogue_backward_cl_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ h,
                                             const scalar_t* __restrict__ s, scalar_t* __restrict__ grad_o,
                                             scalar_t* __restrict__ grad_s, scalar_t* __restrict__ grad_sum,
                                             int64_t batch, int64_t out, int64_t P, int64_t per_group) {
@@ -94,8 +95,8 @@ __global__ void epilogue_backward_cl_kernel(const scalar_t* __restrict__ grad, c
     acc_t ds = 0, gs = 0;
     for (int64_t p = 0; p < P; ++p) {
       const int64_t oe = offset3(b, ce, p, 2 * out, P, true), oh = offset3(b, ce + per_group, p, 2 * out, P, true);
-      epilogue_backward_value<scalar_t, acc_t>(grad[offset3(b, c, p, out, P, true)], o[oh], sv, grad_o + oe,
-                                               grad_o + oh, &ds, &gs);
+      const int64_t i = offset3(b, c, p, out, P, true);  // in grad and h
+      epilogue_backward_value<scalar_t, acc_t>(grad[i], h[i], sv, grad_o + oe, grad_o + oh, &ds, &gs);
     }
     grad_s[bc] = static_cast<scalar_t>(ds);
     grad_sum[bc] = static_cast<scalar_t>(gs);
@@ -104,7 +105,7 @@ __global__ void epilogue_backward_cl_kernel(const scalar_t* __restrict__ grad, c
 
 // Backward, positions innermost: one warp per (example, channel), lanes stride over the positions.
 template <typename scalar_t, typename acc_t>
-__global__ void epilogue_backward_cf_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ o,
+__global__ void epilogue_backward_cf_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ h,
                                             const scalar_t* __restrict__ s, scalar_t* __restrict__ grad_o,
                                             scalar_t* __restrict__ grad_s, scalar_t* __restrict__ grad_sum,
                                             int64_t batch, int64_t out, int64_t P, int64_t per_group) {
@@ -116,8 +117,8 @@ __global__ void epilogue_backward_cf_kernel(const scalar_t* __restrict__ grad, c
     acc_t ds = 0, gs = 0;
     for (int64_t p = lane; p < P; p += kWarp) {
       const int64_t oe = offset3(b, ce, p, 2 * out, P, false), oh = offset3(b, ce + per_group, p, 2 * out, P, false);
-      epilogue_backward_value<scalar_t, acc_t>(grad[offset3(b, c, p, out, P, false)], o[oh], sv, grad_o + oe,
-                                               grad_o + oh, &ds, &gs);
+      const int64_t i = offset3(b, c, p, out, P, false);  // in grad and h
+      epilogue_backward_value<scalar_t, acc_t>(grad[i], h[i], sv, grad_o + oe, grad_o + oh, &ds, &gs);
     }
     ds = warp_sum(ds);
     gs = warp_sum(gs);
@@ -159,44 +160,45 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad, co
   return {c.grad_hyper, c.grad_scale};
 }
 
-at::Tensor per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& offset,
-                                     int64_t groups, bool channels_last) {
+std::tuple<at::Tensor, at::Tensor> per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s,
+                                                             const std::optional<at::Tensor>& offset, int64_t groups,
+                                                             bool channels_last) {
   auto c = prepare_epilogue(o, s, offset, groups, channels_last, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(c.o.device());  // after the checks: o is on a CUDA device
   const int64_t n = c.y.numel();
-  if (n == 0) return c.y;
+  if (n == 0) return {c.y, c.h};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     epilogue_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         c.o.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(c.offset),
-        c.offset_stride, c.y.mutable_data_ptr<scalar_t>(), c.z.batch, c.z.out, c.z.positions, c.z.per_group, channels_last);
+        c.offset_stride, c.y.mutable_data_ptr<scalar_t>(), c.h.mutable_data_ptr<scalar_t>(), c.z.batch, c.z.out, c.z.positions, c.z.per_group, channels_last);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return c.y;
+  return {c.y, c.h};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& o, const at::Tensor& s, int64_t groups, bool channels_last) {
-  auto c = prepare_epilogue_backward(grad, o, s, groups, channels_last, c10::kCUDA);
-  const c10::cuda::CUDAGuard guard(c.o.device());  // after the checks: o is on a CUDA device
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, int64_t groups, bool channels_last) {
+  auto c = prepare_epilogue_backward(grad, h, s, groups, channels_last, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(c.h.device());  // after the checks: h is on a CUDA device
   const auto& z = c.z;
   const int64_t rows = z.batch * z.out;
   if (rows == 0) return {c.grad_o, c.grad_s, c.grad_sum};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.h.scalar_type(), "stn_ext::per_example_epilogue_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = c.grad.const_data_ptr<scalar_t>();
-    const scalar_t* op = c.o.const_data_ptr<scalar_t>();
+    const scalar_t* hp = c.h.const_data_ptr<scalar_t>();
     const scalar_t* sp = c.s.const_data_ptr<scalar_t>();
     scalar_t* gop = c.grad_o.mutable_data_ptr<scalar_t>();
     scalar_t* gsp = c.grad_s.mutable_data_ptr<scalar_t>();
     scalar_t* gsum = c.grad_sum.mutable_data_ptr<scalar_t>();
     if (channels_last) {
       epilogue_backward_cl_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, stream>>>(
-          gp, op, sp, gop, gsp, gsum, z.batch, z.out, z.positions, z.per_group);
+          gp, hp, sp, gop, gsp, gsum, z.batch, z.out, z.positions, z.per_group);
     } else {
       epilogue_backward_cf_kernel<scalar_t, acc_t><<<blocks_for(rows, kThreads / kWarp), kThreads, 0, stream>>>(
-          gp, op, sp, gop, gsp, gsum, z.batch, z.out, z.positions, z.per_group);
+          gp, hp, sp, gop, gsp, gsum, z.batch, z.out, z.positions, z.per_group);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
