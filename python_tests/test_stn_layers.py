@@ -60,6 +60,43 @@ def test_empty_batches_and_positions(x_shape, device):
     conv = stn_ext.StnConv2d(3, 4, 3, 2, device=device)
     y = conv(torch.randn(0, 3, 6, 6, device=device), torch.randn(0, 2, device=device))
     assert y.shape == (0, 4, 4, 4)
+    # The reference (which torch.func transforms and forward-mode AD run) too.
+    ref = R.stn_linear(x, torch.randn(x_shape[0], 2, device=device), *layer._stn_params())
+    assert ref.shape == x_shape[:-1] + (3,)
+
+
+def test_layers_run_on_the_meta_device():
+    # As nn.Linear / nn.Conv2d do: shapes without data (autocast does not know the meta device).
+    lin, conv = stn_ext.StnLinear(5, 3, 2, device="meta"), stn_ext.StnConv2d(3, 4, 3, 2, device="meta")
+    for lam in (torch.randn(2, device="meta"), torch.randn(4, 2, device="meta")):
+        assert lin(torch.randn(4, 5, device="meta"), lam).shape == (4, 3)
+        assert conv(torch.randn(4, 3, 6, 6, device="meta"), lam).shape == (4, 4, 4, 4)
+
+
+def test_hyper_input_holds_for_its_own_thread():
+    import threading
+
+    layer = stn_ext.StnLinear(1, 1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight_elem.fill_(0.0)
+        layer.weight_hyper.fill_(1.0)
+        layer.hyper_weight.fill_(1.0)
+    both_inside = threading.Barrier(2)
+    got = {}
+
+    def run(name, value):
+        with stn_ext.hyper_input(torch.tensor([value])):
+            both_inside.wait()  # the other thread has opened its block too
+            got[name] = layer(torch.ones(1, 1)).item()
+            both_inside.wait()
+        got[name + " after"] = stn_ext.current_hyper_input()
+
+    threads = [threading.Thread(target=run, args=a) for a in (("A", 2.0), ("B", 5.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {"A": 2.0, "B": 5.0, "A after": None, "B after": None}
 
 
 def test_fresh_layer_parameter_names_and_shapes():
@@ -301,6 +338,10 @@ def test_bad_conv_input_is_a_clear_error():
         layer(torch.zeros(2, 3, 5, 5), torch.zeros(2))
     with pytest.raises(ValueError, match="groups"):
         stn_ext.StnConv2d(4, 6, 3, 2, groups=4)
+    with pytest.raises(ValueError, match="padding must be"):
+        stn_ext.StnConv2d(4, 6, 3, 2, padding="full")
+    with pytest.raises(ValueError, match="needs stride 1"):
+        stn_ext.StnConv2d(4, 6, 3, 2, padding="same", stride=2)
 
 
 def test_bad_op_arguments_name_the_argument():

@@ -1,4 +1,6 @@
 """The compiled ops: opcheck, float64 gradcheck/gradgradcheck, the layers against the reference."""
+import copy
+
 import pytest
 import torch
 
@@ -139,6 +141,30 @@ def test_module_weights_stay_adjacent_after_to():
     layer.load_state_dict(sd)
     assert layer.weight_hyper.data_ptr() == layer.weight_elem.data_ptr() + layer.weight_elem.numel() * 8
     torch.testing.assert_close(layer.weight_hyper, sd["weight_hyper"])
+
+
+def _adjacent(layer):
+    e, h = layer.weight_elem, layer.weight_hyper
+    return h.data_ptr() == e.data_ptr() + e.numel() * e.element_size()
+
+
+@pytest.mark.parametrize("make", ["deepcopy", "assign", "pickle"])
+def test_module_weights_stay_adjacent_when_copied_or_assigned(make, tmp_path):
+    # Each of these makes W_e and W_h anew, one by one; the layer puts them back into one storage.
+    for layer in (stn_ext.StnLinear(5, 4, 2), stn_ext.StnConv2d(3, 4, 3, 2)):
+        model = torch.nn.Sequential(layer)
+        if make == "deepcopy":
+            new = copy.deepcopy(model)
+        elif make == "assign":
+            new = copy.deepcopy(model)
+            new.load_state_dict({k: v.clone() + 1 for k, v in model.state_dict().items()}, assign=True)
+            torch.testing.assert_close(new[0].weight_hyper, layer.weight_hyper + 1)
+        else:
+            torch.save(model, tmp_path / "m.pt")
+            new = torch.load(tmp_path / "m.pt", weights_only=False)
+        assert _adjacent(new[0]) and isinstance(new[0].weight_elem, torch.nn.Parameter)
+        if make != "assign":
+            torch.testing.assert_close(new[0].weight_hyper, layer.weight_hyper)
 
 
 def _fill(template, given):

@@ -22,6 +22,14 @@ def _fail(msg):
     raise ValueError("stn_ext: " + msg)
 
 
+def _autocast_enabled(device_type):
+    """torch.is_autocast_enabled, False for device types autocast does not know (meta, ...)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _check_args(kind, x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem, bias_hyper, hyper_bias):
     named = dict(x=x, lam=lam, weight_elem=weight_elem, weight_hyper=weight_hyper, hyper_weight=hyper_weight,
                  bias_elem=bias_elem, bias_hyper=bias_hyper, hyper_bias=hyper_bias)
@@ -33,7 +41,7 @@ def _check_args(kind, x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem
             _fail(f"{kind}: {name} is on {t.device} but weight_elem is on {weight_elem.device}; move them to one device")
     if not lam.is_floating_point():
         _fail(f"{kind}: lam must be a floating-point tensor, got {lam.dtype}")
-    if not torch.is_autocast_enabled(x.device.type):
+    if not _autocast_enabled(x.device.type):
         for name, t in named.items():
             if t is not None and t.dtype != weight_elem.dtype:
                 _fail(f"{kind}: {name} has dtype {t.dtype} but weight_elem has {weight_elem.dtype}; cast them to one dtype")

@@ -10,6 +10,7 @@ the output at delta = 0 and its directional derivative along the weight response
 forward-mode JVP in delta, computed by carrying tangents through the layers (about 1.5x a forward).
 """
 import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,8 @@ from torch import nn
 from stn_ext.augment import dropout_mask
 from stn_ext.nn import StnConv2d, StnLinear
 
-_REGULARISERS = []
+# Stack (a tuple) set by `regularisers`, per thread / asyncio task as `stn_ext.hyper_input`'s.
+_REGULARISERS = contextvars.ContextVar("stn_ext_regularisers", default=())
 
 
 class _Regs:
@@ -30,11 +32,16 @@ class _Regs:
 def regularisers(rates, rnd, values=None):
     """Dropout rates {slot: (B,) tensor or float}, the BatchRandom to draw masks from, and the values of
     all hyperparameters {name: (B,) or scalar tensor} (for ``current_hyperparameters``)."""
-    _REGULARISERS.append(_Regs(dict(rates or {}), rnd, dict(values or {})))
+    token = _REGULARISERS.set(_REGULARISERS.get() + (_Regs(dict(rates or {}), rnd, dict(values or {})),))
     try:
         yield
     finally:
-        _REGULARISERS.pop()
+        _REGULARISERS.reset(token)
+
+
+def _current_regs():
+    stack = _REGULARISERS.get()
+    return stack[-1] if stack else None
 
 
 def current_hyperparameters():
@@ -42,12 +49,14 @@ def current_hyperparameters():
     0-d tensor when the batch shares one), so a model can apply regularisers of its own kinds; draw
     random numbers from ``current_random()`` to keep runs reproducible. None outside training steps
     (evaluation and hyper steps run without regularisers)."""
-    return _REGULARISERS[-1].values if _REGULARISERS else None
+    regs = _current_regs()
+    return regs.values if regs else None
 
 
 def current_random():
     """The BatchRandom of the current training step (its draws are checkpointed and split across ranks)."""
-    return _REGULARISERS[-1].rnd if _REGULARISERS else None
+    regs = _current_regs()
+    return regs.rnd if regs else None
 
 
 class HyperDropout(nn.Module):
@@ -58,9 +67,9 @@ class HyperDropout(nn.Module):
         self.slot = slot
 
     def mask(self, x):
-        if not self.training or not _REGULARISERS:
+        regs = _current_regs()
+        if not self.training or regs is None:
             return None
-        regs = _REGULARISERS[-1]
         rate = regs.rates.get(self.slot)
         if rate is None:
             return None

@@ -6,6 +6,7 @@ weight and bias are gated by a hyperparameter vector lam:
 V and C start at zero, so a fresh layer computes exactly its elementary layer.
 """
 import contextlib
+import contextvars
 import math
 
 import torch
@@ -14,25 +15,29 @@ from torch.nn.modules.utils import _pair
 
 from stn_ext import functional
 
-_HYPER_INPUTS = []  # stack set by `hyper_input`; the innermost value is used
+# Stack (a tuple) set by `hyper_input`; the innermost value is used. A context variable, so threads
+# and asyncio tasks each see their own blocks.
+_HYPER_INPUTS = contextvars.ContextVar("stn_ext_hyper_inputs", default=())
 
 
 @contextlib.contextmanager
 def hyper_input(lam):
     """Within this block, STN layers called without ``lam`` use this one, so a converted model keeps
-    its own forward signature: ``with stn_ext.hyper_input(lam): y = model(x)``."""
+    its own forward signature: ``with stn_ext.hyper_input(lam): y = model(x)``. Like ``torch.no_grad``,
+    the block holds for the thread that opened it."""
     if not isinstance(lam, torch.Tensor):
         raise TypeError(f"stn_ext.hyper_input: lam must be a tensor, got {type(lam).__name__}")
-    _HYPER_INPUTS.append(lam)
+    token = _HYPER_INPUTS.set(_HYPER_INPUTS.get() + (lam,))
     try:
         yield lam
     finally:
-        _HYPER_INPUTS.pop()
+        _HYPER_INPUTS.reset(token)
 
 
 def current_hyper_input():
-    """The lam set by the innermost ``hyper_input`` block, or None."""
-    return _HYPER_INPUTS[-1] if _HYPER_INPUTS else None
+    """The lam set by the innermost ``hyper_input`` block (of this thread), or None."""
+    stack = _HYPER_INPUTS.get()
+    return stack[-1] if stack else None
 
 
 def _resolve_lam(layer, lam):
@@ -80,13 +85,30 @@ class _StnMixin:
             nn.init.uniform_(self.bias_hyper, -bound, bound)
             nn.init.zeros_(self.hyper_bias)
 
+    def _restack(self):
+        """Put W_e and W_h back into one storage where something made them anew; without it the
+        per-example path still works but copies [W_e; W_h] on every call."""
+        e, h = self.weight_elem, self.weight_hyper
+        adjacent = (e.is_contiguous() and h.is_contiguous() and e.dtype == h.dtype and e.device == h.device
+                    and h.untyped_storage().data_ptr() == e.untyped_storage().data_ptr()
+                    and h.storage_offset() == e.storage_offset() + e.numel())
+        if not adjacent and e.shape == h.shape:
+            with torch.no_grad():
+                stacked = torch.stack([e.data, h.data])
+                e.data, h.data = stacked[0], stacked[1]
+
     def _apply(self, fn, recurse=True):
-        # .to(), .cuda(), .half() ... make each parameter anew: put W_e and W_h back into one storage.
-        result = super()._apply(fn, recurse)
-        with torch.no_grad():
-            stacked = torch.stack([self.weight_elem.data, self.weight_hyper.data])
-            self.weight_elem.data, self.weight_hyper.data = stacked[0], stacked[1]
+        result = super()._apply(fn, recurse)  # .to(), .cuda(), .half() ... make each parameter anew
+        self._restack()
         return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)  # load_state_dict(..., assign=True) replaces them
+        self._restack()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy and unpickling copy each parameter on its own
+        self._restack()
 
     def _copy_elementary(self, weight, bias):
         with torch.no_grad():
@@ -141,6 +163,10 @@ class StnConv2d(_StnMixin, nn.Module):
             raise ValueError(f"stn_ext: unknown padding_mode {padding_mode!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"stn_ext: padding must be 'same', 'valid' or numbers, got {padding!r}")
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError(f"stn_ext: padding='same' needs stride 1 (as nn.Conv2d), got stride={stride}")
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.groups, self.padding_mode = groups, padding_mode
         self._explicit_pad = self._padding_for_mode()

@@ -30,7 +30,7 @@ def stn_linear(x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem=None, 
         w = gated_weight(lam, weight_elem, weight_hyper, hyper_weight)
         return F.linear(x, w, gated_bias(lam, bias_elem, bias_hyper, hyper_bias))
     s, t = _hyper_terms(lam, hyper_weight, hyper_bias)
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (s.shape[1],)  # not -1: ambiguous for an empty batch
     y = F.linear(x, weight_elem) + s.view(shape) * F.linear(x, weight_hyper)
     if bias_elem is not None:
         y = y + bias_elem
