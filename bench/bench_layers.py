@@ -1,7 +1,7 @@
 """Microbenchmark: STN layers against the plain layer and the pure-PyTorch reference (eager and
 torch.compile), forward+backward, all variants timed in one run so their ratios can be compared.
 
-    python bench/bench_layers.py                          # CPU float32, issue 6's shapes but the largest
+    python bench/bench_layers.py                          # CPU float32, every shape of bench/cases.py but the largest
     python bench/bench_layers.py --all                    # every shape
     python bench/bench_layers.py --device cuda --dtype bfloat16
 Writes bench/results/<device>-<dtype>-<date>.{md,json,png}.

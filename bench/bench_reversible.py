@@ -1,8 +1,9 @@
 """Benchmark: one exact reversible SGD-with-momentum step against torch.optim.SGD(momentum).
 
-    python bench/bench_reversible.py [--numel 16777216] [--device cpu|cuda|all] [--repeats 20]
+    python bench/bench_reversible.py [--numel 16777216] [--device cpu|cuda|all] [--rounds 3]
 
-Times, in one run on one machine (medians over repeats after warm-up): the fused reversible step op
+Times, in one run on one machine (variants interleaved over rounds; medians over repeats after
+warm-up): the fused reversible step op
 (stn_ext::reversible_step: velocity update with the exact momentum multiply and buffer push/pop,
 weight update, float32 view), the whole ReversibleSGD.step (Python wrapper included), the reverse
 step (unstep_weights + unstep_velocity), and torch.optim.SGD(momentum=0.9) with foreach=True and
@@ -28,42 +29,32 @@ from stn_ext.reversible import ReversibleSGD  # noqa: E402
 
 
 def timer(device):
+    """time_once(fn) -> seconds of one call (CUDA events on a GPU)."""
     if device.type == "cuda":
-        def measure(fn, repeats, warmup):
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return statistics.median(times)
+        def time_once(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
     else:
-        def measure(fn, repeats, warmup):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
-    return measure
+        def time_once(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return time_once
 
 
-def bench_device(device, numel, repeats, warmup):
-    measure = timer(device)
+def make_variants(device, numel):
+    """{name: one call} for every variant, each on its own state; and a function returning the
+    reversible op's status flags. The reverse step directly follows the forward op and undoes as many
+    steps as the forward op took in the same round, so its buffer never runs dry."""
     gen = torch.Generator().manual_seed(0)
     w0 = (torch.randn(numel, generator=gen) * 0.1).to(device)
     g = (torch.randn(numel, generator=gen) * 0.01).to(device)
     lr, mom = 0.01, 0.9
-    results = {}
-
-    # torch.optim.SGD variants
+    fns, errors = {}, {}
     for variant in ("foreach", "fused"):
         p = torch.nn.Parameter(w0.clone())
         p.grad = g.clone()
@@ -71,57 +62,75 @@ def bench_device(device, numel, repeats, warmup):
             opt = torch.optim.SGD([p], lr=lr, momentum=mom, **{variant: True})
             opt.step()
         except (RuntimeError, TypeError, ValueError) as err:
-            results[f"torch.optim.SGD {variant}"] = {"error": str(err).splitlines()[0][:120]}
+            errors[f"torch.optim.SGD {variant}"] = str(err).splitlines()[0][:120]
             continue
-        results[f"torch.optim.SGD {variant}"] = {"seconds": measure(opt.step, repeats, warmup)}
+        fns[f"torch.optim.SGD {variant}"] = opt.step
 
-    # the fused op alone (what one reversible step costs at the kernel level)
-    steps = repeats + warmup
-    n = numel
+    # the fused ops alone (what one reversible step costs at the kernel level)
     x = torch.round(w0.double() * 2.0**52).long()
     v = torch.zeros_like(x)
     head = torch.full_like(x, R.HEAD_EMPTY)
-    count = torch.zeros(n, dtype=torch.int32, device=device)
-    words = torch.zeros((4, n), dtype=torch.int32, device=device)  # momentum 0.9: no spill within ~100 steps
+    count = torch.zeros(numel, dtype=torch.int32, device=device)
+    words = torch.zeros((8, numel), dtype=torch.int32, device=device)  # momentum 0.9: no spill for ~1000 steps
     view = w0.clone()
     status = torch.zeros(2, dtype=torch.int64, device=device)
     num = R.gamma_num(mom)
-    results["reversible_step op"] = {"seconds": measure(
-        lambda: R.step(x, v, head, count, words, view, g, status, lr, num, 52), repeats, warmup)}
-    results["reverse step ops (unstep_weights + unstep_velocity)"] = {"seconds": measure(
-        lambda: (R.unstep_weights(x, v, view, None, status, lr, 52),
-                 R.unstep_velocity(v, head, count, words, g, None, None, status, lr, num, 52)), steps - 1, 1)}
-    flags = int(status[0])
-    del x, v, head, count, words, view
+    fns["reversible_step op"] = lambda: R.step(x, v, head, count, words, view, g, status, lr, num, 52)
+    fns["reverse step ops (unstep_weights + unstep_velocity)"] = lambda: (
+        R.unstep_weights(x, v, view, None, status, lr, 52),
+        R.unstep_velocity(v, head, count, words, g, None, None, status, lr, num, 52))
 
     # the Python optimizer (status checks and capacity management included)
     p = torch.nn.Parameter(w0.clone())
     p.grad = g.clone()
     opt = ReversibleSGD([p])
-    results["ReversibleSGD.step"] = {"seconds": measure(lambda: opt.step(lr, mom), repeats, warmup)}
-    opt.check()
-    del opt, p
+    fns["ReversibleSGD.step"] = lambda: opt.step(lr, mom)
+    return fns, errors, lambda: (opt.check(), int(status[0]))[1]
 
-    sgd = [r["seconds"] for k, r in results.items() if k.startswith("torch.optim.SGD") and "seconds" in r]
-    best = min(sgd) if sgd else None
-    for r in results.values():
-        if "seconds" in r:
-            r["ms"] = r["seconds"] * 1e3
-            if best:
-                r["ratio_to_fastest_sgd"] = r["seconds"] / best
-            r["GB_per_s_moved"] = None
-    # bytes each moves per element (reads + writes), for the memory-bound floor
-    bytes_per_elem = {
-        "torch.optim.SGD foreach": 4 * 5, "torch.optim.SGD fused": 4 * 5,  # p, g, buf read; p, buf written
-        # x, v, head, grad read; x, v, head, view written (the count and the words only on a spill or
-        # refill, about every 32 / -log2(momentum) steps per element)
-        "reversible_step op": 8 * 3 + 4 + 8 * 3 + 4,
-        "ReversibleSGD.step": 8 * 3 + 4 + 8 * 3 + 4,
-    }
-    for k, b in bytes_per_elem.items():
-        if k in results and "seconds" in results[k]:
-            results[k]["bytes_per_element"] = b
-            results[k]["GB_per_s_moved"] = b * numel / results[k]["seconds"] / 1e9
+
+def measure_rounds(fns, time_once, repeats, warmup, rounds):
+    """Per round, every variant in turn: warm-up calls, then the median of `repeats` timed calls. The
+    ratio to the fastest torch SGD is taken within each round (a shared machine drifts between rounds);
+    reported: the median over rounds and its range."""
+    per_round = []
+    for _ in range(rounds):
+        medians = {}
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            medians[name] = statistics.median(time_once(fn) for _ in range(repeats))
+        per_round.append(medians)
+    sgd = [k for k in fns if k.startswith("torch.optim.SGD")]
+    results = {}
+    for name in fns:
+        secs = [r[name] for r in per_round]
+        r = dict(seconds=statistics.median(secs), ms=statistics.median(secs) * 1e3)
+        if sgd:
+            ratios = [rd[name] / min(rd[k] for k in sgd) for rd in per_round]
+            r.update(ratio_to_fastest_sgd=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        results[name] = r
+    return results
+
+
+# bytes each moves per element (reads + writes), for the memory-bound floor
+BYTES_PER_ELEMENT = {
+    "torch.optim.SGD foreach": 4 * 5, "torch.optim.SGD fused": 4 * 5,  # p, g, buf read; p, buf written
+    # x, v, head, grad read; x, v, head, view written (the count and the words only on a spill or
+    # refill, about every 32 / -log2(momentum) steps per element)
+    "reversible_step op": 8 * 3 + 4 + 8 * 3 + 4,
+    "ReversibleSGD.step": 8 * 3 + 4 + 8 * 3 + 4,
+}
+
+
+def bench_device(device, numel, repeats, warmup, rounds):
+    fns, errors, finish = make_variants(device, numel)
+    results = measure_rounds(fns, timer(device), repeats, warmup, rounds)
+    flags = finish()
+    for name, b in BYTES_PER_ELEMENT.items():
+        if name in results:
+            results[name]["bytes_per_element"] = b
+            results[name]["GB_per_s_moved"] = b * numel / results[name]["seconds"] / 1e9
+    results.update({name: {"error": err} for name, err in errors.items()})
     return results, flags
 
 
@@ -149,8 +158,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=1 << 24, help="elements in the parameter (default 2^24)")
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls per variant and round (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per variant before each round's timing")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds over all variants; the table shows the median ratio and its range")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the markdown/JSON results")
     args = ap.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -161,17 +172,20 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for name in devices:
         device = torch.device(name)
-        results, flags = bench_device(device, args.numel, args.repeats, args.warmup)
+        results, flags = bench_device(device, args.numel, args.repeats, args.warmup, args.rounds)
         info = machine(device)
         lines = [f"# Reversible SGD step vs torch.optim.SGD(momentum=0.9), {args.numel} elements, {name}", "",
                  "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), "",
-                 f"Medians of {args.repeats} repeats after {args.warmup} warm-up calls, one run.", "",
+                 f"Each variant in turn, per round: {args.warmup} warm-up calls, then the median of {args.repeats} "
+                 f"timed calls; ms and the ratio to the fastest torch SGD of the same round are the median over "
+                 f"{args.rounds} rounds, with the ratio's range in brackets.", "",
                  "| what | ms | ratio to fastest SGD | bytes/elem | GB/s moved |", "|---|---|---|---|---|"]
         for k, r in results.items():
             if "seconds" not in r:
                 lines.append(f"| {k} | n/a ({r['error']}) | | | |")
                 continue
-            ratio = f"{r['ratio_to_fastest_sgd']:.2f}x" if "ratio_to_fastest_sgd" in r else ""
+            ratio = (f"{r['ratio_to_fastest_sgd']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+                     if "ratio_to_fastest_sgd" in r else "")
             bpe = r.get("bytes_per_element", "")
             gbs = f"{r['GB_per_s_moved']:.1f}" if r.get("GB_per_s_moved") else ""
             lines.append(f"| {k} | {r['ms']:.3f} | {ratio} | {bpe} | {gbs} |")
@@ -184,7 +198,7 @@ def main(argv=None):
             f.write(text + "\n")
         with open(stem + ".json", "w") as f:
             json.dump({"numel": args.numel, "device": name, "machine": info, "repeats": args.repeats,
-                       "warmup": args.warmup, "results": results}, f, indent=2)
+                       "warmup": args.warmup, "rounds": args.rounds, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The benchmark cases (issue 6's shapes) and the variants timed for each, shared by the command
-(bench/bench_layers.py) and the pytest-benchmark tests (bench/test_bench_layers.py)."""
+"""The benchmark cases (MLP and CNN layer shapes, small to large) and the variants timed for each,
+shared by the command (bench/bench_layers.py) and the pytest-benchmark tests (bench/test_bench_layers.py)."""
 import torch
 import torch.nn.functional as F
 
