@@ -59,18 +59,19 @@ std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& offset) {
   check_linear(x, weight_elem, weight_hyper, s);
   const int64_t batch = x.size(0), in = weight_elem.size(1), out = weight_elem.size(0);
+  const int64_t P = positions(x).expect_int();
   // Under autocast the inputs arrive cast (per_example_linear_autocast below).
-  at::Tensor o = at::linear(x.reshape({-1, in}), stacked_weight(weight_elem, weight_hyper));
+  at::Tensor o = at::linear(x.reshape({batch * P, in}), stacked_weight(weight_elem, weight_hyper));
   const auto dt = o.scalar_type();
   static auto epilogue = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("stn_ext::per_example_epilogue", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                        const std::optional<at::Tensor>&, int64_t, bool)>();
   const auto offset_dt = offset ? std::optional<at::Tensor>(offset->to(dt)) : std::nullopt;
-  auto [y, h] = epilogue.call(o.view({batch, positions(x).expect_int(), 2 * out}), s.to(dt), offset_dt, 1, true);
+  auto [y, h] = epilogue.call(o.view({batch, P, 2 * out}), s.to(dt), offset_dt, 1, true);
   auto y_shape = x.sizes().vec();
   y_shape.back() = out;
-  return {y.view(y_shape), h.view({-1, out})};
+  return {y.view(y_shape), h.view({batch * P, out})};
 }
 
 // Written with symbolic sizes: as a CompositeImplicitAutograd kernel it is traced by torch.compile.
@@ -86,13 +87,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_example_linear_ba
   const auto dt = grad.scalar_type();
   // Contiguous (no copy when they already are), so both can be viewed as (N, out) GEMM operands.
   const at::Tensor g = grad.contiguous().view_symint({batch, P, out});
-  const at::Tensor g2 = g.view_symint({-1, out});
-  const at::Tensor gs = (g * s.to(dt).unsqueeze(1)).contiguous().view_symint({-1, out});  // g (.) s
+  const at::Tensor g2 = g.view_symint({batch * P, out});
+  const at::Tensor gs = (g * s.to(dt).unsqueeze(1)).contiguous().view_symint({batch * P, out});  // g (.) s
   at::Tensor dx, dw_e, dw_h;
   if (output_mask[0]) {
     dx = at::addmm(at::mm(g2, weight_elem.to(dt)), gs, weight_hyper.to(dt)).view_symint(x.sym_sizes()).to(x.scalar_type());
   }
-  const at::Tensor x2 = x.reshape_symint({-1, in}).to(dt);
+  const at::Tensor x2 = x.reshape_symint({batch * P, in}).to(dt);
   if (output_mask[1]) dw_e = at::mm(g2.t(), x2).to(weight_elem.scalar_type());
   if (output_mask[2]) dw_h = at::mm(gs.t(), x2).to(weight_hyper.scalar_type());
   // One position per example (x of shape (B, in)) needs no sum over positions.

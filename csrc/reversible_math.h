@@ -111,6 +111,20 @@ C10_HOST_DEVICE inline double mul_rn(double a, double b) {
 #endif
 }
 
+// a + b rounded once; with mul_rn, a + b * c in two roundings (nvcc would otherwise fuse it into one FMA).
+C10_HOST_DEVICE inline double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// dv + lr * dx, the adjoint velocity's update in the reverse pass: the same bits on host and device.
+C10_HOST_DEVICE inline double adjoint_velocity(double dv, double lr, double dx) {
+  return add_rn(dv, mul_rn(lr, dx));
+}
+
 // round-to-nearest-even of y into int64; sets *ok = false when |y| >= 2^63 or y is NaN.
 C10_HOST_DEVICE inline int64_t to_fixed(double y, bool* ok) {
   if (!(y < kTwo63 && y > -kTwo63)) {

@@ -133,6 +133,26 @@ def test_per_example_linear_backward_skips_masked_grads(device):
     torch.testing.assert_close(full[3], g * h)
 
 
+def test_no_output_channels(device):
+    # out = 0 is a valid nn.Linear / nn.Conv2d; the epilogue loops once divided by the channels per group.
+    for cl in (True, False):
+        o = torch.zeros((2, 3, 0) if cl else (2, 0, 3), device=device)
+        s = torch.zeros(2, 0, device=device)
+        y, h = torch.ops.stn_ext.per_example_epilogue(o, s, None, 1, cl)
+        assert y.shape == h.shape == o.shape
+        grad_o, grad_s, grad_sum = torch.ops.stn_ext.per_example_epilogue_backward(y, h, s, 1, cl)
+        assert grad_o.shape == o.shape and grad_s.shape == grad_sum.shape == (2, 0)
+    for n_in, n_out in ((5, 0), (0, 4)):  # and no input features
+        layer = stn_ext.StnLinear(n_in, n_out, 2, device=device)
+        with torch.no_grad():
+            layer.hyper_bias.normal_()
+        x, lam = torch.randn(3, n_in, device=device, requires_grad=True), torch.randn(3, 2, device=device)
+        y = layer(x, lam)
+        torch.testing.assert_close(y, R.stn_linear(x, lam, *layer._stn_params()))
+        y.sum().backward()
+        assert x.grad.shape == x.shape and torch.all(x.grad == 0)
+
+
 def test_module_weights_stay_adjacent_after_to():
     layer = stn_ext.StnLinear(5, 4, 2).double()
     assert layer.weight_hyper.data_ptr() == layer.weight_elem.data_ptr() + layer.weight_elem.numel() * 8

@@ -79,7 +79,7 @@ class _StnMixin:
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         nn.init.zeros_(self.hyper_weight)
         if self.bias_elem is not None:
-            fan_in = self.weight_elem[0].numel()
+            fan_in = math.prod(self.weight_elem.shape[1:])  # in * kernel size, also when out = 0
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias_elem, -bound, bound)
             nn.init.uniform_(self.bias_hyper, -bound, bound)

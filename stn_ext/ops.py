@@ -103,7 +103,7 @@ def _per_example_linear_fake(x, weight_elem, weight_hyper, s, offset):
     torch._check(x.dim() >= 2, lambda: "stn_ext: x must be (B, ..., in)")
     dtype = torch.promote_types(x.dtype, weight_elem.dtype)  # the autocast rule has cast them already
     out = weight_elem.shape[0]
-    h = x.new_empty((x.numel() // x.shape[-1], out), dtype=dtype)
+    h = x.new_empty((math.prod(x.shape[:-1]), out), dtype=dtype)
     return x.new_empty(x.shape[:-1] + (out,), dtype=dtype), h
 
 
@@ -122,7 +122,7 @@ def _per_example_linear_bwd(ctx, grad, _grad_o):
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():
         # Double backward: grad_s depends on x and W_h through h, which the forward saved detached.
-        h = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), w_h).to(h.dtype)
+        h = torch.nn.functional.linear(x.flatten(0, -2), w_h).to(h.dtype)
     dx, dw_e, dw_h, ds = _ops.per_example_linear_backward(grad, x, w_e, w_h, h, s, list(need[:3]))
     d_offset = None
     if need[4]:

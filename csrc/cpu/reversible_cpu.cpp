@@ -138,7 +138,7 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
         if (dvp) {
           double d = static_cast<double>(dvp[i]);
           if (dxp) {
-            d += lr * static_cast<double>(dxp[i]);
+            d = rev::adjoint_velocity(d, lr, static_cast<double>(dxp[i]));
             dvp[i] = static_cast<scalar_t>(d);
             d = static_cast<double>(dvp[i]);
           }

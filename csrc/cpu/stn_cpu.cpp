@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> per_example_epilogue_cpu(const at::Tensor& o,
     const scalar_t* offp = optional_ptr<scalar_t>(c.offset);
     scalar_t* yp = c.y.mutable_data_ptr<scalar_t>();
     scalar_t* hp = c.h.mutable_data_ptr<scalar_t>();
-    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = out / pg, ostride = c.offset_stride;
+    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = groups, ostride = c.offset_stride;
     with_flag(offp != nullptr, [&](auto has_offset) {
       constexpr bool kOffset = decltype(has_offset)::value;
       if (channels_last) {
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cpu
     scalar_t* gop = c.grad_o.mutable_data_ptr<scalar_t>();
     scalar_t* gsp = c.grad_s.mutable_data_ptr<scalar_t>();
     scalar_t* gsum = c.grad_sum.mutable_data_ptr<scalar_t>();
-    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = out / pg;
+    const int64_t out = z.out, P = z.positions, pg = z.per_group, G = groups;  // out / pg, but out may be 0
     if (channels_last) {
       // One task per example owns its (out,) sums; positions are walked in order, channels in runs.
       at::parallel_for(0, z.batch, std::max<int64_t>(1, 16384 / std::max<int64_t>(P * out, 1)), [&](int64_t b0, int64_t b1) {

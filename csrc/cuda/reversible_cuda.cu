@@ -105,7 +105,7 @@ __global__ void unstep_velocity_kernel(int64_t* __restrict__ v, uint64_t* __rest
     if (dv) {
       double d = static_cast<double>(dv[i]);
       if (dx) {
-        d = d + p.lr * static_cast<double>(dx[i]);
+        d = rev::adjoint_velocity(d, p.lr, static_cast<double>(dx[i]));
         dv[i] = static_cast<scalar_t>(d);
         d = static_cast<double>(dv[i]);
       }
