@@ -15,7 +15,8 @@ from stn_ext import augment, models
 from stn_ext.augment import BatchRandom
 from stn_ext.data import Dataset, digits
 from stn_ext.hyperparams import BUILTINS, Hyper, HyperSpace
-from stn_ext.trainer import TrainConfig, Trainer, train
+from stn_ext.cli_train import EPILOG, format_table, summarise
+from stn_ext.trainer import TrainConfig, Trainer, open_run_folder, train
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +146,25 @@ def test_bad_config_values():
         Trainer(TrainConfig(method="stn", hypers=("weight_decay",), steps=1), model=model)
 
 
+def test_device_is_checked_before_any_work(monkeypatch):
+    with pytest.raises(ValueError, match="cannot parse device 'gpu'"):
+        TrainConfig(device="gpu").validate()
+    with pytest.raises(ValueError, match="CPU and CUDA kernels only"):
+        TrainConfig(device="meta").validate()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="finds no CUDA GPU"):
+        TrainConfig(device="cuda").validate()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(stn_ext, "has_cuda", lambda: False)  # a CPU-only build of stn_ext
+    with pytest.raises(ValueError, match="no CUDA kernels"):
+        TrainConfig(device="cuda").validate()
+    monkeypatch.setattr(stn_ext, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="finds 1 GPU"):
+        TrainConfig(device="cuda:1").validate()
+    TrainConfig(device="cuda:0").validate()
+
+
 # --- augmentations ----------------------------------------------------------------------------------------
 
 
@@ -260,6 +280,31 @@ def test_fixed_and_random_search_equal_steps(small_digits, tmp_path):
     assert len({json.dumps(json.load(open(tmp_path / f"trial_{k}" / "summary.json"))["hypers"]) for k in range(3)}) == 3
 
 
+def test_double_model_trains_on_float32_data(small_digits):
+    torch.manual_seed(0)
+    model = models.mlp(64, 10, 3, hidden=(16,)).double()  # dropout.in, dropout.h1, weight_decay
+    assert small_digits.train.x.dtype == torch.float32
+    s = train(TrainConfig(method="delta-stn", steps=8, warmup_steps=2, batch_size=32, quiet=True), data=small_digits,
+              model=model)
+    assert s["complete"] and math.isfinite(s["val_loss"])
+    X, y, Xv, yv = _ridge_problem()  # float32 regression targets too
+    data = Dataset.from_arrays(X, y, Xv, yv, X, y, task="regression")
+    tr = Trainer(TrainConfig(method="stn", hypers=("weight_decay",), steps=4, batch_size=20, warmup_steps=1, quiet=True),
+                 data=data, model=nn.Sequential(stn_ext.StnLinear(X.shape[1], 1, 1)).double())
+    assert tr.data.train.x.dtype == tr.data.train.y.dtype == torch.float64
+    assert math.isfinite(tr.fit()["val_loss"])
+
+
+def test_summary_says_when_test_is_validation():
+    X, y, Xv, yv = _ridge_problem()
+    model = lambda: nn.Sequential(stn_ext.StnLinear(X.shape[1], 1, 1))  # noqa: E731
+    cfg = TrainConfig(method="fixed", hypers=("weight_decay",), steps=2, batch_size=20, quiet=True)
+    s = train(cfg, data=Dataset.from_arrays(X, y, Xv, yv, task="regression"), model=model)
+    assert s["test_is_val"] is True and s["test_loss"] == s["val_loss"]
+    s = train(cfg, data=Dataset.from_arrays(X, y, Xv, yv, Xv[:50], yv[:50], task="regression"), model=model)
+    assert "test_is_val" not in s
+
+
 # --- the hypergradient on ridge regression ------------------------------------------------------------------
 
 
@@ -373,6 +418,88 @@ def test_resume_from_an_older_checkpoint_after_kill(small_digits, tmp_path):
     assert not [p for p in os.listdir(tmp_path / "b") if p.endswith(".tmp")]
 
 
+def test_new_run_into_a_used_folder_is_refused_unless_overwrite(small_digits, tmp_path):
+    base = dict(method="stn", warmup_steps=2, hidden=(8,), batch_size=32, quiet=True, plots=False, out=str(tmp_path))
+    Trainer(TrainConfig(steps=12, **base), data=small_digits).fit()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        Trainer(TrainConfig(steps=6, **base), data=small_digits).fit()
+    assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 12  # the old run untouched
+    s = Trainer(TrainConfig(steps=6, overwrite=True, **base), data=small_digits).fit()
+    assert s["complete"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "steps.jsonl")] == list(range(1, 7))
+    assert len((tmp_path / "schedule.csv").read_text().splitlines()) == 1 + 6
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "epochs.jsonl"))][0] == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 6
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_overwrite_replaces_a_random_search(small_digits, tmp_path):
+    base = dict(method="random", steps=8, hidden=(8,), batch_size=32, quiet=True, plots=False, out=str(tmp_path))
+    train(TrainConfig(random_trials=4, **base), data=small_digits)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(TrainConfig(random_trials=2, **base), data=small_digits)
+    with pytest.raises(FileExistsError, match="already holds a run"):  # nor a single run over it
+        train(TrainConfig(**dict(base, method="fixed")), data=small_digits)
+    s = train(TrainConfig(random_trials=2, overwrite=True, **base), data=small_digits)
+    assert s["trials"] == 2 and sorted(p for p in os.listdir(tmp_path) if p.startswith("trial_")) == ["trial_0", "trial_1"]
+
+
+def test_resume_without_a_checkpoint_is_an_error(small_digits, tmp_path):
+    base = dict(method="stn", steps=6, hidden=(8,), batch_size=32, quiet=True, plots=False)
+    typo = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*typo to resume from"):
+        Trainer(TrainConfig(out=str(typo), resume=True, **base), data=small_digits).fit()
+    assert not typo.exists()  # no run was started
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(**dict(base, method="random", random_trials=2, out=str(typo), resume=True)), data=small_digits)
+    # killed before its first checkpoint: only config.json; resume says how to start it again
+    open_run_folder(TrainConfig(out=str(typo), **base))
+    with pytest.raises(FileNotFoundError, match="stopped before the first one.*--overwrite"):
+        Trainer(TrainConfig(out=str(typo), resume=True, **base), data=small_digits).fit()
+
+
+@pytest.mark.parametrize("stop", [13, 16])  # inside trial 1, and at its last step
+def test_random_search_stop_after_counts_all_trials_and_resumes(small_digits, tmp_path, stop):
+    base = dict(method="random", steps=32, random_trials=4, hidden=(8,), batch_size=32, quiet=True, plots=False)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **base), data=small_digits)
+    s = train(TrainConfig(out=str(tmp_path / "part"), stop_after=stop, **base), data=small_digits)
+    assert not s["complete"] and s["steps"] == stop and s["trial"] == 1 and s["trial_steps"] == stop - 8
+    assert not (tmp_path / "part" / "trial_2").exists()
+    # resumed with the same stop_after: a run at or past its stop goes on to the end
+    done = train(TrainConfig(out=str(tmp_path / "part"), resume=True, stop_after=stop, **base), data=small_digits)
+    assert done["complete"]
+    strip = lambda d: {k: v for k, v in d.items() if k != "wall_s"}  # noqa: E731
+    assert strip(done) == strip(full)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "trial_1" / "steps.jsonl")]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_on_another_device_type_reseeds_the_generator(small_digits, tmp_path):
+    base = dict(method="stn", steps=12, warmup_steps=2, hidden=(8,), batch_size=32, quiet=True, plots=False,
+                out=str(tmp_path))
+    Trainer(TrainConfig(stop_after=6, **base), data=small_digits).fit()
+    st = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert st["gen_device"] == "cpu"
+    tr = Trainer(TrainConfig(**base), data=small_digits)
+    assert tr._restore_generator(st) and torch.equal(tr.gen.get_state(), st["gen"])
+    legacy = {k: v for k, v in st.items() if k != "gen_device"}  # a checkpoint from before gen_device
+    assert tr._restore_generator(legacy)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # a CUDA (philox) generator's state: seed, offset
+    for other in (dict(st, gen_device="cuda", gen=cuda_state), dict(legacy, gen=cuda_state)):
+        with pytest.warns(UserWarning, match="does not transfer"):
+            assert not tr._restore_generator(other)
+        reseeded = tr.gen.get_state()
+        with pytest.warns(UserWarning):
+            tr._restore_generator(other)
+        assert torch.equal(tr.gen.get_state(), reseeded)  # deterministic
+    torch.save(dict(st, gen_device="cuda", gen=cuda_state), tmp_path / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="reseeded"):
+        s = Trainer(TrainConfig(resume=True, **base), data=small_digits).fit()
+    assert s["complete"] and s["steps"] == 12
+
+
 # --- CLI -------------------------------------------------------------------------------------------------------
 
 
@@ -385,10 +512,29 @@ def _cli(*args, timeout=120):
 def test_cli_help():
     r = _cli("train", "--help")
     assert r.returncode == 0
-    for word in ("--method", "delta-stn", "--hypers", "weight_decay", "cutout", "--resume", "--out", "--quiet"):
+    for word in ("--method", "delta-stn", "--hypers", "weight_decay", "cutout", "--resume", "--out", "--quiet",
+                 "--overwrite"):
         assert word in r.stdout, word
     r = _cli("demo", "--help")
     assert r.returncode == 0 and "random search" in r.stdout
+    assert "--resume" in r.stdout and "a rerun replaces" in r.stdout
+
+
+def test_epilog_resume_examples_match_a_run():
+    lines = [line.split() for line in EPILOG.splitlines() if line.strip().startswith("python -m stn_ext train")]
+    arg = lambda words, name: words[words.index(name) + 1] if name in words else None  # noqa: E731
+    runs = {arg(w, "--out"): arg(w, "--method") for w in lines if "--resume" not in w}
+    resumes = [w for w in lines if "--resume" in w]
+    assert resumes
+    for w in resumes:
+        assert runs.get(arg(w, "--out")) == arg(w, "--method"), w
+
+
+def test_table_marks_incomplete_runs():
+    row = dict(val_loss=1.0, test_loss=1.0, wall_s=1.0)
+    table = format_table(summarise([dict(row, method="stn", complete=True), dict(row, method="fixed", complete=False),
+                                    dict(row, method="fixed", complete=True)]))
+    assert "fixed (incomplete)" in table and "stn (incomplete)" not in table
 
 
 def test_cli_train_run_and_errors(tmp_path):
@@ -402,6 +548,48 @@ def test_cli_train_run_and_errors(tmp_path):
     assert r.returncode == 2 and "unknown hyperparameter 'bogus'" in r.stderr
     r = _cli("train", "--range", "weight_decay=0.1:0.1", "--steps", "5", "--quiet")
     assert r.returncode == 2 and "empty range" in r.stderr
+
+
+def _one_error_line(r):
+    lines = r.stderr.strip().splitlines()
+    return r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_cli_used_folder_and_resume_without_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = lambda steps: ["train", "--method", "stn", "--steps", str(steps), "--warmup", "2", "--hidden", "8",  # noqa: E731
+                          "--train-size", "128", "--no-plots", "--quiet", "--out", str(out)]
+    assert _cli(*args(12)).returncode == 0
+    r = _cli(*args(6))
+    assert _one_error_line(r) and "--resume" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    r = _cli(*args(6), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["step"] for line in open(out / "steps.jsonl")] == list(range(1, 7))
+    r = _cli(*args(6)[:-1], str(tmp_path / "typo"), "--resume")
+    assert _one_error_line(r) and "no checkpoint" in r.stderr, r.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def test_cli_bad_settings_fail_before_any_run(tmp_path):
+    r = _cli("demo", "--methods", "stn,fixd", "--steps", "10", "--seeds", "1", "--out", str(tmp_path), "--quiet")
+    assert _one_error_line(r) and "unknown method 'fixd'" in r.stderr, r.stderr
+    assert not (tmp_path / "stn_seed0").exists()  # STN did not run first
+    if not (torch.cuda.is_available() and stn_ext.has_cuda()):
+        r = _cli("train", "--device", "cuda", "--steps", "5", "--quiet")
+        assert _one_error_line(r) and "cuda" in r.stderr, r.stderr
+
+
+def test_cli_random_search_stop_after_then_resume(tmp_path):
+    args = ["train", "--method", "random", "--steps", "40", "--trials", "4", "--hidden", "8", "--train-size", "128",
+            "--no-plots", "--out", str(tmp_path)]
+    r = _cli(*args, "--stop-after", "15")
+    assert r.returncode == 130, r.stderr
+    assert "random (incomplete)" in r.stdout and "stopped at step 15 of 40 (in trial 1)" in r.stderr
+    assert not (tmp_path / "trial_2").exists()
+    r = _cli(*args, "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["complete"] and s["steps"] == 40 and s["trials"] == 4
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
@@ -457,6 +645,43 @@ def test_cli_demo_end_to_end_small(tmp_path):
     assert [x["steps"] for x in results] == [40, 40, 40, 40]
 
 
+def test_cli_demo_reruns_into_its_folder(tmp_path):
+    args = ["demo", "--methods", "fixed,random", "--steps", "12", "--seeds", "1", "--trials", "2", "--hidden", "8",
+            "--train-size", "128", "--out", str(tmp_path), "--quiet"]
+    for _ in range(2):
+        r = _cli(*args)
+        assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "fixed_seed0" / "steps.jsonl").read_text().splitlines()) == 12
+
+
+def test_cli_demo_ctrl_c_stops_the_demo_then_resume(tmp_path):
+    import signal
+    import time
+
+    args = ["demo", "--methods", "stn,fixed", "--steps", "1000", "--seeds", "1", "--hidden", "16", "--train-size", "256",
+            "--warmup", "20", "--out", str(tmp_path), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stn_ext", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "stn_seed0" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert 0 < torch.load(ckpt, weights_only=False)["step"] < 1000, "the run finished before the signal"
+    assert "--resume" in err and out.strip() == ""  # no table with a cut-short run
+    assert not (tmp_path / "fixed_seed0").exists()  # the demo stopped, it did not go on to the next method
+    r = _cli(*args, "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "incomplete" not in r.stdout
+    for method in ("stn", "fixed"):
+        assert any(line.startswith(method + " ") for line in r.stdout.splitlines()), (method, r.stdout)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "stn_seed0" / "steps.jsonl")] == list(range(1, 1001))
+
+
 def test_custom_hyperparameter_reaches_the_model(small_digits):
     """A hyperparameter of the user's own kind: the model reads its per-example values in training steps."""
     seen = []
@@ -479,3 +704,13 @@ def test_custom_hyperparameter_reaches_the_model(small_digits):
     assert s["steps"] == 12 and set(s["hypers"]) == {"input_gain", "dropout.h1"}
     assert len(seen) == 12 and seen[0].shape == (64,) and torch.all((seen[0] >= 0.5) & (seen[0] <= 2.0))
     assert seen[0].std() > 0  # per-example perturbed values
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    # mkstemp creates 0600 files; run outputs should be readable as files written with open() are.
+    from stn_ext import checkpoint
+
+    checkpoint.atomic_write_text(tmp_path / "a.txt", "x")
+    with open(tmp_path / "b.txt", "w") as f:
+        f.write("x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777

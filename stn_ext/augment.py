@@ -74,9 +74,9 @@ def cutout(x, length, holes, rnd, max_holes=None):
     return x * keep[:, None].to(x.dtype)
 
 
-def random_shift(x, max_shift, rnd, bound=None):
+def random_shift(x, max_shift, rnd):
     """Shift each image by integers (dy, dx) drawn uniformly in [-s_b, s_b], filling with zeros.
-    ``bound`` (the range's upper bound) only fixes how many random numbers are drawn."""
+    Two uniform numbers are drawn per example whatever s_b, so the draws do not depend on the values."""
     _check_images(x, "random shift")
     B, C, H, W = x.shape
     s = _per_example(max_shift, B, x.device).round()

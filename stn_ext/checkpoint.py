@@ -12,12 +12,22 @@ import tempfile
 import torch
 
 
+def _read_umask():
+    mask = os.umask(0)  # the only way to read it; set straight back, once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path, data):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

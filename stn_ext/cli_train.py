@@ -30,13 +30,14 @@ methods:
 outputs (in --out): config.json, steps.jsonl (per weight step: train loss, hyperparameters, scales),
 epochs.jsonl (per evaluation: val/test loss and accuracy), schedule.csv (the hyperparameter schedule),
 losses.png, accuracy.png, hypers.png, checkpoint.pt, summary.json. Interrupt with Ctrl-C (saves at the
-next step boundary) or kill, then rerun with --resume to continue to the same result.
+next step boundary, exits 130) or kill, then rerun with --resume to continue to the same result. A new
+run into a folder that holds a run is refused: --resume continues it, --overwrite replaces it.
 
 examples:
   python -m stn_ext train --method delta-stn --hypers dropout,weight_decay --steps 1500 --out runs/dstn
   python -m stn_ext train --model cnn --method stn --hypers dropout,cutout,shift --out runs/cnn
   python -m stn_ext train --method random --trials 4 --range weight_decay=1e-5:1e-1 --out runs/rs
-  python -m stn_ext train --method stn --out runs/dstn --resume
+  python -m stn_ext train --method delta-stn --out runs/dstn --resume    # the first run, after Ctrl-C or kill
 """
 
 
@@ -44,12 +45,12 @@ def _kv(items, what, parse):
     out = {}
     for item in items or ():
         if "=" not in item:
-            raise SystemExit(f"stn_ext train: {what} must look like NAME=VALUE, got {item!r}")
+            raise ValueError(f"{what} must look like NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = parse(v)
         except ValueError:
-            raise SystemExit(f"stn_ext train: cannot parse {what} {item!r}")
+            raise ValueError(f"cannot parse {what} {item!r}") from None
     return out
 
 
@@ -83,13 +84,14 @@ def build_parser():
                    help="initial value (the value used by --method fixed), e.g. dropout=0.2 (repeatable)")
     g.add_argument("--hidden", type=_ints, default=(128, 128), help="hidden widths, e.g. 128,128 (mlp; cnn uses the first)")
     g.add_argument("--channels", type=_ints, default=(16, 32), help="cnn channels per conv stage, e.g. 16,32")
-    g.add_argument("--train-size", type=int, default=0, help="cap the training split (0: all 1078 digits)")
+    g.add_argument("--train-size", type=int, default=0,
+                   help="cap the training split (0: all 1079 training digits; validation and test keep 359 each)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1500, help="weight steps (random search: in total) (default 1500)")
     g.add_argument("--batch-size", type=int, default=64, help="global mini-batch (all processes) (default 64)")
     g.add_argument("--lr", type=float, default=0.01, help="weight SGD learning rate (default 0.01)")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum (default 0.9)")
     g.add_argument("--hyper-lr", type=float, default=3e-3, help="Adam learning rate for the hyperparameters")
     g.add_argument("--hyper-lr-schedule", default="cosine", choices=["cosine", "constant"],
                    help="decay of the hyper learning rate (cosine settles the hyperparameters) (default cosine)")
@@ -102,13 +104,21 @@ def build_parser():
                    help="one perturbation per example (papers' default) or one per batch (less noisy, fused path)")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
     g.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, data order and random draws (default 0)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="", help="run folder (metrics, schedule, plots, checkpoint)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with the same settings (an error if there "
+                        "is none); random search keeps its finished trials and resumes the current one")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out: delete its checkpoint, logs, plots and trials first "
+                        "(other files stay); without it a new run into such a folder is refused")
     g.add_argument("--eval-every", type=int, default=0, help="weight steps between evaluations (0: each epoch)")
     g.add_argument("--checkpoint-every", type=int, default=0, help="weight steps between checkpoints (0: each evaluation)")
-    g.add_argument("--stop-after", type=int, default=0, help="stop as if interrupted after this many weight steps")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="stop as if interrupted (checkpoint, exit 130) when this many weight steps are done, "
+                        "counted over all trials for random search; a run resumed at or past it goes on (0: never)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default cpu)")
     g.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA)")
     g.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default; small models "
@@ -128,20 +138,17 @@ def config_from_args(a):
         train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
         random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, eval_every=a.eval_every,
-        checkpoint_every=a.checkpoint_every, out=a.out, resume=a.resume, quiet=a.quiet, plots=not a.no_plots,
-        device=a.device, stop_after=a.stop_after)
+        checkpoint_every=a.checkpoint_every, out=a.out, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet,
+        plots=not a.no_plots, device=a.device, stop_after=a.stop_after)
 
 
 def format_table(rows, title=""):
-    """rows: summaries (dicts with method, val/test loss/acc, wall_s, maybe seed)."""
-    cols = [("method", "{}"), ("seeds", "{}"), ("val_loss", "{}"), ("val_acc", "{}"), ("test_loss", "{}"),
-            ("test_acc", "{}"), ("wall_s", "{}")]
+    """rows: dicts of already formatted cells (``summarise``), one column per name in ``cols``."""
+    cols = ("method", "seeds", "val_loss", "val_acc", "test_loss", "test_acc", "wall_s")
     lines = [title] if title else []
-    body = []
-    for r in rows:
-        body.append([str(r.get(c, "")) for c, _ in cols])
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, (c, _) in enumerate(cols)]
-    lines.append("  ".join(c.ljust(w) for (c, _), w in zip(cols, widths)))
+    body = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
@@ -157,7 +164,8 @@ def _fmt(xs, digits=4):
 
 
 def summarise(results):
-    """Group summaries by method: mean +- std over seeds."""
+    """Group summaries by method: mean +- std over seeds. A group holding a run cut short (summary
+    "complete": false) is labelled "(incomplete)"."""
     order, groups = [], {}
     for r in results:
         key = r["label"] if "label" in r else r["method"]
@@ -168,7 +176,8 @@ def summarise(results):
     rows = []
     for key in order:
         g = groups[key]
-        rows.append({"method": key, "seeds": len(g), "val_loss": _fmt([r["val_loss"] for r in g]),
+        label = key if all(r.get("complete", True) for r in g) else f"{key} (incomplete)"
+        rows.append({"method": label, "seeds": len(g), "val_loss": _fmt([r["val_loss"] for r in g]),
                      "val_acc": _fmt([r.get("val_acc") for r in g], 3), "test_loss": _fmt([r["test_loss"] for r in g]),
                      "test_acc": _fmt([r.get("test_acc") for r in g], 3), "wall_s": _fmt([r["wall_s"] for r in g], 1)})
     return rows
@@ -181,52 +190,78 @@ def _set_threads(n):
         torch.set_num_threads(n)
 
 
+ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # bad settings: one line, exit 2, as argparse
+
+
 def main(argv=None):
     a = build_parser().parse_args(argv)
     _set_threads(a.threads)
-    cfg = config_from_args(a)
-    from stn_ext import trainer
-
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ  # torchrun
     if launched and a.nproc > 1:
         print("error: --nproc spawns its own processes; under torchrun leave it at 1", file=sys.stderr)
         return 2
     try:
-        if a.nproc > 1:
-            summary = trainer.run_distributed(cfg, a.nproc)
-        elif launched:
-            import torch
+        from stn_ext import trainer
 
-            backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-            if cfg.device.startswith("cuda"):
-                cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                torch.cuda.set_device(cfg.device)
-            torch.distributed.init_process_group(backend)
-            try:
-                summary = trainer.train(cfg)
-            finally:
-                torch.distributed.destroy_process_group()
-            if int(os.environ["RANK"]) != 0:
-                return 0
-        else:
-            summary = trainer.train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        cfg = config_from_args(a)
+        trainer.preflight(cfg)  # every rank, before init_process_group: no rank has written yet
+        summary = _train(cfg, a.nproc, launched)
+    except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop, or without --out (no checkpoint to save)
+        print("interrupted", file=sys.stderr)
+        return 130
+    if summary is None:  # not rank 0 under torchrun
+        return 0
     if not a.quiet:
-        print(format_table(summarise([summary]), title=f"\n{cfg.method} on {cfg.data} ({cfg.model}), "
-                                                         f"{summary['steps']} weight steps"))
-        if cfg.method == "random":
-            for k, (loss, hp) in enumerate(zip(summary["trial_val_losses"], summary["trial_hypers"])):
-                print(f"  trial {k}{' (best)' if k == summary['best_trial'] else ''}: val_loss {loss:.4f}  " +
-                      " ".join(f"{n}={v:.4g}" for n, v in hp.items()))
-        print("final hyperparameters: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["hypers"].items()))
-        if cfg.out:
-            print(f"run folder: {cfg.out}")
+        _print_run(cfg, summary)
     if not summary.get("complete", True):
-        print(f"stopped at step {summary['steps']} of {cfg.steps}; continue with --resume", file=sys.stderr)
+        print(_stopped_message(cfg, summary), file=sys.stderr)
         return 130
     return 0
+
+
+def _train(cfg, nproc, launched):
+    """Run cfg in this process, on nproc spawned ones, or as one rank under torchrun (None but on rank 0)."""
+    from stn_ext import trainer
+
+    if nproc > 1:
+        return trainer.run_distributed(cfg, nproc)
+    if not launched:
+        return trainer.train(cfg)
+    import torch
+
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(cfg.device)
+    torch.distributed.init_process_group(backend)
+    try:
+        summary = trainer.train(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+    return summary if int(os.environ["RANK"]) == 0 else None
+
+
+def _print_run(cfg, summary):
+    print(format_table(summarise([summary]), title=f"\n{cfg.method} on {cfg.data} ({cfg.model}), "
+                                                     f"{summary['steps']} weight steps"))
+    if "trial_val_losses" in summary:  # a finished random search
+        for k, (loss, hp) in enumerate(zip(summary["trial_val_losses"], summary["trial_hypers"])):
+            print(f"  trial {k}{' (best)' if k == summary['best_trial'] else ''}: val_loss {loss:.4f}  " +
+                  " ".join(f"{n}={v:.4g}" for n, v in hp.items()))
+    print("final hyperparameters: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["hypers"].items()))
+    if cfg.out:
+        print(f"run folder: {cfg.out}")
+
+
+def _stopped_message(cfg, summary):
+    where = f" (in trial {summary['trial']})" if "trial" in summary else ""
+    msg = f"stopped at step {summary['steps']} of {cfg.steps}{where}; "
+    if not cfg.out:
+        return msg + "nothing was saved (no --out)"
+    return msg + f"the checkpoint is in {cfg.out}; continue with --resume"
 
 
 def build_demo_parser():
@@ -235,11 +270,15 @@ def build_demo_parser():
         description="The README demo: on scikit-learn's digits, STN and Delta-STN tune dropout rates and weight "
                     "decay during one training run; compared with fixed hyperparameters and random search at the "
                     "same number of weight steps. Prints validation/test loss and accuracy and wall time (mean +- "
-                    "std over seeds). Sized to run in a few minutes on a laptop CPU.")
+                    "std over seeds). Sized to run in a few minutes on a laptop CPU.\n\n"
+                    "Each run goes to --out/<method>_seed<k>; the demo owns these folders: a rerun replaces them. "
+                    "Ctrl-C stops the demo after saving a checkpoint of the current run (exit 130); rerun the same "
+                    "command with --resume to keep the finished runs and continue.")
     p.add_argument("--steps", type=int, default=1500, help="weight steps per method and seed (default 1500)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
-    p.add_argument("--methods", default="stn,delta-stn,fixed,random", help="comma separated (default all four)")
-    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    p.add_argument("--methods", default="stn,delta-stn,fixed,random",
+                   help="comma separated, from stn, delta-stn, fixed, random (default all four)")
+    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
     p.add_argument("--hypers", default="dropout,weight_decay", help="as for train (default dropout,weight_decay)")
     p.add_argument("--train-size", type=int, default=300,
                    help="training examples (default 300: few enough that regularisation matters)")
@@ -250,37 +289,83 @@ def build_demo_parser():
                    "random-search trials of steps/trials steps converge too)")
     p.add_argument("--hyper-lr", type=float, default=0.02, help="Adam learning rate of the hyperparameters (default 0.02)")
     p.add_argument("--warmup", type=int, default=100, help="weight steps before the first hyper step (default 100)")
-    p.add_argument("--out", default="runs/demo", help="folder for the runs (default runs/demo; '' for none)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="runs/demo",
+                   help="folder for the runs (default runs/demo; '' for none); a rerun replaces the runs in it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a demo stopped by Ctrl-C or kill: runs finished in --out are kept, the stopped "
+                        "one resumes, the others run (same options as the stopped demo)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default; small models run fastest on 1) (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines (the table still prints)")
     return p
 
 
+def _demo_runs(a):
+    """Every run of the demo as (seed, method, TrainConfig), all checked before the first one starts."""
+    from stn_ext import trainer
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"--methods must name each method once, got {a.methods!r}")
+    if a.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {a.seeds}")
+    runs = []
+    for seed in range(a.seeds):
+        for m in methods:
+            out = os.path.join(a.out, f"{m}_seed{seed}") if a.out else ""
+            cfg = trainer.TrainConfig(
+                method=m, model=a.model, hypers=a.hypers, steps=a.steps, train_size=a.train_size, perturb=a.perturb,
+                random_trials=a.trials, seed=seed, out=out, quiet=a.quiet, hidden=a.hidden, lr=a.lr,
+                hyper_lr=a.hyper_lr, warmup_steps=a.warmup, overwrite=bool(out))
+            if a.resume and out and trainer.can_resume(cfg):
+                cfg.resume, cfg.overwrite = True, False
+            trainer.preflight(cfg)
+            runs.append((seed, m, cfg))
+    if a.resume and not any(cfg.resume for _, _, cfg in runs):
+        raise FileNotFoundError(f"no demo runs in {a.out!r} to resume (is --out right?); for a new demo leave out "
+                                "--resume")
+    return runs
+
+
+def _run_one(cfg):
+    """The summary of a demo run: read back when a resumed run had finished, else trained (or resumed)."""
+    from stn_ext import trainer
+
+    if cfg.resume:
+        done = trainer.finished_summary(cfg.out)
+        if done:
+            return done
+    return trainer.train(cfg)
 
 
 def demo(argv=None):
     a = build_demo_parser().parse_args(argv)
     _set_threads(a.threads)
-    from stn_ext.trainer import TrainConfig, train
-
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    results = []
+    results, current = [], None
     t_all = time.perf_counter()
-    for seed in range(a.seeds):
-        for m in methods:
-            out = os.path.join(a.out, f"{m}_seed{seed}") if a.out else ""
-            cfg = TrainConfig(method=m, model=a.model, hypers=a.hypers, steps=a.steps, train_size=a.train_size,
-                              perturb=a.perturb, random_trials=a.trials, seed=seed, out=out, quiet=a.quiet, hidden=a.hidden,
-                              lr=a.lr, hyper_lr=a.hyper_lr, warmup_steps=a.warmup)
+    try:
+        for seed, m, cfg in _demo_runs(a):
+            current = cfg
             t0 = time.perf_counter()
-            s = train(cfg)
+            s = _run_one(cfg)
             s["label"] = m
+            if not s.get("complete", True):  # stopped by Ctrl-C / SIGTERM: the rest would not be comparable
+                print(_demo_stopped_message(a, seed, m, s, len(results)), file=sys.stderr)
+                return 130
             results.append(s)
             if not a.quiet:
                 print(f"seed {seed} {m:<9} val_loss {s['val_loss']:.4f} val_acc {s.get('val_acc', 0):.3f} "
                       f"test_loss {s['test_loss']:.4f} test_acc {s.get('test_acc', 0):.3f} "
                       f"({time.perf_counter() - t0:.1f} s) " +
                       " ".join(f"{k}={v:.3g}" for k, v in s["hypers"].items()), flush=True)
+    except ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # between runs, or without --out (no signal handler, no checkpoint)
+        where = f" during {current.method} seed {current.seed}" if current else ""
+        tail = (f"; finished runs are in {a.out}: rerun with --resume to continue" if a.out and results else "")
+        print(f"interrupted{where}{tail}", file=sys.stderr)
+        return 130
     table = format_table(summarise(results), title=(
         f"\ndigits ({a.train_size or 'all'} training examples), {a.model}, tuning {a.hypers}; {a.steps} weight steps "
         f"per run (random search: {a.trials} trials x {a.steps // a.trials}); mean +- std over {a.seeds} seed(s)"))
@@ -293,6 +378,14 @@ def demo(argv=None):
         atomic_write_text(os.path.join(a.out, "demo_table.txt"), table + "\n")
         print(f"runs, schedules and plots in {a.out}/<method>_seed<k>/")
     return 0
+
+
+def _demo_stopped_message(a, seed, method, s, n_finished):
+    where = f" (in trial {s['trial']})" if "trial" in s else ""
+    # only runs with a folder catch the signal (the others raise KeyboardInterrupt), so a.out is set
+    return (f"demo stopped: {method} seed {seed} stopped at step {s['steps']} of {a.steps}{where}. Saved in "
+            f"{a.out}: {n_finished} finished run(s) and the checkpoint of {method}_seed{seed}. Rerun the same "
+            "command with --resume to continue.")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data for the trainer: scikit-learn's digits (8x8 images, shipped with the package) by default, or a
 user's tensors / NumPy arrays through ``Dataset.from_arrays``."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ class Dataset:
     task: str = "classification"
     n_classes: int = 0
     name: str = "custom"
+    test_is_val: bool = False  # from_arrays without a test split: test metrics are validation metrics
 
     @property
     def input_shape(self):
@@ -35,21 +36,28 @@ class Dataset:
     def is_image(self):
         return len(self.input_shape) == 3
 
-    def to(self, device):
-        mv = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
-        return Dataset(mv(self.train), mv(self.val), mv(self.test), self.task, self.n_classes, self.name)
+    def to(self, device, dtype=None):
+        """The splits on ``device``; with ``dtype``, floating-point inputs and targets cast to it
+        (class labels stay int64)."""
+        def cast(t):
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        mv = lambda s: Split(cast(s.x), cast(s.y))  # noqa: E731
+        return replace(self, train=mv(self.train), val=mv(self.val), test=mv(self.test))
 
     @classmethod
     def from_arrays(cls, x_train, y_train, x_val, y_val, x_test=None, y_test=None, task="classification",
                     name="custom"):
         """Splits from tensors or NumPy arrays. x: (N, F) features or (N, C, H, W) images (float);
         y: (N,) integer labels for classification, (N,) or (N, k) floats for regression. Without a
-        test split the validation split is reused as test (and the summary says so)."""
+        test split the validation split is reused as test (``test_is_val``; the trainer's summary then
+        holds ``"test_is_val": true``)."""
         if task not in ("classification", "regression"):
             raise ValueError(f"stn_ext: task must be 'classification' or 'regression', got {task!r}")
         if (x_test is None) != (y_test is None):
             raise ValueError("stn_ext: give both x_test and y_test, or neither")
-        if x_test is None:
+        test_is_val = x_test is None
+        if test_is_val:
             x_test, y_test = x_val, y_val
         splits = []
         for which, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
@@ -82,7 +90,7 @@ class Dataset:
         if len(tshapes) != 1:
             raise ValueError(f"stn_ext: train/val/test targets have different shapes per example: {sorted(tshapes)}")
         n_classes = int(max(int(s.y.max()) for s in splits) + 1) if task == "classification" else 0
-        return cls(*splits, task=task, n_classes=n_classes, name=name)
+        return cls(*splits, task=task, n_classes=n_classes, name=name, test_is_val=test_is_val)
 
 
 def _tensor(a, name):

@@ -90,7 +90,9 @@ class Hyper:
         return v.clamp(self.low, self.high)
 
     def u_bounds(self):
-        """The range in the unconstrained space used to sample (random search) and to normalise."""
+        """The interval of u that maps onto the range (log, linear), or onto its middle 96% (logit: (-4, 4),
+        as the range's ends lie at u = -inf, +inf). The trainer does not use it (random search draws
+        values: ``sample_value``)."""
         if self.transform == "logit":
             return (-4.0, 4.0)
         if self.transform == "log":

@@ -4,11 +4,11 @@ Methods (``TrainConfig.method``):
 
 stn         MacKay et al. 2019. Hyperparameters u (unconstrained) with a learned perturbation scale
             sigma = softplus(h). Weight step: lam~ = u + sigma (.) eps (per example or one per batch),
-            the regularisers use value(lam~), the hypernet sees z = (lam~ - mid) / half, all weights
+            the regularisers use value(lam~), the hypernet sees z = lam~ - u_init, all weights
             step on the training loss. Hyper step (eval mode: no dropout/augmentation/noise): the
             validation loss at the perturbed lam~ minus tau * entropy(sigma); gradients reach u and h
             only through the hypernet response.
-delta-stn   Bae & Grosse 2020. The hypernet sees the centred delta = (lam~ - stopgrad(u)) / half.
+delta-stn   Bae & Grosse 2020. The hypernet sees the centred delta = lam~ - stopgrad(u).
             General step: W_e, b_e (and any non-STN parameters) at delta = 0 with the regularisers
             at u; response step: V, C, W_h, b_h at delta = sigma eps with the regularisers at lam~,
             optionally on the linearised network f(W_e) + J (Phi delta). Evaluation at delta = 0.
@@ -36,9 +36,11 @@ holds identical weights, hypernet and hyperparameters, equal to a 1-process run 
 import json
 import math
 import os
+import re
 import signal
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -86,11 +88,13 @@ class TrainConfig:
     eval_every: int = 0               # weight steps between evaluations (0: one epoch, at least steps/50)
     checkpoint_every: int = 0         # weight steps between checkpoints (0: at each evaluation)
     out: str = ""                     # run folder ("" : no files)
-    resume: bool = False
+    resume: bool = False              # continue the run in out from its checkpoint
+    overwrite: bool = False           # a new run may replace an earlier run's files in out
     quiet: bool = False
     plots: bool = True
     device: str = "cpu"
-    stop_after: int = 0               # stop (as if interrupted) after this many weight steps; 0: never
+    stop_after: int = 0               # stop (as if interrupted) at this weight step (random search: counted
+                                      # over all trials); a run resumed at or past it goes on; 0: never
 
     @classmethod
     def from_dict(cls, d):
@@ -119,11 +123,34 @@ class TrainConfig:
             raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and tau >= 0")
         if self.resume and not self.out:
             raise ValueError("stn_ext: resume needs the run folder (out)")
+        if self.resume and self.overwrite:
+            raise ValueError("stn_ext: resume continues the run in out and overwrite replaces it; choose one")
         if isinstance(self.hypers, str):
             self.hypers = tuple(h.strip() for h in self.hypers.split(",") if h.strip())
         self.hypers = tuple(self.hypers)
         self.hidden, self.channels = tuple(self.hidden), tuple(self.channels)
+        _check_device(self.device)
         return self
+
+
+def _check_device(device):
+    """Refuse a device this process cannot train on, before any work (torch would fail late and raw)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"stn_ext: cannot parse device {device!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"stn_ext: device {device!r}: stn_ext has CPU and CUDA kernels only")
+    if not torch.cuda.is_available():
+        raise ValueError(f"stn_ext: device {device!r} asked for, but torch finds no CUDA GPU "
+                         "(torch.cuda.is_available() is False); use device 'cpu'")
+    if not stn_ext.has_cuda():
+        raise ValueError(f"stn_ext: device {device!r} asked for, but this stn_ext build has no CUDA kernels "
+                         "(stn_ext.has_cuda() is False); rebuild it with FORCE_CUDA=1 or use device 'cpu'")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"stn_ext: device {device!r} asked for, but torch finds {torch.cuda.device_count()} GPU(s)")
 
 
 def _dist():
@@ -134,10 +161,6 @@ def _dist():
 
 def _inv_softplus(y):
     return y + math.log(-math.expm1(-y))
-
-
-class _Stop(Exception):
-    pass
 
 
 class Trainer:
@@ -159,7 +182,7 @@ class Trainer:
             data = load_data(cfg.data, seed=cfg.data_seed, **({"train_size": cfg.train_size} if cfg.train_size else {}))
         if not isinstance(data, Dataset):
             raise TypeError("stn_ext: data must be a stn_ext.data.Dataset (see Dataset.from_arrays)")
-        self.data = data.to(self.device)
+        self.data = data  # moved to the device in the model's dtype once the model is known
         if cfg.batch_size % self.world:
             raise ValueError(f"stn_ext: the global batch {cfg.batch_size} must divide among {self.world} processes")
         if cfg.batch_size > len(self.data.train):
@@ -178,6 +201,8 @@ class Trainer:
                 slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
                 self.space = space or HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
         self.model = model.to(self.device)
+        dt = next(self.model.parameters()).dtype
+        self.data = self.data.to(self.device, dtype=dt)  # inputs in the model's precision (e.g. a .double() model)
         self.layers = models.stn_layers(self.model)
         if not self.layers:
             raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
@@ -193,11 +218,10 @@ class Trainer:
         self.general_params = [p for p in self.model.parameters() if id(p) not in ids]
         self.params = list(self.model.parameters())
 
-        dt = next(self.model.parameters()).dtype
         self.u = nn.Parameter(self.space.init_unconstrained(dt, self.device))
         self.hscale = nn.Parameter(torch.full((n,), _inv_softplus(cfg.scale_init), dtype=dt, device=self.device))
         # STN input z = u - u_init (fixed offset: starts small like Delta-STN's, then moves with u)
-        self.mid, self.half = self.u.detach().clone(), torch.ones_like(self.u.detach())
+        self.u_init = self.u.detach().clone()
         self.opt_w = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=cfg.hyper_lr)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
@@ -270,9 +294,7 @@ class Trainer:
 
     def _z(self, u_tilde, centred):
         """Hypernet input for unconstrained hyperparameters u_tilde ((n,) or (B, n))."""
-        if centred:
-            return (u_tilde - self.u.detach()) / self.half
-        return (u_tilde - self.mid) / self.half
+        return u_tilde - (self.u.detach() if centred else self.u_init)
 
     def _named(self, vals):
         return {h.name: vals[..., i] for i, h in enumerate(self.space.hypers)}
@@ -425,7 +447,7 @@ class Trainer:
         split = self.data.val if split is None else split
         self.model.eval()
         u = self.u.detach().clone().requires_grad_(True)
-        z = (u - u.detach()) / self.half if self.cfg.method != "stn" else (u - self.mid) / self.half
+        z = u - (u.detach() if self.cfg.method != "stn" else self.u_init)
         with stn_ext.hyper_input(z):
             out = self.model(split.x)
         loss = self._per_example_loss(out, split.y).mean()
@@ -472,7 +494,8 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(),
             "opt_w": self.opt_w.state_dict(), "opt_h": self.opt_h.state_dict(),
-            "gen": self.gen.get_state(), "step": self.step, "hstep": self.hstep, "wall": self.wall,
+            "gen": self.gen.get_state(), "gen_device": self.gen.device.type,
+            "step": self.step, "hstep": self.hstep, "wall": self.wall,
             "space": self.space.names, "method": self.cfg.method, "world": self.world,
         }
 
@@ -486,8 +509,24 @@ class Trainer:
             self.hscale.copy_(st["hscale"])
         self.opt_w.load_state_dict(st["opt_w"])
         self.opt_h.load_state_dict(st["opt_h"])
-        self.gen.set_state(st["gen"])
+        self._restore_generator(st)
         self.step, self.hstep, self.wall = st["step"], st["hstep"], st["wall"]
+
+    def _restore_generator(self, st):
+        """Give the generator the checkpoint's state if it is of this device type, and say whether it
+        did. A CPU generator state cannot seed a CUDA generator (nor the reverse), so a resume on another
+        device type reseeds from (seed, step): deterministic, but other random numbers than the run
+        would have drawn on its first device."""
+        # checkpoints without gen_device: a CPU (mt19937) state is much larger than a CUDA (philox) one
+        saved = st.get("gen_device") or ("cpu" if st["gen"].numel() == torch.Generator().get_state().numel() else "cuda")
+        if saved == self.gen.device.type:
+            self.gen.set_state(st["gen"])
+            return True
+        warnings.warn(f"stn_ext: resuming a {saved} checkpoint on {self.gen.device.type}: its random generator "
+                      "state does not transfer, so the random draws (perturbations, dropout, augmentation) are "
+                      "reseeded from the step and differ from those of an uninterrupted run")
+        self.gen.manual_seed(self.cfg.seed + 7919 + 1_000_003 * st["step"])
+        return False
 
     def _ckpt_path(self):
         return os.path.join(self.cfg.out, "checkpoint.pt")
@@ -499,22 +538,6 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    # fields that may differ between a run and its resumption without changing the result
-    RESUME_FREE = ("out", "resume", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every", "device")
-
-    def _check_same_config(self):
-        path = os.path.join(self.cfg.out, "config.json")
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            old = json.load(f)
-        new = _jsonable(asdict(self.cfg))
-        diff = sorted(k for k in new if k not in self.RESUME_FREE and old.get(k) != new[k])
-        if diff:
-            raise ValueError("stn_ext: cannot resume " + self.cfg.out + " with a different configuration: " +
-                             ", ".join(f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in diff) +
-                             "; use the original settings or a new run folder")
-
     def _on_signal(self, signum, frame):
         self._stop_flag = True
 
@@ -525,14 +548,13 @@ class Trainer:
 
         c = self.cfg
         self.log = RunLog(self.out, self.space.names)
-        if c.resume and os.path.exists(self._ckpt_path()):
-            self._check_same_config()
+        if c.resume:
+            check_run_folder(c)  # the same settings, and a checkpoint to continue (every rank loads it)
             # on CPU: generator states must stay CPU tensors; load_state_dict moves the rest to the device
             self.load_state_dict(checkpoint.load(self._ckpt_path(), map_location="cpu"))
             self.log.restore(self.step)
         elif self.out:
-            os.makedirs(self.out, exist_ok=True)
-            checkpoint.atomic_write_json(os.path.join(self.out, "config.json"), _jsonable(asdict(c)))
+            open_run_folder(c)
         old = {}
         if c.out:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -575,7 +597,8 @@ class Trainer:
                     flag = torch.tensor([float(self._stop_flag)], device=self.device)
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                     self._stop_flag = bool(flag.item())
-                if (c.stop_after and self.step >= c.stop_after) or self._stop_flag:
+                # stop_after marks one step: a run resumed at or past it is not stopped again
+                if self.step == c.stop_after or self._stop_flag:
                     interrupted = True
                     self.wall += time.perf_counter() - t0
                     self.save_checkpoint()
@@ -609,9 +632,111 @@ class Trainer:
              "perturb": self.cfg.perturb, "linearize": self.cfg.linearize}
         if "val_acc" in last:
             s["val_acc"], s["test_acc"] = last["val_acc"], last["test_acc"]
+        if self.data.test_is_val:
+            s["test_is_val"] = True
         if self.tunes:
             s["sigmas"] = self.sigmas()
         return s
+
+
+# --- run folders ------------------------------------------------------------------------------------------
+
+# What a run writes in its folder; checkpoint first, so a folder cleared halfway cannot be resumed.
+RUN_FILES = ("checkpoint.pt", "config.json", "summary.json", "steps.jsonl", "epochs.jsonl", "schedule.csv",
+             "losses.png", "accuracy.png", "hypers.png")
+# Fields that may differ between a run and its resumption (device: see Trainer._restore_generator).
+RESUME_FREE = ("out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
+               "device")
+
+
+def _trial_dirs(out):
+    if not os.path.isdir(out):
+        return []
+    return sorted(os.path.join(out, d) for d in os.listdir(out)
+                  if re.fullmatch(r"trial_\d+", d) and os.path.isdir(os.path.join(out, d)))
+
+
+def holds_run(out):
+    """Whether the folder ``out`` holds an earlier run: its checkpoint or config, or random-search trials."""
+    return any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint.pt", "config.json")) or bool(_trial_dirs(out))
+
+
+def can_resume(cfg):
+    """Whether ``cfg.out`` holds something to continue: a checkpoint (random search: its config or trials)."""
+    if cfg.method == "random":
+        return holds_run(cfg.out)
+    return os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+
+
+def check_same_config(cfg):
+    """Refuse to resume the run in ``cfg.out`` with settings that change its result."""
+    path = os.path.join(cfg.out, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = _jsonable(asdict(cfg))
+    diff = sorted(k for k in new if k not in RESUME_FREE and old.get(k) != new[k])
+    if diff:
+        raise ValueError("stn_ext: cannot resume " + cfg.out + " with a different configuration: " +
+                         ", ".join(f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in diff) +
+                         "; use the original settings or a new run folder")
+
+
+def check_run_folder(cfg):
+    """Refuse a run folder that cannot serve as asked, before any work: resume with no run to continue or
+    with other settings, or a new run over an earlier one (whose logs it would extend) without overwrite."""
+    if not cfg.out:
+        return
+    if cfg.resume:
+        check_same_config(cfg)
+        if not can_resume(cfg):
+            if os.path.exists(os.path.join(cfg.out, "config.json")):
+                raise FileNotFoundError(f"stn_ext: {cfg.out} holds no checkpoint to resume from (its run stopped "
+                                        "before the first one); start it again with --overwrite (API: overwrite=True)")
+            raise FileNotFoundError(f"stn_ext: no checkpoint in {cfg.out} to resume from (is --out right?); "
+                                    "for a new run leave out --resume")
+    elif not cfg.overwrite and holds_run(cfg.out):
+        raise FileExistsError(f"stn_ext: {cfg.out} already holds a run; continue it with --resume, replace it with "
+                              "--overwrite (deletes its files) or choose another --out (API: resume=True, overwrite=True)")
+
+
+def clear_run(out):
+    """Delete an earlier run's files from ``out``: RUN_FILES, their temporary files and the trial_<k>
+    folders of random search. Other files stay."""
+    if not os.path.isdir(out):
+        return
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(out, name)):
+            os.unlink(os.path.join(out, name))
+    for name in os.listdir(out):  # left by a kill during an atomic write (checkpoint.atomic_write_bytes)
+        if name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES):
+            os.unlink(os.path.join(out, name))
+    for trial in _trial_dirs(out):
+        clear_run(trial)
+        try:
+            os.rmdir(trial)
+        except OSError:  # it holds files of the user's
+            pass
+
+
+def open_run_folder(cfg):
+    """Start a new run in ``cfg.out`` (one process: rank 0): check it, delete an earlier run's files with
+    overwrite, write config.json."""
+    check_run_folder(cfg)
+    if cfg.overwrite:
+        clear_run(cfg.out)
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoint.atomic_write_json(os.path.join(cfg.out, "config.json"), _jsonable(asdict(cfg)))
+
+
+def preflight(cfg):
+    """The checks of a run of the built-in data and models that need no data loaded nor model built:
+    config values, device, run folder, hyperparameter space (what the CLI runs before any training)."""
+    cfg.validate()
+    check_run_folder(cfg)
+    slots = models.dropout_slots(cfg.model, cfg.hidden, cfg.channels)
+    HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, image_data=True)
 
 
 class RunLog:
@@ -762,32 +887,36 @@ def plot_run(out):
 def random_search(config, data=None, model_fn=None):
     """``random_trials`` fixed runs at values drawn from the space, ``steps // trials`` weight steps
     each (the same total as one STN run); the trial with the lowest final validation loss wins.
-    Trials run in out/trial_<k>; with resume, finished trials are kept and the current one resumes."""
+    Trials run in out/trial_<k>; with resume, finished trials are kept and the current one resumes.
+    ``stop_after`` counts weight steps over all trials: trial k holds steps k * per + 1 .. (k + 1) * per."""
     cfg = config.validate()
     per = cfg.steps // cfg.random_trials
-    base = Trainer(_replace(cfg, method="fixed", out="", resume=False, steps=per), data=data,
+    if cfg.out and (cfg.resume or _dist()[0] == 0):
+        check_run_folder(cfg)
+    base = Trainer(_replace(cfg, method="fixed", out="", resume=False, overwrite=False, steps=per), data=data,
                    model=model_fn() if model_fn else None)
     space = base.space
     g = torch.Generator().manual_seed(cfg.seed + 31337)
     trials = [space.sample(g) for _ in range(cfg.random_trials)]
+    if cfg.out and not cfg.resume and _dist()[0] == 0:
+        open_run_folder(cfg)
     results = []
     for k, values in enumerate(trials):
         out = os.path.join(cfg.out, f"trial_{k}") if cfg.out else ""
-        done = os.path.join(out, "summary.json") if out else ""
-        if cfg.resume and done and os.path.exists(done):
-            with open(done) as f:
-                s = json.load(f)
-            if s.get("complete"):
-                results.append(s)
-                continue
-        tcfg = _replace(cfg, method="fixed", out=out, steps=per, stop_after=0, quiet=True,
-                        inits={n: v for n, v in values.items()}, ranges=_ranges_of(space), hypers=tuple(space.names))
-        tcfg.quiet = cfg.quiet
+        done = finished_summary(out) if cfg.resume and out else None
+        if done:
+            results.append(dict(done, trial=k))
+            continue
+        resume = cfg.resume and bool(out) and os.path.exists(os.path.join(out, "checkpoint.pt"))
+        # a trial not resumed starts afresh (a folder left by a kill before its first checkpoint is replaced)
+        tcfg = _replace(cfg, method="fixed", out=out, steps=per, stop_after=_trial_stop(cfg.stop_after, k, per),
+                        resume=resume, overwrite=not resume and bool(out), inits=dict(values),
+                        ranges=_ranges_of(space), hypers=tuple(space.names))
         tr = Trainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
         s = tr.fit()
         s["trial"] = k
-        if not s["complete"]:  # interrupted: stop here; --resume continues this trial
-            s.update(method="random", trial=k)
+        if not s["complete"]:  # interrupted: stop here; resume continues this trial
+            s.update(method="random", trial_steps=s["steps"], steps=k * per + s["steps"])
             return s
         results.append(s)
     best = min(results, key=lambda r: r["val_loss"])
@@ -798,6 +927,22 @@ def random_search(config, data=None, model_fn=None):
     if cfg.out and _dist()[0] == 0:
         checkpoint.atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
+
+
+def finished_summary(out):
+    """The summary of the finished run (or trial) in ``out``, else None."""
+    path = os.path.join(out, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        s = json.load(f)
+    return s if s.get("complete") else None
+
+
+def _trial_stop(stop_after, k, per):
+    """Trial k's stop_after for a random search stopped after ``stop_after`` weight steps in total."""
+    local = stop_after - k * per
+    return local if 0 < local <= per else 0
 
 
 def _ranges_of(space):
@@ -870,6 +1015,7 @@ def run_distributed(config, nprocs, result_path=""):
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
     cfg.validate()
+    check_run_folder(cfg)  # here, where the error reads clean, not from inside a spawned rank
     backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
     keep = result_path
     if not result_path:
