@@ -641,9 +641,6 @@ class Trainer:
 
 # --- run folders ------------------------------------------------------------------------------------------
 
-# What a run writes in its folder; checkpoint first, so a folder cleared halfway cannot be resumed.
-RUN_FILES = ("checkpoint.pt", "config.json", "summary.json", "steps.jsonl", "epochs.jsonl", "schedule.csv",
-             "losses.png", "accuracy.png", "hypers.png")
 # Fields that may differ between a run and its resumption (device: see Trainer._restore_generator).
 RESUME_FREE = ("out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
                "device")
@@ -701,16 +698,21 @@ def check_run_folder(cfg):
                               "--overwrite (deletes its files) or choose another --out (API: resume=True, overwrite=True)")
 
 
+def run_files():
+    """What a run writes in its folder; checkpoint first, so a folder cleared halfway cannot be resumed."""
+    return ("checkpoint.pt", "config.json", "summary.json") + RunLog.FILES + PLOT_FILES
+
+
 def clear_run(out):
-    """Delete an earlier run's files from ``out``: RUN_FILES, their temporary files and the trial_<k>
+    """Delete an earlier run's files from ``out``: run_files(), their temporary files and the trial_<k>
     folders of random search. Other files stay."""
     if not os.path.isdir(out):
         return
-    for name in RUN_FILES:
+    for name in run_files():
         if os.path.exists(os.path.join(out, name)):
             os.unlink(os.path.join(out, name))
     for name in os.listdir(out):  # left by a kill during an atomic write (checkpoint.atomic_write_bytes)
-        if name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in RUN_FILES):
+        if name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in run_files()):
             os.unlink(os.path.join(out, name))
     for trial in _trial_dirs(out):
         clear_run(trial)
@@ -822,8 +824,11 @@ def _jsonable(d):
 # --- plots ---------------------------------------------------------------------------------------------
 
 
+PLOT_FILES = ("losses.png", "accuracy.png", "hypers.png")
+
+
 def plot_run(out):
-    """losses.png, accuracy.png and hypers.png in the run folder (matplotlib, Agg backend)."""
+    """PLOT_FILES in the run folder (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
