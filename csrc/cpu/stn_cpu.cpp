@@ -85,8 +85,9 @@ inline void with_flag(bool flag, F&& f) {
   else f(std::false_type{});
 }
 
-std::tuple<at::Tensor, at::Tensor> per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s, const std::optional<at::Tensor>& offset,
-                                    int64_t groups, bool channels_last) {
+std::tuple<at::Tensor, at::Tensor> per_example_epilogue_cpu(const at::Tensor& o, const at::Tensor& s,
+                                                            const std::optional<at::Tensor>& offset, int64_t groups,
+                                                            bool channels_last) {
   auto c = prepare_epilogue(o, s, offset, groups, channels_last, c10::kCPU);
   const auto& z = c.z;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
