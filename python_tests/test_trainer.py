@@ -249,7 +249,7 @@ def test_short_run_lowers_validation_loss(small_digits, kw):
     first, last = tr.log.epochs[0], tr.log.epochs[-1]
     assert first["step"] == 0 and last["step"] == 120
     assert last["val_loss"] < 0.6 * first["val_loss"], (first, last)
-    assert s["hyper_steps"] == (120 - 20) // 2
+    assert s["hyper_steps"] == (120 - 20) // cfg.train_per_cycle
     assert s["hypers"] != {h.name: h.init for h in tr.space.hypers}  # the hyperparameters moved
 
 

@@ -65,6 +65,12 @@ def _ints(v):
     return tuple(int(x) for x in v.split(",") if x.strip())
 
 
+def _defaults():
+    from stn_ext.trainer import TrainConfig
+
+    return TrainConfig()
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m stn_ext train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -92,14 +98,29 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=64, help="global mini-batch (all processes) (default 64)")
     g.add_argument("--lr", type=float, default=0.01, help="weight SGD learning rate (default 0.01)")
     g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum (default 0.9)")
-    g.add_argument("--hyper-lr", type=float, default=3e-3, help="Adam learning rate for the hyperparameters")
-    g.add_argument("--hyper-lr-schedule", default="cosine", choices=["cosine", "constant"],
-                   help="decay of the hyper learning rate (cosine settles the hyperparameters) (default cosine)")
-    g.add_argument("--scale-init", type=float, default=0.5, help="initial perturbation scale sigma (default 0.5)")
-    g.add_argument("--tau", type=float, default=1e-3, help="entropy weight on the perturbation scales (default 1e-3)")
-    g.add_argument("--ttrain", type=int, default=2, help="weight steps per cycle (default 2)")
-    g.add_argument("--tval", type=int, default=1, help="hyper steps per cycle (default 1)")
-    g.add_argument("--warmup", type=int, default=100, help="weight steps before the first hyper step (default 100)")
+    d = _defaults()
+    g.add_argument("--hyper-lr", type=float, default=d.hyper_lr,
+                   help=f"Adam learning rate for the hyperparameters (default {d.hyper_lr})")
+    g.add_argument("--hyper-lr-schedule", default=d.hyper_lr_schedule, choices=["auto", "cosine", "constant", "tail"],
+                   help="decay of the hyper learning rate: cosine settles the hyperparameters, tail keeps it constant "
+                        "for the first half, auto is cosine with per-example and tail with per-batch perturbation "
+                        f"(default {d.hyper_lr_schedule})")
+    g.add_argument("--scale-init", type=float, default=d.scale_init,
+                   help=f"initial perturbation scale sigma, in unconstrained units (default {d.scale_init})")
+    g.add_argument("--scale-max", type=float, default=d.scale_max,
+                   help="cap on sigma (0: the initial scale, so the entropy term cannot grow it) (default 0)")
+    g.add_argument("--tau", type=float, default=d.tau, help="entropy weight on the perturbation scales (default -1: 1e-2 with per-example perturbation, 1e-3 per batch)")
+    g.add_argument("--ttrain", type=int, default=d.train_per_cycle, help=f"weight steps per cycle (default {d.train_per_cycle})")
+    g.add_argument("--tval", type=int, default=d.val_per_cycle, help=f"hyper steps per cycle (default {d.val_per_cycle})")
+    g.add_argument("--warmup", type=int, default=d.warmup_steps,
+                   help="weight steps before the response trains and the first hyper step (default -1: steps / 10)")
+    g.add_argument("--hyper-input", default=d.hyper_input, choices=["auto", "centre", "recentred", "init"],
+                   help="stn: what the hypernet sees, u~ minus an anchor: the range's centre (raw logits, as the "
+                        "official STN), u itself (recentred after each hyper step, exactly), auto (centre for "
+                        f"rates, recentred for the rest) or the initial u (default {d.hyper_input})")
+    g.add_argument("--response-init", default=d.response_init, choices=["v", "zero"],
+                   help="start of the hypernet path: v (V, C random, W_h, b_h zero: learns at once) or zero "
+                        f"(V, C zero, as the papers) (default {d.response_init})")
     g.add_argument("--perturb", default="example", choices=["example", "batch"],
                    help="one perturbation per example (papers' default) or one per batch (less noisy, fused path)")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
@@ -134,8 +155,9 @@ def config_from_args(a):
     return TrainConfig(
         method=a.method, model=a.model, data=a.data, hypers=a.hypers, ranges=_kv(a.range, "--range", _range),
         inits=_kv(a.init, "--init", float), steps=a.steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
-        hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, scale_init=a.scale_init, tau=a.tau,
-        train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
+        hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, scale_init=a.scale_init, scale_max=a.scale_max,
+        tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
+        hyper_input=a.hyper_input, response_init=a.response_init,
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
         random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, out=a.out, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet,
@@ -287,8 +309,11 @@ def build_demo_parser():
     p.add_argument("--hidden", type=_ints, default=(128, 128), help="MLP hidden widths (default 128,128)")
     p.add_argument("--lr", type=float, default=0.03, help="weight SGD learning rate (default 0.03, so that "
                    "random-search trials of steps/trials steps converge too)")
-    p.add_argument("--hyper-lr", type=float, default=0.02, help="Adam learning rate of the hyperparameters (default 0.02)")
-    p.add_argument("--warmup", type=int, default=100, help="weight steps before the first hyper step (default 100)")
+    d = _defaults()
+    p.add_argument("--hyper-lr", type=float, default=d.hyper_lr,
+                   help=f"Adam learning rate of the hyperparameters (default {d.hyper_lr})")
+    p.add_argument("--warmup", type=int, default=d.warmup_steps,
+                   help="weight steps before the response trains and the first hyper step (default -1: steps / 10)")
     p.add_argument("--out", default="runs/demo",
                    help="folder for the runs (default runs/demo; '' for none); a rerun replaces the runs in it")
     p.add_argument("--resume", action="store_true",

@@ -222,6 +222,15 @@ class HyperSpace:
         v = self.to_values(u.detach().double().cpu())
         return {h.name: float(v[i]) for i, h in enumerate(self.hypers)}
 
+    def u_limits(self, dtype=torch.float32, device=None):
+        """(lo, hi) vectors of u beyond which the value no longer moves (log, linear: the clamp; logit: none)."""
+        lim = [(-math.inf, math.inf) if h.transform == "logit" else h.u_bounds() for h in self.hypers]
+        return tuple(torch.tensor([b[k] for b in lim], dtype=dtype, device=device) for k in (0, 1))
+
+    def u_centre(self, dtype=torch.float32, device=None):
+        """The middle of each hyperparameter's range in u (logit: 0, log: log of the geometric mean)."""
+        return torch.tensor([sum(h.u_bounds()) / 2 for h in self.hypers], dtype=dtype, device=device)
+
     def sample(self, gen):
         """{name: value} drawn at random from the space (random search)."""
         return {h.name: h.sample_value(gen) for h in self.hypers}

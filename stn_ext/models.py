@@ -208,6 +208,22 @@ def stn_layers(model):
     return [m for m in model.modules() if isinstance(m, (StnLinear, StnConv2d))]
 
 
+@torch.no_grad()
+def init_response(layers, scale=1.0):
+    """Start the hypernet path where it learns at once: W_h = b_h = 0 and V, C ~ N(0, 1/n). The layers'
+    own init (V = C = 0, W_h random) sits on a saddle of the product (V lam) W_h: neither factor gets a
+    gradient while the other is zero, so the response grows from noise only, slowest in the directions
+    where the weights themselves converge slowest. With W_h = 0 the output is still independent of lam at
+    the start, and the gradient on W_h is the response's own least-squares signal."""
+    for m in layers:
+        n = m.hyper_weight.shape[1]
+        m.weight_hyper.zero_()
+        m.hyper_weight.normal_(0, scale * n ** -0.5)
+        if m.bias_hyper is not None:
+            m.bias_hyper.zero_()
+            m.hyper_bias.normal_(0, scale * n ** -0.5)
+
+
 def jvp_by_double_backward(fn, delta):
     """Generic linearisation for any model (no forward-mode formulas needed): with y(a) = fn(a * delta),
     returns (y(0), dy/da at 0) by the double-backward trick. Costs about 3 forwards; models with a

@@ -51,6 +51,7 @@ import stn_ext
 from stn_ext import augment, checkpoint, models
 from stn_ext.augment import BatchRandom
 from stn_ext.data import Dataset, load as load_data
+from stn_ext.divergence import Diverged, Guard, finite
 from stn_ext.hyperparams import HyperSpace
 
 METHODS = ("stn", "delta-stn", "fixed", "random")
@@ -70,14 +71,22 @@ class TrainConfig:
     batch_size: int = 64              # global batch (all ranks together)
     lr: float = 0.01                  # SGD with momentum for the weights
     momentum: float = 0.9
-    hyper_lr: float = 3e-3            # Adam for u and the perturbation scales
-    hyper_lr_schedule: str = "cosine"  # cosine | constant
+    hyper_lr: float = 0.02            # Adam for u and the perturbation scales
+    hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
+                                      # auto (cosine with per-example perturbation, tail per batch)
     scale_init: float = 0.5           # initial sigma (in unconstrained units)
-    tau: float = 1e-3                 # entropy weight
-    train_per_cycle: int = 2          # Ttrain
+    scale_max: float = 0.0            # cap on sigma (0: scale_init, so the entropy term cannot grow it)
+    tau: float = -1.0                 # entropy weight (-1: 1e-2 with per-example perturbation, 1e-3 per batch)
+    train_per_cycle: int = 5          # Ttrain
     val_per_cycle: int = 1            # Tval
-    warmup_steps: int = 100           # weight steps before the first hyper step
+    warmup_steps: int = -1            # weight steps before the response trains and the first hyper step (-1: steps/10)
     perturb: str = "example"          # example (papers' default) | batch (one perturbation per batch)
+    response_init: str = "v"          # start of the hypernet path: "v" (V, C random; W_h, b_h zero) | "zero" (V, C zero)
+    hyper_input: str = "auto"         # STN hypernet input z = u~ - anchor: "centre" (the range's centre: raw logits),
+                                      # "recentred" (u, moved after each hyper step by an exact reparameterisation),
+                                      # "auto" (centre for logit-scale hyperparameters, recentred for the others),
+                                      # "init" (u at the start)
+    response_scaling: bool = False    # response gradients / mean(sigma^2) (measured unstable; kept for experiments)
     linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
@@ -109,18 +118,26 @@ class TrainConfig:
             raise ValueError(f"stn_ext: unknown method {self.method!r}; expected one of {METHODS}")
         if self.perturb not in ("example", "batch"):
             raise ValueError(f"stn_ext: perturb must be 'example' or 'batch', got {self.perturb!r}")
-        if self.hyper_lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"stn_ext: hyper_lr_schedule must be 'cosine' or 'constant', got {self.hyper_lr_schedule!r}")
+        if self.hyper_lr_schedule not in ("auto", "cosine", "constant", "tail"):
+            raise ValueError("stn_ext: hyper_lr_schedule must be 'auto', 'cosine', 'constant' or 'tail', got "
+                             f"{self.hyper_lr_schedule!r}")
+        if self.hyper_input not in ("auto", "init", "centre", "recentred"):
+            raise ValueError(f"stn_ext: hyper_input must be 'auto', 'init', 'centre' or 'recentred', got {self.hyper_input!r}")
+        if self.response_init not in ("v", "zero"):
+            raise ValueError(f"stn_ext: response_init must be 'v' or 'zero', got {self.response_init!r}")
         for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stn_ext: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "stop_after", "train_size"):
+        if self.warmup_steps < -1:
+            raise ValueError(f"stn_ext: warmup_steps must be >= 0 (or -1: steps / 10), got {self.warmup_steps}")
+        for name in ("eval_every", "checkpoint_every", "stop_after", "train_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
         if self.method == "random" and self.steps < self.random_trials:
             raise ValueError(f"stn_ext: random search with {self.random_trials} trials needs steps >= trials")
-        if self.lr <= 0 or self.hyper_lr < 0 or self.scale_init <= 0 or self.tau < 0:
-            raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and tau >= 0")
+        if self.lr <= 0 or self.hyper_lr < 0 or self.scale_init <= 0 or not (self.tau >= 0 or self.tau == -1) \
+                or not self.scale_max >= 0:
+            raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and scale_max >= 0, tau >= 0 (or -1: auto)")
         if self.resume and not self.out:
             raise ValueError("stn_ext: resume needs the run folder (out)")
         if self.resume and self.overwrite:
@@ -161,6 +178,10 @@ def _dist():
 
 def _inv_softplus(y):
     return y + math.log(-math.expm1(-y))
+
+
+def _inv_softplus_t(y):
+    return y + torch.log(-torch.expm1(-y))
 
 
 class Trainer:
@@ -206,6 +227,10 @@ class Trainer:
         self.layers = models.stn_layers(self.model)
         if not self.layers:
             raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
+        if cfg.response_init == "v" and cfg.method in ("stn", "delta-stn"):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 104729)
+                models.init_response(self.layers)
         n = len(self.space)
         bad = [type(m).__name__ for m in self.layers if m.n_hyper != n]
         if bad:
@@ -220,8 +245,23 @@ class Trainer:
 
         self.u = nn.Parameter(self.space.init_unconstrained(dt, self.device))
         self.hscale = nn.Parameter(torch.full((n,), _inv_softplus(cfg.scale_init), dtype=dt, device=self.device))
-        # STN input z = u - u_init (fixed offset: starts small like Delta-STN's, then moves with u)
-        self.u_init = self.u.detach().clone()
+        self.sigma_max = cfg.scale_max or cfg.scale_init
+        self.hyper_lr_factor = 1.0  # both halved by each recovery from a divergence
+        self.recoveries = 0
+        self.guard = Guard()
+        self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
+        self.u_lo, self.u_hi = self.space.u_limits(dt, self.device)
+        # STN input z = u~ - offset: u_init (starts at 0, like Delta-STN's) or the centre of the range in u
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else cfg.steps // 10
+        self.tau = cfg.tau if cfg.tau >= 0 else (1e-2 if cfg.perturb == "example" else 1e-3)
+        # which coordinates of the STN anchor follow u (recentred) and which stay at the range's centre
+        logit = torch.tensor([h.transform == "logit" for h in self.space.hypers], device=self.device)
+        follow = {"centre": torch.zeros_like(logit), "recentred": torch.ones_like(logit), "auto": ~logit,
+                  "init": torch.zeros_like(logit)}[cfg.hyper_input]
+        self.follow = follow.to(dt)
+        self.anchor = self.u.detach().clone() if cfg.hyper_input == "init" else \
+            torch.where(follow, self.u.detach(), self.space.u_centre(dt, self.device))
+        self._response_ids = {id(p) for p in self.response_params}
         self.opt_w = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=cfg.hyper_lr)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
@@ -260,18 +300,30 @@ class Trainer:
     def _hyper_steps_after(self, t):
         """Hyper steps taken right after weight step number t (1-based)."""
         c = self.cfg
-        if not self.tunes or t <= c.warmup_steps or (t - c.warmup_steps) % c.train_per_cycle:
+        if not self.tunes or t <= self.warmup or (t - self.warmup) % c.train_per_cycle:
             return 0
         return c.val_per_cycle
+
+    def _response_on(self):
+        """The response trains after the warm-up: fitted to unconverged weights (the weight decay penalty
+        couples it to W_e) it learns a wrong direction that then decays only at sigma^2 times the weights' pace."""
+        return self.step >= self.warmup
 
     def _count_hyper_steps(self, steps):
         return sum(self._hyper_steps_after(t) for t in range(1, steps + 1))
 
     def _hyper_lr(self):
         c = self.cfg
-        if c.hyper_lr_schedule == "constant" or self.total_hyper_steps == 0:
-            return c.hyper_lr
-        return c.hyper_lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, self.total_hyper_steps) / self.total_hyper_steps))
+        T, lr = self.total_hyper_steps, c.hyper_lr * self.hyper_lr_factor
+        schedule = c.hyper_lr_schedule
+        if schedule == "auto":  # per-example: a noisier hypergradient, settled by an earlier decay
+            schedule = "cosine" if c.perturb == "example" else "tail"
+        if schedule == "constant" or T == 0:
+            return lr
+        if schedule == "tail":
+            t = max(0.0, 2 * min(self.hstep, T) / T - 1)
+            return lr * 0.5 * (1 + math.cos(math.pi * t))
+        return lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, T) / T))
 
     def _perm(self, which, epoch, n):
         key = (which, epoch)
@@ -294,7 +346,7 @@ class Trainer:
 
     def _z(self, u_tilde, centred):
         """Hypernet input for unconstrained hyperparameters u_tilde ((n,) or (B, n))."""
-        return u_tilde - (self.u.detach() if centred else self.u_init)
+        return u_tilde - (self.u.detach() if centred else self.anchor)
 
     def _named(self, vals):
         return {h.name: vals[..., i] for i, h in enumerate(self.space.hypers)}
@@ -369,6 +421,10 @@ class Trainer:
     def _apply(self, loss, params):
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         self._allreduce(grads)
+        if self.cfg.response_scaling and self.tunes:
+            # the response's gradient carries a factor sigma^2 (it is learned from the perturbations alone)
+            k = 1.0 / float((F.softplus(self.hscale.detach()) ** 2).mean())
+            grads = [g * k if id(p) in self._response_ids else g for p, g in zip(params, grads)]
         for p in self.params:
             p.grad = None
         for p, g in zip(params, grads):
@@ -378,6 +434,11 @@ class Trainer:
     def _eps(self, rnd):
         n = len(self.space)
         return rnd.randn(n) if self.cfg.perturb == "example" else rnd.shared_randn(n)
+
+    def _perturbed(self, u, sigma, rnd):
+        """u~ = u + sigma (.) eps, kept where the values move (inside the declared range), so the hypernet
+        never sees an input whose value the regularisers clamp."""
+        return torch.maximum(torch.minimum(u + sigma * self._eps(rnd), self.u_hi), self.u_lo)
 
     def weight_step(self):
         c = self.cfg
@@ -391,19 +452,22 @@ class Trainer:
                 loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
             self._apply(loss, self.params)
         elif c.method == "stn":
-            u_t = u + F.softplus(self.hscale.detach()) * self._eps(rnd)
+            u_t = self._perturbed(u, F.softplus(self.hscale.detach()), rnd)
             vals = self.space.to_values(u_t)
             xr, rates = self._regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self._named(vals)):
                 loss, ell = self._loss(xr, y, self._z(u_t, False), vals)
-            self._apply(loss, self.params)
+            self._apply(loss, self.params if self._response_on() else self.general_params)
         else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
             vals = self.space.to_values(u)
             xr, rates = self._regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self._named(vals)):
                 loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
             self._apply(loss, self.general_params)
-            u_t = u + F.softplus(self.hscale.detach()) * self._eps(rnd)
+            if not self._response_on():
+                self.step += 1
+                return self._global_mean(ell)
+            u_t = self._perturbed(u, F.softplus(self.hscale.detach()), rnd)
             vals = self.space.to_values(u_t)
             xr, rates = self._regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self._named(vals)):
@@ -425,21 +489,39 @@ class Trainer:
         self.model.eval()
         x, y, rnd = self._batch(self.data.val, "val", self.hstep, self.val_batch)
         sigma = F.softplus(self.hscale)
-        u_t = self.u + sigma * self._eps(rnd)
+        u_t = self._perturbed(self.u, sigma, rnd)
         z = self._z(u_t, c.method == "delta-stn")
         out = self._forward(x, z, c.method == "delta-stn" and c.linearize)
         ell = self._per_example_loss(out, y)
         entropy = torch.log(sigma * math.sqrt(2 * math.pi * math.e)).sum()
-        loss = ell.sum() / self.val_batch - c.tau * entropy / self.world
+        loss = ell.sum() / self.val_batch - self.tau * entropy / self.world
         grads = list(torch.autograd.grad(loss, [self.u, self.hscale]))
         self._allreduce(grads)
         self.u.grad, self.hscale.grad = grads
         for g in self.opt_h.param_groups:
             g["lr"] = self._hyper_lr()
         self.opt_h.step()
+        with torch.no_grad():  # projection: u stays where its value moves, sigma under its cap
+            self.u.copy_(torch.maximum(torch.minimum(self.u, self.u_hi), self.u_lo))
+            self.hscale.clamp_(max=self.h_max)
+        if c.method == "stn" and bool(self.follow.any()):
+            self._recentre()
         self.hstep += 1
         self.model.train()
         return float(ell.detach().sum()) / (self.val_batch / self.world) if self.world == 1 else None
+
+    @torch.no_grad()
+    def _recentre(self):
+        """Move the STN anchor to u without changing the network at any input: W(z) = W_e + (V z) W_h with
+        z = u~ - anchor, so W_e += (V shift) (.)row W_h and b_e += (C shift) (.) b_h for shift = u - anchor.
+        A fixed anchor far from u makes intercept and slope nearly collinear in z (slow, lagging fits)."""
+        shift = (self.u.detach() - self.anchor) * self.follow
+        for m in self.layers:
+            s = m.hyper_weight @ shift
+            m.weight_elem.add_(s.view((-1,) + (1,) * (m.weight_elem.dim() - 1)) * m.weight_hyper)
+            if m.bias_elem is not None:
+                m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
+        self.anchor.add_(shift)
 
     def hypergradient(self, split=None):
         """d(loss on ``split``, default the whole validation split) / du through the hypernet response, at
@@ -447,7 +529,7 @@ class Trainer:
         split = self.data.val if split is None else split
         self.model.eval()
         u = self.u.detach().clone().requires_grad_(True)
-        z = u - (u.detach() if self.cfg.method != "stn" else self.u_init)
+        z = u - (u.detach() if self.cfg.method != "stn" else self.anchor)
         with stn_ext.hyper_input(z):
             out = self.model(split.x)
         loss = self._per_example_loss(out, split.y).mean()
@@ -496,6 +578,7 @@ class Trainer:
             "opt_w": self.opt_w.state_dict(), "opt_h": self.opt_h.state_dict(),
             "gen": self.gen.get_state(), "gen_device": self.gen.device.type,
             "step": self.step, "hstep": self.hstep, "wall": self.wall,
+            "anchor": self.anchor.clone(), "sigma_max": self.sigma_max, "hyper_lr_factor": self.hyper_lr_factor, "recoveries": self.recoveries,
             "space": self.space.names, "method": self.cfg.method, "world": self.world,
         }
 
@@ -511,6 +594,11 @@ class Trainer:
         self.opt_h.load_state_dict(st["opt_h"])
         self._restore_generator(st)
         self.step, self.hstep, self.wall = st["step"], st["hstep"], st["wall"]
+        if "anchor" in st:
+            self.anchor.copy_(st["anchor"])
+        self.sigma_max = st.get("sigma_max", self.sigma_max)
+        self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
+        self.hyper_lr_factor, self.recoveries = st.get("hyper_lr_factor", 1.0), st.get("recoveries", 0)
 
     def _restore_generator(self, st):
         """Give the generator the checkpoint's state if it is of this device type, and say whether it
@@ -570,12 +658,21 @@ class Trainer:
             if self.step == 0:
                 self._log_eval()
             t0 = time.perf_counter()
+            self.guard.take(self.state_dict(), self.step)
             while self.step < c.steps:
                 train_loss = self.weight_step()
                 rec = {"step": self.step, "train_loss": train_loss}
                 hl = []
                 for _ in range(self._hyper_steps_after(self.step)):
                     hl.append(self.hyper_step())
+                if not self._healthy(train_loss, hl):
+                    self._recover(train_loss)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                if self.guard.due(self.step):
+                    self._regrow_scale_cap()
+                    self.guard.take(self.state_dict(), self.step)
                 if hl:
                     rec["hyper_steps"] = self.hstep
                     rec["hyper_lr"] = self.opt_h.param_groups[0]["lr"]
@@ -593,6 +690,7 @@ class Trainer:
                     self.wall += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint()
+                    self.guard.take(self.state_dict(), self.step)  # never older than the checkpoint on disk
                 if self.world > 1:  # stop together: a signal may reach ranks at different steps
                     flag = torch.tensor([float(self._stop_flag)], device=self.device)
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -613,6 +711,51 @@ class Trainer:
             if c.plots and not interrupted:
                 plot_run(self.out)
         return summary
+
+    def _healthy(self, train_loss, hyper_losses):
+        ok = self.guard.check_loss(train_loss)
+        if self.tunes and hyper_losses:
+            ok = ok and all(v is None or math.isfinite(v) for v in hyper_losses) and finite(self.u, self.hscale)
+        if self.world > 1:  # all ranks roll back together
+            flag = torch.tensor([float(not ok)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            ok = not bool(flag.item())
+        return ok
+
+    def _recover(self, train_loss):
+        """Roll back to the last healthy snapshot and halve the perturbation scales, their cap and the
+        hyper learning rate; raise Diverged where that cannot help (no tuning) or has not helped."""
+        at, vals, sig = self.step, self.hyper_values(), self.sigmas() if self.tunes else None
+        if not self.tunes or self.guard.exhausted:
+            tried = (f"; rolled back to step {self.guard.snapshot_step} and halved the perturbation scales "
+                     f"{self.guard.recoveries} times (and the hyper learning rate from the third time) without "
+                     "recovering") if self.tunes else ""
+            kept = f"; the last good checkpoint is kept in {self.cfg.out}" if self.out else ""
+            raise Diverged(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}) with "
+                           f"hyperparameters {vals}" + (f", perturbation scales {sig}" if sig else "") + tried + kept +
+                           ". Try a smaller learning rate (lr) or a narrower hyperparameter range.")
+        sigma_max, factor, recoveries = self.sigma_max, self.hyper_lr_factor, self.recoveries
+        self.load_state_dict(self.guard.restore())
+        self.log.truncate(self.step)
+        with torch.no_grad():
+            # the scales first: perturbations are what take SGD past its limit; the hyper step only when
+            # that keeps failing (u itself heading somewhere unstable)
+            self.recoveries = recoveries + 1
+            self.sigma_max, self.hyper_lr_factor = sigma_max / 2, factor / 2 if self.recoveries >= 3 else factor
+            self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
+            self.hscale.copy_(_inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
+                                                             torch.full_like(self.hscale, self.sigma_max))))
+        warnings.warn(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}, hyperparameters "
+                      f"{vals}); rolled back to step {self.step} and halved the perturbation scales (cap now "
+                      f"{self.sigma_max:.3g}; hyper learning rate now x{self.hyper_lr_factor:.3g})")
+
+    def _regrow_scale_cap(self):
+        """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start):
+        a scale halved for good would starve the response, whose signal is proportional to sigma^2."""
+        cap0 = self.cfg.scale_max or self.cfg.scale_init
+        if self.sigma_max < cap0:
+            self.sigma_max = min(cap0, self.sigma_max * math.sqrt(2))
+            self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
 
     def _log_eval(self):
         v, t = self.evaluate(self.data.val), self.evaluate(self.data.test)
@@ -636,6 +779,7 @@ class Trainer:
             s["test_is_val"] = True
         if self.tunes:
             s["sigmas"] = self.sigmas()
+            s["recoveries"] = self.recoveries
         return s
 
 
@@ -763,6 +907,12 @@ class RunLog:
 
     def epoch(self, rec):
         self.epochs.append(rec)
+
+    def truncate(self, step):
+        """Forget the records past ``step`` (a roll-back; none of them is on disk yet)."""
+        self.steps[:] = [r for r in self.steps if r["step"] <= step]
+        self.epochs[:] = [r for r in self.epochs if r["step"] <= step]
+        assert self._written["steps"] <= len(self.steps) and self._written["epochs"] <= len(self.epochs)
 
     def _csv_header(self):
         return ",".join(["step"] + self.names + [f"sigma.{n}" for n in self.names]) + "\n"
