@@ -1,0 +1,186 @@
+"""Tuning quality of the trainer's defaults on problems with a known answer (issue 11).
+
+ridge   one StnLinear(40, 1, bias=False) with its weight decay tuned (range 1e-4..1e4), full batch,
+        started 100x above and 100x below the closed-form optimum (stn_ext.problems.Ridge); every
+        method (stn, delta-stn) and perturbation mode (batch, example), 3 seeds; reports |u - u*| in
+        log units after --ridge-steps weight steps, and whether any run ended non-finite.
+digits  the 1000/400/397 protocol (stn_ext.problems.digits_protocol), MLP 64-256-256-10 with three
+        dropout rates from 0.05, batch 100, --digits-steps weight steps: fixed, random search (4 trials
+        splitting the same steps), stn, delta-stn; best and final validation loss, test loss, seconds per
+        weight step relative to fixed.
+
+Everything runs with TrainConfig's defaults except what the problem sets (hyperparameter, range, start,
+steps, batch size, perturbation mode). Writes bench/results/tuning-<date>.{md,json} and
+tuning-ridge-<date>.png (u - u* against weight steps).
+
+    python bench/bench_tuning.py                      # ~6 minutes on one core
+    python bench/bench_tuning.py --quick              # one seed, fewer steps (what the test runs)
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from stn_ext.problems import Ridge, digits_mlp, digits_protocol
+from stn_ext.trainer import TrainConfig, Trainer, train
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def ridge_run(problem, u_star, method, perturb, side, seed, steps):
+    cfg = TrainConfig(method=method, hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e4)},
+                      inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=steps,
+                      batch_size=problem.n_train, perturb=perturb, seed=seed, quiet=True)
+    torch.manual_seed(seed)
+    tr = Trainer(cfg, data=problem.dataset(), model=problem.model())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            tr.fit()
+            error = ""
+        except RuntimeError as e:  # Diverged: reported, counted as a miss
+            error = str(e)
+    u = float(tr.u.detach())
+    traj = [(r["step"], math.log(r["hypers"]["weight_decay"]) - u_star) for r in tr.log.steps[::10]]
+    return {"method": method, "perturb": perturb, "side": "above" if side > 0 else "below", "seed": seed,
+            "u_minus_opt": u - u_star, "finite": math.isfinite(u), "error": error, "recoveries": tr.recoveries,
+            "sigma": tr.sigmas()["weight_decay"], "diverged_warnings": sum("diverged" in str(w.message) for w in caught),
+            "trajectory": traj}
+
+
+def digits_run(data, method, seed, steps):
+    cfg = TrainConfig(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
+                      eval_every=max(10, steps // 60))
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    if method == "random":
+        s = train(cfg, data=data, model=lambda: digits_mlp(3))
+        best = min(s["trial_val_losses"])
+    else:
+        tr = Trainer(cfg, data=data, model=digits_mlp(3))
+        s = tr.fit()
+        best = min(e["val_loss"] for e in tr.log.epochs)
+    wall = time.perf_counter() - t
+    return {"method": method, "seed": seed, "best_val_loss": best, "val_loss": s["val_loss"], "test_loss": s["test_loss"],
+            "test_acc": s.get("test_acc"), "s_per_step": wall / steps, "hypers": s["hypers"], "sigmas": s.get("sigmas")}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def ridge_table(rows, steps):
+    out = [f"Ridge (d=40, n=50, noise 1; optimum wd* from the closed form), |u - u*| in log units after {steps} "
+           "weight steps, per seed; `x` marks a run that stopped (Diverged) or ended non-finite.", "",
+           "| method | perturb | start | seeds | max | recoveries |", "|---|---|---|---|---|---|"]
+    keys = sorted({(r["method"], r["perturb"], r["side"]) for r in rows})
+    for m, p, side in keys:
+        rs = [r for r in rows if (r["method"], r["perturb"], r["side"]) == (m, p, side)]
+        cells = [("x " if r["error"] or not r["finite"] else "") + f"{abs(r['u_minus_opt']):.3f}" for r in rs]
+        out.append(f"| {m} | {p} | 100x {side} | {', '.join(cells)} | {max(abs(r['u_minus_opt']) for r in rs):.3f} | "
+                   f"{sum(r['recoveries'] for r in rs)} |")
+    return "\n".join(out)
+
+
+def digits_table(rows, steps):
+    fixed = _mean([r["s_per_step"] for r in rows if r["method"] == "fixed"]) if any(r["method"] == "fixed" for r in rows) else None
+    out = [f"Digits 1000/400/397, MLP 64-256-256-10, three dropout rates from 0.05, {steps} weight steps, batch 100 "
+           "(random search: 4 trials of steps/4; its best is the lowest final validation loss of a trial).", "",
+           "| method | best val loss (mean) | per seed | final val | test loss | test acc | time/step vs fixed | final rates |",
+           "|---|---|---|---|---|---|---|---|"]
+    for m in ("fixed", "random", "stn", "delta-stn"):
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        rates = ", ".join(f"{v:.2f}" for v in rs[0]["hypers"].values())
+        ratio = f"{_mean([r['s_per_step'] for r in rs]) / fixed:.2f}x" if fixed else ""
+        out.append(f"| {m} | {_mean([r['best_val_loss'] for r in rs]):.4f} | "
+                   f"{', '.join('%.4f' % r['best_val_loss'] for r in rs)} | {_mean([r['val_loss'] for r in rs]):.4f} | "
+                   f"{_mean([r['test_loss'] for r in rs]):.4f} | {_mean([r['test_acc'] for r in rs]):.3f} | {ratio} | "
+                   f"{rates} (seed {rs[0]['seed']}) |")
+    return "\n".join(out)
+
+
+def plot_ridge(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    combos = sorted({(r["method"], r["perturb"]) for r in rows})
+    fig, axes = plt.subplots(1, len(combos), figsize=(3.2 * len(combos), 3.2), sharey=True, squeeze=False)
+    for ax, (m, p) in zip(axes[0], combos):
+        for r in rows:
+            if (r["method"], r["perturb"]) == (m, p) and r["trajectory"]:
+                xs, ys = zip(*r["trajectory"])
+                ax.plot(xs, ys, color="tab:red" if r["side"] == "above" else "tab:blue", alpha=0.7, lw=1)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axhspan(-0.05, 0.05, color="0.85")
+        ax.set_title(f"{m}, per {p}", fontsize=9)
+        ax.set_xlabel("weight step")
+    axes[0, 0].set_ylabel("log wd - log wd*")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one seed, 1500 ridge steps, 600 digits steps")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--ridge-steps", type=int, default=3000)
+    p.add_argument("--digits-steps", type=int, default=3000)
+    p.add_argument("--only", choices=["ridge", "digits"], help="run one problem")
+    p.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot ('' for none)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seeds, a.ridge_steps, a.digits_steps = 1, 1500, 600
+    torch.set_num_threads(1)
+    res = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "seeds": a.seeds,
+           "config_defaults": {k: v for k, v in TrainConfig().__dict__.items() if not isinstance(v, (dict, tuple))}}
+    text = []
+    if a.only in (None, "ridge"):
+        problem = Ridge()
+        u_star = problem.log_optimum()
+        res["ridge_log_optimum"] = u_star
+        rows = []
+        for m in ("stn", "delta-stn"):
+            for pert in ("batch", "example"):
+                for side in (-1, 1):
+                    for seed in range(a.seeds):
+                        rows.append(ridge_run(problem, u_star, m, pert, side, seed, a.ridge_steps))
+                        print(f"ridge {m} {pert} {rows[-1]['side']} seed {seed}: u - u* = {rows[-1]['u_minus_opt']:+.3f}",
+                              file=sys.stderr, flush=True)
+        res["ridge"] = rows
+        text.append(ridge_table(rows, a.ridge_steps))
+    if a.only in (None, "digits"):
+        data = digits_protocol()
+        rows = []
+        for m in ("fixed", "random", "stn", "delta-stn"):
+            for seed in range(a.seeds):
+                rows.append(digits_run(data, m, seed, a.digits_steps))
+                print(f"digits {m} seed {seed}: best val {rows[-1]['best_val_loss']:.4f}", file=sys.stderr, flush=True)
+        res["digits"] = rows
+        text.append(digits_table(rows, a.digits_steps))
+    md = "\n\n".join(text)
+    print(md)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        tag = "tuning-quick" if a.quick else f"tuning-{res['date']}"
+        with open(os.path.join(a.out, tag + ".md"), "w") as f:
+            f.write(f"# Tuning quality ({res['date']}, torch {res['torch']}, TrainConfig defaults)\n\n{md}\n")
+        with open(os.path.join(a.out, tag + ".json"), "w") as f:
+            json.dump(res, f, indent=1)
+        if "ridge" in res:
+            plot_ridge(res["ridge"], os.path.join(a.out, tag + "-ridge.png"))
+    return res
+
+
+if __name__ == "__main__":
+    main()

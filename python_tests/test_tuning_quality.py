@@ -1,0 +1,173 @@
+"""Tuning quality and stability of the trainer's defaults (issue 11): the ridge problem with a closed-form
+optimum, divergence caught at the step and recovered (or stopped with a clear message), perturbations kept
+in range, the STN re-centring as an exact reparameterisation, and bench/bench_tuning.py --quick."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import stn_ext
+from stn_ext import checkpoint, models
+from stn_ext.divergence import Diverged
+from stn_ext.problems import Ridge, digits_protocol
+from stn_ext.trainer import TrainConfig, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ridge():
+    p = Ridge()
+    return p, p.log_optimum()
+
+
+def _ridge_trainer(p, wd0, **kw):
+    cfg = dict(method="stn", hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e4)},
+               inits={"weight_decay": wd0}, steps=300, batch_size=p.n_train, quiet=True)
+    cfg.update(kw)
+    torch.manual_seed(cfg.get("seed", 0))
+    return Trainer(TrainConfig(**cfg), data=p.dataset(), model=p.model())
+
+
+def test_ridge_optimum_is_the_closed_form(ridge):
+    p, u_star = ridge
+    # the eigendecomposition solution is the normal equations' solution ...
+    wd = 0.7
+    w = torch.linalg.solve(p.x.T @ p.x + p.n_train * wd / 2 * torch.eye(p.d, dtype=torch.float64), p.x.T @ p.y)
+    assert torch.allclose(p.weights(wd), w, atol=1e-10)
+    # ... and u* is a minimum of the validation loss: lower than its neighbours, zero derivative
+    f = lambda u: p.val_loss(math.exp(u))  # noqa: E731
+    assert f(u_star) < f(u_star - 0.01) and f(u_star) < f(u_star + 0.01)
+    assert abs((f(u_star + 1e-4) - f(u_star - 1e-4)) / 2e-4) < 1e-6
+    assert math.log(1e-4) + 3 < u_star < math.log(1e4) - 3
+
+
+def test_recentring_is_an_exact_reparameterisation():
+    torch.manual_seed(0)
+    model = models.mlp(6, 3, 2, hidden=(5,), input_dropout=False).double()
+    layers = models.stn_layers(model)
+    models.init_response(layers)
+    for m in layers:  # a response that is not zero
+        m.weight_hyper.data.normal_()
+        m.bias_hyper.data.normal_()
+    x, z = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with stn_ext.hyper_input(z):
+        before = model(x)
+    shift = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    with torch.no_grad():  # what Trainer._recentre does, anchor moved by shift
+        for m in layers:
+            m.weight_elem.add_((m.hyper_weight @ shift)[:, None] * m.weight_hyper)
+            m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
+    with stn_ext.hyper_input(z - shift):
+        after = model(x)
+    assert torch.allclose(before, after, atol=1e-12)
+
+
+def test_trainer_recentres_the_stn_anchor_to_u(ridge):
+    p, u_star = ridge
+    tr = _ridge_trainer(p, math.exp(u_star + 3), steps=200, warmup_steps=20)
+    tr.fit()
+    assert tr.hstep > 0
+    assert torch.equal(tr.anchor, tr.u.detach())  # log-scale hyperparameter: follows u
+    # and the network the trainer evaluates is the one at z = u - anchor = 0 ... which the hypergradient
+    # sees through the response: a nonzero slope after training
+    assert float(tr.hypergradient().abs()) > 0
+
+
+def test_sigma_stays_under_its_cap_and_perturbed_values_in_range(ridge):
+    p, u_star = ridge
+    tr = _ridge_trainer(p, 1e-4 * 1.5, steps=150, warmup_steps=10, scale_init=3.0, tau=1.0, perturb="example")
+    seen = []
+    orig = tr.space.to_values
+
+    def spy(u):
+        v = orig(u)
+        seen.append(v.detach())
+        return v
+
+    tr.space.to_values = spy
+    tr.fit()
+    vals = torch.cat([v.reshape(-1) for v in seen])
+    assert vals.min() >= 1e-4 * (1 - 1e-6) and vals.max() <= 1e4 * (1 + 1e-6)
+    # the entropy term (tau = 1) pushes sigma up; the cap (the initial 3.0) holds it
+    assert tr.sigmas()["weight_decay"] <= 3.0 + 1e-6
+    assert float(tr.u.detach()) >= math.log(1e-4) - 1e-6  # u projected onto the range
+
+
+def test_a_diverging_run_is_rolled_back_and_recovers(ridge, tmp_path):
+    p, u_star = ridge
+    # per-batch perturbations at scale 2 around wd ~ 100 push SGD (lr 0.01, momentum 0.9) past its limit
+    # (wd ~ 380); each recovery halves the scale until the run is stable
+    with pytest.warns(UserWarning, match="diverged at weight step"):
+        tr = _ridge_trainer(p, 100.0, steps=400, warmup_steps=0, scale_init=2.0, perturb="batch",
+                            out=str(tmp_path / "run"), checkpoint_every=25)
+        s = tr.fit()
+    assert s["recoveries"] >= 1 and s["complete"]
+    assert math.isfinite(s["val_loss"]) and all(math.isfinite(v) for v in s["hypers"].values())
+    assert s["sigmas"]["weight_decay"] <= 2.0 / 2 ** s["recoveries"] + 1e-6
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "steps.jsonl")]
+    assert steps == list(range(1, 401))  # rolled-back steps are redone, not logged twice
+    assert all(math.isfinite(json.loads(line)["train_loss"]) for line in open(tmp_path / "run" / "steps.jsonl"))
+
+
+def test_an_unrecoverable_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ridge, tmp_path):
+    p, u_star = ridge
+    out = tmp_path / "run"
+    tr = _ridge_trainer(p, 1.0, method="fixed", lr=2.0, steps=400, out=str(out), checkpoint_every=1)
+    with pytest.raises(Diverged, match=r"diverged at weight step (\d+) .*weight_decay.*smaller learning rate") as e:
+        tr.fit()
+    step = int(e.value.args[0].split("weight step ")[1].split()[0])
+    st = checkpoint.load(str(out / "checkpoint.pt"), map_location="cpu")
+    assert 0 <= st["step"] < step
+    assert all(bool(v.isfinite().all()) for v in st["model"].values())
+
+
+def test_stn_methods_give_up_after_repeated_divergence(ridge):
+    p, u_star = ridge
+    tr = _ridge_trainer(p, 1.0, lr=5.0, steps=300, warmup_steps=0)
+    with pytest.warns(UserWarning, match="rolled back"):
+        with pytest.raises(Diverged, match="halved the perturbation scales 6 times"):
+            tr.fit()
+
+
+# The issue-11 targets (0.05 log units per batch, 0.10 per example) after 3000 weight steps, seed 0. Not here:
+# stn per batch from 100x above, which misses them (bench/results/tuning-*.md; docs/tuning.md says why).
+@pytest.mark.parametrize("method,perturb,side,tol", [
+    ("delta-stn", "batch", -1, 0.05), ("delta-stn", "batch", 1, 0.05), ("stn", "batch", -1, 0.05),
+    ("stn", "example", -1, 0.10), ("stn", "example", 1, 0.10), ("delta-stn", "example", 1, 0.10)])
+def test_defaults_reach_the_ridge_optimum(ridge, method, perturb, side, tol):
+    p, u_star = ridge
+    tr = _ridge_trainer(p, math.exp(u_star + side * math.log(100)), method=method, steps=3000, perturb=perturb)
+    s = tr.fit()
+    gap = float(tr.u.detach()) - u_star
+    assert abs(gap) < tol, (method, perturb, side, gap)
+    assert s["recoveries"] == 0
+
+
+def test_bench_tuning_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_tuning", os.path.join(ROOT, "bench", "bench_tuning.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--quick", "--only", "digits", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["digits"]}
+    assert set(rows) == {"fixed", "random", "stn", "delta-stn"}
+    assert all(math.isfinite(r["best_val_loss"]) for r in rows.values())
+    assert rows["stn"]["best_val_loss"] < rows["fixed"]["best_val_loss"]
+    assert (tmp_path / "tuning-quick.md").exists() and (tmp_path / "tuning-quick.json").exists()
+
+
+def test_digits_protocol_split():
+    d = digits_protocol()
+    assert (len(d.train), len(d.val), len(d.test)) == (1000, 400, 397)
+    assert float(d.train.x.max()) <= 1.0 and d.train.x.shape[1] == 64
