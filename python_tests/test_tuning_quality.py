@@ -161,7 +161,7 @@ def test_bench_tuning_quick(tmp_path):
     spec.loader.exec_module(bench)
     res = bench.main(["--quick", "--only", "digits", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["digits"]}
-    assert set(rows) == {"fixed", "random", "stn", "delta-stn"}
+    assert set(rows) == {"fixed", "random", "stn (no hyper steps)", "stn", "delta-stn"}
     assert all(math.isfinite(r["best_val_loss"]) for r in rows.values())
     assert rows["stn"]["best_val_loss"] < rows["fixed"]["best_val_loss"]
     assert (tmp_path / "tuning-quick.md").exists() and (tmp_path / "tuning-quick.json").exists()
