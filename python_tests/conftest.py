@@ -15,6 +15,15 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 DEVICES = ["cpu", "cuda"]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest and avoids oversubscribing a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     if request.param == "cuda":

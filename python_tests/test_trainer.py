@@ -19,13 +19,7 @@ from stn_ext.cli_train import EPILOG, format_table, summarise
 from stn_ext.trainer import TrainConfig, Trainer, open_run_folder, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is fastest and avoids oversubscribing a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
