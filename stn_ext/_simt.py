@@ -45,9 +45,14 @@ def asan_requested():
 
 
 def asan_preload():
-    """The libasan the ASan build needs preloaded (LD_PRELOAD) into the Python process."""
-    out = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    """What the ASan build needs preloaded (LD_PRELOAD) into the Python process: libasan, and libstdc++
+    (else ASan finds no __cxa_throw to intercept, as Python does not link it, and the first C++
+    exception aborts)."""
+    libs = []
+    for lib in ("libasan.so", "libstdc++.so.6"):
+        out = subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True, check=True)
+        libs.append(os.path.realpath(out.stdout.strip()))
+    return " ".join(libs)
 
 
 def _check_sources():

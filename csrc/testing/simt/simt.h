@@ -337,7 +337,16 @@ inline T warp_op(int kind, unsigned mask, T v, int arg, int width) {
 
 struct Stacks {
   std::vector<void*> free;
-  ~Stacks() { for (void* p : free) munmap(p, kStack + kGuard); }
+  ~Stacks() {  // at the exit of the OS thread that launched kernels
+    for (void* p : free) {
+#ifdef SIMT_ASAN
+      // Frames left on a fiber stack keep their redzones poisoned in the shadow, and ASan does not
+      // clear it at munmap: whatever is mapped there next (a Python arena) would seem to overflow.
+      __asan_unpoison_memory_region(static_cast<char*>(p) + kGuard, kStack);
+#endif
+      munmap(p, kStack + kGuard);
+    }
+  }
   void* get() {
     void* p;
     if (!free.empty()) {
