@@ -27,7 +27,14 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
-#if !defined(__CUDA_ARCH__) && (defined(__x86_64__) || defined(_M_X64))
+
+// Device code is nvcc's device pass, or the CUDA kernels compiled for the SIMT emulator (STN_EXT_SIMT),
+// whose header provides the same intrinsics. (__CUDA_ARCH__ is spelled out in each condition, as nvcc's
+// front end expects of host-only branches in __host__ __device__ functions.)
+#ifdef STN_EXT_SIMT
+#include "simt.h"
+#endif
+#if !defined(__CUDA_ARCH__) && !defined(STN_EXT_SIMT) && (defined(__x86_64__) || defined(_M_X64))
 #include <emmintrin.h>
 #endif
 
@@ -96,7 +103,7 @@ inline Params make_params(double lr, int64_t n, int64_t radix_bits) {
 // --- exact arithmetic helpers -------------------------------------------------------------------
 
 C10_HOST_DEVICE inline bool finite(double a) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(STN_EXT_SIMT)
   return isfinite(a);
 #else
   return std::isfinite(a);
@@ -104,7 +111,7 @@ C10_HOST_DEVICE inline bool finite(double a) {
 }
 
 C10_HOST_DEVICE inline double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(STN_EXT_SIMT)
   return __dmul_rn(a, b);
 #else
   return a * b;
@@ -113,7 +120,7 @@ C10_HOST_DEVICE inline double mul_rn(double a, double b) {
 
 // a + b rounded once; with mul_rn, a + b * c in two roundings (nvcc would otherwise fuse it into one FMA).
 C10_HOST_DEVICE inline double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(STN_EXT_SIMT)
   return __dadd_rn(a, b);
 #else
   return a + b;
@@ -131,7 +138,7 @@ C10_HOST_DEVICE inline int64_t to_fixed(double y, bool* ok) {
     *ok = false;
     return 0;
   }
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(STN_EXT_SIMT)
   return __double2ll_rn(y);
 #elif defined(__x86_64__) || defined(_M_X64)
   return _mm_cvtsd_si64(_mm_set_sd(y));  // current rounding mode: nearest-even unless changed
@@ -141,7 +148,7 @@ C10_HOST_DEVICE inline int64_t to_fixed(double y, bool* ok) {
 }
 
 C10_HOST_DEVICE inline double to_double(int64_t a) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(STN_EXT_SIMT)
   return __ll2double_rn(a);
 #else
   return static_cast<double>(a);
@@ -161,7 +168,7 @@ C10_HOST_DEVICE inline int64_t sub_checked(int64_t a, int64_t b, bool* ok) {
 }
 
 C10_HOST_DEVICE inline double u64_to_double(uint64_t a) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(STN_EXT_SIMT)
   return __ull2double_rn(a);
 #else
   return static_cast<double>(a);
@@ -193,7 +200,7 @@ C10_HOST_DEVICE inline uint64_t udiv(uint64_t a, uint64_t d, double inv_d, uint6
 // with N + L <= 64 (Lemire, Kaser & Kurz 2019, "Faster remainder by direct computation", Theorem 1):
 // here a, d < 2^32, or a < 2^48 and d < 2^16.
 C10_HOST_DEVICE inline uint64_t div_magic(uint64_t a, uint64_t magic) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(STN_EXT_SIMT)
   return __umul64hi(magic, a);
 #else
   return static_cast<uint64_t>((static_cast<unsigned __int128>(magic) * a) >> 64);

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/launch.h"
 #include "reversible_checks.h"
 #include "reversible_math.h"
 
@@ -121,7 +122,7 @@ int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 void reversible_step_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& head, const at::Tensor& count,
                           const at::Tensor& words, const at::Tensor& view, const at::Tensor& grad_in,
                           const at::Tensor& status, double lr, int64_t gamma_num, int64_t radix_bits) {
-  const int64_t capacity = check_step(x, v, head, count, words, view, grad_in, status, c10::kCUDA);
+  const int64_t capacity = check_step(x, v, head, count, words, view, grad_in, status, kCudaKernelDevice);
   const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
   const c10::cuda::CUDAGuard guard(view.device());
   const auto grad = grad_in.contiguous();
@@ -129,7 +130,7 @@ void reversible_step_cuda(const at::Tensor& x, const at::Tensor& v, const at::Te
   if (n == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_step", [&] {
-    step_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+    launch_kernel(step_kernel<scalar_t>, blocks_for(n), kThreads, 0, stream,
         x.mutable_data_ptr<int64_t>(), v.mutable_data_ptr<int64_t>(),
         reinterpret_cast<uint64_t*>(head.mutable_data_ptr<int64_t>()), count.mutable_data_ptr<int32_t>(),
         reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>()), view.mutable_data_ptr<scalar_t>(),
@@ -141,7 +142,7 @@ void reversible_step_cuda(const at::Tensor& x, const at::Tensor& v, const at::Te
 at::Tensor reversible_unstep_weights_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& view,
                                           const std::optional<at::Tensor>& dx_in, const at::Tensor& status,
                                           double lr, int64_t radix_bits) {
-  check_unstep_weights(x, v, view, dx_in, status, c10::kCUDA);
+  check_unstep_weights(x, v, view, dx_in, status, kCudaKernelDevice);
   const rev::Params p = check_scalars(lr, rev::kDen, radix_bits);
   const c10::cuda::CUDAGuard guard(view.device());
   const auto vc = v.contiguous();
@@ -152,7 +153,7 @@ at::Tensor reversible_unstep_weights_cuda(const at::Tensor& x, const at::Tensor&
   if (n > 0) {
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_unstep_weights", [&] {
-      unstep_weights_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+      launch_kernel(unstep_weights_kernel<scalar_t>, blocks, kThreads, 0, stream,
           x.mutable_data_ptr<int64_t>(), vc.const_data_ptr<int64_t>(), view.mutable_data_ptr<scalar_t>(),
           dx ? dx->const_data_ptr<scalar_t>() : nullptr, status.mutable_data_ptr<int64_t>(),
           dx ? partial.mutable_data_ptr<double>() : nullptr, n, p);
@@ -167,7 +168,7 @@ at::Tensor reversible_unstep_velocity_cuda(const at::Tensor& v, const at::Tensor
                                            const std::optional<at::Tensor>& dx_in,
                                            const std::optional<at::Tensor>& dv, const at::Tensor& status,
                                            double lr, int64_t gamma_num, int64_t radix_bits) {
-  const int64_t capacity = check_unstep_velocity(v, head, count, words, grad_in, dx_in, dv, status, c10::kCUDA);
+  const int64_t capacity = check_unstep_velocity(v, head, count, words, grad_in, dx_in, dv, status, kCudaKernelDevice);
   const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const auto grad = grad_in.contiguous();
@@ -178,7 +179,7 @@ at::Tensor reversible_unstep_velocity_cuda(const at::Tensor& v, const at::Tensor
   if (n > 0) {
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stn_ext::reversible_unstep_velocity", [&] {
-      unstep_velocity_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+      launch_kernel(unstep_velocity_kernel<scalar_t>, blocks, kThreads, 0, stream,
           v.mutable_data_ptr<int64_t>(), reinterpret_cast<uint64_t*>(head.mutable_data_ptr<int64_t>()),
           count.mutable_data_ptr<int32_t>(), reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>()),
           grad.const_data_ptr<scalar_t>(), dx ? dx->const_data_ptr<scalar_t>() : nullptr,
@@ -192,7 +193,7 @@ at::Tensor reversible_unstep_velocity_cuda(const at::Tensor& v, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stn_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(STN_EXT_CUDA_LIBRARY, STN_EXT_CUDA_KEY, m) {
   m.impl("reversible_step", &reversible_step_cuda);
   m.impl("reversible_unstep_weights", &reversible_unstep_weights_cuda);
   m.impl("reversible_unstep_velocity", &reversible_unstep_velocity_cuda);

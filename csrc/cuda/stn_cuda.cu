@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/launch.h"
 #include "op_args.h"
 #include "stn_math.h"
 
@@ -17,7 +18,7 @@ constexpr int kWarp = 32;
 
 inline int64_t blocks_for(int64_t n, int64_t per_block = kThreads) {
   // Grid-stride loops cover the rest; cap the grid so huge tensors launch a sane number of blocks.
-  return std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, int64_t(1) << 20));
+  return std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, grid_cap()));
 }
 
 template <typename acc_t>
@@ -130,13 +131,13 @@ __global__ void epilogue_backward_cf_kernel(const scalar_t* __restrict__ grad, c
 }
 
 at::Tensor gate_cuda(const at::Tensor& elem, const at::Tensor& hyper, const at::Tensor& scale) {
-  auto c = prepare_gate(elem, hyper, scale, c10::kCUDA);
+  auto c = prepare_gate(elem, hyper, scale, kCudaKernelDevice);
   const c10::cuda::CUDAGuard guard(c.elem.device());  // after the checks: elem is on a CUDA device
   const int64_t n = c.out.numel();
   if (n == 0) return c.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.elem.scalar_type(), "stn_ext::gate", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gate_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    launch_kernel(gate_kernel<scalar_t, acc_t>, blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream(),
         c.elem.const_data_ptr<scalar_t>(), c.hyper.const_data_ptr<scalar_t>(), c.scale.const_data_ptr<scalar_t>(),
         c.out.mutable_data_ptr<scalar_t>(), n, c.z.cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -146,15 +147,15 @@ at::Tensor gate_cuda(const at::Tensor& elem, const at::Tensor& hyper, const at::
 
 std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad, const at::Tensor& hyper,
                                                       const at::Tensor& scale) {
-  auto c = prepare_gate_backward(grad, hyper, scale, c10::kCUDA);
+  auto c = prepare_gate_backward(grad, hyper, scale, kCudaKernelDevice);
   const c10::cuda::CUDAGuard guard(c.grad.device());  // after the checks: grad is on a CUDA device
   if (c.grad.numel() == 0) return {c.grad_hyper, c.grad_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.grad.scalar_type(), "stn_ext::gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gate_backward_kernel<scalar_t, acc_t>
-        <<<blocks_for(c.z.rows, kThreads / kWarp), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            c.grad.const_data_ptr<scalar_t>(), c.hyper.const_data_ptr<scalar_t>(), c.scale.const_data_ptr<scalar_t>(),
-            c.grad_hyper.mutable_data_ptr<scalar_t>(), c.grad_scale.mutable_data_ptr<scalar_t>(), c.z.rows, c.z.cols);
+    launch_kernel(gate_backward_kernel<scalar_t, acc_t>, blocks_for(c.z.rows, kThreads / kWarp), kThreads, 0,
+        at::cuda::getCurrentCUDAStream(), c.grad.const_data_ptr<scalar_t>(), c.hyper.const_data_ptr<scalar_t>(),
+        c.scale.const_data_ptr<scalar_t>(), c.grad_hyper.mutable_data_ptr<scalar_t>(),
+        c.grad_scale.mutable_data_ptr<scalar_t>(), c.z.rows, c.z.cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {c.grad_hyper, c.grad_scale};
@@ -163,13 +164,13 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad, co
 std::tuple<at::Tensor, at::Tensor> per_example_epilogue_cuda(const at::Tensor& o, const at::Tensor& s,
                                                              const std::optional<at::Tensor>& offset, int64_t groups,
                                                              bool channels_last) {
-  auto c = prepare_epilogue(o, s, offset, groups, channels_last, c10::kCUDA);
+  auto c = prepare_epilogue(o, s, offset, groups, channels_last, kCudaKernelDevice);
   const c10::cuda::CUDAGuard guard(c.o.device());  // after the checks: o is on a CUDA device
   const int64_t n = c.y.numel();
   if (n == 0) return {c.y, c.h};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.o.scalar_type(), "stn_ext::per_example_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    epilogue_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    launch_kernel(epilogue_kernel<scalar_t, acc_t>, blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream(),
         c.o.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), optional_ptr<scalar_t>(c.offset),
         c.offset_stride, c.y.mutable_data_ptr<scalar_t>(), c.h.mutable_data_ptr<scalar_t>(), c.z.batch, c.z.out, c.z.positions, c.z.per_group, channels_last);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -179,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> per_example_epilogue_cuda(const at::Tensor& o
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cuda(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& s, int64_t groups, bool channels_last) {
-  auto c = prepare_epilogue_backward(grad, h, s, groups, channels_last, c10::kCUDA);
+  auto c = prepare_epilogue_backward(grad, h, s, groups, channels_last, kCudaKernelDevice);
   const c10::cuda::CUDAGuard guard(c.h.device());  // after the checks: h is on a CUDA device
   const auto& z = c.z;
   const int64_t rows = z.batch * z.out;
@@ -194,10 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cud
     scalar_t* gsp = c.grad_s.mutable_data_ptr<scalar_t>();
     scalar_t* gsum = c.grad_sum.mutable_data_ptr<scalar_t>();
     if (channels_last) {
-      epilogue_backward_cl_kernel<scalar_t, acc_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+      launch_kernel(epilogue_backward_cl_kernel<scalar_t, acc_t>, blocks_for(rows), kThreads, 0, stream,
           gp, hp, sp, gop, gsp, gsum, z.batch, z.out, z.positions, z.per_group);
     } else {
-      epilogue_backward_cf_kernel<scalar_t, acc_t><<<blocks_for(rows, kThreads / kWarp), kThreads, 0, stream>>>(
+      launch_kernel(epilogue_backward_cf_kernel<scalar_t, acc_t>, blocks_for(rows, kThreads / kWarp), kThreads, 0, stream,
           gp, hp, sp, gop, gsp, gsum, z.batch, z.out, z.positions, z.per_group);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -207,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_example_epilogue_backward_cud
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(stn_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(STN_EXT_CUDA_LIBRARY, STN_EXT_CUDA_KEY, m) {
   m.impl("gate", &gate_cuda);
   m.impl("gate_backward", &gate_backward_cuda);
   m.impl("per_example_epilogue", &per_example_epilogue_cuda);
