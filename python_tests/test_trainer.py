@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import stn_ext
-from stn_ext import augment, models
+from stn_ext import augment, checkpoint, models
 from stn_ext.augment import BatchRandom
 from stn_ext.data import Dataset, digits
 from stn_ext.hyperparams import BUILTINS, Hyper, HyperSpace
@@ -708,3 +708,29 @@ def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
     with open(tmp_path / "b.txt", "w") as f:
         f.write("x")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777
+
+
+class _Exploit:
+    """A pickle that would create a file when unpickled with weights_only=False."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "payload": _Exploit(str(marker))}, str(path))
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="not read"):
+        checkpoint.load(str(path))
+    assert not marker.exists()
+    # what the trainer saves reads back
+    tr = Trainer(TrainConfig(method="stn", hypers=("dropout",), steps=3, hidden=(8,), quiet=True),
+                 data=digits(seed=0, train_size=64))
+    checkpoint.save(str(tmp_path / "ok.pt"), tr.state_dict())
+    st = checkpoint.load(str(tmp_path / "ok.pt"))
+    assert st["method"] == "stn" and torch.equal(st["u"], tr.u.detach())

@@ -166,3 +166,4 @@ def test_digits_protocol_split():
     d = digits_protocol()
     assert (len(d.train), len(d.val), len(d.test)) == (1000, 400, 397)
     assert float(d.train.x.max()) <= 1.0 and d.train.x.shape[1] == 64
+

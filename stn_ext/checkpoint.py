@@ -7,6 +7,7 @@ old file or the new one, never a torn one.
 import io
 import json
 import os
+import pickle
 import tempfile
 
 import torch
@@ -65,6 +66,12 @@ def save(path, state):
 
 
 def load(path, map_location="cpu"):
+    """The state saved by ``save``: tensors and plain Python types only (``weights_only=True``), so a checkpoint
+    from someone else's run folder cannot run code when it is read; anything else is refused."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"stn_ext: no checkpoint at {path} to resume from")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"stn_ext: {path} holds more than tensors and plain Python values, so it is not read "
+                         f"(it could run code when unpickled); stn_ext checkpoints never do. {str(e).splitlines()[0]}") from None
