@@ -167,3 +167,14 @@ def test_digits_protocol_split():
     assert (len(d.train), len(d.val), len(d.test)) == (1000, 400, 397)
     assert float(d.train.x.max()) <= 1.0 and d.train.x.shape[1] == 64
 
+
+
+def test_cli_reports_a_divergence_in_one_line(tmp_path, capsys):
+    from stn_ext.cli_train import main
+
+    rc = main(["--method", "fixed", "--lr", "1e6", "--steps", "50", "--hypers", "weight_decay", "--range",
+               "weight_decay=1e-3:1", "--init", "weight_decay=1", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("error: stn_ext: training diverged at weight step ") and "Traceback" not in err
+    assert "no checkpoint had been written" in err

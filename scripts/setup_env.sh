@@ -15,4 +15,12 @@ python -c "import torch" # fail here, clearly, if torch did not install
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 echo "building stn_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS) ..."
 python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-python -c "import stn_ext; print('stn_ext', stn_ext.__version__, 'built with CUDA:', stn_ext.has_cuda())"
+python - <<'PY'
+import stn_ext, torch
+if not stn_ext.has_cuda():
+    print("stn_ext", stn_ext.__version__, "built with the CPU kernels only")
+elif torch.cuda.is_available():
+    print("stn_ext", stn_ext.__version__, "built with CUDA kernels;", torch.cuda.device_count(), "GPU(s) found")
+else:
+    print("stn_ext", stn_ext.__version__, "built with CUDA kernels, but no GPU was found: the CPU kernels run")
+PY

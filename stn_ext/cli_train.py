@@ -122,13 +122,15 @@ def build_parser():
                    help="start of the hypernet path: v (V, C random, W_h, b_h zero: learns at once) or zero "
                         f"(V, C zero, as the papers) (default {d.response_init})")
     g.add_argument("--perturb", default="example", choices=["example", "batch"],
-                   help="one perturbation per example (papers' default) or one per batch (less noisy, fused path)")
+                   help="one perturbation per example (papers' default) or one per batch (less noisy, fused path) "
+                        "(default example)")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
     g.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights, data order and random draws (default 0)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="", help="run folder (metrics, schedule, plots, checkpoint)")
+    g.add_argument("--out", default="", help="run folder (metrics, schedule, plots, checkpoint) (default none: "
+                   "nothing is saved, and a warning says so)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with the same settings (an error if there "
                         "is none); random search keeps its finished trials and resumes the current one")
@@ -225,12 +227,19 @@ def main(argv=None):
     try:
         from stn_ext import trainer
 
+        from stn_ext.divergence import Diverged
+
         cfg = config_from_args(a)
         trainer.preflight(cfg)  # every rank, before init_process_group: no rank has written yet
+        if not cfg.out and not a.quiet:
+            print("note: no --out, so nothing of this run is saved (no checkpoint, logs or plots)", file=sys.stderr)
         summary = _train(cfg, a.nproc, launched)
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:  # the message names the step, the values and the checkpoint kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # outside the training loop, or without --out (no checkpoint to save)
         print("interrupted", file=sys.stderr)
         return 130

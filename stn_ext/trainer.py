@@ -651,7 +651,8 @@ class Trainer:
                 except ValueError:  # not the main thread
                     pass
         desc = c.method + (f" seed {c.seed}" if c.seed else "")
-        bar = tqdm(total=c.steps, initial=self.step, disable=c.quiet or self.rank != 0, desc=desc,
+        # disable=None: no bar when stderr is not a terminal (a log file would get every update)
+        bar = tqdm(total=c.steps, initial=self.step, disable=True if (c.quiet or self.rank != 0) else None, desc=desc,
                    leave=False, dynamic_ncols=True)
         interrupted = False
         try:
@@ -730,7 +731,10 @@ class Trainer:
             tried = (f"; rolled back to step {self.guard.snapshot_step} and halved the perturbation scales "
                      f"{self.guard.recoveries} times (and the hyper learning rate from the third time) without "
                      "recovering") if self.tunes else ""
-            kept = f"; the last good checkpoint is kept in {self.cfg.out}" if self.out else ""
+            kept = ""
+            if self.out:
+                kept = (f"; the last good checkpoint is kept in {self.cfg.out}" if os.path.exists(self._ckpt_path())
+                        else f"; no checkpoint had been written to {self.cfg.out} yet")
             raise Diverged(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}) with "
                            f"hyperparameters {vals}" + (f", perturbation scales {sig}" if sig else "") + tried + kept +
                            ". Try a smaller learning rate (lr) or a narrower hyperparameter range.")
