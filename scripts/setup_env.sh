@@ -2,6 +2,9 @@
 # Creates .venv (if missing), installs the dependencies and builds stn_ext into it (editable).
 # CUDA kernels are built when torch has CUDA and a CUDA toolkit is found, or when FORCE_CUDA=1;
 # FORCE_CUDA=0 builds the CPU kernels alone (seconds instead of minutes).
+# A second run skips what has not changed: the dependencies while requirements.txt is the same, the
+# build while the C++/CUDA sources, setup.py and the build settings are the same (stamps in .venv/); a
+# changed source is rebuilt by ninja in build/ext-*, which recompiles only the files that changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,12 +12,37 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
-python -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
-python -c "import torch" # fail here, clearly, if torch did not install
+
+stamp_of() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
+
+deps=$(stamp_of requirements.txt)
+if [ "$(cat .venv/.stn_ext_deps 2>/dev/null)" = "$deps" ] && python -c "import torch" 2>/dev/null; then
+  echo "dependencies up to date (requirements.txt unchanged)"
+else
+  python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
+  python -m pip install -q -r requirements.txt 2>&1 | grep -v "is ignored" || true
+  python -c "import torch" # fail here, clearly, if torch did not install
+  echo "$deps" > .venv/.stn_ext_deps
+fi
+
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-echo "building stn_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS) ..."
-python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+mode="${FORCE_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}"
+build=$(printf '%s\n' "$mode" | cat - setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.stn_ext_build 2>/dev/null)" = "$build" ] && python -c "import stn_ext" 2>/dev/null; then
+  echo "stn_ext up to date (sources and build settings unchanged since the last build: FORCE_CUDA=${FORCE_CUDA:-auto})"
+elif [ -f .venv/.stn_ext_build ] && python -c "import stn_ext" 2>/dev/null; then
+  echo "rebuilding stn_ext: its sources or build settings changed (FORCE_CUDA=${FORCE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS; ninja recompiles only what changed) ..."
+  mkdir -p build
+  if ! python setup.py build_ext --inplace --build-temp "build/ext-$mode" > "build/ext-$mode.log" 2>&1; then
+    tail -40 "build/ext-$mode.log"; echo "the build failed; its log: build/ext-$mode.log" >&2; exit 1
+  fi
+  echo "recompiled: $(grep -o -- '-o [^ ]*/csrc/[^ ]*\.o ' "build/ext-$mode.log" | sed 's|.*/csrc/|csrc/|; s|\.o $||' | tr '\n' ' ')(log: build/ext-$mode.log)"
+  python -c "import stn_ext" && echo "$build" > .venv/.stn_ext_build
+else
+  echo "building stn_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS) ..."
+  python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+  python -c "import stn_ext" && echo "$build" > .venv/.stn_ext_build
+fi
 python - <<'PY'
 import stn_ext, torch
 if not stn_ext.has_cuda():
