@@ -26,7 +26,6 @@ class Guard:
         self.recent = []
         self.snapshot = None
         self.snapshot_step = -1
-        self.recoveries = 0
 
     def check_loss(self, loss):
         """Whether a weight step's loss is healthy; healthy losses join the running mean."""
@@ -46,14 +45,9 @@ class Guard:
         return step - self.snapshot_step >= self.every
 
     def restore(self):
-        """The snapshot to load (a copy, so it can be restored again), counting the recovery."""
-        self.recoveries += 1
+        """The snapshot to load (a copy, so it can be restored again); the trainer counts the recoveries."""
         self.recent = list(self._recent_at_snapshot)
         return copy.deepcopy(self.snapshot)
-
-    @property
-    def exhausted(self):
-        return self.recoveries >= self.max_recoveries
 
 
 def finite(*tensors):

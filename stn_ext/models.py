@@ -209,7 +209,7 @@ def stn_layers(model):
 
 
 @torch.no_grad()
-def init_response(layers, scale=1.0):
+def init_response(layers):
     """Start the hypernet path where it learns at once: W_h = b_h = 0 and V, C ~ N(0, 1/n). The layers'
     own init (V = C = 0, W_h random) sits on a saddle of the product (V lam) W_h: neither factor gets a
     gradient while the other is zero, so the response grows from noise only, slowest in the directions
@@ -218,10 +218,10 @@ def init_response(layers, scale=1.0):
     for m in layers:
         n = m.hyper_weight.shape[1]
         m.weight_hyper.zero_()
-        m.hyper_weight.normal_(0, scale * n ** -0.5)
+        m.hyper_weight.normal_(0, n ** -0.5)
         if m.bias_hyper is not None:
             m.bias_hyper.zero_()
-            m.hyper_bias.normal_(0, scale * n ** -0.5)
+            m.hyper_bias.normal_(0, n ** -0.5)
 
 
 def jvp_by_double_backward(fn, delta):

@@ -86,7 +86,6 @@ class TrainConfig:
                                       # "recentred" (u, moved after each hyper step by an exact reparameterisation),
                                       # "auto" (centre for logit-scale hyperparameters, recentred for the others),
                                       # "init" (u at the start)
-    response_scaling: bool = False    # response gradients / mean(sigma^2) (measured unstable; kept for experiments)
     linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
@@ -246,22 +245,20 @@ class Trainer:
         self.u = nn.Parameter(self.space.init_unconstrained(dt, self.device))
         self.hscale = nn.Parameter(torch.full((n,), _inv_softplus(cfg.scale_init), dtype=dt, device=self.device))
         self.sigma_max = cfg.scale_max or cfg.scale_init
-        self.hyper_lr_factor = 1.0  # both halved by each recovery from a divergence
+        self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (sigma_max by each)
         self.recoveries = 0
         self.guard = Guard()
-        self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
         self.u_lo, self.u_hi = self.space.u_limits(dt, self.device)
-        # STN input z = u~ - offset: u_init (starts at 0, like Delta-STN's) or the centre of the range in u
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else cfg.steps // 10
         self.tau = cfg.tau if cfg.tau >= 0 else (1e-2 if cfg.perturb == "example" else 1e-3)
-        # which coordinates of the STN anchor follow u (recentred) and which stay at the range's centre
-        logit = torch.tensor([h.transform == "logit" for h in self.space.hypers], device=self.device)
-        follow = {"centre": torch.zeros_like(logit), "recentred": torch.ones_like(logit), "auto": ~logit,
-                  "init": torch.zeros_like(logit)}[cfg.hyper_input]
-        self.follow = follow.to(dt)
+        # STN input z = u~ - anchor. Which coordinates of the anchor follow u (recentred after each hyper step);
+        # the others stay where they start: u itself ("init") or the centre of the range in u
+        follow = [cfg.hyper_input == "recentred" or (cfg.hyper_input == "auto" and h.transform != "logit")
+                  for h in self.space.hypers]
+        self.follow = torch.tensor(follow, dtype=dt, device=self.device)
+        self._recentres = cfg.method == "stn" and any(follow)
         self.anchor = self.u.detach().clone() if cfg.hyper_input == "init" else \
-            torch.where(follow, self.u.detach(), self.space.u_centre(dt, self.device))
-        self._response_ids = {id(p) for p in self.response_params}
+            torch.where(self.follow.bool(), self.u.detach(), self.space.u_centre(dt, self.device))
         self.opt_w = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=cfg.hyper_lr)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
@@ -421,10 +418,6 @@ class Trainer:
     def _apply(self, loss, params):
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         self._allreduce(grads)
-        if self.cfg.response_scaling and self.tunes:
-            # the response's gradient carries a factor sigma^2 (it is learned from the perturbations alone)
-            k = 1.0 / float((F.softplus(self.hscale.detach()) ** 2).mean())
-            grads = [g * k if id(p) in self._response_ids else g for p, g in zip(params, grads)]
         for p in self.params:
             p.grad = None
         for p, g in zip(params, grads):
@@ -438,7 +431,7 @@ class Trainer:
     def _perturbed(self, u, sigma, rnd):
         """u~ = u + sigma (.) eps, kept where the values move (inside the declared range), so the hypernet
         never sees an input whose value the regularisers clamp."""
-        return torch.maximum(torch.minimum(u + sigma * self._eps(rnd), self.u_hi), self.u_lo)
+        return torch.clamp(u + sigma * self._eps(rnd), self.u_lo, self.u_hi)
 
     def weight_step(self):
         c = self.cfg
@@ -502,9 +495,9 @@ class Trainer:
             g["lr"] = self._hyper_lr()
         self.opt_h.step()
         with torch.no_grad():  # projection: u stays where its value moves, sigma under its cap
-            self.u.copy_(torch.maximum(torch.minimum(self.u, self.u_hi), self.u_lo))
+            self.u.clamp_(self.u_lo, self.u_hi)
             self.hscale.clamp_(max=self.h_max)
-        if c.method == "stn" and bool(self.follow.any()):
+        if self._recentres:
             self._recentre()
         self.hstep += 1
         self.model.train()
@@ -597,7 +590,6 @@ class Trainer:
         if "anchor" in st:
             self.anchor.copy_(st["anchor"])
         self.sigma_max = st.get("sigma_max", self.sigma_max)
-        self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
         self.hyper_lr_factor, self.recoveries = st.get("hyper_lr_factor", 1.0), st.get("recoveries", 0)
 
     def _restore_generator(self, st):
@@ -727,9 +719,9 @@ class Trainer:
         """Roll back to the last healthy snapshot and halve the perturbation scales, their cap and the
         hyper learning rate; raise Diverged where that cannot help (no tuning) or has not helped."""
         at, vals, sig = self.step, self.hyper_values(), self.sigmas() if self.tunes else None
-        if not self.tunes or self.guard.exhausted:
+        if not self.tunes or self.recoveries >= self.guard.max_recoveries:
             tried = (f"; rolled back to step {self.guard.snapshot_step} and halved the perturbation scales "
-                     f"{self.guard.recoveries} times (and the hyper learning rate from the third time) without "
+                     f"{self.recoveries} times (and the hyper learning rate from the third time) without "
                      "recovering") if self.tunes else ""
             kept = ""
             if self.out:
@@ -746,12 +738,16 @@ class Trainer:
             # that keeps failing (u itself heading somewhere unstable)
             self.recoveries = recoveries + 1
             self.sigma_max, self.hyper_lr_factor = sigma_max / 2, factor / 2 if self.recoveries >= 3 else factor
-            self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
             self.hscale.copy_(_inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
                                                              torch.full_like(self.hscale, self.sigma_max))))
         warnings.warn(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}, hyperparameters "
                       f"{vals}); rolled back to step {self.step} and halved the perturbation scales (cap now "
                       f"{self.sigma_max:.3g}; hyper learning rate now x{self.hyper_lr_factor:.3g})")
+
+    @property
+    def h_max(self):
+        """The cap on hscale that keeps sigma = softplus(hscale) under sigma_max."""
+        return _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
 
     def _regrow_scale_cap(self):
         """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start):
@@ -759,7 +755,6 @@ class Trainer:
         cap0 = self.cfg.scale_max or self.cfg.scale_init
         if self.sigma_max < cap0:
             self.sigma_max = min(cap0, self.sigma_max * math.sqrt(2))
-            self.h_max = _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
 
     def _log_eval(self):
         v, t = self.evaluate(self.data.val), self.evaluate(self.data.test)
