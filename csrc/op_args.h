@@ -71,7 +71,7 @@ inline EpilogueSizes check_epilogue(const at::Tensor& o, const at::Tensor& s, in
               ") must be positive and divide the output channels (", out, ")");
   TORCH_CHECK(channels == expected, "stn_ext: ", o_name, " must have ", stacked ? "2*out = " : "out = ", expected,
               " channels (out taken from s), got ", channels);
-  TORCH_CHECK(s.size(0) == batch, "stn_ext: s has ", s.size(0), " rows but ", o_name, " has batch ",
+  TORCH_CHECK(s.size(0) == batch, "stn_ext: s has batch size ", s.size(0), " (size(0)) but ", o_name, " has batch size ",
               batch);
   return {batch, out, positions, out / groups};
 }

@@ -22,6 +22,23 @@ def _read_umask():
 _UMASK = _read_umask()
 
 
+def check_folder_creatable(out, option="--out (API: out)"):
+    """Fail before any work, naming the option, when the run folder ``out`` is not a folder and cannot be made
+    one (a file in the way, a missing or read-only parent)."""
+    if os.path.isdir(out):
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"stn_ext: {option} {out}: the folder is not writable")
+        return
+    if os.path.exists(out):
+        raise ValueError(f"stn_ext: {option} {out} exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"stn_ext: {option} {out}: cannot create the folder, {parent} is not a writable "
+                         "folder")
+
+
 def atomic_write_bytes(path, data):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))

@@ -20,6 +20,7 @@ import time
 import torch
 
 from stn_ext import checkpoint
+from stn_ext.cli_parser import Parser
 from stn_ext.reversible import FixedPointOverflowError, ReversibilityError, hypergradient, quantize_momentum
 
 DIGITS_SIZE = 1797  # examples in scikit-learn's digits
@@ -80,7 +81,7 @@ def _ranged(cast, low, high=None, low_open=False, high_open=False):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m stn_ext reversible", description=DESCRIPTION, epilog=EPILOG,
+    p = Parser(prog="python -m stn_ext reversible", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=_HelpFormatter)
     p.add_argument("--steps", type=_ranged(int, 1), default=100, help="training steps T per meta-iteration")
     p.add_argument("--meta-iters", type=_ranged(int, 1), default=25,
@@ -127,16 +128,16 @@ def build_parser():
     return p
 
 
-def check_args(parser, args):
-    """The checks that involve two options or the file system (parser.error: usage, `error:`, exit 2)."""
+def check_args(args):
+    """The checks that involve two options or the file system; a ValueError, printed as one `error:` line
+    (exit 2), as `train` does."""
     if args.batch > args.train_size:
-        parser.error(f"--batch ({args.batch}) must not exceed --train-size ({args.train_size})")
+        raise ValueError(f"--batch ({args.batch}) must not exceed --train-size ({args.train_size})")
     if args.l2 == 0 and not args.no_l2:
-        parser.error("--l2 0 needs --no-l2: the L2 strength is tuned in log space, so it cannot start at 0")
+        raise ValueError("--l2 0 needs --no-l2: the L2 strength is tuned in log space, so it cannot start at 0")
     if not args.out:
-        parser.error("--out must name a folder")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out} exists and is not a folder")
+        raise ValueError("--out must name a folder")
+    checkpoint.check_folder_creatable(args.out, option="--out")
 
 
 def load_digits_split(train_size, seed, dtype):
@@ -449,6 +450,7 @@ def plot(args, history, schedules):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     cmap = plt.get_cmap("viridis")
@@ -469,6 +471,7 @@ def plot(args, history, schedules):
     vls = [r["val_loss"] for r in history if math.isfinite(r.get("val_loss", float("nan")))]
     axes[2].plot(its, vls, marker="o")
     axes[2].set(title="validation loss after training", xlabel="meta-iteration", ylabel="cross-entropy")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))  # meta-iterations are whole numbers
     fig.suptitle(f"Exact hypergradients through {args.steps} reversed SGD steps, digits MLP")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -491,10 +494,10 @@ def report_interrupt(args, saved):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
-    torch.use_deterministic_algorithms(True)
-    prob = MetaProblem(args)
     try:
+        check_args(args)
+        torch.use_deterministic_algorithms(True)
+        prob = MetaProblem(args)
         state = resumed_state(args) or initial_state(args, len(prob.matrices))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

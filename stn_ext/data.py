@@ -65,7 +65,7 @@ class Dataset:
             if x.dim() not in (2, 4):
                 raise ValueError(f"stn_ext: x_{which} must be (N, features) or (N, C, H, W), got shape {tuple(x.shape)}")
             if x.shape[0] != y.shape[0]:
-                raise ValueError(f"stn_ext: x_{which} has {x.shape[0]} rows but y_{which} has {y.shape[0]}")
+                raise ValueError(f"stn_ext: x_{which} holds {x.shape[0]} examples (shape[0]) but y_{which} holds {y.shape[0]}")
             if x.shape[0] == 0:
                 raise ValueError(f"stn_ext: the {which} split is empty")
             if not x.is_floating_point():

@@ -53,12 +53,12 @@ def _check_args(kind, x, lam, weight_elem, weight_hyper, hyper_weight, bias_elem
     n = hyper_weight.shape[1]
     if lam.dim() == 1:
         if lam.shape[0] != n:
-            _fail(f"{kind}: lam has {lam.shape[0]} entries but the layer has n_hyper={n}")
+            _fail(f"{kind}: lam has shape ({lam.shape[0]},) but the layer has n_hyper={n}")
     elif lam.dim() == 2:
         if lam.shape[1] != n:
             _fail(f"{kind}: lam has shape {tuple(lam.shape)}; expected (B, n_hyper={n})")
         if x.dim() < 2 or lam.shape[0] != x.shape[0]:
-            _fail(f"{kind}: per-example lam has {lam.shape[0]} rows but x has batch size "
+            _fail(f"{kind}: per-example lam has batch size {lam.shape[0]} (shape[0]) but x has batch size "
                   f"{x.shape[0] if x.dim() else 'none'} (x.shape={tuple(x.shape)})")
     else:
         _fail(f"{kind}: lam must have shape (n_hyper,) or (B, n_hyper), got {tuple(lam.shape)}")

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from stn_ext._messages import count
 from stn_ext import reversible_ops as _rops
 from stn_ext.reversible_ops import gamma_num, quantize_momentum  # noqa: F401  (public)
 
@@ -69,7 +70,7 @@ def _per_param(value, n, what):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"stn_ext: {what} has {len(value)} entries for {n} parameters")
+            raise ValueError(f"stn_ext: {what}: {count(len(value), 'value')} given for {count(n, 'parameter')} (one each)")
         return [float(a) for a in value]
     return [float(value)] * n
 
@@ -142,7 +143,7 @@ class ReversibleSGD:
         else:
             vel = list(velocities.values()) if isinstance(velocities, dict) else list(velocities)
             if len(vel) != len(self.params):
-                raise ValueError(f"stn_ext: {len(vel)} velocities for {len(self.params)} parameters")
+                raise ValueError(f"stn_ext: {count(len(vel), 'velocity', 'velocities')} for {count(len(self.params), 'parameter')}")
             self._v = []
             for (n, p), v in zip(named, vel):
                 if tuple(v.shape) != tuple(p.shape):
@@ -229,7 +230,7 @@ class ReversibleSGD:
         if int(state["radix_bits"]) != self.radix_bits:
             raise ValueError(f"stn_ext: state has radix_bits={state['radix_bits']}, optimizer has {self.radix_bits}")
         if len(state["x"]) != len(self.params):
-            raise ValueError(f"stn_ext: state has {len(state['x'])} parameters, optimizer has {len(self.params)}")
+            raise ValueError(f"stn_ext: state has {count(len(state['x']), 'parameter')}, optimizer has {len(self.params)}")
         for i, p in enumerate(self.params):
             if tuple(state["x"][i].shape) != tuple(p.shape):
                 raise ValueError(f"stn_ext: state of {self.names[i]} has shape {tuple(state['x'][i].shape)}")
@@ -297,7 +298,7 @@ class ReversibleSGD:
             grads = [p.grad for p in self.params]
         grads = list(grads)
         if len(grads) != n:
-            raise ValueError(f"stn_ext: {len(grads)} gradients for {n} parameters")
+            raise ValueError(f"stn_ext: {count(len(grads), 'gradient')} for {count(n, 'parameter')}")
         self._prepare()
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -334,7 +335,7 @@ class ReversibleSGD:
         lrs = _per_param(0.0 if lr is None else lr, n, "lr")
         grads = list(grads)
         if len(grads) != n:
-            raise ValueError(f"stn_ext: {len(grads)} gradients for {n} parameters")
+            raise ValueError(f"stn_ext: {count(len(grads), 'gradient')} for {count(n, 'parameter')}")
         if dx is not None and lr is None:
             raise ValueError("stn_ext: unstep_velocity needs lr with dx")
         out = []
@@ -427,7 +428,7 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
     n = len(init)
     group_of = list(range(n)) if groups is None else [int(g) for g in groups]
     if len(group_of) != n or min(group_of) < 0:
-        raise ValueError(f"stn_ext: groups must give a non-negative group index for each of the {n} parameters")
+        raise ValueError(f"stn_ext: groups must give a non-negative group index for each parameter ({count(n, 'parameter')})")
     lr_sched, lr_shape = _schedule(lrs, torch.as_tensor(lrs).shape[0], group_of, "lrs")
     T = lr_sched.shape[0]
     mom_sched, mom_shape = _schedule(momenta, T, group_of, "momenta")
