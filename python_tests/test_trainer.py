@@ -111,7 +111,7 @@ def test_empty_range_and_bad_init():
 
 def test_wrong_data_shape():
     x = torch.randn(20, 5)
-    with pytest.raises(ValueError, match="20 rows but y_train has 19"):
+    with pytest.raises(ValueError, match="holds 20 examples .shape.0.. but y_train holds 19"):
         Dataset.from_arrays(x, torch.zeros(19, dtype=torch.long), x, torch.zeros(20, dtype=torch.long))
     with pytest.raises(ValueError, match=r"must be \(N, features\) or \(N, C, H, W\)"):
         Dataset.from_arrays(torch.randn(20, 2, 3), torch.zeros(20), x, torch.zeros(20))
@@ -135,7 +135,7 @@ def test_bad_config_values():
         TrainConfig(perturb="layer").validate()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         train({"method": "stn", "stepz": 3})
-    with pytest.raises(ValueError, match="n_hyper=2 but 1 hyperparameters"):
+    with pytest.raises(ValueError, match="n_hyper=2 but the space tunes 1 hyperparameter "):
         model = nn.Sequential(nn.Flatten(), stn_ext.StnLinear(64, 10, 2))
         Trainer(TrainConfig(method="stn", hypers=("weight_decay",), steps=1), model=model)
 
@@ -633,10 +633,28 @@ def test_cli_demo_end_to_end_small(tmp_path):
     for method in ("stn", "delta-stn", "fixed", "random"):
         assert any(line.startswith(method + " ") for line in r.stdout.splitlines()), (method, r.stdout)
         assert (tmp_path / f"{method}_seed0" / "summary.json").exists()
-    for col in ("val_loss", "val_acc", "test_loss", "test_acc", "wall_s"):
+    for col in ("val_loss", "val_acc", "test_loss", "test_acc", "train_s"):
         assert col in r.stdout
     results = json.loads((tmp_path / "demo_results.json").read_text())
     assert [x["steps"] for x in results] == [40, 40, 40, 40]
+    assert (tmp_path / "comparison.png").stat().st_size > 10000, "the methods' comparison figure"
+    assert "train_s: seconds in weight and hyper steps" in r.stdout
+
+
+def test_cli_train_out_that_cannot_be_made_names_the_option(tmp_path):
+    (tmp_path / "file").write_text("")
+    r = _cli("train", "--steps", "2", "--out", str(tmp_path / "file" / "run"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: stn_ext: --out ") and "cannot create the folder" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Errno" not in r.stderr
+
+
+def test_cli_argparse_errors_are_one_line_in_every_command():
+    for cmd in ("train", "demo", "reversible"):
+        r = _cli(cmd, "--no-such-option")
+        assert r.returncode == 2
+        assert r.stderr.startswith("error: unrecognized arguments: --no-such-option"), (cmd, r.stderr)
+        assert "usage:" not in r.stderr and "--help" in r.stderr and len(r.stderr.splitlines()) == 2
 
 
 def test_cli_demo_reruns_into_its_folder(tmp_path):

@@ -36,3 +36,53 @@ def test_two_processes_equal_one(tmp_path, kw):
     s2 = ranks[0]["summary"]
     assert s2["steps"] == s1["steps"] and s2["hyper_steps"] == s1["hyper_steps"]
     assert s2["val_loss"] == pytest.approx(s1["val_loss"], rel=1e-4)
+
+
+def _spawned_ranks(parent):
+    """PIDs of the rank processes mp.spawn started under ``parent`` (Linux /proc)."""
+    import os
+
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"spawn_main" in cmd:
+            pids.append(int(d))
+    return sorted(pids)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="finds the ranks through /proc")
+def test_killed_rank_names_itself_and_the_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "stn_ext", "train", "--nproc", "2", "--steps", "100000", "--hidden", "16",
+            "--train-size", "256", "--checkpoint-every", "20", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        ranks = _spawned_ranks(proc.pid)
+        assert (out / "checkpoint.pt").exists() and len(ranks) == 2, proc.poll()
+        os.kill(ranks[-1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert "rank" in line and "SIGKILL" in line and "--resume" in line and str(out) in line, err
+    assert "Traceback" not in err and "ProcessExitedException" not in err
+    step = int(line.split("at step ")[1].split()[0])
+    assert step == checkpoint.load(str(out / "checkpoint.pt"))["step"] and step % 20 == 0

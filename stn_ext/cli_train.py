@@ -5,6 +5,7 @@ import statistics
 import sys
 import time
 
+from stn_ext.cli_parser import Parser
 from stn_ext.hyperparams import BUILTINS, GROUPS
 
 HYPER_HELP = (
@@ -72,7 +73,7 @@ def _defaults():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m stn_ext train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Bilevel training of a small network whose hyperparameters (dropout, noise, weight decay, "
                     "augmentation) tune themselves during training through self-tuning layers, or the "
@@ -168,7 +169,7 @@ def config_from_args(a):
 
 def format_table(rows, title=""):
     """rows: dicts of already formatted cells (``summarise``), one column per name in ``cols``."""
-    cols = ("method", "seeds", "val_loss", "val_acc", "test_loss", "test_acc", "wall_s")
+    cols = ("method", "seeds", "val_loss", "val_acc", "test_loss", "test_acc", "train_s")
     lines = [title] if title else []
     body = [[str(r.get(c, "")) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
@@ -203,7 +204,7 @@ def summarise(results):
         label = key if all(r.get("complete", True) for r in g) else f"{key} (incomplete)"
         rows.append({"method": label, "seeds": len(g), "val_loss": _fmt([r["val_loss"] for r in g]),
                      "val_acc": _fmt([r.get("val_acc") for r in g], 3), "test_loss": _fmt([r["test_loss"] for r in g]),
-                     "test_acc": _fmt([r.get("test_acc") for r in g], 3), "wall_s": _fmt([r["wall_s"] for r in g], 1)})
+                     "test_acc": _fmt([r.get("test_acc") for r in g], 3), "train_s": _fmt([r["wall_s"] for r in g], 1)})
     return rows
 
 
@@ -237,7 +238,7 @@ def main(argv=None):
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Diverged as e:  # the message names the step, the values and the checkpoint kept
+    except (Diverged, trainer.WorkerDied) as e:  # the message names the step and the checkpoint kept
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop, or without --out (no checkpoint to save)
@@ -296,7 +297,7 @@ def _stopped_message(cfg, summary):
 
 
 def build_demo_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m stn_ext demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The README demo: on scikit-learn's digits, STN and Delta-STN tune dropout rates and weight "
                     "decay during one training run; compared with fixed hyperparameters and random search at the "
@@ -375,7 +376,7 @@ def _run_one(cfg):
 def demo(argv=None):
     a = build_demo_parser().parse_args(argv)
     _set_threads(a.threads)
-    results, current = [], None
+    results, dirs, current = [], [], None
     t_all = time.perf_counter()
     try:
         for seed, m, cfg in _demo_runs(a):
@@ -387,10 +388,11 @@ def demo(argv=None):
                 print(_demo_stopped_message(a, seed, m, s, len(results)), file=sys.stderr)
                 return 130
             results.append(s)
+            dirs.append(cfg.out)
             if not a.quiet:
                 print(f"seed {seed} {m:<9} val_loss {s['val_loss']:.4f} val_acc {s.get('val_acc', 0):.3f} "
                       f"test_loss {s['test_loss']:.4f} test_acc {s.get('test_acc', 0):.3f} "
-                      f"({time.perf_counter() - t0:.1f} s) " +
+                      f"(train {s['wall_s']:.1f} s of {time.perf_counter() - t0:.1f} s) " +
                       " ".join(f"{k}={v:.3g}" for k, v in s["hypers"].items()), flush=True)
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
@@ -404,14 +406,26 @@ def demo(argv=None):
         f"\ndigits ({a.train_size or 'all'} training examples), {a.model}, tuning {a.hypers}; {a.steps} weight steps "
         f"per run (random search: {a.trials} trials x {a.steps // a.trials}); mean +- std over {a.seeds} seed(s)"))
     print(table)
+    print(TIME_NOTE)
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if a.out:
         from stn_ext.checkpoint import atomic_write_json, atomic_write_text
 
         atomic_write_json(os.path.join(a.out, "demo_results.json"), results)
         atomic_write_text(os.path.join(a.out, "demo_table.txt"), table + "\n")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib"):
+            from stn_ext.plots import plot_comparison
+
+            plot_comparison(os.path.join(a.out, "comparison.png"), results, dirs)
+            print(f"methods compared in {a.out}/comparison.png")
         print(f"runs, schedules and plots in {a.out}/<method>_seed<k>/")
     return 0
+
+
+TIME_NOTE = ("train_s: seconds in weight and hyper steps (random search: its trials together). A run's own line "
+             "gives it as 'train X s of Y s', Y adding evaluation, checkpoints and plots.")
 
 
 def _demo_stopped_message(a, seed, method, s, n_finished):

@@ -49,10 +49,12 @@ from torch import nn
 
 import stn_ext
 from stn_ext import augment, checkpoint, models
+from stn_ext._messages import count
 from stn_ext.augment import BatchRandom
 from stn_ext.data import Dataset, load as load_data
 from stn_ext.divergence import Diverged, Guard, finite
 from stn_ext.hyperparams import HyperSpace
+from stn_ext.plots import PLOT_FILES, plot_run
 
 METHODS = ("stn", "delta-stn", "fixed", "random")
 
@@ -233,8 +235,8 @@ class Trainer:
         n = len(self.space)
         bad = [type(m).__name__ for m in self.layers if m.n_hyper != n]
         if bad:
-            raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but {n} "
-                             f"hyperparameters are tuned ({self.space.names})")
+            raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
+                             f"tunes {count(n, 'hyperparameter')} ({self.space.names})")
         self.response_params = []
         for m in self.layers:
             self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
@@ -284,6 +286,7 @@ class Trainer:
         self.step = 0        # weight steps done
         self.hstep = 0       # hyper steps done
         self.wall = 0.0      # seconds of training so far (over resumes)
+        self.progress_label = ""  # the progress bar's name; default "<method> seed <k>"
         self._perm_cache = {}
         self.out = cfg.out if (cfg.out and self.rank == 0) else ""
         self._stop_flag = False
@@ -642,7 +645,7 @@ class Trainer:
                     old[sig] = signal.signal(sig, self._on_signal)
                 except ValueError:  # not the main thread
                     pass
-        desc = c.method + (f" seed {c.seed}" if c.seed else "")
+        desc = self.progress_label or f"{c.method} seed {c.seed}"
         # disable=None: no bar when stderr is not a terminal (a log file would get every update)
         bar = tqdm(total=c.steps, initial=self.step, disable=True if (c.quiet or self.rank != 0) else None, desc=desc,
                    leave=False, dynamic_ncols=True)
@@ -702,7 +705,7 @@ class Trainer:
         if self.out:
             checkpoint.atomic_write_json(os.path.join(self.out, "summary.json"), summary)
             if c.plots and not interrupted:
-                plot_run(self.out)
+                plot_run(self.out, title=desc)
         return summary
 
     def _healthy(self, train_loss, hyper_losses):
@@ -839,6 +842,8 @@ def check_run_folder(cfg):
     elif not cfg.overwrite and holds_run(cfg.out):
         raise FileExistsError(f"stn_ext: {cfg.out} already holds a run; continue it with --resume, replace it with "
                               "--overwrite (deletes its files) or choose another --out (API: resume=True, overwrite=True)")
+    else:
+        checkpoint.check_folder_creatable(cfg.out)
 
 
 def run_files():
@@ -871,7 +876,10 @@ def open_run_folder(cfg):
     check_run_folder(cfg)
     if cfg.overwrite:
         clear_run(cfg.out)
-    os.makedirs(cfg.out, exist_ok=True)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:  # what the checks could not foresee (root on a read-only file system, /proc)
+        raise ValueError(f"stn_ext: --out {cfg.out} (API: out): cannot create the folder: {e.strerror}") from None
     checkpoint.atomic_write_json(os.path.join(cfg.out, "config.json"), _jsonable(asdict(cfg)))
 
 
@@ -973,68 +981,6 @@ def _jsonable(d):
 # --- plots ---------------------------------------------------------------------------------------------
 
 
-PLOT_FILES = ("losses.png", "accuracy.png", "hypers.png")
-
-
-def plot_run(out):
-    """PLOT_FILES in the run folder (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def read(name):
-        path = os.path.join(out, name)
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    steps, epochs = read("steps.jsonl"), read("epochs.jsonl")
-    if not steps or not epochs:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["step"] for r in steps]
-    tl = [r["train_loss"] for r in steps]
-    k = max(1, len(tl) // 100)
-    smooth = [sum(tl[max(0, i - k + 1):i + 1]) / len(tl[max(0, i - k + 1):i + 1]) for i in range(len(tl))]
-    ax.plot(xs, smooth, label="train (smoothed)", alpha=0.7)
-    hv = [(r["step"], r["hyper_val_loss"]) for r in steps if "hyper_val_loss" in r]
-    if hv:
-        ax.plot(*zip(*hv), label="hyper step val batch", alpha=0.3)
-    ax.plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="val")
-    ax.plot([r["step"] for r in epochs], [r["test_loss"] for r in epochs], "s-", label="test")
-    ax.set_xlabel("weight step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "losses.png"), dpi=100)
-    plt.close(fig)
-    if "val_acc" in epochs[0]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["step"] for r in epochs], [r["val_acc"] for r in epochs], "o-", label="val")
-        ax.plot([r["step"] for r in epochs], [r["test_acc"] for r in epochs], "s-", label="test")
-        ax.set_xlabel("weight step")
-        ax.set_ylabel("accuracy")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "accuracy.png"), dpi=100)
-        plt.close(fig)
-    names = list(steps[0]["hypers"])
-    fig, axes = plt.subplots(len(names), 1, figsize=(6, 2 + 1.6 * len(names)), sharex=True, squeeze=False)
-    for ax, n in zip(axes[:, 0], names):
-        ax.plot(xs, [r["hypers"][n] for r in steps])
-        ax.set_ylabel(n)
-        if n.startswith(("weight_decay", "noise")):
-            ax.set_yscale("log")
-    axes[-1, 0].set_xlabel("weight step")
-    fig.suptitle("hyperparameter schedule")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "hypers.png"), dpi=100)
-    plt.close(fig)
-
-
 # --- random search and the entry points -------------------------------------------------------------------
 
 
@@ -1067,6 +1013,7 @@ def random_search(config, data=None, model_fn=None):
                         resume=resume, overwrite=not resume and bool(out), inits=dict(values),
                         ranges=_ranges_of(space), hypers=tuple(space.names))
         tr = Trainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
+        tr.progress_label = f"random trial {k + 1}/{len(trials)} seed {cfg.seed}"
         s = tr.fit()
         s["trial"] = k
         if not s["complete"]:  # interrupted: stop here; resume continues this trial
@@ -1162,6 +1109,23 @@ def _worker(rank, world, port, cfg_dict, result_path, backend):
         torch.distributed.destroy_process_group()
 
 
+class WorkerDied(RuntimeError):
+    """A process of run_distributed died without a Python error (killed, or out of memory)."""
+
+
+def _resume_hint(cfg):
+    """Where a stopped multi-process run can continue from, and how."""
+    if not cfg.out:
+        return "Nothing was saved (no --out)."
+    if cfg.method != "random" and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        step = checkpoint.load(os.path.join(cfg.out, "checkpoint.pt"), map_location="cpu")["step"]
+        return (f"The last checkpoint, at step {step} of {cfg.steps}, is in {cfg.out}: run the same command with "
+                "--resume to continue (API: resume=True).")
+    if can_resume(cfg):
+        return f"The run so far is in {cfg.out}: run the same command with --resume to continue (API: resume=True)."
+    return f"No checkpoint was written yet in {cfg.out}: run the same command with --overwrite to start again."
+
+
 def run_distributed(config, nprocs, result_path=""):
     """Train ``config`` on ``nprocs`` local processes (gloo on CPU, nccl on CUDA) and return rank 0's
     summary. With ``result_path``, each rank saves {'summary', 'state'} to result_path.rank<k>."""
@@ -1175,8 +1139,13 @@ def run_distributed(config, nprocs, result_path=""):
     if not result_path:
         import tempfile
         result_path = os.path.join(tempfile.mkdtemp(prefix="stn_ext_ddp_"), "result")
-    mp.spawn(_worker, args=(nprocs, free_port(), _jsonable(asdict(cfg)), result_path, backend), nprocs=nprocs,
-             join=True)
+    try:
+        mp.spawn(_worker, args=(nprocs, free_port(), _jsonable(asdict(cfg)), result_path, backend), nprocs=nprocs,
+                 join=True)
+    except mp.ProcessExitedException as e:  # a rank killed (signal) or exited without a Python error
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+        raise WorkerDied(f"stn_ext: rank {e.error_index} of {nprocs} {how}; the other ranks were stopped. "
+                         f"{_resume_hint(cfg)}") from None
     res = checkpoint.load(f"{result_path}.rank0")
     if not keep:
         for r in range(nprocs):
