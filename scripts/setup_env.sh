@@ -25,6 +25,21 @@ else
   echo "$deps" > .venv/.stn_ext_deps
 fi
 
+# Fashion-MNIST (--data fashion-mnist, bench_tuning) from Debian's package; optional, nothing else needs it
+if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -n "${STN_EXT_FASHION_MNIST:-}" ]; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+  if DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist > /dev/null 2>&1 ||
+     { apt-get update -q > /dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist > /dev/null 2>&1; }; then
+    echo "installed Fashion-MNIST (Debian package dataset-fashion-mnist, /usr/share/datasets/fashion-mnist)"
+  else
+    echo "note: apt-get could not install dataset-fashion-mnist; --data fashion-mnist needs its IDX files (see README)"
+  fi
+else
+  echo "note: Fashion-MNIST not installed (needs root and apt-get: apt-get install dataset-fashion-mnist, or set"
+  echo "      STN_EXT_FASHION_MNIST to a folder of its IDX files); only --data fashion-mnist needs it"
+fi
+
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 mode="${FORCE_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}"
 build=$(printf '%s\n' "$mode" | cat - setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)

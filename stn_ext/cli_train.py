@@ -82,8 +82,12 @@ def build_parser():
     g.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn", "fixed", "random"],
                    help="see methods below (default delta-stn)")
     g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
-    g.add_argument("--data", default="digits", choices=["digits"],
-                   help="data set (scikit-learn digits, 8x8 images; own arrays go through the Python API)")
+    g.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"],
+                   help="data set (default digits: scikit-learn's 8x8 digits, shipped; fashion-mnist: 28x28, its "
+                        "IDX files from --data-path, $STN_EXT_FASHION_MNIST or Debian's dataset-fashion-mnist; "
+                        "own arrays go through the Python API)")
+    g.add_argument("--data-path", default="",
+                   help="folder of Fashion-MNIST's four IDX files (default: found as --data says)")
     g.add_argument("--hypers", default="dropout,weight_decay", help=HYPER_HELP)
     g.add_argument("--range", action="append", metavar="NAME=LOW:HIGH",
                    help="search range of a hyperparameter or group, e.g. weight_decay=1e-5:1e-1 (repeatable)")
@@ -92,7 +96,9 @@ def build_parser():
     g.add_argument("--hidden", type=_ints, default=(128, 128), help="hidden widths, e.g. 128,128 (mlp; cnn uses the first)")
     g.add_argument("--channels", type=_ints, default=(16, 32), help="cnn channels per conv stage, e.g. 16,32")
     g.add_argument("--train-size", type=int, default=0,
-                   help="cap the training split (0: all 1079 training digits; validation and test keep 359 each)")
+                   help="cap the training split (default 0: all of it, 1079 digits (validation and test keep 359 "
+                        "each) or 50,000 Fashion-MNIST images (validation 10,000 of the training set, test the official "
+                        "10,000))")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1500, help="weight steps (random search: in total) (default 1500)")
@@ -162,7 +168,7 @@ def config_from_args(a):
         tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
         hyper_input=a.hyper_input, response_init=a.response_init,
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
-        random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, eval_every=a.eval_every,
+        random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, data_path=a.data_path, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, out=a.out, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet,
         plots=not a.no_plots, device=a.device, stop_after=a.stop_after)
 

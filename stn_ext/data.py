@@ -1,5 +1,8 @@
-"""Data for the trainer: scikit-learn's digits (8x8 images, shipped with the package) by default, or a
-user's tensors / NumPy arrays through ``Dataset.from_arrays``."""
+"""Data for the trainer: scikit-learn's digits (8x8 images, shipped with the package) by default,
+Fashion-MNIST from its original IDX files (``fashion_mnist``; never downloaded here), or a user's tensors /
+NumPy arrays through ``Dataset.from_arrays``."""
+import gzip
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -119,8 +122,91 @@ def digits(seed=0, val_fraction=0.2, test_fraction=0.2, train_size=None):
     return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), "classification", 10, "digits")
 
 
-def load(name, seed=0, **kw):
+# --- Fashion-MNIST ---------------------------------------------------------------------------------------
+
+FASHION_ENV = "STN_EXT_FASHION_MNIST"
+FASHION_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian's package dataset-fashion-mnist
+FASHION_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+                 "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """An IDX file (LeCun's MNIST format; gzipped when it ends in .gz) as a NumPy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"stn_ext: {path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)) * dtype.itemsize:
+        raise ValueError(f"stn_ext: {path} is truncated: its header says {dims}, it holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _fashion_file(folder, stem):
+    for name in (stem + ".gz", stem):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def fashion_mnist_folder(path=None):
+    """The folder holding Fashion-MNIST's four IDX files: ``path``, else $STN_EXT_FASHION_MNIST, else Debian's
+    /usr/share/datasets/fashion-mnist, else torchvision's layout (<root>/FashionMNIST/raw) under ./data or
+    ~/data. A folder counts when it holds all four files (.gz or not)."""
+    if path:
+        candidates = [path, os.path.join(path, "FashionMNIST", "raw")]
+    else:
+        candidates = [os.environ[FASHION_ENV]] if os.environ.get(FASHION_ENV) else []
+        candidates += [FASHION_DEBIAN] + [os.path.join(root, "FashionMNIST", "raw")
+                                          for root in ("data", os.path.expanduser("~/data"))]
+    for folder in candidates:
+        if all(_fashion_file(folder, stem) for stem in FASHION_FILES.values()):
+            return folder
+    where = f"in {path}" if path else f"(looked in ${FASHION_ENV}, {FASHION_DEBIAN}, data/ and ~/data/)"
+    raise FileNotFoundError(
+        f"stn_ext: Fashion-MNIST's IDX files ({', '.join(s + '.gz' for s in FASHION_FILES.values())}) not found "
+        f"{where}. Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; "
+        "scripts/setup_env.sh does this where it runs as root), or download them from "
+        "https://github.com/zalandoresearch/fashion-mnist and pass the folder (--data-path, API: path=, or "
+        f"${FASHION_ENV}). Nothing is downloaded here.")
+
+
+def fashion_mnist(path=None, seed=0, train_size=None, val_size=10000):
+    """Fashion-MNIST (Xiao et al. 2017; 60k training and 10k test 28x28 grey images, 10 classes) as
+    (N, 1, 28, 28) in [0, 1]. The validation split is ``val_size`` images of the official training set, drawn by
+    ``seed``; the training split is the rest, capped at ``train_size``; the test split is the official one."""
+    folder = fashion_mnist_folder(path)
+    arr = {k: read_idx(_fashion_file(folder, stem)) for k, stem in FASHION_FILES.items()}
+    for which in ("train", "test"):
+        if arr[which + "_x"].shape[0] != arr[which + "_y"].shape[0] or arr[which + "_x"].shape[1:] != (28, 28):
+            raise ValueError(f"stn_ext: Fashion-MNIST's {which} files in {folder} do not match: images "
+                             f"{arr[which + '_x'].shape}, labels {arr[which + '_y'].shape}")
+    x = torch.from_numpy(arr["train_x"].astype(np.float32) / 255.0)[:, None]
+    y = torch.from_numpy(arr["train_y"].astype(np.int64))
+    if not 0 < val_size < x.shape[0]:
+        raise ValueError(f"stn_ext: val_size must be in (0, {x.shape[0]}), got {val_size}")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2000 + seed))
+    va, tr = perm[:val_size], perm[val_size:]
+    if train_size is not None:
+        tr = tr[:train_size]
+    xt = torch.from_numpy(arr["test_x"].astype(np.float32) / 255.0)[:, None]
+    yt = torch.from_numpy(arr["test_y"].astype(np.int64))
+    return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(xt, yt), "classification", 10, "fashion-mnist")
+
+
+BUILTIN = ("digits", "fashion-mnist")
+
+
+def load(name, seed=0, path=None, **kw):
+    """A built-in data set by name (BUILTIN); ``path``: where Fashion-MNIST's files are."""
     if name == "digits":
         return digits(seed=seed, **kw)
-    raise ValueError(f"stn_ext: unknown data set {name!r}; built in: 'digits' (pass your own arrays through "
-                     "stn_ext.data.Dataset.from_arrays)")
+    if name == "fashion-mnist":
+        return fashion_mnist(path=path, seed=seed, **kw)
+    raise ValueError(f"stn_ext: unknown data set {name!r}; built in: {', '.join(BUILTIN)} (pass your own arrays "
+                     "through stn_ext.data.Dataset.from_arrays)")

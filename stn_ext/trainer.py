@@ -51,7 +51,7 @@ import stn_ext
 from stn_ext import augment, checkpoint, models
 from stn_ext._messages import count
 from stn_ext.augment import BatchRandom
-from stn_ext.data import Dataset, load as load_data
+from stn_ext.data import Dataset, fashion_mnist_folder, load as load_data
 from stn_ext.divergence import Diverged, Guard, finite
 from stn_ext.hyperparams import HyperSpace
 from stn_ext.plots import PLOT_FILES, plot_run
@@ -65,7 +65,8 @@ class TrainConfig:
 
     method: str = "delta-stn"
     model: str = "mlp"                # mlp | cnn (ignored when a model is passed to Trainer)
-    data: str = "digits"              # digits (ignored when data is passed to Trainer)
+    data: str = "digits"              # digits | fashion-mnist (ignored when data is passed to Trainer)
+    data_path: str = ""               # folder of Fashion-MNIST's IDX files ("" : stn_ext.data.fashion_mnist_folder)
     hypers: tuple = ("dropout", "weight_decay")
     ranges: dict = field(default_factory=dict)   # {name: (low, high)}
     inits: dict = field(default_factory=dict)    # {name: initial value}
@@ -201,7 +202,8 @@ class Trainer:
         self.rank, self.world = _dist()
         self.device = torch.device(cfg.device)
         if data is None:
-            data = load_data(cfg.data, seed=cfg.data_seed, **({"train_size": cfg.train_size} if cfg.train_size else {}))
+            data = load_data(cfg.data, seed=cfg.data_seed, path=cfg.data_path or None,
+                             **({"train_size": cfg.train_size} if cfg.train_size else {}))
         if not isinstance(data, Dataset):
             raise TypeError("stn_ext: data must be a stn_ext.data.Dataset (see Dataset.from_arrays)")
         self.data = data  # moved to the device in the model's dtype once the model is known
@@ -788,7 +790,7 @@ class Trainer:
 # --- run folders ------------------------------------------------------------------------------------------
 
 # Fields that may differ between a run and its resumption (device: see Trainer._restore_generator).
-RESUME_FREE = ("out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
+RESUME_FREE = ("data_path", "out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
                "device")
 
 
@@ -888,6 +890,8 @@ def preflight(cfg):
     config values, device, run folder, hyperparameter space (what the CLI runs before any training)."""
     cfg.validate()
     check_run_folder(cfg)
+    if cfg.data == "fashion-mnist":  # files missing: say so before any run starts
+        fashion_mnist_folder(cfg.data_path or None)
     slots = models.dropout_slots(cfg.model, cfg.hidden, cfg.channels)
     HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, image_data=True)
 
