@@ -222,13 +222,13 @@ def test_effective_weight_l2():
         with torch.no_grad():
             layer.hyper_weight.normal_()
     z = torch.randn(3, 2)
-    got = tr._l2(z)
+    got = tr.tuner.l2(z)
     for b in range(3):
         with torch.no_grad():
             want = sum(float((stn_ext.reference.gated_weight(z[b], l.weight_elem, l.weight_hyper, l.hyper_weight) ** 2).sum())
                        for l in tr.layers)
         assert got[b].item() == pytest.approx(want, rel=1e-5)
-    assert tr._l2(z[0]).item() == pytest.approx(got[0].item(), rel=1e-5)
+    assert tr.tuner.l2(z[0]).item() == pytest.approx(got[0].item(), rel=1e-5)
 
 
 # --- training ---------------------------------------------------------------------------------------------
@@ -454,9 +454,12 @@ def test_resume_without_a_checkpoint_is_an_error(small_digits, tmp_path):
         Trainer(TrainConfig(out=str(typo), resume=True, **base), data=small_digits).fit()
 
 
+@pytest.mark.parametrize("method", ["random", "tpe"])
 @pytest.mark.parametrize("stop", [13, 16])  # inside trial 1, and at its last step
-def test_random_search_stop_after_counts_all_trials_and_resumes(small_digits, tmp_path, stop):
-    base = dict(method="random", steps=32, random_trials=4, hidden=(8,), batch_size=32, quiet=True, plots=False)
+def test_search_stop_after_counts_all_trials_and_resumes(small_digits, tmp_path, stop, method):
+    if method == "tpe":
+        pytest.importorskip("optuna")
+    base = dict(method=method, steps=32, random_trials=4, hidden=(8,), batch_size=32, quiet=True, plots=False)
     full = train(TrainConfig(out=str(tmp_path / "full"), **base), data=small_digits)
     s = train(TrainConfig(out=str(tmp_path / "part"), stop_after=stop, **base), data=small_digits)
     assert not s["complete"] and s["steps"] == stop and s["trial"] == 1 and s["trial_steps"] == stop - 8
@@ -468,6 +471,21 @@ def test_random_search_stop_after_counts_all_trials_and_resumes(small_digits, tm
     assert strip(done) == strip(full)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "trial_1" / "steps.jsonl")]
     assert steps == list(range(1, 9))
+    assert len({json.dumps(h, sort_keys=True) for h in full["trial_hypers"]}) == 4  # each trial its own values
+
+
+def test_tpe_uses_the_finished_trials(small_digits):
+    optuna = pytest.importorskip("optuna")
+    from stn_ext.hyperparams import HyperSpace
+    from stn_ext.trainer import TPEProposer
+
+    space = HyperSpace.build(("weight_decay",), [])
+    tpe = TPEProposer(space, seed=0, n=12)
+    for k in range(12):  # a loss with its minimum at weight decay 1e-3: TPE's later proposals go near it
+        v = tpe.ask(k)
+        tpe.tell(k, v, (math.log10(v["weight_decay"]) + 3) ** 2)
+    best = tpe.study.best_params["weight_decay"]
+    assert isinstance(tpe.study.sampler, optuna.samplers.TPESampler) and abs(math.log10(best) + 3) < 1.0
 
 
 def test_resume_on_another_device_type_reseeds_the_generator(small_digits, tmp_path):

@@ -60,7 +60,7 @@ def test_recentring_is_an_exact_reparameterisation():
     with stn_ext.hyper_input(z):
         before = model(x)
     shift = torch.tensor([0.7, -1.3], dtype=torch.float64)
-    with torch.no_grad():  # what Trainer._recentre does, anchor moved by shift
+    with torch.no_grad():  # what Tuner._recentre does, anchor moved by shift
         for m in layers:
             m.weight_elem.add_((m.hyper_weight @ shift)[:, None] * m.weight_hyper)
             m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)

@@ -48,15 +48,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_ext
-from stn_ext import augment, checkpoint, models
-from stn_ext._messages import count
+from stn_ext import checkpoint, models
 from stn_ext.augment import BatchRandom
 from stn_ext.data import Dataset, fashion_mnist_folder, load as load_data
 from stn_ext.divergence import Diverged, Guard, finite
 from stn_ext.hyperparams import HyperSpace
 from stn_ext.plots import PLOT_FILES, plot_run
+from stn_ext.tuning import Tuner
+from stn_ext.tuning.core import inv_softplus_t
 
-METHODS = ("stn", "delta-stn", "fixed", "random")
+METHODS = ("stn", "delta-stn", "fixed", "random", "tpe")
+SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
 
 
 @dataclass
@@ -135,8 +137,8 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "stop_after", "train_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
-        if self.method == "random" and self.steps < self.random_trials:
-            raise ValueError(f"stn_ext: random search with {self.random_trials} trials needs steps >= trials")
+        if self.method in SEARCHES and self.steps < self.random_trials:
+            raise ValueError(f"stn_ext: a search ({self.method}) with {self.random_trials} trials needs steps >= trials")
         if self.lr <= 0 or self.hyper_lr < 0 or self.scale_init <= 0 or not (self.tau >= 0 or self.tau == -1) \
                 or not self.scale_max >= 0:
             raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and scale_max >= 0, tau >= 0 (or -1: auto)")
@@ -178,14 +180,6 @@ def _dist():
     return 0, 1
 
 
-def _inv_softplus(y):
-    return y + math.log(-math.expm1(-y))
-
-
-def _inv_softplus_t(y):
-    return y + torch.log(-torch.expm1(-y))
-
-
 class Trainer:
     """One training run of a fixed, STN or Delta-STN method (random search: ``random_search``).
 
@@ -197,8 +191,8 @@ class Trainer:
 
     def __init__(self, config, data=None, model=None, space=None):
         cfg = self.cfg = config.validate() if isinstance(config, TrainConfig) else TrainConfig.from_dict(config).validate()
-        if cfg.method == "random":
-            raise ValueError("stn_ext: use stn_ext.trainer.train (or random_search) for method 'random'")
+        if cfg.method in SEARCHES:
+            raise ValueError(f"stn_ext: use stn_ext.trainer.train (or random_search) for method {cfg.method!r}")
         self.rank, self.world = _dist()
         self.device = torch.device(cfg.device)
         if data is None:
@@ -227,105 +221,64 @@ class Trainer:
         self.model = model.to(self.device)
         dt = next(self.model.parameters()).dtype
         self.data = self.data.to(self.device, dtype=dt)  # inputs in the model's precision (e.g. a .double() model)
-        self.layers = models.stn_layers(self.model)
-        if not self.layers:
-            raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
-        if cfg.response_init == "v" and cfg.method in ("stn", "delta-stn"):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + 104729)
-                models.init_response(self.layers)
-        n = len(self.space)
-        bad = [type(m).__name__ for m in self.layers if m.n_hyper != n]
-        if bad:
-            raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
-                             f"tunes {count(n, 'hyperparameter')} ({self.space.names})")
-        self.response_params = []
-        for m in self.layers:
-            self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
-        ids = {id(p) for p in self.response_params}
-        self.general_params = [p for p in self.model.parameters() if id(p) not in ids]
-        self.params = list(self.model.parameters())
-
-        self.u = nn.Parameter(self.space.init_unconstrained(dt, self.device))
-        self.hscale = nn.Parameter(torch.full((n,), _inv_softplus(cfg.scale_init), dtype=dt, device=self.device))
-        self.sigma_max = cfg.scale_max or cfg.scale_init
-        self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (sigma_max by each)
+        self.n_train_batches = len(self.data.train) // cfg.batch_size
+        self.n_val_batches = max(1, len(self.data.val) // cfg.batch_size)
+        self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
+        self.tuner = Tuner(
+            self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+            self._per_example_loss, cfg.method, cfg.steps, hyper_lr=cfg.hyper_lr, hyper_lr_schedule=cfg.hyper_lr_schedule,
+            scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau, train_per_cycle=cfg.train_per_cycle,
+            val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
+            response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
+            loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce)
+        t = self.tuner
+        self.layers, self.params = t.layers, t.params
+        self.general_params, self.response_params = t.general_params, t.response_params
         self.recoveries = 0
         self.guard = Guard()
-        self.u_lo, self.u_hi = self.space.u_limits(dt, self.device)
-        self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else cfg.steps // 10
-        self.tau = cfg.tau if cfg.tau >= 0 else (1e-2 if cfg.perturb == "example" else 1e-3)
-        # STN input z = u~ - anchor. Which coordinates of the anchor follow u (recentred after each hyper step);
-        # the others stay where they start: u itself ("init") or the centre of the range in u
-        follow = [cfg.hyper_input == "recentred" or (cfg.hyper_input == "auto" and h.transform != "logit")
-                  for h in self.space.hypers]
-        self.follow = torch.tensor(follow, dtype=dt, device=self.device)
-        self._recentres = cfg.method == "stn" and any(follow)
-        self.anchor = self.u.detach().clone() if cfg.hyper_input == "init" else \
-            torch.where(self.follow.bool(), self.u.detach(), self.space.u_centre(dt, self.device))
-        self.opt_w = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
-        self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=cfg.hyper_lr)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
-        self.i_wd = self.space.index("weight_decay")
-        self.i_noise = self.space.index("noise")
-        self.i_cut_len, self.i_cut_holes = self.space.index("cutout_length"), self.space.index("cutout_holes")
-        self.i_shift = self.space.index("shift")
-        self.drop = {h.slot: i for i, h in enumerate(self.space.hypers) if h.kind == "dropout"}
-        unused = [s for s in self.drop if s not in slots]
-        if unused:
-            raise ValueError(f"stn_ext: the model has no dropout slot {unused}; its slots: {slots}")
         if self.world > 1:  # identical start on every rank
             with torch.no_grad():
                 for t in self.params + [self.u, self.hscale]:
                     torch.distributed.broadcast(t.data, 0)
 
-        self.n_train_batches = len(self.data.train) // cfg.batch_size
-        self.n_val_batches = max(1, len(self.data.val) // cfg.batch_size)
-        self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
         self.eval_every = cfg.eval_every or max(self.n_train_batches, cfg.steps // 50)
         self.ckpt_every = cfg.checkpoint_every or self.eval_every
-        self.total_hyper_steps = self._count_hyper_steps(cfg.steps)
-        self.step = 0        # weight steps done
-        self.hstep = 0       # hyper steps done
         self.wall = 0.0      # seconds of training so far (over resumes)
         self.progress_label = ""  # the progress bar's name; default "<method> seed <k>"
         self._perm_cache = {}
         self.out = cfg.out if (cfg.out and self.rank == 0) else ""
         self._stop_flag = False
 
-    # --- schedules and data order ------------------------------------------------------------------
+    # --- the tuner's state, as the trainer's (checkpoints, recovery, tests and benchmarks read these) ------
 
     @property
     def tunes(self):
-        return self.cfg.method in ("stn", "delta-stn")
+        return self.tuner.tunes
+
+    u = property(lambda self: self.tuner.u)
+    hscale = property(lambda self: self.tuner.hscale)
+    opt_w = property(lambda self: self.tuner.opt_w)
+    opt_h = property(lambda self: self.tuner.opt_h)
+    anchor = property(lambda self: self.tuner.anchor)
+    gen = property(lambda self: self.tuner.gen)
+    warmup = property(lambda self: self.tuner.warmup)
+    tau = property(lambda self: self.tuner.tau)
+    total_hyper_steps = property(lambda self: self.tuner.total_hyper_steps)
+    h_max = property(lambda self: self.tuner.h_max)
+
+    def _delegate(name):  # noqa: N805  (a read-write attribute kept on the tuner)
+        return property(lambda self: getattr(self.tuner, name), lambda self, v: setattr(self.tuner, name, v))
+
+    step = _delegate("step")
+    hstep = _delegate("hstep")
+    sigma_max = _delegate("sigma_max")
+    hyper_lr_factor = _delegate("hyper_lr_factor")
+    del _delegate
 
     def _hyper_steps_after(self, t):
-        """Hyper steps taken right after weight step number t (1-based)."""
-        c = self.cfg
-        if not self.tunes or t <= self.warmup or (t - self.warmup) % c.train_per_cycle:
-            return 0
-        return c.val_per_cycle
+        return self.tuner._hyper_steps_after(t)
 
-    def _response_on(self):
-        """The response trains after the warm-up: fitted to unconverged weights (the weight decay penalty
-        couples it to W_e) it learns a wrong direction that then decays only at sigma^2 times the weights' pace."""
-        return self.step >= self.warmup
-
-    def _count_hyper_steps(self, steps):
-        return sum(self._hyper_steps_after(t) for t in range(1, steps + 1))
-
-    def _hyper_lr(self):
-        c = self.cfg
-        T, lr = self.total_hyper_steps, c.hyper_lr * self.hyper_lr_factor
-        schedule = c.hyper_lr_schedule
-        if schedule == "auto":  # per-example: a noisier hypergradient, settled by an earlier decay
-            schedule = "cosine" if c.perturb == "example" else "tail"
-        if schedule == "constant" or T == 0:
-            return lr
-        if schedule == "tail":
-            t = max(0.0, 2 * min(self.hstep, T) / T - 1)
-            return lr * 0.5 * (1 + math.cos(math.pi * t))
-        return lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, T) / T))
+    # --- data order ------------------------------------------------------------------------------------
 
     def _perm(self, which, epoch, n):
         key = (which, epoch)
@@ -344,29 +297,7 @@ class Trainer:
         idx = perm[pos * B + self.rank * local: pos * B + (self.rank + 1) * local]
         return split.x[idx], split.y[idx], BatchRandom(self.gen, B, self.rank * local, local)
 
-    # --- pieces of a step -----------------------------------------------------------------------------
-
-    def _z(self, u_tilde, centred):
-        """Hypernet input for unconstrained hyperparameters u_tilde ((n,) or (B, n))."""
-        return u_tilde - (self.u.detach() if centred else self.anchor)
-
-    def _named(self, vals):
-        return {h.name: vals[..., i] for i, h in enumerate(self.space.hypers)}
-
-    def _regularise(self, x, vals, rnd):
-        """Apply augmentations to x and return dropout rates, from values (n,) or (B, n)."""
-        col = lambda i: vals[..., i]  # noqa: E731
-        if self.i_shift:
-            x = augment.random_shift(x, col(self.i_shift[0]), rnd)
-        if self.i_cut_len or self.i_cut_holes:
-            length = col(self.i_cut_len[0]) if self.i_cut_len else 4.0
-            holes = col(self.i_cut_holes[0]) if self.i_cut_holes else 1.0
-            max_holes = self.space.hypers[self.i_cut_holes[0]].high if self.i_cut_holes else 1
-            x = augment.cutout(x, length, holes, rnd, max_holes=math.floor(max_holes))
-        if self.i_noise:
-            x = augment.gaussian_noise(x, col(self.i_noise[0]), rnd)
-        rates = {slot: col(i) for slot, i in self.drop.items()}
-        return x, rates
+    # --- the steps (the algorithm is the tuner's; the trainer brings batches, random draws and ranks) -----
 
     def _per_example_loss(self, out, y):
         if self.data.task == "classification":
@@ -374,41 +305,6 @@ class Trainer:
         out = out.reshape(y.shape) if out.numel() == y.numel() else out
         d = (out - y) ** 2
         return d.reshape(d.shape[0], -1).sum(1)
-
-    def _l2(self, z):
-        """Squared norm of the effective weights W(z) of every STN layer: (B,) for z (B, n), else scalar.
-        Row r of W(z) is W_e,r + s_r W_h,r with s = z V^T, so ||W||^2 = sum_r A_r + 2 s_r B_r + s_r^2 C_r."""
-        total = 0
-        for m in self.layers:
-            we, wh = m.weight_elem.flatten(1), m.weight_hyper.flatten(1)
-            a, b, c = (we * we).sum(1), (we * wh).sum(1), (wh * wh).sum(1)
-            s = z @ m.hyper_weight.t()
-            total = total + (a + 2 * s * b + s * s * c).sum(-1)
-        return total
-
-    def _forward(self, x, z, linearised):
-        if not linearised:
-            with stn_ext.hyper_input(z):
-                return self.model(x)
-        if hasattr(self.model, "forward_linearised"):
-            y0, ydot = self.model.forward_linearised(x, z)
-        else:
-            def fn(lam):
-                with stn_ext.hyper_input(lam):
-                    return self.model(x)
-            y0, ydot = models.jvp_by_double_backward(fn, z)
-        return y0 if ydot is None else y0 + ydot
-
-    def _loss(self, x, y, z, vals, linearised=False):
-        """Training loss of the local rows, normalised by the global batch (sums over ranks to the mean)."""
-        out = self._forward(x, z, linearised)
-        ell = self._per_example_loss(out, y)
-        loss = ell.sum() / self.cfg.batch_size
-        if self.i_wd:
-            wd = vals[..., self.i_wd[0]]
-            pen = 0.5 * wd * self._l2(z)
-            loss = loss + (pen.sum() if pen.dim() else pen * x.shape[0]) / self.cfg.batch_size
-        return loss, ell.detach()
 
     def _allreduce(self, tensors):
         if self.world == 1:
@@ -420,59 +316,9 @@ class Trainer:
             t.copy_(flat[i:i + t.numel()].view_as(t))
             i += t.numel()
 
-    def _apply(self, loss, params):
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-        self._allreduce(grads)
-        for p in self.params:
-            p.grad = None
-        for p, g in zip(params, grads):
-            p.grad = g
-        self.opt_w.step()
-
-    def _eps(self, rnd):
-        n = len(self.space)
-        return rnd.randn(n) if self.cfg.perturb == "example" else rnd.shared_randn(n)
-
-    def _perturbed(self, u, sigma, rnd):
-        """u~ = u + sigma (.) eps, kept where the values move (inside the declared range), so the hypernet
-        never sees an input whose value the regularisers clamp."""
-        return torch.clamp(u + sigma * self._eps(rnd), self.u_lo, self.u_hi)
-
     def weight_step(self):
-        c = self.cfg
-        self.model.train()
-        x, y, rnd = self._batch(self.data.train, "train", self.step, c.batch_size)
-        u = self.u.detach()
-        if c.method == "fixed":
-            vals = self.space.to_values(u)
-            xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd, self._named(vals)):
-                loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
-            self._apply(loss, self.params)
-        elif c.method == "stn":
-            u_t = self._perturbed(u, F.softplus(self.hscale.detach()), rnd)
-            vals = self.space.to_values(u_t)
-            xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd, self._named(vals)):
-                loss, ell = self._loss(xr, y, self._z(u_t, False), vals)
-            self._apply(loss, self.params if self._response_on() else self.general_params)
-        else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
-            vals = self.space.to_values(u)
-            xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd, self._named(vals)):
-                loss, ell = self._loss(xr, y, torch.zeros_like(u), vals)
-            self._apply(loss, self.general_params)
-            if not self._response_on():
-                self.step += 1
-                return self._global_mean(ell)
-            u_t = self._perturbed(u, F.softplus(self.hscale.detach()), rnd)
-            vals = self.space.to_values(u_t)
-            xr, rates = self._regularise(x, vals, rnd)
-            with models.regularisers(rates, rnd, self._named(vals)):
-                rloss, _ = self._loss(xr, y, self._z(u_t, True), vals, linearised=c.linearize)
-            self._apply(rloss, self.response_params)
-        self.step += 1
-        return self._global_mean(ell)
+        x, y, rnd = self._batch(self.data.train, "train", self.step, self.cfg.batch_size)
+        return self._global_mean(self.tuner.weight_step(x, y, rnd))
 
     def _global_mean(self, ell):
         s = ell.sum().reshape(1)
@@ -481,45 +327,10 @@ class Trainer:
         return float(s) / self.cfg.batch_size
 
     def hyper_step(self):
-        """One step on u and the perturbation scales: validation loss at the perturbed hyperparameters
-        (eval mode), minus tau * entropy; gradients only through the hypernet response."""
-        c = self.cfg
-        self.model.eval()
+        """One step on u and the perturbation scales on the next validation batch (Tuner.hyper_step)."""
         x, y, rnd = self._batch(self.data.val, "val", self.hstep, self.val_batch)
-        sigma = F.softplus(self.hscale)
-        u_t = self._perturbed(self.u, sigma, rnd)
-        z = self._z(u_t, c.method == "delta-stn")
-        out = self._forward(x, z, c.method == "delta-stn" and c.linearize)
-        ell = self._per_example_loss(out, y)
-        entropy = torch.log(sigma * math.sqrt(2 * math.pi * math.e)).sum()
-        loss = ell.sum() / self.val_batch - self.tau * entropy / self.world
-        grads = list(torch.autograd.grad(loss, [self.u, self.hscale]))
-        self._allreduce(grads)
-        self.u.grad, self.hscale.grad = grads
-        for g in self.opt_h.param_groups:
-            g["lr"] = self._hyper_lr()
-        self.opt_h.step()
-        with torch.no_grad():  # projection: u stays where its value moves, sigma under its cap
-            self.u.clamp_(self.u_lo, self.u_hi)
-            self.hscale.clamp_(max=self.h_max)
-        if self._recentres:
-            self._recentre()
-        self.hstep += 1
-        self.model.train()
-        return float(ell.detach().sum()) / (self.val_batch / self.world) if self.world == 1 else None
-
-    @torch.no_grad()
-    def _recentre(self):
-        """Move the STN anchor to u without changing the network at any input: W(z) = W_e + (V z) W_h with
-        z = u~ - anchor, so W_e += (V shift) (.)row W_h and b_e += (C shift) (.) b_h for shift = u - anchor.
-        A fixed anchor far from u makes intercept and slope nearly collinear in z (slow, lagging fits)."""
-        shift = (self.u.detach() - self.anchor) * self.follow
-        for m in self.layers:
-            s = m.hyper_weight @ shift
-            m.weight_elem.add_(s.view((-1,) + (1,) * (m.weight_elem.dim() - 1)) * m.weight_hyper)
-            if m.bias_elem is not None:
-                m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
-        self.anchor.add_(shift)
+        ell = self.tuner.hyper_step(x, y, rnd)
+        return float(ell.sum()) / (self.val_batch / self.world) if self.world == 1 else None
 
     def hypergradient(self, split=None):
         """d(loss on ``split``, default the whole validation split) / du through the hypernet response, at
@@ -527,7 +338,7 @@ class Trainer:
         split = self.data.val if split is None else split
         self.model.eval()
         u = self.u.detach().clone().requires_grad_(True)
-        z = u - (u.detach() if self.cfg.method != "stn" else self.anchor)
+        z = u - (u.detach() if self.cfg.method != "stn" else self.anchor)  # Tuner.z at u, with u differentiable
         with stn_ext.hyper_input(z):
             out = self.model(split.x)
         loss = self._per_example_loss(out, split.y).mean()
@@ -538,10 +349,7 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------------
 
     def eval_input(self):
-        """Hypernet input at evaluation: the current u (STN), delta = 0 (Delta-STN, fixed)."""
-        if self.cfg.method == "stn":
-            return self._z(self.u.detach(), False)
-        return torch.zeros_like(self.u.detach())
+        return self.tuner.eval_input()
 
     @torch.no_grad()
     def evaluate(self, split):
@@ -562,40 +370,28 @@ class Trainer:
         return r
 
     def hyper_values(self):
-        return self.space.as_dict(self.u)
+        return self.tuner.hyperparameters()
 
     def sigmas(self):
-        s = F.softplus(self.hscale.detach()).cpu()
-        return {name: float(s[i]) for i, name in enumerate(self.space.names)}
+        return self.tuner.sigmas()
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
     def state_dict(self):
-        return {
-            "model": self.model.state_dict(), "u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(),
-            "opt_w": self.opt_w.state_dict(), "opt_h": self.opt_h.state_dict(),
-            "gen": self.gen.get_state(), "gen_device": self.gen.device.type,
-            "step": self.step, "hstep": self.hstep, "wall": self.wall,
-            "anchor": self.anchor.clone(), "sigma_max": self.sigma_max, "hyper_lr_factor": self.hyper_lr_factor, "recoveries": self.recoveries,
-            "space": self.space.names, "method": self.cfg.method, "world": self.world,
-        }
+        """The checkpoint: the tuner's state (Tuner.state_dict) with the model, the weights' optimiser, the
+        wall time, the recovery count and the world size."""
+        return {"model": self.model.state_dict(), "opt_w": self.opt_w.state_dict(), **self.tuner.state_dict(),
+                "wall": self.wall, "recoveries": self.recoveries, "world": self.world}
 
     def load_state_dict(self, st):
         if st["space"] != self.space.names or st["method"] != self.cfg.method:
             raise ValueError(f"stn_ext: the checkpoint is of method {st['method']!r} with hyperparameters {st['space']}, "
                              f"this run is {self.cfg.method!r} with {self.space.names}")
         self.model.load_state_dict(st["model"])
-        with torch.no_grad():
-            self.u.copy_(st["u"])
-            self.hscale.copy_(st["hscale"])
         self.opt_w.load_state_dict(st["opt_w"])
-        self.opt_h.load_state_dict(st["opt_h"])
+        self.tuner.load_state_dict(st, generator=False)
         self._restore_generator(st)
-        self.step, self.hstep, self.wall = st["step"], st["hstep"], st["wall"]
-        if "anchor" in st:
-            self.anchor.copy_(st["anchor"])
-        self.sigma_max = st.get("sigma_max", self.sigma_max)
-        self.hyper_lr_factor, self.recoveries = st.get("hyper_lr_factor", 1.0), st.get("recoveries", 0)
+        self.wall, self.recoveries = st["wall"], st.get("recoveries", 0)
 
     def _restore_generator(self, st):
         """Give the generator the checkpoint's state if it is of this device type, and say whether it
@@ -743,16 +539,11 @@ class Trainer:
             # that keeps failing (u itself heading somewhere unstable)
             self.recoveries = recoveries + 1
             self.sigma_max, self.hyper_lr_factor = sigma_max / 2, factor / 2 if self.recoveries >= 3 else factor
-            self.hscale.copy_(_inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
+            self.hscale.copy_(inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
                                                              torch.full_like(self.hscale, self.sigma_max))))
         warnings.warn(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}, hyperparameters "
                       f"{vals}); rolled back to step {self.step} and halved the perturbation scales (cap now "
                       f"{self.sigma_max:.3g}; hyper learning rate now x{self.hyper_lr_factor:.3g})")
-
-    @property
-    def h_max(self):
-        """The cap on hscale that keeps sigma = softplus(hscale) under sigma_max."""
-        return _inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
 
     def _regrow_scale_cap(self):
         """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start):
@@ -808,7 +599,7 @@ def holds_run(out):
 
 def can_resume(cfg):
     """Whether ``cfg.out`` holds something to continue: a checkpoint (random search: its config or trials)."""
-    if cfg.method == "random":
+    if cfg.method in SEARCHES:
         return holds_run(cfg.out)
     return os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
 
@@ -988,10 +779,74 @@ def _jsonable(d):
 # --- random search and the entry points -------------------------------------------------------------------
 
 
+class RandomProposer:
+    """Random search's trial values: drawn from the space up front (uniform; log-uniform for log scales)."""
+
+    def __init__(self, space, seed, n):
+        g = torch.Generator().manual_seed(seed + 31337)
+        self.trials = [space.sample(g) for _ in range(n)]
+
+    def ask(self, k):
+        return dict(self.trials[k])
+
+    def tell(self, k, values, loss):
+        pass  # the draws do not depend on the results
+
+
+class TPEProposer:
+    """Optuna's TPE sampler (Bergstra et al. 2011), what users reach for today: each trial's values from the
+    finished trials' final validation losses. The sampler is seeded, so asking again for the trials finished
+    before a resume, and telling their losses, rebuilds the study as it was. Optional: ``pip install optuna``."""
+
+    def __init__(self, space, seed, n):
+        try:
+            import optuna
+        except ImportError:
+            raise ImportError("stn_ext: method 'tpe' uses Optuna's TPE sampler: pip install optuna") from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+        # TPE needs a few random trials before it models anything; with the few trials of an equal-steps
+        # budget, a quarter of them (at least 2)
+        sampler = optuna.samplers.TPESampler(seed=seed + 31337, n_startup_trials=max(2, n // 4))
+        self.study = optuna.create_study(direction="minimize", sampler=sampler)
+        self.dists = {h.name: self._distribution(h) for h in space.hypers}
+        self.pending = {}
+
+    def _distribution(self, h):
+        d = self.optuna.distributions
+        if h.discrete:
+            return d.IntDistribution(math.ceil(h.low), math.floor(h.high))
+        if h.transform == "log":
+            return d.FloatDistribution(h.low, h.high, log=True)
+        margin = 1e-3 * (h.high - h.low)  # logit scales: strictly inside the range, as random search draws
+        return d.FloatDistribution(h.low + margin, h.high - margin)
+
+    def ask(self, k):
+        t = self.study.ask(self.dists)
+        self.pending[k] = t
+        return {n: float(v) for n, v in t.params.items()}
+
+    def tell(self, k, values, loss):
+        self.study.tell(self.pending.pop(k), loss)
+
+
+PROPOSERS = {"random": RandomProposer, "tpe": TPEProposer}
+
+
+def _trial_values(out):
+    """The values a trial folder's run was started with (its config's inits), or None."""
+    path = os.path.join(out, "config.json")
+    if not out or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("inits")
+
+
 def random_search(config, data=None, model_fn=None):
-    """``random_trials`` fixed runs at values drawn from the space, ``steps // trials`` weight steps
-    each (the same total as one STN run); the trial with the lowest final validation loss wins.
-    Trials run in out/trial_<k>; with resume, finished trials are kept and the current one resumes.
+    """``random_trials`` fixed runs, ``steps // trials`` weight steps each (the same total as one STN run), at
+    values from the method's proposer: 'random' draws them from the space, 'tpe' asks Optuna's TPE given the
+    trials so far. The trial with the lowest final validation loss wins. Trials run in out/trial_<k>; with
+    resume, finished trials are kept (and told to TPE) and the current one resumes at its own values.
     ``stop_after`` counts weight steps over all trials: trial k holds steps k * per + 1 .. (k + 1) * per."""
     cfg = config.validate()
     per = cfg.steps // cfg.random_trials
@@ -1000,33 +855,36 @@ def random_search(config, data=None, model_fn=None):
     base = Trainer(_replace(cfg, method="fixed", out="", resume=False, overwrite=False, steps=per), data=data,
                    model=model_fn() if model_fn else None)
     space = base.space
-    g = torch.Generator().manual_seed(cfg.seed + 31337)
-    trials = [space.sample(g) for _ in range(cfg.random_trials)]
+    proposer = PROPOSERS[cfg.method](space, cfg.seed, cfg.random_trials)
     if cfg.out and not cfg.resume and _dist()[0] == 0:
         open_run_folder(cfg)
     results = []
-    for k, values in enumerate(trials):
+    for k in range(cfg.random_trials):
         out = os.path.join(cfg.out, f"trial_{k}") if cfg.out else ""
+        values = proposer.ask(k)  # also for trials finished before a resume: TPE's sampler replays its draws
         done = finished_summary(out) if cfg.resume and out else None
         if done:
+            proposer.tell(k, values, done["val_loss"])
             results.append(dict(done, trial=k))
             continue
         resume = cfg.resume and bool(out) and os.path.exists(os.path.join(out, "checkpoint.pt"))
+        values = (_trial_values(out) if resume else None) or values  # a resumed trial keeps what it started with
         # a trial not resumed starts afresh (a folder left by a kill before its first checkpoint is replaced)
         tcfg = _replace(cfg, method="fixed", out=out, steps=per, stop_after=_trial_stop(cfg.stop_after, k, per),
                         resume=resume, overwrite=not resume and bool(out), inits=dict(values),
                         ranges=_ranges_of(space), hypers=tuple(space.names))
         tr = Trainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
-        tr.progress_label = f"random trial {k + 1}/{len(trials)} seed {cfg.seed}"
+        tr.progress_label = f"{cfg.method} trial {k + 1}/{cfg.random_trials} seed {cfg.seed}"
         s = tr.fit()
         s["trial"] = k
         if not s["complete"]:  # interrupted: stop here; resume continues this trial
-            s.update(method="random", trial_steps=s["steps"], steps=k * per + s["steps"])
+            s.update(method=cfg.method, trial_steps=s["steps"], steps=k * per + s["steps"])
             return s
+        proposer.tell(k, values, s["val_loss"])
         results.append(s)
     best = min(results, key=lambda r: r["val_loss"])
     summary = dict(best)
-    summary.update(method="random", steps=per * cfg.random_trials, trials=len(results),
+    summary.update(method=cfg.method, steps=per * cfg.random_trials, trials=len(results),
                    wall_s=sum(r["wall_s"] for r in results), best_trial=results.index(best),
                    trial_val_losses=[r["val_loss"] for r in results], trial_hypers=[r["hypers"] for r in results])
     if cfg.out and _dist()[0] == 0:
@@ -1063,17 +921,17 @@ def _replace(cfg, **kw):
 def train(config, data=None, model=None, space=None):
     """Run ``config`` (a TrainConfig or dict) and return its summary; the API behind the CLI.
     ``data``: a stn_ext.data.Dataset or None (config.data); ``model``: an STN nn.Module or None (the
-    built-in config.model); for method 'random', a zero-argument function returning a fresh model.
+    built-in config.model); for the searches ('random', 'tpe'), a zero-argument function returning a fresh model.
     ``space``: a HyperSpace to use instead of config.hypers (it may hold hyperparameters of your own
     kind: your model reads their per-example values from stn_ext.models.current_hyperparameters())."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
     cfg.validate()
-    if cfg.method == "random":
+    if cfg.method in SEARCHES:
         if isinstance(model, nn.Module) or (model is not None and not callable(model)):
-            raise TypeError("stn_ext: random search trains several models; pass model as a zero-argument "
+            raise TypeError(f"stn_ext: a search ({cfg.method}) trains several models; pass model as a zero-argument "
                             "function returning a fresh model")
         if space is not None:
-            raise ValueError("stn_ext: random search builds its space from config.hypers")
+            raise ValueError(f"stn_ext: a search ({cfg.method}) builds its space from config.hypers")
         return random_search(cfg, data, model)
     if model is not None and not isinstance(model, nn.Module):
         model = model()
@@ -1099,7 +957,7 @@ def _worker(rank, world, port, cfg_dict, result_path, backend):
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{rank % torch.cuda.device_count()}"
             torch.cuda.set_device(cfg.device)
-        if cfg.method == "random":
+        if cfg.method in SEARCHES:
             summary = random_search(cfg.validate())
             state = None
         else:
@@ -1121,7 +979,7 @@ def _resume_hint(cfg):
     """Where a stopped multi-process run can continue from, and how."""
     if not cfg.out:
         return "Nothing was saved (no --out)."
-    if cfg.method != "random" and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+    if cfg.method not in SEARCHES and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         step = checkpoint.load(os.path.join(cfg.out, "checkpoint.pt"), map_location="cpu")["step"]
         return (f"The last checkpoint, at step {step} of {cfg.steps}, is in {cfg.out}: run the same command with "
                 "--resume to continue (API: resume=True).")

@@ -1,0 +1,401 @@
+"""The STN / Delta-STN algorithm as steps for any training loop (``Tuner``); ``stn_ext.trainer`` runs its own
+loop on it.
+
+A Tuner owns the hyperparameters (unconstrained u, perturbation scales sigma = softplus(h)), their Adam
+optimiser and schedule, and the rules of each step; the user owns the model, the data, the loss and the
+weights' optimiser (any torch.optim optimiser)::
+
+    tuner = Tuner(model, space, torch.optim.AdamW(model.parameters()), F.cross_entropy, total_steps=3000)
+    for x, y in train_loader:
+        tuner.weight_step(x, y)
+        for _ in range(tuner.hyper_steps_due()):
+            tuner.hyper_step(*next(val_batches))
+    with tuner.evaluating():
+        logits = model(x_test)
+
+Method rules (MacKay et al. 2019; Bae & Grosse 2020):
+
+stn         Weight step: u~ = u + sigma (.) eps, the regularisers use value(u~), the hypernet sees
+            z = u~ - anchor, all weights step on the training loss. Evaluation at z = u - anchor.
+delta-stn   General step: W_e, b_e (and non-STN parameters) at z = 0 with the regularisers at u; response
+            step: V, C, W_h, b_h at z = sigma eps with the regularisers at u~, optionally on the linearised
+            network. Evaluation at z = 0.
+fixed       plain training at the initial hyperparameters (z = 0).
+
+Hyper step (both tuned methods; eval mode: no dropout, augmentation or noise): the validation loss at the
+perturbed u~ minus tau * entropy(sigma), gradients reaching u and h only through the hypernet response.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stn_ext
+from stn_ext import augment, models
+from stn_ext._messages import count
+from stn_ext.augment import BatchRandom
+
+TUNED = ("stn", "delta-stn")
+METHODS = TUNED + ("fixed",)
+
+
+def inv_softplus(y):
+    return y + math.log(-math.expm1(-y))
+
+
+def inv_softplus_t(y):
+    return y + torch.log(-torch.expm1(-y))
+
+
+class Tuner:
+    """The hyperparameters of ``model`` and the steps that train them with its weights.
+
+    model       an nn.Module built on StnLinear/StnConv2d (``stn_ext.convert``), n_hyper = len(space), with
+                ``stn_ext.models.HyperDropout`` slots for tuned dropout rates.
+    space       a ``stn_ext.hyperparams.HyperSpace`` (``HyperSpace.build(("dropout", "weight_decay"), slots)``).
+    optimizer   the weights' optimiser over ``model.parameters()``, any torch.optim optimiser. Delta-STN
+                steps it twice per weight step, each time with the other group's gradients set to None
+                (which torch's optimisers skip).
+    loss_fn     loss_fn(output, target): a scalar (the batch mean) or per-example losses (shape (B,)).
+    total_steps the run's weight steps: sets the warm-up (a tenth) and the hyper learning-rate schedule;
+                None: no warm-up unless given, a constant hyper learning rate.
+
+    The options are TrainConfig's (docs/trainer.md says why each default is what it is). ``loss_norm`` and
+    ``world``/``allreduce`` are for data-parallel runs: losses are summed and divided by ``loss_norm`` (the
+    global batch) and gradients summed across ranks by ``allreduce(list_of_tensors)`` (in place)."""
+
+    def __init__(self, model, space, optimizer, loss_fn, method="delta-stn", total_steps=None, *, hyper_lr=0.02,
+                 hyper_lr_schedule="auto", scale_init=0.5, scale_max=0.0, tau=-1.0, train_per_cycle=5,
+                 val_per_cycle=1, warmup_steps=-1, perturb="example", response_init="v", hyper_input="auto",
+                 linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None):
+        if method not in METHODS:
+            raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
+        if perturb not in ("example", "batch"):
+            raise ValueError(f"stn_ext: perturb must be 'example' or 'batch', got {perturb!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"stn_ext: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.space, self.opt_w, self.loss_fn, self.method = model, space, optimizer, loss_fn, method
+        self.layers = models.stn_layers(model)
+        if not self.layers:
+            raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
+        p0 = next(model.parameters())
+        dt, device = p0.dtype, p0.device
+        if response_init == "v" and method in TUNED:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 104729)
+                models.init_response(self.layers)
+        n = len(space)
+        if any(m.n_hyper != n for m in self.layers):
+            raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
+                             f"tunes {count(n, 'hyperparameter')} ({space.names})")
+        self.response_params = []
+        for m in self.layers:
+            self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
+        ids = {id(p) for p in self.response_params}
+        self.general_params = [p for p in model.parameters() if id(p) not in ids]
+        self.params = list(model.parameters())
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [p for p in self.params if id(p) not in owned]
+        if missing:
+            raise ValueError(f"stn_ext: the optimizer does not hold {count(len(missing), 'parameter')} of the model; "
+                             "build it over model.parameters() after stn_ext.convert")
+
+        self.u = nn.Parameter(space.init_unconstrained(dt, device))
+        self.hscale = nn.Parameter(torch.full((n,), inv_softplus(scale_init), dtype=dt, device=device))
+        self.scale_init, self.sigma_max = scale_init, scale_max or scale_init
+        self.hyper_lr, self.hyper_lr_schedule = hyper_lr, hyper_lr_schedule
+        self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
+        self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = \
+            train_per_cycle, val_per_cycle, perturb, linearize
+        self.total_steps = total_steps
+        self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
+        self.tau = tau if tau >= 0 else (1e-2 if perturb == "example" else 1e-3)
+        self.u_lo, self.u_hi = space.u_limits(dt, device)
+        # STN input z = u~ - anchor. Which coordinates of the anchor follow u (recentred after each hyper step);
+        # the others stay where they start: u itself ("init") or the centre of the range in u
+        follow = [hyper_input == "recentred" or (hyper_input == "auto" and h.transform != "logit")
+                  for h in space.hypers]
+        self.follow = torch.tensor(follow, dtype=dt, device=device)
+        self._recentres = method == "stn" and any(follow)
+        self.anchor = self.u.detach().clone() if hyper_input == "init" else \
+            torch.where(self.follow.bool(), self.u.detach(), space.u_centre(dt, device))
+        self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=hyper_lr)
+        self.gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + 7919)
+        self.loss_norm, self.val_norm, self.world = loss_norm, val_norm, world
+        self.allreduce = allreduce
+        self.i_wd = space.index("weight_decay")
+        self.i_noise = space.index("noise")
+        self.i_cut_len, self.i_cut_holes = space.index("cutout_length"), space.index("cutout_holes")
+        self.i_shift = space.index("shift")
+        self.drop = {h.slot: i for i, h in enumerate(space.hypers) if h.kind == "dropout"}
+        slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
+        unused = [s for s in self.drop if s not in slots]
+        if unused:
+            raise ValueError(f"stn_ext: the model has no dropout slot {unused}; its slots: {slots}")
+        self.total_hyper_steps = sum(self._hyper_steps_after(t) for t in range(1, total_steps + 1)) if total_steps else 0
+        self.step = 0   # weight steps done
+        self.hstep = 0  # hyper steps done
+
+    # --- schedule -------------------------------------------------------------------------------------
+
+    @property
+    def tunes(self):
+        return self.method in TUNED
+
+    def _hyper_steps_after(self, t):
+        """Hyper steps taken right after weight step number t (1-based)."""
+        if not self.tunes or t <= self.warmup or (t - self.warmup) % self.train_per_cycle:
+            return 0
+        return self.val_per_cycle
+
+    def hyper_steps_due(self):
+        """How many hyper steps are due now, after the weight steps done (0 during the warm-up)."""
+        return self._hyper_steps_after(self.step)
+
+    def response_on(self):
+        """The response trains after the warm-up: fitted to unconverged weights (the weight decay penalty
+        couples it to W_e) it learns a wrong direction that then decays only at sigma^2 times the weights' pace."""
+        return self.step >= self.warmup
+
+    def current_hyper_lr(self):
+        T, lr = self.total_hyper_steps, self.hyper_lr * self.hyper_lr_factor
+        schedule = self.hyper_lr_schedule
+        if schedule == "auto":  # per-example: a noisier hypergradient, settled by an earlier decay
+            schedule = "cosine" if self.perturb == "example" else "tail"
+        if schedule == "constant" or T == 0:
+            return lr
+        if schedule == "tail":
+            t = max(0.0, 2 * min(self.hstep, T) / T - 1)
+            return lr * 0.5 * (1 + math.cos(math.pi * t))
+        return lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, T) / T))
+
+    @property
+    def h_max(self):
+        """The cap on hscale that keeps sigma = softplus(hscale) under sigma_max."""
+        return inv_softplus(self.sigma_max) if math.isfinite(self.sigma_max) else math.inf
+
+    # --- pieces of a step -----------------------------------------------------------------------------
+
+    def z(self, u_tilde, centred):
+        """Hypernet input for unconstrained hyperparameters u_tilde ((n,) or (B, n))."""
+        return u_tilde - (self.u.detach() if centred else self.anchor)
+
+    def named(self, vals):
+        return {h.name: vals[..., i] for i, h in enumerate(self.space.hypers)}
+
+    def regularise(self, x, vals, rnd):
+        """Apply augmentations to x and return dropout rates, from values (n,) or (B, n)."""
+        col = lambda i: vals[..., i]  # noqa: E731
+        if self.i_shift:
+            x = augment.random_shift(x, col(self.i_shift[0]), rnd)
+        if self.i_cut_len or self.i_cut_holes:
+            length = col(self.i_cut_len[0]) if self.i_cut_len else 4.0
+            holes = col(self.i_cut_holes[0]) if self.i_cut_holes else 1.0
+            max_holes = self.space.hypers[self.i_cut_holes[0]].high if self.i_cut_holes else 1
+            x = augment.cutout(x, length, holes, rnd, max_holes=math.floor(max_holes))
+        if self.i_noise:
+            x = augment.gaussian_noise(x, col(self.i_noise[0]), rnd)
+        rates = {slot: col(i) for slot, i in self.drop.items()}
+        return x, rates
+
+    def l2(self, z):
+        """Squared norm of the effective weights W(z) of every STN layer: (B,) for z (B, n), else scalar.
+        Row r of W(z) is W_e,r + s_r W_h,r with s = z V^T, so ||W||^2 = sum_r A_r + 2 s_r B_r + s_r^2 C_r."""
+        total = 0
+        for m in self.layers:
+            we, wh = m.weight_elem.flatten(1), m.weight_hyper.flatten(1)
+            a, b, c = (we * we).sum(1), (we * wh).sum(1), (wh * wh).sum(1)
+            s = z @ m.hyper_weight.t()
+            total = total + (a + 2 * s * b + s * s * c).sum(-1)
+        return total
+
+    def forward(self, x, z, linearised=False):
+        if not linearised:
+            with stn_ext.hyper_input(z):
+                return self.model(x)
+        if hasattr(self.model, "forward_linearised"):
+            y0, ydot = self.model.forward_linearised(x, z)
+        else:
+            def fn(lam):
+                with stn_ext.hyper_input(lam):
+                    return self.model(x)
+            y0, ydot = models.jvp_by_double_backward(fn, z)
+        return y0 if ydot is None else y0 + ydot
+
+    def _reduce(self, out, y, norm):
+        """(scalar loss to differentiate, what to report: per-example losses or the scalar, detached)."""
+        ell = self.loss_fn(out, y)
+        if ell.dim() == 0:
+            return ell, ell.detach()
+        return ell.sum() / (norm or ell.shape[0]), ell.detach()
+
+    def loss(self, x, y, z, vals, linearised=False):
+        """Training loss (with the tuned weight decay penalty) and what weight_step reports."""
+        out = self.forward(x, z, linearised)
+        loss, report = self._reduce(out, y, self.loss_norm)
+        if self.i_wd:
+            wd = vals[..., self.i_wd[0]]
+            pen = 0.5 * wd * self.l2(z)
+            loss = loss + (pen.sum() if pen.dim() else pen * x.shape[0]) / (self.loss_norm or x.shape[0])
+        return loss, report
+
+    def _allreduce(self, tensors):
+        if self.allreduce is not None:
+            self.allreduce(tensors)
+
+    def _apply(self, loss, params):
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        self._allreduce(grads)
+        for p in self.params:
+            p.grad = None
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.opt_w.step()
+
+    def _eps(self, rnd):
+        n = len(self.space)
+        return rnd.randn(n) if self.perturb == "example" else rnd.shared_randn(n)
+
+    def perturbed(self, u, sigma, rnd):
+        """u~ = u + sigma (.) eps, kept where the values move (inside the declared range), so the hypernet
+        never sees an input whose value the regularisers clamp."""
+        return torch.clamp(u + sigma * self._eps(rnd), self.u_lo, self.u_hi)
+
+    def _rnd(self, x, rnd):
+        return rnd if rnd is not None else BatchRandom(self.gen, x.shape[0])
+
+    # --- the steps --------------------------------------------------------------------------------------
+
+    def weight_step(self, x, y, rnd=None):
+        """One weight step on a training batch; returns the batch's losses (per example where loss_fn gives
+        them, else the scalar), detached. ``rnd``: a BatchRandom (data-parallel runs; default: this tuner's
+        generator over the batch)."""
+        rnd = self._rnd(x, rnd)
+        self.model.train()
+        u = self.u.detach()
+        if self.method == "fixed":
+            vals = self.space.to_values(u)
+            xr, rates = self.regularise(x, vals, rnd)
+            with models.regularisers(rates, rnd, self.named(vals)):
+                loss, report = self.loss(xr, y, torch.zeros_like(u), vals)
+            self._apply(loss, self.params)
+        elif self.method == "stn":
+            u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
+            vals = self.space.to_values(u_t)
+            xr, rates = self.regularise(x, vals, rnd)
+            with models.regularisers(rates, rnd, self.named(vals)):
+                loss, report = self.loss(xr, y, self.z(u_t, False), vals)
+            self._apply(loss, self.params if self.response_on() else self.general_params)
+        else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
+            vals = self.space.to_values(u)
+            xr, rates = self.regularise(x, vals, rnd)
+            with models.regularisers(rates, rnd, self.named(vals)):
+                loss, report = self.loss(xr, y, torch.zeros_like(u), vals)
+            self._apply(loss, self.general_params)
+            if self.response_on():
+                u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
+                vals = self.space.to_values(u_t)
+                xr, rates = self.regularise(x, vals, rnd)
+                with models.regularisers(rates, rnd, self.named(vals)):
+                    rloss, _ = self.loss(xr, y, self.z(u_t, True), vals, linearised=self.linearize)
+                self._apply(rloss, self.response_params)
+        self.step += 1
+        return report
+
+    def hyper_step(self, x, y, rnd=None):
+        """One step on u and the perturbation scales on a validation batch; returns its losses (per example
+        where loss_fn gives them), detached, from the perturbed network."""
+        if not self.tunes:
+            raise RuntimeError(f"stn_ext: method {self.method!r} takes no hyper steps")
+        rnd = self._rnd(x, rnd)
+        self.model.eval()
+        sigma = F.softplus(self.hscale)
+        u_t = self.perturbed(self.u, sigma, rnd)
+        z = self.z(u_t, self.method == "delta-stn")
+        out = self.forward(x, z, self.method == "delta-stn" and self.linearize)
+        vloss, report = self._reduce(out, y, self.val_norm)
+        entropy = torch.log(sigma * math.sqrt(2 * math.pi * math.e)).sum()
+        loss = vloss - self.tau * entropy / self.world
+        grads = list(torch.autograd.grad(loss, [self.u, self.hscale]))
+        self._allreduce(grads)
+        self.u.grad, self.hscale.grad = grads
+        for g in self.opt_h.param_groups:
+            g["lr"] = self.current_hyper_lr()
+        self.opt_h.step()
+        with torch.no_grad():  # projection: u stays where its value moves, sigma under its cap
+            self.u.clamp_(self.u_lo, self.u_hi)
+            self.hscale.clamp_(max=self.h_max)
+        if self._recentres:
+            self._recentre()
+        self.hstep += 1
+        self.model.train()
+        return report
+
+    @torch.no_grad()
+    def _recentre(self):
+        """Move the STN anchor to u without changing the network at any input: W(z) = W_e + (V z) W_h with
+        z = u~ - anchor, so W_e += (V shift) (.)row W_h and b_e += (C shift) (.) b_h for shift = u - anchor.
+        A fixed anchor far from u makes intercept and slope nearly collinear in z (slow, lagging fits)."""
+        shift = (self.u.detach() - self.anchor) * self.follow
+        for m in self.layers:
+            s = m.hyper_weight @ shift
+            m.weight_elem.add_(s.view((-1,) + (1,) * (m.weight_elem.dim() - 1)) * m.weight_hyper)
+            if m.bias_elem is not None:
+                m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
+        self.anchor.add_(shift)
+
+    # --- evaluation and state -----------------------------------------------------------------------------
+
+    def eval_input(self):
+        """Hypernet input at evaluation: the current u (STN), delta = 0 (Delta-STN, fixed)."""
+        if self.method == "stn":
+            return self.z(self.u.detach(), False)
+        return torch.zeros_like(self.u.detach())
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The model in eval mode with the hypernet input of evaluation, for the user's own evaluation code."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with stn_ext.hyper_input(self.eval_input()):
+                yield self.model
+        finally:
+            self.model.train(was)
+
+    def hyperparameters(self):
+        """The current values, {name: float}."""
+        return self.space.as_dict(self.u)
+
+    def sigmas(self):
+        s = F.softplus(self.hscale.detach()).cpu()
+        return {name: float(s[i]) for i, name in enumerate(self.space.names)}
+
+    def state_dict(self):
+        """Everything the tuner holds but the model's weights and the user's optimiser (which have their own)."""
+        return {"u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(), "opt_h": self.opt_h.state_dict(),
+                "gen": self.gen.get_state(), "gen_device": self.gen.device.type, "step": self.step,
+                "hstep": self.hstep, "anchor": self.anchor.clone(), "sigma_max": self.sigma_max,
+                "hyper_lr_factor": self.hyper_lr_factor, "space": self.space.names, "method": self.method}
+
+    def load_state_dict(self, st, generator=True):
+        """Restore ``state_dict()``; ``generator=False`` leaves the random generator alone (the caller sets it)."""
+        if st["space"] != self.space.names or st["method"] != self.method:
+            raise ValueError(f"stn_ext: the state is of method {st['method']!r} with hyperparameters {st['space']}, "
+                             f"this tuner is {self.method!r} with {self.space.names}")
+        with torch.no_grad():
+            self.u.copy_(st["u"])
+            self.hscale.copy_(st["hscale"])
+            if "anchor" in st:
+                self.anchor.copy_(st["anchor"])
+        self.opt_h.load_state_dict(st["opt_h"])
+        if generator:
+            self.gen.set_state(st["gen"])
+        self.step, self.hstep = st["step"], st["hstep"]
+        self.sigma_max = st.get("sigma_max", self.sigma_max)
+        self.hyper_lr_factor = st.get("hyper_lr_factor", 1.0)
+
+
+__all__ = ["Tuner", "METHODS", "TUNED"]
