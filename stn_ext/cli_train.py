@@ -27,6 +27,8 @@ methods:
              optional --linearize; evaluation at delta = 0.
   fixed      plain training at the initial hyperparameters (--init).
   random     random search: --trials fixed runs drawn from the same space, splitting --steps.
+  tpe        Optuna's TPE (optional: pip install optuna): --trials fixed runs, each at values TPE
+             proposes from the finished trials' validation losses, splitting --steps.
 
 outputs (in --out): config.json, steps.jsonl (per weight step: train loss, hyperparameters, scales),
 epochs.jsonl (per evaluation: val/test loss and accuracy), schedule.csv (the hyperparameter schedule),
@@ -38,6 +40,7 @@ examples:
   python -m stn_ext train --method delta-stn --hypers dropout,weight_decay --steps 1500 --out runs/dstn
   python -m stn_ext train --model cnn --method stn --hypers dropout,cutout,shift --out runs/cnn
   python -m stn_ext train --method random --trials 4 --range weight_decay=1e-5:1e-1 --out runs/rs
+  python -m stn_ext train --data fashion-mnist --train-size 10000 --model cnn --hypers dropout,cutout,shift --out runs/fm
   python -m stn_ext train --method delta-stn --out runs/dstn --resume    # the first run, after Ctrl-C or kill
 """
 
@@ -79,7 +82,7 @@ def build_parser():
                     "augmentation) tune themselves during training through self-tuning layers, or the "
                     "fixed/random-search baselines at the same number of weight steps.")
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn", "fixed", "random"],
+    g.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn", "fixed", "random", "tpe"],
                    help="see methods below (default delta-stn)")
     g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
     g.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"],
@@ -101,7 +104,7 @@ def build_parser():
                         "10,000))")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1500, help="weight steps (random search: in total) (default 1500)")
+    g.add_argument("--steps", type=int, default=1500, help="weight steps (random search, tpe: in total) (default 1500)")
     g.add_argument("--batch-size", type=int, default=64, help="global mini-batch (all processes) (default 64)")
     g.add_argument("--lr", type=float, default=0.01, help="weight SGD learning rate (default 0.01)")
     g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum (default 0.9)")
@@ -132,7 +135,7 @@ def build_parser():
                    help="one perturbation per example (papers' default) or one per batch (less noisy, fused path) "
                         "(default example)")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
-    g.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
+    g.add_argument("--trials", type=int, default=4, help="trials of random search and tpe (default 4)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights, data order and random draws (default 0)")
     g = p.add_argument_group("run")
