@@ -770,3 +770,22 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     checkpoint.save(str(tmp_path / "ok.pt"), tr.state_dict())
     st = checkpoint.load(str(tmp_path / "ok.pt"))
     assert st["method"] == "stn" and torch.equal(st["u"], tr.u.detach())
+
+
+def test_tensorboard_scalars_survive_a_resume(small_digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = dict(method="stn", steps=24, warmup_steps=4, hidden=(8,), batch_size=32, quiet=True, plots=False,
+                out=str(tmp_path), tensorboard=True, checkpoint_every=8, eval_every=8)
+    Trainer(TrainConfig(stop_after=13, **base), data=small_digits).fit()  # events up to 13, checkpoint at 13
+    Trainer(TrainConfig(resume=True, **base), data=small_digits).fit()
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("loss/train")]
+    assert sorted(steps) == list(range(1, 25)), steps  # each step once: nothing redone twice, nothing lost
+    want = {"loss/val", "loss/test", "accuracy/val", "hyper/dropout.in", "sigma/weight_decay"}
+    assert want <= set(ea.Tags()["scalars"])
+    assert [e.step for e in ea.Scalars("loss/val")] == [0, 8, 16, 24]
+    with pytest.raises(ValueError, match="tensorboard writes into the run folder"):
+        TrainConfig(tensorboard=True).validate()

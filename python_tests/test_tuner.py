@@ -55,6 +55,8 @@ def test_hyperparameters_move_in_a_user_loop(method, loss):
         assert not model.training
         out = model(torch.randn(5, 12))
     assert model.training and out.shape == (5, 3)
+    assert set(tuner.scalars()) == {"hyper/dropout.in", "hyper/dropout.h1", "hyper/weight_decay", "sigma/dropout.in",
+                                    "sigma/dropout.h1", "sigma/weight_decay"}
 
 
 def test_state_dict_resumes_bit_for_bit():

@@ -157,6 +157,9 @@ def build_parser():
     g.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default; small models "
                    "run fastest on 1) (default 1)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write losses, accuracies, hyperparameters and scales as TensorBoard scalars to "
+                        "--out/tensorboard (needs the tensorboard package)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or tables (CI)")
     return p
 
@@ -173,7 +176,7 @@ def config_from_args(a):
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
         random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, data_path=a.data_path, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, out=a.out, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet,
-        plots=not a.no_plots, device=a.device, stop_after=a.stop_after)
+        plots=not a.no_plots, tensorboard=a.tensorboard, device=a.device, stop_after=a.stop_after)
 
 
 def format_table(rows, title=""):

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import time
@@ -105,6 +106,7 @@ class TrainConfig:
     overwrite: bool = False           # a new run may replace an earlier run's files in out
     quiet: bool = False
     plots: bool = True
+    tensorboard: bool = False         # also write the records as TensorBoard scalars to out/tensorboard
     device: str = "cpu"
     stop_after: int = 0               # stop (as if interrupted) at this weight step (random search: counted
                                       # over all trials); a run resumed at or past it goes on; 0: never
@@ -144,6 +146,8 @@ class TrainConfig:
             raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and scale_max >= 0, tau >= 0 (or -1: auto)")
         if self.resume and not self.out:
             raise ValueError("stn_ext: resume needs the run folder (out)")
+        if self.tensorboard and not self.out:
+            raise ValueError("stn_ext: tensorboard writes into the run folder: give out (--out)")
         if self.resume and self.overwrite:
             raise ValueError("stn_ext: resume continues the run in out and overwrite replaces it; choose one")
         if isinstance(self.hypers, str):
@@ -428,7 +432,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.cfg
-        self.log = RunLog(self.out, self.space.names)
+        self.log = RunLog(self.out, self.space.names, tensorboard=c.tensorboard)
         if c.resume:
             check_run_folder(c)  # the same settings, and a checkpoint to continue (every rank loads it)
             # on CPU: generator states must stay CPU tensors; load_state_dict moves the rest to the device
@@ -497,6 +501,7 @@ class Trainer:
                     break
         finally:
             bar.close()
+            self.log.close()
             for sig, h in old.items():
                 signal.signal(sig, h)
         summary = self.summary(interrupted)
@@ -581,7 +586,7 @@ class Trainer:
 # --- run folders ------------------------------------------------------------------------------------------
 
 # Fields that may differ between a run and its resumption (device: see Trainer._restore_generator).
-RESUME_FREE = ("data_path", "out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
+RESUME_FREE = ("data_path", "tensorboard", "out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
                "device")
 
 
@@ -639,6 +644,9 @@ def check_run_folder(cfg):
         checkpoint.check_folder_creatable(cfg.out)
 
 
+TENSORBOARD_DIR = "tensorboard"  # the event files of --tensorboard, in the run folder
+
+
 def run_files():
     """What a run writes in its folder; checkpoint first, so a folder cleared halfway cannot be resumed."""
     return ("checkpoint.pt", "config.json", "summary.json") + RunLog.FILES + PLOT_FILES
@@ -652,6 +660,8 @@ def clear_run(out):
     for name in run_files():
         if os.path.exists(os.path.join(out, name)):
             os.unlink(os.path.join(out, name))
+    if os.path.isdir(os.path.join(out, TENSORBOARD_DIR)):
+        shutil.rmtree(os.path.join(out, TENSORBOARD_DIR))
     for name in os.listdir(out):  # left by a kill during an atomic write (checkpoint.atomic_write_bytes)
         if name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in run_files()):
             os.unlink(os.path.join(out, name))
@@ -695,10 +705,12 @@ class RunLog:
 
     FILES = ("steps.jsonl", "epochs.jsonl", "schedule.csv")
 
-    def __init__(self, out, names):
+    def __init__(self, out, names, tensorboard=False):
         self.out, self.names = out, names
         self.steps, self.epochs = [], []
         self._written = {"steps": 0, "epochs": 0}
+        self.tensorboard = tensorboard and bool(out)
+        self._tb, self._purge = None, None  # the TensorBoard writer, made at the first flush
 
     def step(self, rec, hypers, sigmas):
         rec = dict(rec)
@@ -741,6 +753,19 @@ class RunLog:
                 f.flush()
                 os.fsync(f.fileno())
         self._written = {"steps": len(self.steps), "epochs": len(self.epochs)}
+        if self.tensorboard:  # the same records as the files, so a resume redoes exactly what it drops
+            if self._tb is None:
+                from stn_ext.tensorboard_log import TensorBoardLog
+
+                self._tb = TensorBoardLog(os.path.join(self.out, TENSORBOARD_DIR), purge_step=self._purge)
+            self._tb.steps(new_steps)
+            self._tb.epochs(new_epochs)
+            self._tb.flush()
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def restore(self, step):
         """Reload the records of a resumed run up to the checkpoint's step (later ones are redone)."""
@@ -767,6 +792,7 @@ class RunLog:
         checkpoint.atomic_write_text(os.path.join(self.out, "schedule.csv"),
                                      self._csv_header() + "".join(self._csv_row(r) for r in self.steps))
         self._written = {"steps": len(self.steps), "epochs": len(self.epochs)}
+        self._purge = step + 1
 
 
 def _jsonable(d):

@@ -373,6 +373,13 @@ class Tuner:
         s = F.softplus(self.hscale.detach()).cpu()
         return {name: float(s[i]) for i, name in enumerate(self.space.names)}
 
+    def scalars(self):
+        """{"hyper/<name>": value, "sigma/<name>": scale} for a logger (e.g. SummaryWriter.add_scalar per item)."""
+        out = {f"hyper/{k}": v for k, v in self.hyperparameters().items()}
+        if self.tunes:
+            out.update({f"sigma/{k}": v for k, v in self.sigmas().items()})
+        return out
+
     def state_dict(self):
         """Everything the tuner holds but the model's weights and the user's optimiser (which have their own)."""
         return {"u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(), "opt_h": self.opt_h.state_dict(),
