@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import stn_ext  # noqa: E402
-from stn_ext import reversible_ops as R  # noqa: E402
+from stn_ext.reversible import ops as R  # noqa: E402
 from stn_ext.reversible import ReversibleSGD  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Tuning quality of the trainer's defaults on problems with a known answer (issue 11).
 
 ridge   one StnLinear(40, 1, bias=False) with its weight decay tuned (range 1e-4..1e4), full batch,
-        started 100x above and 100x below the closed-form optimum (stn_ext.problems.Ridge); every
+        started 100x above and 100x below the closed-form optimum (stn_ext.tuning.problems.Ridge); every
         method (stn, delta-stn) and perturbation mode (batch, example), 3 seeds; reports |u - u*| in
         log units after --ridge-steps weight steps, and whether any run ended non-finite.
 fashion Fashion-MNIST (stn_ext.data.fashion_mnist: a 10k training subset, 10k validation images from the
@@ -9,7 +9,7 @@ fashion Fashion-MNIST (stn_ext.data.fashion_mnist: a 10k training subset, 10k va
         batch 100, --fashion-steps weight steps: fixed, random search and Optuna's TPE (4 trials each,
         splitting the same steps), stn, delta-stn, 2 seeds; final test loss, and the tuned schedules
         plotted (tuning-<date>-fashion.png). Skipped, with a note, where the IDX files are not installed.
-digits  the 1000/400/397 protocol (stn_ext.problems.digits_protocol), MLP 64-256-256-10 with three
+digits  the 1000/400/397 protocol (stn_ext.tuning.problems.digits_protocol), MLP 64-256-256-10 with three
         dropout rates from 0.05, batch 100, --digits-steps weight steps: fixed, random search (4 trials
         splitting the same steps), stn, delta-stn; best and final validation loss, test loss, seconds per
         weight step relative to fixed.
@@ -18,7 +18,7 @@ Everything runs with TrainConfig's defaults except what the problem sets (hyperp
 steps, batch size, perturbation mode). Writes bench/results/tuning-<date>.{md,json} and
 tuning-ridge-<date>.png (u - u* against weight steps).
 
-    python bench/bench_tuning.py                      # ~15 minutes on one core (fashion ~8 of them)
+    python bench/bench_tuning.py                      # ~17 minutes on one core (fashion ~10 of them)
     python bench/bench_tuning.py --quick              # one seed, fewer steps (what the test runs)
 """
 import argparse
@@ -32,8 +32,8 @@ import warnings
 
 import torch
 
-from stn_ext.problems import Ridge, digits_mlp, digits_protocol
-from stn_ext.trainer import TrainConfig, Trainer, train
+from stn_ext.tuning.problems import Ridge, digits_mlp, digits_protocol
+from stn_ext.tuning import TrainConfig, Trainer, train
 
 DIGITS_METHODS = ("fixed", "random", "stn (no hyper steps)", "stn", "delta-stn")
 FASHION_METHODS = ("fixed", "random", "tpe", "stn", "delta-stn")
@@ -82,7 +82,7 @@ def digits_run(data, method, seed, steps):
 
 
 def fashion_run(data, method, seed, steps):
-    from stn_ext.models import mlp
+    from stn_ext.tuning.models import mlp
 
     cfg = TrainConfig(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
                       eval_every=max(10, steps // 40), plots=False)
@@ -108,15 +108,10 @@ def fashion_table(rows, steps):
            f"of {steps // 4} steps; the trial with the best final validation loss is reported).", "",
            "| method | test loss (mean) | per seed | test acc | final val loss | time/step vs fixed | final rates (seed 0) |",
            "|---|---|---|---|---|---|---|"]
-    for m in FASHION_METHODS:
-        rs = [r for r in rows if r["method"] == m]
-        if not rs:
-            continue
-        out.append(f"| {m} | {_mean([r['test_loss'] for r in rs]):.4f} | {', '.join('%.4f' % r['test_loss'] for r in rs)} | "
-                   f"{_mean([r['test_acc'] for r in rs]):.3f} | {_mean([r['val_loss'] for r in rs]):.4f} | "
-                   f"{_mean([r['s_per_step'] for r in rs]) / fixed:.2f}x | "
-                   f"{', '.join(f'{v:.2f}' for v in rs[0]['hypers'].values())} |")
-    return "\n".join(out)
+    return "\n".join(out + _method_rows(rows, FASHION_METHODS, lambda rs: [
+        f"{_mean([r['test_loss'] for r in rs]):.4f}", ", ".join("%.4f" % r["test_loss"] for r in rs),
+        f"{_mean([r['test_acc'] for r in rs]):.3f}", f"{_mean([r['val_loss'] for r in rs]):.4f}",
+        f"{_mean([r['s_per_step'] for r in rs]) / fixed:.2f}x", ", ".join(f"{v:.2f}" for v in rs[0]["hypers"].values())]))
 
 
 def plot_fashion(rows, path):
@@ -177,6 +172,16 @@ def grid_table(rows, steps):
     return "\n".join(out)
 
 
+def _method_rows(rows, methods, cells):
+    """Markdown table rows, one per method that has results: its name, then cells(its rows)."""
+    out = []
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        if rs:
+            out.append("| " + " | ".join([m] + cells(rs)) + " |")
+    return out
+
+
 def _mean(xs):
     return sum(xs) / len(xs)
 
@@ -200,17 +205,12 @@ def digits_table(rows, steps):
            "(random search: 4 trials of steps/4; its best is the lowest final validation loss of a trial).", "",
            "| method | best val loss (mean) | per seed | final val | test loss | test acc | time/step vs fixed | final rates |",
            "|---|---|---|---|---|---|---|---|"]
-    for m in DIGITS_METHODS:
-        rs = [r for r in rows if r["method"] == m]
-        if not rs:
-            continue
-        rates = ", ".join(f"{v:.2f}" for v in rs[0]["hypers"].values())
-        ratio = f"{_mean([r['s_per_step'] for r in rs]) / fixed:.2f}x" if fixed else ""
-        out.append(f"| {m} | {_mean([r['best_val_loss'] for r in rs]):.4f} | "
-                   f"{', '.join('%.4f' % r['best_val_loss'] for r in rs)} | {_mean([r['val_loss'] for r in rs]):.4f} | "
-                   f"{_mean([r['test_loss'] for r in rs]):.4f} | {_mean([r['test_acc'] for r in rs]):.3f} | {ratio} | "
-                   f"{rates} (seed {rs[0]['seed']}) |")
-    return "\n".join(out)
+    return "\n".join(out + _method_rows(rows, DIGITS_METHODS, lambda rs: [
+        f"{_mean([r['best_val_loss'] for r in rs]):.4f}", ", ".join("%.4f" % r["best_val_loss"] for r in rs),
+        f"{_mean([r['val_loss'] for r in rs]):.4f}", f"{_mean([r['test_loss'] for r in rs]):.4f}",
+        f"{_mean([r['test_acc'] for r in rs]):.3f}",
+        f"{_mean([r['s_per_step'] for r in rs]) / fixed:.2f}x" if fixed else "",
+        ", ".join(f"{v:.2f}" for v in rs[0]["hypers"].values()) + f" (seed {rs[0]['seed']})"]))
 
 
 def plot_ridge(rows, path):

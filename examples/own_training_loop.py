@@ -10,8 +10,8 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 import stn_ext
-from stn_ext.hyperparams import HyperSpace
-from stn_ext.models import HyperDropout
+from stn_ext.tuning.space import HyperSpace
+from stn_ext.tuning.models import HyperDropout
 from stn_ext.tuning import Tuner
 
 

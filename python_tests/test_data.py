@@ -88,7 +88,7 @@ def test_real_fashion_mnist():
 
 
 def test_trainer_runs_on_fashion_files(tmp_path):
-    from stn_ext.trainer import TrainConfig, Trainer
+    from stn_ext.tuning import TrainConfig, Trainer
 
     _fake_fashion(str(tmp_path), n_train=10040, n_test=20)
     cfg = TrainConfig(method="stn", model="cnn", data="fashion-mnist", data_path=str(tmp_path), hypers=("dropout", "cutout"),

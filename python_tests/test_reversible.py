@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import stn_ext  # noqa: F401
-from stn_ext import reversible_ops as R
+from stn_ext.reversible import ops as R
 from stn_ext.reversible import (
     FixedPointOverflowError,
     ReversibilityError,
@@ -147,7 +147,7 @@ def test_bits_per_step_close_to_information_bound():
 
 @pytest.mark.parametrize("momentum", [0.3, 0.9, 0.999])
 def test_kernel_matches_python_reference_bit_for_bit(momentum):
-    from stn_ext.reversible_reference import Element
+    from stn_ext.reversible.reference import Element
 
     n, T = 48, 250
     x, v, pool = hard_case(n, 21)

@@ -23,7 +23,7 @@ def test_help_lists_options():
 
 def test_tiny_run_writes_schedules_and_improves(tmp_path):
     pytest.importorskip("sklearn")
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     out = tmp_path / "run"
     rc = main(["--steps", "15", "--meta-iters", "4", "--hidden", "16", "--batch", "50", "--train-size", "500",
@@ -55,7 +55,7 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("args,option", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
 def test_bad_argument_is_an_argparse_error(args, option, tmp_path, capsys):
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     try:  # argparse's own checks exit; the checks between options return
         rc = main(args + ["--quiet", "--no-plot", "--out", str(tmp_path / "run")])
@@ -68,7 +68,7 @@ def test_bad_argument_is_an_argparse_error(args, option, tmp_path, capsys):
 
 
 def test_out_must_be_a_folder(tmp_path, capsys):
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     (tmp_path / "file").write_text("")
     for out in ("", str(tmp_path / "file")):
@@ -94,7 +94,7 @@ SMALL = ["--steps", "10", "--hidden", "8", "--batch", "50", "--train-size", "300
 def spy_hypergradient(monkeypatch, fail=lambda call: None):
     """Replace the CLI's hypergradient by one that records each call's inputs and raises fail(call) if it is
     an exception. Returns the list of recorded calls."""
-    from stn_ext import cli_reversible
+    from stn_ext.reversible import cli as cli_reversible
     from stn_ext.reversible import hypergradient
 
     calls = []
@@ -113,7 +113,7 @@ def spy_hypergradient(monkeypatch, fail=lambda call: None):
 
 def main_interrupted(argv):
     """main(argv) where the spy raises KeyboardInterrupt; one escaping main would end the pytest session."""
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     try:
         return main(argv)
@@ -129,7 +129,7 @@ def same_point(a, b):
 
 def test_l2_zero_with_no_l2_trains_without_penalty(tmp_path):
     pytest.importorskip("sklearn")
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     out = tmp_path / "run"
     assert main(SMALL + ["--meta-iters", "1", "--l2", "0", "--no-l2", "--out", str(out)]) == 0
@@ -140,7 +140,7 @@ def test_divergence_retakes_the_step_from_the_last_good_point_without_reevaluati
     """Training diverges at the 2nd point: the 3rd evaluation is at the last good point minus half the first
     meta step (what a run with half the meta lr evaluates 2nd), not the last good point again."""
     pytest.importorskip("sklearn")
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     calls = spy_hypergradient(monkeypatch, lambda call: FixedPointOverflowError("injected") if call == 2 else None)
     assert main(SMALL + ["--meta-iters", "3", "--out", str(tmp_path / "a")]) == 0
@@ -156,7 +156,7 @@ def test_divergence_retakes_the_step_from_the_last_good_point_without_reevaluati
 
 def test_divergence_at_the_start_stops_at_once(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     calls = spy_hypergradient(monkeypatch, lambda call: FixedPointOverflowError("injected"))
     assert main(SMALL + ["--meta-iters", "5", "--out", str(tmp_path / "run")]) == 1
@@ -180,7 +180,7 @@ def test_ctrl_c_keeps_the_finished_meta_iterations_and_exits_130(tmp_path, monke
 
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     assert main(SMALL + ["--meta-iters", "4", "--out", str(tmp_path / "whole")]) == 0
     spy_hypergradient(monkeypatch, lambda call: KeyboardInterrupt() if call == 3 else None)
@@ -195,7 +195,7 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_result(tmp_path, monkeypatc
 
 def test_resume_without_a_saved_run_is_an_error(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     assert main(SMALL + ["--meta-iters", "2", "--out", str(tmp_path / "typo"), "--resume"]) == 2
     assert "no " in capsys.readouterr().err and not (tmp_path / "typo").exists()
@@ -203,7 +203,7 @@ def test_resume_without_a_saved_run_is_an_error(tmp_path, capsys):
 
 def test_resume_with_different_settings_is_refused(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    from stn_ext.cli_reversible import main
+    from stn_ext.reversible.cli import main
 
     out = str(tmp_path / "run")
     assert main(SMALL + ["--meta-iters", "1", "--out", out]) == 0

@@ -19,7 +19,7 @@ import torch
 
 import stn_ext
 from stn_ext import _simt
-from stn_ext import reversible_ops as R
+from stn_ext.reversible import ops as R
 
 cpu = torch.ops.stn_ext
 

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 import stn_ext
-from stn_ext import augment, checkpoint, models
-from stn_ext.augment import BatchRandom
+from stn_ext import checkpoint
+from stn_ext.tuning import augment, models
+from stn_ext.tuning.augment import BatchRandom
 from stn_ext.data import Dataset, digits
-from stn_ext.hyperparams import BUILTINS, Hyper, HyperSpace
-from stn_ext.cli_train import EPILOG, format_table, summarise
-from stn_ext.trainer import TrainConfig, Trainer, open_run_folder, train
+from stn_ext.tuning.space import BUILTINS, Hyper, HyperSpace
+from stn_ext.tuning.cli import EPILOG, format_table, summarise
+from stn_ext.tuning import TrainConfig, Trainer, open_run_folder, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -476,8 +477,8 @@ def test_search_stop_after_counts_all_trials_and_resumes(small_digits, tmp_path,
 
 def test_tpe_uses_the_finished_trials(small_digits):
     optuna = pytest.importorskip("optuna")
-    from stn_ext.hyperparams import HyperSpace
-    from stn_ext.trainer import TPEProposer
+    from stn_ext.tuning.space import HyperSpace
+    from stn_ext.tuning import TPEProposer
 
     space = HyperSpace.build(("weight_decay",), [])
     tpe = TPEProposer(space, seed=0, n=12)

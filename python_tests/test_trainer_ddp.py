@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stn_ext import checkpoint
-from stn_ext.trainer import TrainConfig, Trainer, run_distributed
+from stn_ext.tuning import TrainConfig, Trainer, run_distributed
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 

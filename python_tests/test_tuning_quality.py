@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import stn_ext
-from stn_ext import checkpoint, models
-from stn_ext.divergence import Diverged
-from stn_ext.problems import Ridge, digits_protocol
-from stn_ext.trainer import TrainConfig, Trainer
+from stn_ext import checkpoint
+from stn_ext.tuning import models
+from stn_ext.tuning.divergence import Diverged
+from stn_ext.tuning.problems import Ridge, digits_protocol
+from stn_ext.tuning import TrainConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,7 +171,7 @@ def test_digits_protocol_split():
 
 
 def test_cli_reports_a_divergence_in_one_line(tmp_path, capsys):
-    from stn_ext.cli_train import main
+    from stn_ext.tuning.cli import main
 
     rc = main(["--method", "fixed", "--lr", "1e6", "--steps", "50", "--hypers", "weight_decay", "--range",
                "weight_decay=1e-3:1", "--init", "weight_decay=1", "--out", str(tmp_path / "run"), "--quiet"])

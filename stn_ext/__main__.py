@@ -3,9 +3,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("stn_ext.cli_train", "demo", "STN vs Delta-STN vs fixed vs random search on digits (the README demo)"),
-    "train": ("stn_ext.cli_train", "main", "bilevel training of a model with self-tuning hyperparameters"),
-    "reversible": ("stn_ext.cli_reversible", "main", "hypergradients through exactly reversed SGD with momentum"),
+    "demo": ("stn_ext.tuning.demo", "demo", "STN vs Delta-STN vs fixed vs random search on digits (the README demo)"),
+    "train": ("stn_ext.tuning.cli", "main", "bilevel training of a model with self-tuning hyperparameters"),
+    "reversible": ("stn_ext.reversible.cli", "main", "hypergradients through exactly reversed SGD with momentum"),
 }
 
 

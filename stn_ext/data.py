@@ -104,15 +104,22 @@ def _tensor(a, name):
     raise TypeError(f"stn_ext: {name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
 
 
+def digits_arrays(flat=False, dtype=torch.float32):
+    """scikit-learn's digits, all 1797: x (N, 1, 8, 8), or (N, 64) with ``flat``, in [0, 1] (exact: k / 16), and
+    y (N,) int64. The one loader of the data; each user splits it its own way (``digits``, the benchmark's
+    ``stn_ext.tuning.problems.digits_protocol``, the reversible CLI's problem)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=dtype) / 16.0
+    return (x.reshape(len(x), -1) if flat else x[:, None]), torch.tensor(d.target, dtype=torch.int64)
+
+
 def digits(seed=0, val_fraction=0.2, test_fraction=0.2, train_size=None):
     """scikit-learn's digits (1797 8x8 grey images, 10 classes) as (N, 1, 8, 8) in [0, 1], split
     train/val/test at random (stratified-free, fixed by ``seed``). ``train_size`` caps the training
     split (a smaller one overfits more, which makes regularisation matter)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
+    x, y = digits_arrays()
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1000 + seed))
     n = x.shape[0]
     n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))

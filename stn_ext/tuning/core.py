@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_ext
-from stn_ext import augment, models
+from stn_ext.tuning import augment, models
 from stn_ext._messages import count
-from stn_ext.augment import BatchRandom
+from stn_ext.tuning.augment import BatchRandom
 
 TUNED = ("stn", "delta-stn")
 METHODS = TUNED + ("fixed",)
@@ -53,8 +53,8 @@ class Tuner:
     """The hyperparameters of ``model`` and the steps that train them with its weights.
 
     model       an nn.Module built on StnLinear/StnConv2d (``stn_ext.convert``), n_hyper = len(space), with
-                ``stn_ext.models.HyperDropout`` slots for tuned dropout rates.
-    space       a ``stn_ext.hyperparams.HyperSpace`` (``HyperSpace.build(("dropout", "weight_decay"), slots)``).
+                ``stn_ext.tuning.models.HyperDropout`` slots for tuned dropout rates.
+    space       a ``stn_ext.tuning.space.HyperSpace`` (``HyperSpace.build(("dropout", "weight_decay"), slots)``).
     optimizer   the weights' optimiser over ``model.parameters()``, any torch.optim optimiser. Delta-STN
                 steps it twice per weight step, each time with the other group's gradients set to None
                 (which torch's optimisers skip).

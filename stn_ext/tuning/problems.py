@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 import stn_ext
-from stn_ext.data import Dataset, Split
-from stn_ext.models import StnSequential
+from stn_ext.data import Dataset, Split, digits_arrays
+from stn_ext.tuning.models import StnSequential
 
 
 @dataclass
@@ -79,13 +79,10 @@ class Ridge:
 
 
 def digits_protocol():
-    """Digits split 1000 train / 400 val / 397 test: load_digits, X / 16, a RandomState(0) permutation."""
+    """Digits split 1000 train / 400 val / 397 test: X / 16 (flat), a RandomState(0) permutation."""
     import numpy as np
-    from sklearn.datasets import load_digits
 
-    d = load_digits()
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target, dtype=torch.int64)
+    x, y = digits_arrays(flat=True)
     p = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
     tr, va, te = p[:1000], p[1000:1400], p[1400:]
     return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), "classification", 10, "digits")
@@ -93,7 +90,7 @@ def digits_protocol():
 
 def digits_mlp(n_hyper=3, hidden=(256, 256)):
     """MLP 64-256-256-10 with dropout slots in, h1, h2 (the built-in mlp at the protocol's width)."""
-    from stn_ext.models import mlp
+    from stn_ext.tuning.models import mlp
 
     return mlp(64, 10, n_hyper, hidden)
 

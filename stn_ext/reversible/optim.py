@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from stn_ext._messages import count
-from stn_ext import reversible_ops as _rops
-from stn_ext.reversible_ops import gamma_num, quantize_momentum  # noqa: F401  (public)
+from stn_ext.reversible import ops as _rops
+from stn_ext.reversible.ops import gamma_num, quantize_momentum  # noqa: F401  (public)
 
 __all__ = [
     "ReversibleSGD",

@@ -1,0 +1,141 @@
+"""TrainConfig: everything a run of the trainer depends on (saved as config.json in its run folder), and
+the checks of its values."""
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+import stn_ext
+
+METHODS = ("stn", "delta-stn", "fixed", "random", "tpe")
+SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved as config.json in the run folder)."""
+
+    method: str = "delta-stn"
+    model: str = "mlp"                # mlp | cnn (ignored when a model is passed to Trainer)
+    data: str = "digits"              # digits | fashion-mnist (ignored when data is passed to Trainer)
+    data_path: str = ""               # folder of Fashion-MNIST's IDX files ("" : stn_ext.data.fashion_mnist_folder)
+    hypers: tuple = ("dropout", "weight_decay")
+    ranges: dict = field(default_factory=dict)   # {name: (low, high)}
+    inits: dict = field(default_factory=dict)    # {name: initial value}
+    steps: int = 1500                 # weight steps (total over all trials for random search)
+    batch_size: int = 64              # global batch (all ranks together)
+    lr: float = 0.01                  # SGD with momentum for the weights
+    momentum: float = 0.9
+    hyper_lr: float = 0.02            # Adam for u and the perturbation scales
+    hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
+                                      # auto (cosine with per-example perturbation, tail per batch)
+    scale_init: float = 0.5           # initial sigma (in unconstrained units)
+    scale_max: float = 0.0            # cap on sigma (0: scale_init, so the entropy term cannot grow it)
+    tau: float = -1.0                 # entropy weight (-1: 1e-2 with per-example perturbation, 1e-3 per batch)
+    train_per_cycle: int = 5          # Ttrain
+    val_per_cycle: int = 1            # Tval
+    warmup_steps: int = -1            # weight steps before the response trains and the first hyper step (-1: steps/10)
+    perturb: str = "example"          # example (papers' default) | batch (one perturbation per batch)
+    response_init: str = "v"          # start of the hypernet path: "v" (V, C random; W_h, b_h zero) | "zero" (V, C zero)
+    hyper_input: str = "auto"         # STN hypernet input z = u~ - anchor: "centre" (the range's centre: raw logits),
+                                      # "recentred" (u, moved after each hyper step by an exact reparameterisation),
+                                      # "auto" (centre for logit-scale hyperparameters, recentred for the others),
+                                      # "init" (u at the start)
+    linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
+    hidden: tuple = (128, 128)
+    channels: tuple = (16, 32)
+    train_size: int = 0               # cap on the digits training split (0: all)
+    random_trials: int = 4
+    seed: int = 0
+    data_seed: int = 0
+    eval_every: int = 0               # weight steps between evaluations (0: one epoch, at least steps/50)
+    checkpoint_every: int = 0         # weight steps between checkpoints (0: at each evaluation)
+    out: str = ""                     # run folder ("" : no files)
+    resume: bool = False              # continue the run in out from its checkpoint
+    overwrite: bool = False           # a new run may replace an earlier run's files in out
+    quiet: bool = False
+    plots: bool = True
+    tensorboard: bool = False         # also write the records as TensorBoard scalars to out/tensorboard
+    device: str = "cpu"
+    stop_after: int = 0               # stop (as if interrupted) at this weight step (random search: counted
+                                      # over all trials); a run resumed at or past it goes on; 0: never
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"stn_ext: unknown TrainConfig fields {unknown}")
+        return cls(**d)
+
+    def validate(self):
+        if self.method not in METHODS:
+            raise ValueError(f"stn_ext: unknown method {self.method!r}; expected one of {METHODS}")
+        if self.perturb not in ("example", "batch"):
+            raise ValueError(f"stn_ext: perturb must be 'example' or 'batch', got {self.perturb!r}")
+        if self.hyper_lr_schedule not in ("auto", "cosine", "constant", "tail"):
+            raise ValueError("stn_ext: hyper_lr_schedule must be 'auto', 'cosine', 'constant' or 'tail', got "
+                             f"{self.hyper_lr_schedule!r}")
+        if self.hyper_input not in ("auto", "init", "centre", "recentred"):
+            raise ValueError(f"stn_ext: hyper_input must be 'auto', 'init', 'centre' or 'recentred', got {self.hyper_input!r}")
+        if self.response_init not in ("v", "zero"):
+            raise ValueError(f"stn_ext: response_init must be 'v' or 'zero', got {self.response_init!r}")
+        for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stn_ext: {name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < -1:
+            raise ValueError(f"stn_ext: warmup_steps must be >= 0 (or -1: steps / 10), got {self.warmup_steps}")
+        for name in ("eval_every", "checkpoint_every", "stop_after", "train_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
+        if self.method in SEARCHES and self.steps < self.random_trials:
+            raise ValueError(f"stn_ext: a search ({self.method}) with {self.random_trials} trials needs steps >= trials")
+        if self.lr <= 0 or self.hyper_lr < 0 or self.scale_init <= 0 or not (self.tau >= 0 or self.tau == -1) \
+                or not self.scale_max >= 0:
+            raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and scale_max >= 0, tau >= 0 (or -1: auto)")
+        if self.resume and not self.out:
+            raise ValueError("stn_ext: resume needs the run folder (out)")
+        if self.tensorboard and not self.out:
+            raise ValueError("stn_ext: tensorboard writes into the run folder: give out (--out)")
+        if self.resume and self.overwrite:
+            raise ValueError("stn_ext: resume continues the run in out and overwrite replaces it; choose one")
+        if isinstance(self.hypers, str):
+            self.hypers = tuple(h.strip() for h in self.hypers.split(",") if h.strip())
+        self.hypers = tuple(self.hypers)
+        self.hidden, self.channels = tuple(self.hidden), tuple(self.channels)
+        _check_device(self.device)
+        return self
+
+
+def _check_device(device):
+    """Refuse a device this process cannot train on, before any work (torch would fail late and raw)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"stn_ext: cannot parse device {device!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"stn_ext: device {device!r}: stn_ext has CPU and CUDA kernels only")
+    if not torch.cuda.is_available():
+        raise ValueError(f"stn_ext: device {device!r} asked for, but torch finds no CUDA GPU "
+                         "(torch.cuda.is_available() is False); use device 'cpu'")
+    if not stn_ext.has_cuda():
+        raise ValueError(f"stn_ext: device {device!r} asked for, but this stn_ext build has no CUDA kernels "
+                         "(stn_ext.has_cuda() is False); rebuild it with FORCE_CUDA=1 or use device 'cpu'")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"stn_ext: device {device!r} asked for, but torch finds {torch.cuda.device_count()} GPU(s)")
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def replace_config(cfg, **kw):
+    d = asdict(cfg)
+    d.update(kw)
+    return TrainConfig(**d).validate()
+
+
+__all__ = ["TrainConfig", "METHODS", "SEARCHES", "replace_config"]

@@ -1,0 +1,458 @@
+"""Bilevel training with self-tuning networks.
+
+Methods (``TrainConfig.method``):
+
+stn         MacKay et al. 2019. Hyperparameters u (unconstrained) with a learned perturbation scale
+            sigma = softplus(h). Weight step: lam~ = u + sigma (.) eps (per example or one per batch),
+            the regularisers use value(lam~), the hypernet sees z = lam~ - u_init, all weights
+            step on the training loss. Hyper step (eval mode: no dropout/augmentation/noise): the
+            validation loss at the perturbed lam~ minus tau * entropy(sigma); gradients reach u and h
+            only through the hypernet response.
+delta-stn   Bae & Grosse 2020. The hypernet sees the centred delta = lam~ - stopgrad(u).
+            General step: W_e, b_e (and any non-STN parameters) at delta = 0 with the regularisers
+            at u; response step: V, C, W_h, b_h at delta = sigma eps with the regularisers at lam~,
+            optionally on the linearised network f(W_e) + J (Phi delta). Evaluation at delta = 0.
+fixed       plain training at the initial hyperparameters (hypernet input 0: the elementary net).
+random      random search: ``random_trials`` fixed runs at values drawn from the space, splitting the
+            same total number of weight steps; the best final validation loss wins.
+
+``steps`` counts weight steps (mini-batches of training data) for every method; STN methods also
+take hyper steps on validation batches (Ttrain:Tval after a warm-up).
+
+Python API (what the CLI uses)::
+
+    from stn_ext.tuning import TrainConfig, train
+    summary = train(TrainConfig(method="delta-stn", hypers=("dropout", "weight_decay"), steps=1500,
+                                out="runs/dstn"))
+    # own data and model: Dataset.from_arrays(x_train, y_train, x_val, y_val, x_test, y_test) and any
+    # nn.Module built on StnLinear/StnConv2d (n_hyper = number of tuned hyperparameters, optional
+    # stn_ext.tuning.models.HyperDropout slots): train(config, data=dataset, model=model)
+
+Data parallel: run under torch.distributed (gloo on CPU, nccl on GPU; ``run_distributed`` spawns local
+processes). Each rank takes its rows of the same global batch, draws its rows of the same global
+random numbers, and gradients (weights and hyperparameters) are summed across ranks, so every rank
+holds identical weights, hypernet and hyperparameters, equal to a 1-process run with the same batch.
+"""
+import math
+import os
+import signal
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import stn_ext
+from stn_ext import checkpoint
+from stn_ext.data import Dataset, load as load_data
+from stn_ext.tuning import models
+from stn_ext.tuning.augment import BatchRandom
+from stn_ext.tuning.config import SEARCHES, TrainConfig, _dist
+from stn_ext.tuning.core import Tuner, inv_softplus_t
+from stn_ext.tuning.divergence import Diverged, Guard, finite
+from stn_ext.tuning.plots import plot_run
+from stn_ext.tuning.runfolder import RunLog, check_run_folder, open_run_folder
+from stn_ext.tuning.space import HyperSpace
+
+
+class Trainer:
+    """One training run of a fixed, STN or Delta-STN method (random search: ``random_search``).
+
+    ``data``: a stn_ext.data.Dataset (default: ``config.data``). ``model``: an nn.Module built on
+    StnLinear/StnConv2d whose layers take their hyperparameter input from ``stn_ext.hyper_input``
+    (with n_hyper equal to the number of tuned hyperparameters; HyperDropout slots are found), or
+    None for the built-in ``config.model``; pass ``model_fn(n_hyper, dropout_slots)`` instead when the
+    size depends on the space."""
+
+    def __init__(self, config, data=None, model=None, space=None):
+        cfg = self.cfg = config.validate() if isinstance(config, TrainConfig) else TrainConfig.from_dict(config).validate()
+        if cfg.method in SEARCHES:
+            raise ValueError(f"stn_ext: use stn_ext.trainer.train (or random_search) for method {cfg.method!r}")
+        self.rank, self.world = _dist()
+        self.device = torch.device(cfg.device)
+        if data is None:
+            data = load_data(cfg.data, seed=cfg.data_seed, path=cfg.data_path or None,
+                             **({"train_size": cfg.train_size} if cfg.train_size else {}))
+        if not isinstance(data, Dataset):
+            raise TypeError("stn_ext: data must be a stn_ext.data.Dataset (see Dataset.from_arrays)")
+        self.data = data  # moved to the device in the model's dtype once the model is known
+        if cfg.batch_size % self.world:
+            raise ValueError(f"stn_ext: the global batch {cfg.batch_size} must divide among {self.world} processes")
+        if cfg.batch_size > len(self.data.train):
+            raise ValueError(f"stn_ext: batch_size {cfg.batch_size} exceeds the {len(self.data.train)} training examples")
+        self.local_batch = cfg.batch_size // self.world
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if model is None:
+                slots = models.dropout_slots(cfg.model, cfg.hidden, cfg.channels)
+                self.space = space or HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
+                n_out = self.data.n_classes if self.data.task == "classification" else \
+                    (1 if self.data.train.y.dim() == 1 else self.data.train.y.shape[1])
+                model = models.build(cfg.model, self.data.input_shape, n_out, len(self.space), cfg.hidden, cfg.channels)
+            else:
+                slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
+                self.space = space or HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
+        self.model = model.to(self.device)
+        dt = next(self.model.parameters()).dtype
+        self.data = self.data.to(self.device, dtype=dt)  # inputs in the model's precision (e.g. a .double() model)
+        self.n_train_batches = len(self.data.train) // cfg.batch_size
+        self.n_val_batches = max(1, len(self.data.val) // cfg.batch_size)
+        self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
+        self.tuner = Tuner(
+            self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+            self._per_example_loss, cfg.method, cfg.steps, hyper_lr=cfg.hyper_lr, hyper_lr_schedule=cfg.hyper_lr_schedule,
+            scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau, train_per_cycle=cfg.train_per_cycle,
+            val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
+            response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
+            loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce)
+        t = self.tuner
+        self.layers, self.params = t.layers, t.params
+        self.general_params, self.response_params = t.general_params, t.response_params
+        self.recoveries = 0
+        self.guard = Guard()
+        if self.world > 1:  # identical start on every rank
+            with torch.no_grad():
+                for t in self.params + [self.u, self.hscale]:
+                    torch.distributed.broadcast(t.data, 0)
+
+        self.eval_every = cfg.eval_every or max(self.n_train_batches, cfg.steps // 50)
+        self.ckpt_every = cfg.checkpoint_every or self.eval_every
+        self.wall = 0.0      # seconds of training so far (over resumes)
+        self.progress_label = ""  # the progress bar's name; default "<method> seed <k>"
+        self._perm_cache = {}
+        self.out = cfg.out if (cfg.out and self.rank == 0) else ""
+        self._stop_flag = False
+
+    # --- the tuner's state, as the trainer's (checkpoints, recovery, tests and benchmarks read these) ------
+
+    @property
+    def tunes(self):
+        return self.tuner.tunes
+
+    u = property(lambda self: self.tuner.u)
+    hscale = property(lambda self: self.tuner.hscale)
+    opt_w = property(lambda self: self.tuner.opt_w)
+    opt_h = property(lambda self: self.tuner.opt_h)
+    anchor = property(lambda self: self.tuner.anchor)
+    gen = property(lambda self: self.tuner.gen)
+    warmup = property(lambda self: self.tuner.warmup)
+    tau = property(lambda self: self.tuner.tau)
+    total_hyper_steps = property(lambda self: self.tuner.total_hyper_steps)
+    h_max = property(lambda self: self.tuner.h_max)
+
+    def _delegate(name):  # noqa: N805  (a read-write attribute kept on the tuner)
+        return property(lambda self: getattr(self.tuner, name), lambda self, v: setattr(self.tuner, name, v))
+
+    step = _delegate("step")
+    hstep = _delegate("hstep")
+    sigma_max = _delegate("sigma_max")
+    hyper_lr_factor = _delegate("hyper_lr_factor")
+    del _delegate
+
+    def _hyper_steps_after(self, t):
+        return self.tuner._hyper_steps_after(t)
+
+    # --- data order ------------------------------------------------------------------------------------
+
+    def _perm(self, which, epoch, n):
+        key = (which, epoch)
+        if key not in self._perm_cache:
+            self._perm_cache.clear() if len(self._perm_cache) > 4 else None
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 2 + (which == "val"))
+            self._perm_cache[key] = torch.randperm(n, generator=g).to(self.device)
+        return self._perm_cache[key]
+
+    def _batch(self, split, which, k, B):
+        """Local rows of global batch number k of a split (epochs reshuffle, last partial batch dropped)."""
+        per_epoch = len(split) // B
+        perm = self._perm(which, k // per_epoch, len(split))
+        pos = k % per_epoch
+        local = B // self.world
+        idx = perm[pos * B + self.rank * local: pos * B + (self.rank + 1) * local]
+        return split.x[idx], split.y[idx], BatchRandom(self.gen, B, self.rank * local, local)
+
+    # --- the steps (the algorithm is the tuner's; the trainer brings batches, random draws and ranks) -----
+
+    def _per_example_loss(self, out, y):
+        if self.data.task == "classification":
+            return F.cross_entropy(out, y, reduction="none")
+        out = out.reshape(y.shape) if out.numel() == y.numel() else out
+        d = (out - y) ** 2
+        return d.reshape(d.shape[0], -1).sum(1)
+
+    def _allreduce(self, tensors):
+        if self.world == 1:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+
+    def weight_step(self):
+        x, y, rnd = self._batch(self.data.train, "train", self.step, self.cfg.batch_size)
+        return self._global_mean(self.tuner.weight_step(x, y, rnd))
+
+    def _global_mean(self, ell):
+        s = ell.sum().reshape(1)
+        if self.world > 1:
+            torch.distributed.all_reduce(s)
+        return float(s) / self.cfg.batch_size
+
+    def hyper_step(self):
+        """One step on u and the perturbation scales on the next validation batch (Tuner.hyper_step)."""
+        x, y, rnd = self._batch(self.data.val, "val", self.hstep, self.val_batch)
+        ell = self.tuner.hyper_step(x, y, rnd)
+        return float(ell.sum()) / (self.val_batch / self.world) if self.world == 1 else None
+
+    def hypergradient(self, split=None):
+        """d(loss on ``split``, default the whole validation split) / du through the hypernet response, at
+        the unperturbed hyperparameters, in eval mode (what a hyper step follows, without the noise)."""
+        split = self.data.val if split is None else split
+        self.model.eval()
+        u = self.u.detach().clone().requires_grad_(True)
+        z = u - (u.detach() if self.cfg.method != "stn" else self.anchor)  # Tuner.z at u, with u differentiable
+        with stn_ext.hyper_input(z):
+            out = self.model(split.x)
+        loss = self._per_example_loss(out, split.y).mean()
+        (g,) = torch.autograd.grad(loss, u)
+        self.model.train()
+        return g
+
+    # --- evaluation ------------------------------------------------------------------------------------
+
+    def eval_input(self):
+        return self.tuner.eval_input()
+
+    @torch.no_grad()
+    def evaluate(self, split):
+        self.model.eval()
+        z = self.eval_input()
+        total, correct = 0.0, 0
+        for i in range(0, len(split), 512):
+            x, y = split.x[i:i + 512], split.y[i:i + 512]
+            with stn_ext.hyper_input(z):
+                out = self.model(x)
+            total += float(self._per_example_loss(out, y).sum())
+            if self.data.task == "classification":
+                correct += int((out.argmax(1) == y).sum())
+        self.model.train()
+        r = {"loss": total / len(split)}
+        if self.data.task == "classification":
+            r["acc"] = correct / len(split)
+        return r
+
+    def hyper_values(self):
+        return self.tuner.hyperparameters()
+
+    def sigmas(self):
+        return self.tuner.sigmas()
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """The checkpoint: the tuner's state (Tuner.state_dict) with the model, the weights' optimiser, the
+        wall time, the recovery count and the world size."""
+        return {"model": self.model.state_dict(), "opt_w": self.opt_w.state_dict(), **self.tuner.state_dict(),
+                "wall": self.wall, "recoveries": self.recoveries, "world": self.world}
+
+    def load_state_dict(self, st):
+        if st["space"] != self.space.names or st["method"] != self.cfg.method:
+            raise ValueError(f"stn_ext: the checkpoint is of method {st['method']!r} with hyperparameters {st['space']}, "
+                             f"this run is {self.cfg.method!r} with {self.space.names}")
+        self.model.load_state_dict(st["model"])
+        self.opt_w.load_state_dict(st["opt_w"])
+        self.tuner.load_state_dict(st, generator=False)
+        self._restore_generator(st)
+        self.wall, self.recoveries = st["wall"], st.get("recoveries", 0)
+
+    def _restore_generator(self, st):
+        """Give the generator the checkpoint's state if it is of this device type, and say whether it
+        did. A CPU generator state cannot seed a CUDA generator (nor the reverse), so a resume on another
+        device type reseeds from (seed, step): deterministic, but other random numbers than the run
+        would have drawn on its first device."""
+        # checkpoints without gen_device: a CPU (mt19937) state is much larger than a CUDA (philox) one
+        saved = st.get("gen_device") or ("cpu" if st["gen"].numel() == torch.Generator().get_state().numel() else "cuda")
+        if saved == self.gen.device.type:
+            self.gen.set_state(st["gen"])
+            return True
+        warnings.warn(f"stn_ext: resuming a {saved} checkpoint on {self.gen.device.type}: its random generator "
+                      "state does not transfer, so the random draws (perturbations, dropout, augmentation) are "
+                      "reseeded from the step and differ from those of an uninterrupted run")
+        self.gen.manual_seed(self.cfg.seed + 7919 + 1_000_003 * st["step"])
+        return False
+
+    def _ckpt_path(self):
+        return os.path.join(self.cfg.out, "checkpoint.pt")
+
+    def save_checkpoint(self):
+        if self.out:
+            self.log.flush_files()  # first: records past the checkpoint's step are dropped on resume
+            checkpoint.save(self._ckpt_path(), self.state_dict())
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        self._stop_flag = True
+
+    def fit(self):
+        """Train to ``config.steps`` weight steps (continuing from the checkpoint with ``resume``).
+        Returns the summary dict. SIGINT/SIGTERM stop at the next step boundary after a checkpoint."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        self.log = RunLog(self.out, self.space.names, tensorboard=c.tensorboard)
+        if c.resume:
+            check_run_folder(c)  # the same settings, and a checkpoint to continue (every rank loads it)
+            # on CPU: generator states must stay CPU tensors; load_state_dict moves the rest to the device
+            self.load_state_dict(checkpoint.load(self._ckpt_path(), map_location="cpu"))
+            self.log.restore(self.step)
+        elif self.out:
+            open_run_folder(c)
+        old = {}
+        if c.out:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    old[sig] = signal.signal(sig, self._on_signal)
+                except ValueError:  # not the main thread
+                    pass
+        desc = self.progress_label or f"{c.method} seed {c.seed}"
+        # disable=None: no bar when stderr is not a terminal (a log file would get every update)
+        bar = tqdm(total=c.steps, initial=self.step, disable=True if (c.quiet or self.rank != 0) else None, desc=desc,
+                   leave=False, dynamic_ncols=True)
+        interrupted = False
+        try:
+            if self.step == 0:
+                self._log_eval()
+            t0 = time.perf_counter()
+            self.guard.take(self.state_dict(), self.step)
+            while self.step < c.steps:
+                train_loss = self.weight_step()
+                rec = {"step": self.step, "train_loss": train_loss}
+                hl = []
+                for _ in range(self._hyper_steps_after(self.step)):
+                    hl.append(self.hyper_step())
+                if not self._healthy(train_loss, hl):
+                    self._recover(train_loss)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                if self.guard.due(self.step):
+                    self._regrow_scale_cap()
+                    self.guard.take(self.state_dict(), self.step)
+                if hl:
+                    rec["hyper_steps"] = self.hstep
+                    rec["hyper_lr"] = self.opt_h.param_groups[0]["lr"]
+                    if hl[0] is not None:
+                        rec["hyper_val_loss"] = sum(hl) / len(hl)
+                self.log.step(rec, self.hyper_values(), self.sigmas() if self.tunes else None)
+                bar.update(1)
+                if self.step % self.eval_every == 0 or self.step == c.steps:
+                    self.wall += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    ev = self._log_eval()
+                    bar.set_postfix(val_loss=f"{ev['val_loss']:.3f}")
+                    t0 = time.perf_counter()
+                if self.step % self.ckpt_every == 0 or self.step == c.steps:
+                    self.wall += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save_checkpoint()
+                    self.guard.take(self.state_dict(), self.step)  # never older than the checkpoint on disk
+                if self.world > 1:  # stop together: a signal may reach ranks at different steps
+                    flag = torch.tensor([float(self._stop_flag)], device=self.device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    self._stop_flag = bool(flag.item())
+                # stop_after marks one step: a run resumed at or past it is not stopped again
+                if self.step == c.stop_after or self._stop_flag:
+                    interrupted = True
+                    self.wall += time.perf_counter() - t0
+                    self.save_checkpoint()
+                    break
+        finally:
+            bar.close()
+            self.log.close()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        summary = self.summary(interrupted)
+        if self.out:
+            checkpoint.atomic_write_json(os.path.join(self.out, "summary.json"), summary)
+            if c.plots and not interrupted:
+                plot_run(self.out, title=desc)
+        return summary
+
+    def _healthy(self, train_loss, hyper_losses):
+        ok = self.guard.check_loss(train_loss)
+        if self.tunes and hyper_losses:
+            ok = ok and all(v is None or math.isfinite(v) for v in hyper_losses) and finite(self.u, self.hscale)
+        if self.world > 1:  # all ranks roll back together
+            flag = torch.tensor([float(not ok)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            ok = not bool(flag.item())
+        return ok
+
+    def _recover(self, train_loss):
+        """Roll back to the last healthy snapshot and halve the perturbation scales, their cap and the
+        hyper learning rate; raise Diverged where that cannot help (no tuning) or has not helped."""
+        at, vals, sig = self.step, self.hyper_values(), self.sigmas() if self.tunes else None
+        if not self.tunes or self.recoveries >= self.guard.max_recoveries:
+            tried = (f"; rolled back to step {self.guard.snapshot_step} and halved the perturbation scales "
+                     f"{self.recoveries} times (and the hyper learning rate from the third time) without "
+                     "recovering") if self.tunes else ""
+            kept = ""
+            if self.out:
+                kept = (f"; the last good checkpoint is kept in {self.cfg.out}" if os.path.exists(self._ckpt_path())
+                        else f"; no checkpoint had been written to {self.cfg.out} yet")
+            raise Diverged(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}) with "
+                           f"hyperparameters {vals}" + (f", perturbation scales {sig}" if sig else "") + tried + kept +
+                           ". Try a smaller learning rate (lr) or a narrower hyperparameter range.")
+        sigma_max, factor, recoveries = self.sigma_max, self.hyper_lr_factor, self.recoveries
+        self.load_state_dict(self.guard.restore())
+        self.log.truncate(self.step)
+        with torch.no_grad():
+            # the scales first: perturbations are what take SGD past its limit; the hyper step only when
+            # that keeps failing (u itself heading somewhere unstable)
+            self.recoveries = recoveries + 1
+            self.sigma_max, self.hyper_lr_factor = sigma_max / 2, factor / 2 if self.recoveries >= 3 else factor
+            self.hscale.copy_(inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
+                                                             torch.full_like(self.hscale, self.sigma_max))))
+        warnings.warn(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}, hyperparameters "
+                      f"{vals}); rolled back to step {self.step} and halved the perturbation scales (cap now "
+                      f"{self.sigma_max:.3g}; hyper learning rate now x{self.hyper_lr_factor:.3g})")
+
+    def _regrow_scale_cap(self):
+        """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start),
+        sigma itself only as its own gradient moves it: regrowing sigma with the cap (tried on ridge, STN per
+        batch from 100x above) took the runs back past SGD's limit, one of them to 6 recoveries and a stop."""
+        cap0 = self.cfg.scale_max or self.cfg.scale_init
+        if self.sigma_max < cap0:
+            self.sigma_max = min(cap0, self.sigma_max * math.sqrt(2))
+
+    def _log_eval(self):
+        v, t = self.evaluate(self.data.val), self.evaluate(self.data.test)
+        rec = {"step": self.step, "epoch": self.step / max(1, self.n_train_batches), "hyper_steps": self.hstep,
+               "val_loss": v["loss"], "test_loss": t["loss"], "wall_s": self.wall}
+        if "acc" in v:
+            rec["val_acc"], rec["test_acc"] = v["acc"], t["acc"]
+        rec["hypers"] = self.hyper_values()
+        self.log.epoch(rec)
+        return rec
+
+    def summary(self, interrupted=False):
+        last = self.log.epochs[-1] if self.log.epochs else self._log_eval()
+        s = {"method": self.cfg.method, "steps": self.step, "hyper_steps": self.hstep, "wall_s": self.wall,
+             "val_loss": last["val_loss"], "test_loss": last["test_loss"], "hypers": self.hyper_values(),
+             "complete": not interrupted and self.step >= self.cfg.steps, "seed": self.cfg.seed,
+             "perturb": self.cfg.perturb, "linearize": self.cfg.linearize}
+        if "val_acc" in last:
+            s["val_acc"], s["test_acc"] = last["val_acc"], last["test_acc"]
+        if self.data.test_is_val:
+            s["test_is_val"] = True
+        if self.tunes:
+            s["sigmas"] = self.sigmas()
+            s["recoveries"] = self.recoveries
+        return s
+
+
+__all__ = ["Trainer"]

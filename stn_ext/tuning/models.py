@@ -1,0 +1,236 @@
+"""Small self-tuning models on StnLinear / StnConv2d, with per-layer dropout whose rates are
+hyperparameters (one rate per example).
+
+Models run with the hypernet input supplied by ``stn_ext.hyper_input(z)`` and the regularisers by
+``regularisers(rates, rnd)``: ``HyperDropout("h1")`` drops with ``rates["h1"]`` (a (B,) tensor or a
+scalar) in training mode and is the identity in eval mode or when no rate is given.
+
+``forward_linearised(x, delta)`` (Delta-STN's linearisation) returns (f(x; W_e), J_w f . (Phi delta)):
+the output at delta = 0 and its directional derivative along the weight response Phi delta, i.e. a
+forward-mode JVP in delta, computed by carrying tangents through the layers (about 1.5x a forward).
+"""
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stn_ext.tuning.augment import dropout_mask
+from stn_ext.nn import StnConv2d, StnLinear
+
+# Stack (a tuple) set by `regularisers`, per thread / asyncio task as `stn_ext.hyper_input`'s.
+_REGULARISERS = contextvars.ContextVar("stn_ext_regularisers", default=())
+
+
+class _Regs:
+    def __init__(self, rates, rnd, values):
+        self.rates, self.rnd, self.values = rates, rnd, values
+
+
+@contextlib.contextmanager
+def regularisers(rates, rnd, values=None):
+    """Dropout rates {slot: (B,) tensor or float}, the BatchRandom to draw masks from, and the values of
+    all hyperparameters {name: (B,) or scalar tensor} (for ``current_hyperparameters``)."""
+    token = _REGULARISERS.set(_REGULARISERS.get() + (_Regs(dict(rates or {}), rnd, dict(values or {})),))
+    try:
+        yield
+    finally:
+        _REGULARISERS.reset(token)
+
+
+def _current_regs():
+    stack = _REGULARISERS.get()
+    return stack[-1] if stack else None
+
+
+def current_hyperparameters():
+    """Within a training forward: {name: value} of every tuned hyperparameter ((B,) per example, or a
+    0-d tensor when the batch shares one), so a model can apply regularisers of its own kinds; draw
+    random numbers from ``current_random()`` to keep runs reproducible. None outside training steps
+    (evaluation and hyper steps run without regularisers)."""
+    regs = _current_regs()
+    return regs.values if regs else None
+
+
+def current_random():
+    """The BatchRandom of the current training step (its draws are checkpointed and split across ranks)."""
+    regs = _current_regs()
+    return regs.rnd if regs else None
+
+
+class HyperDropout(nn.Module):
+    """Inverted dropout whose rate is a hyperparameter, per example (see ``regularisers``)."""
+
+    def __init__(self, slot):
+        super().__init__()
+        self.slot = slot
+
+    def mask(self, x):
+        regs = _current_regs()
+        if not self.training or regs is None:
+            return None
+        rate = regs.rates.get(self.slot)
+        if rate is None:
+            return None
+        return dropout_mask(x, rate, regs.rnd)
+
+    def forward(self, x):
+        m = self.mask(x)
+        return x if m is None else x * m
+
+    def extra_repr(self):
+        return f"slot={self.slot!r}"
+
+
+def _dual_stn(layer, x, xdot, delta):
+    """Primal at lam = 0 and tangent along delta of an STN layer (weights W_e + (V delta) (.) W_h)."""
+    out = layer.weight_elem.shape[0]
+    s = delta @ layer.hyper_weight.t()  # (out,) or (B, out)
+    t = delta @ layer.hyper_bias.t() if layer.hyper_bias is not None else None
+    w2 = torch.cat([layer.weight_elem, layer.weight_hyper])
+    if isinstance(layer, StnLinear):
+        o = F.linear(x, w2)
+        e, h = o[..., :out], o[..., out:]
+        y = e if layer.bias_elem is None else e + layer.bias_elem
+        ydot = s * h if xdot is None else F.linear(xdot, layer.weight_elem) + s * h
+        if t is not None:
+            ydot = ydot + t * layer.bias_hyper
+        return y, ydot
+    if layer.padding_mode != "zeros" or layer.groups != 1:
+        raise NotImplementedError("stn_ext: the linearised forward supports StnConv2d with groups=1, zero padding")
+    conv = lambda inp, w: F.conv2d(inp, w, None, layer.stride, layer.padding, layer.dilation)  # noqa: E731
+    o = conv(x, w2)
+    e, h = o[:, :out], o[:, out:]
+    y = e if layer.bias_elem is None else e + layer.bias_elem[:, None, None]
+    sv = s[..., None, None] if s.dim() == 2 else s[:, None, None]
+    ydot = sv * h if xdot is None else conv(xdot, layer.weight_elem) + sv * h
+    if t is not None:
+        tb = t * layer.bias_hyper
+        ydot = ydot + (tb[..., None, None] if tb.dim() == 2 else tb[:, None, None])
+    return y, ydot
+
+
+class StnSequential(nn.Module):
+    """A chain of STN layers, ReLU, HyperDropout, Flatten and MaxPool2d with a linearised forward."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    @property
+    def dropout_slots(self):
+        return [m.slot for m in self.modules() if isinstance(m, HyperDropout)]
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+    def forward_linearised(self, x, delta):
+        xdot = None  # the input does not depend on delta
+        for m in self.layers:
+            if isinstance(m, (StnLinear, StnConv2d)):
+                x, xdot = _dual_stn(m, x, xdot, delta)
+            elif isinstance(m, HyperDropout):
+                mask = m.mask(x)
+                if mask is not None:
+                    x = x * mask
+                    xdot = None if xdot is None else xdot * mask
+            elif isinstance(m, nn.ReLU):
+                xdot = None if xdot is None else xdot * (x > 0).to(x.dtype)
+                x = torch.relu(x)
+            elif isinstance(m, nn.Flatten):
+                x = m(x)
+                xdot = None if xdot is None else m(xdot)
+            elif isinstance(m, nn.MaxPool2d):
+                y, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+                if xdot is not None:
+                    xdot = xdot.flatten(2).gather(2, idx.flatten(2)).view_as(y)
+                x = y
+            else:
+                raise NotImplementedError(f"stn_ext: no linearised forward for {type(m).__name__}")
+        return x, xdot
+
+
+def mlp(in_features, n_out, n_hyper, hidden=(128, 128), input_dropout=True):
+    """Flatten -> [dropout 'in'] -> (StnLinear -> ReLU -> dropout 'h<i>') per hidden layer -> StnLinear."""
+    layers = [nn.Flatten()]
+    if input_dropout:
+        layers.append(HyperDropout("in"))
+    prev = in_features
+    for i, width in enumerate(hidden, 1):
+        layers += [StnLinear(prev, width, n_hyper), nn.ReLU(), HyperDropout(f"h{i}")]
+        prev = width
+    layers.append(StnLinear(prev, n_out, n_hyper))
+    return StnSequential(*layers)
+
+
+def cnn(in_shape, n_out, n_hyper, channels=(16, 32), hidden=64):
+    """For small images (C, H, W): (StnConv2d 3x3 -> ReLU -> MaxPool 2 -> dropout 'c<i>') per entry of
+    ``channels`` -> Flatten -> StnLinear(hidden) -> ReLU -> dropout 'h1' -> StnLinear."""
+    c, h, w = in_shape
+    layers = []
+    for i, ch in enumerate(channels, 1):
+        layers += [StnConv2d(c, ch, 3, n_hyper, padding=1), nn.ReLU(), nn.MaxPool2d(2), HyperDropout(f"c{i}")]
+        c, h, w = ch, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"stn_ext: images of shape {tuple(in_shape)} are too small for {len(channels)} "
+                             "conv+pool stages")
+    layers += [nn.Flatten(), StnLinear(c * h * w, hidden, n_hyper), nn.ReLU(), HyperDropout("h1"),
+               StnLinear(hidden, n_out, n_hyper)]
+    return StnSequential(*layers)
+
+
+def dropout_slots(kind, hidden=(128, 128), channels=(16, 32)):
+    """The dropout slots the built-in model ``kind`` will have (to build its hyperparameter space first)."""
+    if kind == "mlp":
+        return ["in"] + [f"h{i}" for i in range(1, len(hidden) + 1)]
+    if kind == "cnn":
+        return [f"c{i}" for i in range(1, len(channels) + 1)] + ["h1"]
+    raise ValueError(f"stn_ext: unknown model {kind!r}; built in: 'mlp', 'cnn'")
+
+
+def build(kind, in_shape, n_out, n_hyper, hidden=(128, 128), channels=(16, 32)):
+    if kind == "mlp":
+        n_in = 1
+        for d in in_shape:
+            n_in *= d
+        return mlp(n_in, n_out, n_hyper, hidden)
+    if kind == "cnn":
+        if len(in_shape) != 3:
+            raise ValueError(f"stn_ext: model 'cnn' needs image data (N, C, H, W); got examples of shape {tuple(in_shape)}")
+        return cnn(in_shape, n_out, n_hyper, channels, hidden[0] if hidden else 64)
+    raise ValueError(f"stn_ext: unknown model {kind!r}; built in: 'mlp', 'cnn'")
+
+
+def stn_layers(model):
+    return [m for m in model.modules() if isinstance(m, (StnLinear, StnConv2d))]
+
+
+@torch.no_grad()
+def init_response(layers):
+    """Start the hypernet path where it learns at once: W_h = b_h = 0 and V, C ~ N(0, 1/n). The layers'
+    own init (V = C = 0, W_h random) sits on a saddle of the product (V lam) W_h: neither factor gets a
+    gradient while the other is zero, so the response grows from noise only, slowest in the directions
+    where the weights themselves converge slowest. With W_h = 0 the output is still independent of lam at
+    the start, and the gradient on W_h is the response's own least-squares signal."""
+    for m in layers:
+        n = m.hyper_weight.shape[1]
+        m.weight_hyper.zero_()
+        m.hyper_weight.normal_(0, n ** -0.5)
+        if m.bias_hyper is not None:
+            m.bias_hyper.zero_()
+            m.hyper_bias.normal_(0, n ** -0.5)
+
+
+def jvp_by_double_backward(fn, delta):
+    """Generic linearisation for any model (no forward-mode formulas needed): with y(a) = fn(a * delta),
+    returns (y(0), dy/da at 0) by the double-backward trick. Costs about 3 forwards; models with a
+    ``forward_linearised`` use that instead."""
+    a = torch.zeros((), dtype=delta.dtype, device=delta.device, requires_grad=True)
+    y = fn(a * delta)
+    v = torch.zeros_like(y, requires_grad=True)
+    (g,) = torch.autograd.grad(y, a, v, create_graph=True)
+    (ydot,) = torch.autograd.grad(g, v, create_graph=True)
+    return y, ydot
