@@ -373,3 +373,27 @@ def test_cuda_tensors_on_cpu_only_build_say_how_to_rebuild():
     expected = "must be a CUDA tensor" if stn_ext.has_cuda() else "FORCE_CUDA=1"
     with pytest.raises(RuntimeError, match=expected):
         torch.ops.stn_ext.gate.default.redispatch(keyset, *args)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv-reflect"])
+def test_elementary_equals_lam_zero_bit_for_bit(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = stn_ext.StnLinear(7, 5, n_hyper=3), torch.randn(4, 7)
+    else:
+        layer = stn_ext.StnConv2d(3, 4, 3, n_hyper=3, padding=1, padding_mode="reflect" if "reflect" in kind else "zeros")
+        x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():  # a live hypernet path, so lam = 0 is not trivially the elementary layer
+        layer.hyper_weight.normal_()
+        if layer.hyper_bias is not None:
+            layer.hyper_bias.normal_()
+    want = layer(x, torch.zeros(3))
+    want.square().sum().backward()
+    g_want = layer.weight_elem.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    with stn_ext.elementary():
+        got = layer(x)
+    got.square().sum().backward()
+    assert torch.equal(got, want) and torch.equal(layer.weight_elem.grad, g_want)
+    assert layer.weight_hyper.grad is None and layer.hyper_weight.grad is None  # no hypernet path at all
+    assert repr(stn_ext.current_hyper_input()) == "None"

@@ -2,13 +2,15 @@
 from stn_ext import ops  # noqa: F401  (loads the compiled library and registers the ops)
 from stn_ext._library import has_cuda
 from stn_ext import functional, reference, reversible  # noqa: F401
-from stn_ext.nn import StnConv2d, StnLinear, convert, current_hyper_input, hyper_input
+from stn_ext.nn import ELEMENTARY, StnConv2d, StnLinear, convert, current_hyper_input, elementary, hyper_input
 
 __all__ = [
     "StnLinear",
     "StnConv2d",
     "convert",
     "hyper_input",
+    "elementary",
+    "ELEMENTARY",
     "current_hyper_input",
     "has_cuda",
     "functional",

@@ -34,6 +34,28 @@ def hyper_input(lam):
         _HYPER_INPUTS.reset(token)
 
 
+class _Elementary:
+    """The marker ``elementary()`` sets in place of a lam: the layers compute their elementary part alone."""
+
+    def __repr__(self):
+        return "stn_ext.ELEMENTARY"
+
+
+ELEMENTARY = _Elementary()
+
+
+@contextlib.contextmanager
+def elementary():
+    """Within this block, STN layers called without ``lam`` compute x W_e^T + b_e (nn.Linear / nn.Conv2d on
+    the elementary weights): what lam = 0 gives, bit for bit, without the hypernet path (its parameters get
+    no gradient). For training at fixed hyperparameters and Delta-STN's general step and evaluation."""
+    token = _HYPER_INPUTS.set(_HYPER_INPUTS.get() + (ELEMENTARY,))
+    try:
+        yield
+    finally:
+        _HYPER_INPUTS.reset(token)
+
+
 def current_hyper_input():
     """The lam set by the innermost ``hyper_input`` block (of this thread), or None."""
     stack = _HYPER_INPUTS.get()
@@ -142,7 +164,10 @@ class StnLinear(_StnMixin, nn.Module):
         return layer
 
     def forward(self, x, lam=None):
-        return functional.stn_linear(x, _resolve_lam(self, lam), *self._stn_params())
+        lam = _resolve_lam(self, lam)
+        if lam is ELEMENTARY:
+            return torch.nn.functional.linear(x, self.weight_elem, self.bias_elem)
+        return functional.stn_linear(x, lam, *self._stn_params())
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, n_hyper={self.n_hyper}, "
@@ -204,6 +229,9 @@ class StnConv2d(_StnMixin, nn.Module):
         if self._explicit_pad is not None:
             x = torch.nn.functional.pad(x, self._explicit_pad, mode=self.padding_mode)
             padding = 0
+        if lam is ELEMENTARY:
+            return torch.nn.functional.conv2d(x, self.weight_elem, self.bias_elem, self.stride, padding, self.dilation,
+                                              self.groups)
         return functional.stn_conv2d(x, lam, *self._stn_params(), stride=self.stride, padding=padding,
                                      dilation=self.dilation, groups=self.groups)
 

@@ -206,14 +206,24 @@ class Tuner:
         total = 0
         for m in self.layers:
             we, wh = m.weight_elem.flatten(1), m.weight_hyper.flatten(1)
-            a, b, c = (we * we).sum(1), (we * wh).sum(1), (wh * wh).sum(1)
+            a = (we * we).sum(1)
+            if z is None:  # the elementary weights (s = 0: the same sum, bit for bit)
+                total = total + a.sum(-1)
+                continue
+            b, c = (we * wh).sum(1), (wh * wh).sum(1)
             s = z @ m.hyper_weight.t()
             total = total + (a + 2 * s * b + s * s * c).sum(-1)
         return total
 
+    @staticmethod
+    def input_context(z):
+        """The block in which the model sees hypernet input z; None: the elementary layers alone (z = 0 without
+        the hypernet path)."""
+        return stn_ext.elementary() if z is None else stn_ext.hyper_input(z)
+
     def forward(self, x, z, linearised=False):
         if not linearised:
-            with stn_ext.hyper_input(z):
+            with self.input_context(z):
                 return self.model(x)
         if hasattr(self.model, "forward_linearised"):
             y0, ydot = self.model.forward_linearised(x, z)
@@ -279,7 +289,7 @@ class Tuner:
             vals = self.space.to_values(u)
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
-                loss, report = self.loss(xr, y, torch.zeros_like(u), vals)
+                loss, report = self.loss(xr, y, None, vals)
             self._apply(loss, self.params)
         elif self.method == "stn":
             u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
@@ -292,7 +302,7 @@ class Tuner:
             vals = self.space.to_values(u)
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
-                loss, report = self.loss(xr, y, torch.zeros_like(u), vals)
+                loss, report = self.loss(xr, y, None, vals)
             self._apply(loss, self.general_params)
             if self.response_on():
                 u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
@@ -349,10 +359,10 @@ class Tuner:
     # --- evaluation and state -----------------------------------------------------------------------------
 
     def eval_input(self):
-        """Hypernet input at evaluation: the current u (STN), delta = 0 (Delta-STN, fixed)."""
+        """Hypernet input at evaluation: the current u (STN); None, the elementary network (Delta-STN, fixed)."""
         if self.method == "stn":
             return self.z(self.u.detach(), False)
-        return torch.zeros_like(self.u.detach())
+        return None
 
     @contextlib.contextmanager
     def evaluating(self):
@@ -360,7 +370,7 @@ class Tuner:
         was = self.model.training
         self.model.eval()
         try:
-            with stn_ext.hyper_input(self.eval_input()):
+            with self.input_context(self.eval_input()):
                 yield self.model
         finally:
             self.model.train(was)

@@ -233,7 +233,7 @@ class Trainer:
         total, correct = 0.0, 0
         for i in range(0, len(split), 512):
             x, y = split.x[i:i + 512], split.y[i:i + 512]
-            with stn_ext.hyper_input(z):
+            with self.tuner.input_context(z):
                 out = self.model(x)
             total += float(self._per_example_loss(out, y).sum())
             if self.data.task == "classification":
