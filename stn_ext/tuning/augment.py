@@ -98,5 +98,6 @@ def dropout_mask(x, rate, rnd):
     """Inverted-dropout mask for x with a rate per example (B,) or scalar: 0 with prob p_b, else 1/(1-p_b)."""
     p = _per_example(rate, x.shape[0], x.device, x.dtype).clamp(0, 0.999)
     u = rnd.rand(*x.shape[1:], device=x.device, dtype=x.dtype)
-    keep = (u >= p.view((-1,) + (1,) * (x.dim() - 1))).to(x.dtype)
-    return keep / (1 - p).view((-1,) + (1,) * (x.dim() - 1))
+    row = (-1,) + (1,) * (x.dim() - 1)
+    # keep (bool) times the per-example scale: one pass over the batch, the division only over B values
+    return (u >= p.view(row)) * (1 / (1 - p)).view(row)

@@ -290,7 +290,8 @@ class Tuner:
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, None, vals)
-            self._apply(loss, self.params)
+            # the elementary network: the hypernet's parameters have no gradient (the optimiser skips them)
+            self._apply(loss, self.general_params)
         elif self.method == "stn":
             u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
             vals = self.space.to_values(u_t)
