@@ -5,6 +5,8 @@ import statistics
 import sys
 
 from stn_ext.cli_parser import Parser
+from stn_ext.data import BUILTIN as BUILTIN_DATA
+from stn_ext.tuning.config import METHODS
 from stn_ext.tuning.space import BUILTINS, GROUPS
 
 HYPER_HELP = (
@@ -81,10 +83,10 @@ def build_parser():
                     "augmentation) tune themselves during training through self-tuning layers, or the "
                     "fixed/random-search baselines at the same number of weight steps.")
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn", "fixed", "random", "tpe"],
+    g.add_argument("--method", default="delta-stn", choices=METHODS,
                    help="see methods below (default delta-stn)")
     g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
-    g.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"],
+    g.add_argument("--data", default="digits", choices=BUILTIN_DATA,
                    help="data set (default digits: scikit-learn's 8x8 digits, shipped; fashion-mnist: 28x28, its "
                         "IDX files from --data-path, $STN_EXT_FASHION_MNIST or Debian's dataset-fashion-mnist; "
                         "own arrays go through the Python API)")

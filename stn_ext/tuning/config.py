@@ -5,9 +5,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 import stn_ext
+from stn_ext.tuning.core import METHODS as STEP_METHODS
 
-METHODS = ("stn", "delta-stn", "fixed", "random", "tpe")
 SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
+METHODS = STEP_METHODS + SEARCHES  # stn, delta-stn, fixed (the Tuner's), random, tpe
 
 
 @dataclass

@@ -401,8 +401,8 @@ class Tuner:
     def load_state_dict(self, st, generator=True):
         """Restore ``state_dict()``; ``generator=False`` leaves the random generator alone (the caller sets it)."""
         if st["space"] != self.space.names or st["method"] != self.method:
-            raise ValueError(f"stn_ext: the state is of method {st['method']!r} with hyperparameters {st['space']}, "
-                             f"this tuner is {self.method!r} with {self.space.names}")
+            raise ValueError(f"stn_ext: the state (checkpoint) is of method {st['method']!r} with hyperparameters "
+                             f"{st['space']}; this run is {self.method!r} with {self.space.names}")
         with torch.no_grad():
             self.u.copy_(st["u"])
             self.hscale.copy_(st["hscale"])

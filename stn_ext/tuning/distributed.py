@@ -11,6 +11,7 @@ from stn_ext.tuning.loop import Trainer
 from stn_ext.tuning.runfolder import _jsonable, can_resume, check_run_folder
 from stn_ext.tuning.search import random_search
 
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

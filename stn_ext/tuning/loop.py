@@ -4,8 +4,8 @@ Methods (``TrainConfig.method``):
 
 stn         MacKay et al. 2019. Hyperparameters u (unconstrained) with a learned perturbation scale
             sigma = softplus(h). Weight step: lam~ = u + sigma (.) eps (per example or one per batch),
-            the regularisers use value(lam~), the hypernet sees z = lam~ - u_init, all weights
-            step on the training loss. Hyper step (eval mode: no dropout/augmentation/noise): the
+            the regularisers use value(lam~), the hypernet sees z = lam~ - anchor (stn_ext.tuning.core),
+            all weights step on the training loss. Hyper step (eval mode: no dropout/augmentation/noise): the
             validation loss at the perturbed lam~ minus tau * entropy(sigma); gradients reach u and h
             only through the hypernet response.
 delta-stn   Bae & Grosse 2020. The hypernet sees the centred delta = lam~ - stopgrad(u).
@@ -67,7 +67,7 @@ class Trainer:
     def __init__(self, config, data=None, model=None, space=None):
         cfg = self.cfg = config.validate() if isinstance(config, TrainConfig) else TrainConfig.from_dict(config).validate()
         if cfg.method in SEARCHES:
-            raise ValueError(f"stn_ext: use stn_ext.trainer.train (or random_search) for method {cfg.method!r}")
+            raise ValueError(f"stn_ext: use stn_ext.tuning.train (or random_search) for method {cfg.method!r}")
         self.rank, self.world = _dist()
         self.device = torch.device(cfg.device)
         if data is None:
@@ -80,7 +80,6 @@ class Trainer:
             raise ValueError(f"stn_ext: the global batch {cfg.batch_size} must divide among {self.world} processes")
         if cfg.batch_size > len(self.data.train):
             raise ValueError(f"stn_ext: batch_size {cfg.batch_size} exceeds the {len(self.data.train)} training examples")
-        self.local_batch = cfg.batch_size // self.world
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -97,7 +96,6 @@ class Trainer:
         dt = next(self.model.parameters()).dtype
         self.data = self.data.to(self.device, dtype=dt)  # inputs in the model's precision (e.g. a .double() model)
         self.n_train_batches = len(self.data.train) // cfg.batch_size
-        self.n_val_batches = max(1, len(self.data.val) // cfg.batch_size)
         self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
         self.tuner = Tuner(
             self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
@@ -106,9 +104,7 @@ class Trainer:
             val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
             loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce)
-        t = self.tuner
-        self.layers, self.params = t.layers, t.params
-        self.general_params, self.response_params = t.general_params, t.response_params
+        self.layers, self.params = self.tuner.layers, self.tuner.params
         self.recoveries = 0
         self.guard = Guard()
         if self.world > 1:  # identical start on every rank
@@ -136,10 +132,6 @@ class Trainer:
     opt_h = property(lambda self: self.tuner.opt_h)
     anchor = property(lambda self: self.tuner.anchor)
     gen = property(lambda self: self.tuner.gen)
-    warmup = property(lambda self: self.tuner.warmup)
-    tau = property(lambda self: self.tuner.tau)
-    total_hyper_steps = property(lambda self: self.tuner.total_hyper_steps)
-    h_max = property(lambda self: self.tuner.h_max)
 
     def _delegate(name):  # noqa: N805  (a read-write attribute kept on the tuner)
         return property(lambda self: getattr(self.tuner, name), lambda self, v: setattr(self.tuner, name, v))
@@ -149,9 +141,6 @@ class Trainer:
     sigma_max = _delegate("sigma_max")
     hyper_lr_factor = _delegate("hyper_lr_factor")
     del _delegate
-
-    def _hyper_steps_after(self, t):
-        return self.tuner._hyper_steps_after(t)
 
     # --- data order ------------------------------------------------------------------------------------
 
@@ -213,8 +202,7 @@ class Trainer:
         split = self.data.val if split is None else split
         self.model.eval()
         u = self.u.detach().clone().requires_grad_(True)
-        z = u - (u.detach() if self.cfg.method != "stn" else self.anchor)  # Tuner.z at u, with u differentiable
-        with stn_ext.hyper_input(z):
+        with stn_ext.hyper_input(self.tuner.z(u, centred=self.cfg.method != "stn")):
             out = self.model(split.x)
         loss = self._per_example_loss(out, split.y).mean()
         (g,) = torch.autograd.grad(loss, u)
@@ -259,12 +247,9 @@ class Trainer:
                 "wall": self.wall, "recoveries": self.recoveries, "world": self.world}
 
     def load_state_dict(self, st):
-        if st["space"] != self.space.names or st["method"] != self.cfg.method:
-            raise ValueError(f"stn_ext: the checkpoint is of method {st['method']!r} with hyperparameters {st['space']}, "
-                             f"this run is {self.cfg.method!r} with {self.space.names}")
+        self.tuner.load_state_dict(st, generator=False)  # first: it refuses a checkpoint of another method or space
         self.model.load_state_dict(st["model"])
         self.opt_w.load_state_dict(st["opt_w"])
-        self.tuner.load_state_dict(st, generator=False)
         self._restore_generator(st)
         self.wall, self.recoveries = st["wall"], st.get("recoveries", 0)
 
@@ -332,7 +317,7 @@ class Trainer:
                 train_loss = self.weight_step()
                 rec = {"step": self.step, "train_loss": train_loss}
                 hl = []
-                for _ in range(self._hyper_steps_after(self.step)):
+                for _ in range(self.tuner.hyper_steps_due()):
                     hl.append(self.hyper_step())
                 if not self._healthy(train_loss, hl):
                     self._recover(train_loss)
