@@ -193,17 +193,17 @@ def fashion_mnist(path=None, seed=0, train_size=None, val_size=10000):
         if arr[which + "_x"].shape[0] != arr[which + "_y"].shape[0] or arr[which + "_x"].shape[1:] != (28, 28):
             raise ValueError(f"stn_ext: Fashion-MNIST's {which} files in {folder} do not match: images "
                              f"{arr[which + '_x'].shape}, labels {arr[which + '_y'].shape}")
-    x = torch.from_numpy(arr["train_x"].astype(np.float32) / 255.0)[:, None]
-    y = torch.from_numpy(arr["train_y"].astype(np.int64))
+    images = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
+    labels = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    x, y = images(arr["train_x"]), labels(arr["train_y"])
     if not 0 < val_size < x.shape[0]:
         raise ValueError(f"stn_ext: val_size must be in (0, {x.shape[0]}), got {val_size}")
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2000 + seed))
     va, tr = perm[:val_size], perm[val_size:]
     if train_size is not None:
         tr = tr[:train_size]
-    xt = torch.from_numpy(arr["test_x"].astype(np.float32) / 255.0)[:, None]
-    yt = torch.from_numpy(arr["test_y"].astype(np.int64))
-    return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(xt, yt), "classification", 10, "fashion-mnist")
+    test = Split(images(arr["test_x"]), labels(arr["test_y"]))
+    return Dataset(Split(x[tr], y[tr]), Split(x[va], y[va]), test, "classification", 10, "fashion-mnist")
 
 
 BUILTIN = ("digits", "fashion-mnist")

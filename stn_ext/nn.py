@@ -21,17 +21,21 @@ _HYPER_INPUTS = contextvars.ContextVar("stn_ext_hyper_inputs", default=())
 
 
 @contextlib.contextmanager
+def _pushed(lam):
+    token = _HYPER_INPUTS.set(_HYPER_INPUTS.get() + (lam,))
+    try:
+        yield lam
+    finally:
+        _HYPER_INPUTS.reset(token)
+
+
 def hyper_input(lam):
     """Within this block, STN layers called without ``lam`` use this one, so a converted model keeps
     its own forward signature: ``with stn_ext.hyper_input(lam): y = model(x)``. Like ``torch.no_grad``,
     the block holds for the thread that opened it."""
     if not isinstance(lam, torch.Tensor):
         raise TypeError(f"stn_ext.hyper_input: lam must be a tensor, got {type(lam).__name__}")
-    token = _HYPER_INPUTS.set(_HYPER_INPUTS.get() + (lam,))
-    try:
-        yield lam
-    finally:
-        _HYPER_INPUTS.reset(token)
+    return _pushed(lam)
 
 
 class _Elementary:
@@ -44,16 +48,11 @@ class _Elementary:
 ELEMENTARY = _Elementary()
 
 
-@contextlib.contextmanager
 def elementary():
     """Within this block, STN layers called without ``lam`` compute x W_e^T + b_e (nn.Linear / nn.Conv2d on
     the elementary weights): what lam = 0 gives, bit for bit, without the hypernet path (its parameters get
     no gradient). For training at fixed hyperparameters and Delta-STN's general step and evaluation."""
-    token = _HYPER_INPUTS.set(_HYPER_INPUTS.get() + (ELEMENTARY,))
-    try:
-        yield
-    finally:
-        _HYPER_INPUTS.reset(token)
+    return _pushed(ELEMENTARY)
 
 
 def current_hyper_input():

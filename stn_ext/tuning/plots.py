@@ -27,10 +27,17 @@ def _save(fig, path, dpi=100):
 
 
 def read_jsonl(path):
+    """The records of a JSONL log ([] when there is none); a line torn by a kill is skipped."""
     if not os.path.exists(path):
         return []
+    recs = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                continue
+    return recs
 
 
 def plot_run(out, title=""):
@@ -73,13 +80,17 @@ def plot_run(out, title=""):
     for ax, n in zip(axes[:, 0], names):
         ax.plot(xs, [r["hypers"][n] for r in steps])
         ax.set_ylabel(n)
-        if n.startswith(("weight_decay", "noise")):
+        if _log_scaled(n):
             ax.set_yscale("log")
     axes[-1, 0].set_xlabel("weight step")
     fig.suptitle(prefix + "hyperparameter schedule")
     fig.tight_layout()
     _save(fig, os.path.join(out, "hypers.png"))
     plt.close(fig)
+
+
+def _log_scaled(name):
+    return name.startswith(("weight_decay", "noise"))
 
 
 def _schedule_folder(run_dir, summary):
@@ -107,20 +118,17 @@ def plot_comparison(path, results, run_dirs):
     ax.set_xticks(range(len(methods)), methods)
     ax.set(ylabel="loss (points: seeds, bars: mean)", title="final loss per method")
     ax.legend(fontsize=8)
+    schedules = [read_jsonl(os.path.join(_schedule_folder(d, r), "steps.jsonl")) for r, d in zip(results, run_dirs)]
+    first_seed = min(r.get("seed", 0) for r in results)
     for ax, n in zip(axes[0, 1:], names):
-        for i, m in enumerate(methods):
-            for r, d in zip(results, run_dirs):
-                if r["label"] != m:
-                    continue
-                steps = read_jsonl(os.path.join(_schedule_folder(d, r), "steps.jsonl"))
-                if steps:
-                    xs = [s["step"] for s in steps]
-                    if "best_trial" in r:  # a trial's steps count from its own start
-                        xs = [x * r.get("trials", 1) for x in xs]
-                    ax.plot(xs, [s["hypers"][n] for s in steps], color=f"C{i}", alpha=0.7, lw=1,
-                            label=m if r.get("seed", 0) == min(x.get("seed", 0) for x in results) else None)
+        for r, steps in zip(results, schedules):
+            if steps:
+                # a trial's steps count from its own start
+                xs = [s["step"] * (r.get("trials", 1) if "best_trial" in r else 1) for s in steps]
+                ax.plot(xs, [s["hypers"][n] for s in steps], color=f"C{methods.index(r['label'])}", alpha=0.7, lw=1,
+                        label=r["label"] if r.get("seed", 0) == first_seed else None)
         ax.set(title=n, xlabel="weight step")
-        if n.startswith(("weight_decay", "noise")):
+        if _log_scaled(n):
             ax.set_yscale("log")
     axes[0, 1].legend(fontsize=8)
     fig.suptitle("methods compared: final losses and the tuned schedules (random search: its best trial's values)")

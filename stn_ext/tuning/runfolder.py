@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from stn_ext import checkpoint
 from stn_ext.tuning.config import SEARCHES
-from stn_ext.tuning.plots import PLOT_FILES
+from stn_ext.tuning.plots import PLOT_FILES, read_jsonl
 
 # Fields that may differ between a run and its resumption (device: see Trainer._restore_generator).
 RESUME_FREE = ("data_path", "tensorboard", "out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
@@ -186,17 +186,8 @@ class RunLog:
         if not self.out:
             return
         for name, lst in (("steps.jsonl", self.steps), ("epochs.jsonl", self.epochs)):
-            path = os.path.join(self.out, name)
-            recs = []
-            if os.path.exists(path):
-                with open(path) as f:
-                    for line in f:
-                        try:
-                            recs.append(json.loads(line))
-                        except ValueError:  # a line torn by a kill
-                            continue
             seen, keep = set(), []
-            for r in recs:
+            for r in read_jsonl(os.path.join(self.out, name)):
                 if r["step"] <= step and r["step"] not in seen:
                     seen.add(r["step"])
                     keep.append(r)
