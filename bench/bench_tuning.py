@@ -61,12 +61,13 @@ def ridge_run(problem, u_star, method, perturb, side, seed, steps):
             "trajectory": traj}
 
 
-def digits_run(data, method, seed, steps):
+def digits_run(data, method, seed, steps, inits=None):
     # "stn (no hyper steps)": STN's parameterisation with the hyperparameters frozen at their start, the
     # control that separates what the schedule earns from what the hypernet's extra gate does
     frozen = method == "stn (no hyper steps)"
     cfg = TrainConfig(method="stn" if frozen else method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed,
-                      quiet=True, eval_every=max(10, steps // 60), hyper_lr=0.0 if frozen else TrainConfig.hyper_lr)
+                      quiet=True, eval_every=max(10, steps // 60), hyper_lr=0.0 if frozen else TrainConfig.hyper_lr,
+                      inits=dict(inits or {}))
     torch.manual_seed(seed)
     t = time.perf_counter()
     if method == "random":
@@ -148,14 +149,9 @@ def digits_grid(data, steps, seed=0):
     rows = []
     for a in (0.02, 0.1, 0.2):
         for h in (0.05, 0.15, 0.3, 0.5):
-            cfg = TrainConfig(method="fixed", hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
-                              eval_every=max(10, steps // 60),
-                              inits={"dropout.in": a, "dropout.h1": h, "dropout.h2": h})
-            torch.manual_seed(seed)
-            tr = Trainer(cfg, data=data, model=digits_mlp(3))
-            s = tr.fit()
-            rows.append({"in": a, "hidden": h, "seed": seed, "best_val_loss": min(e["val_loss"] for e in tr.log.epochs),
-                         "test_loss": s["test_loss"]})
+            r = digits_run(data, "fixed", seed, steps, inits={"dropout.in": a, "dropout.h1": h, "dropout.h2": h})
+            rows.append({"in": a, "hidden": h, "seed": seed, "best_val_loss": r["best_val_loss"],
+                         "test_loss": r["test_loss"]})
             print(f"grid in {a} hidden {h}: best val {rows[-1]['best_val_loss']:.4f}", file=sys.stderr, flush=True)
     return rows
 

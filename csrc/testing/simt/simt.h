@@ -535,20 +535,18 @@ inline T atomic_add(T* p, T v) {
   while (!a.compare_exchange_weak(old, static_cast<T>(old + v))) {}
   return old;
 }
-template <typename T>
-inline T atomic_max(T* p, T v) {
+// Store v while it beats the value held (better(v, old)); returns the old value, as CUDA's atomicMax/Min.
+template <typename T, typename Better>
+inline T atomic_keep_best(T* p, T v, Better better) {
   std::atomic_ref<T> a(*p);
   T old = a.load();
-  while (old < v && !a.compare_exchange_weak(old, v)) {}
+  while (better(v, old) && !a.compare_exchange_weak(old, v)) {}
   return old;
 }
 template <typename T>
-inline T atomic_min(T* p, T v) {
-  std::atomic_ref<T> a(*p);
-  T old = a.load();
-  while (v < old && !a.compare_exchange_weak(old, v)) {}
-  return old;
-}
+inline T atomic_max(T* p, T v) { return atomic_keep_best(p, v, [](T x, T y) { return y < x; }); }
+template <typename T>
+inline T atomic_min(T* p, T v) { return atomic_keep_best(p, v, [](T x, T y) { return x < y; }); }
 template <typename T>
 inline T atomic_cas(T* p, T expected, T desired) {
   std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
