@@ -100,6 +100,14 @@ inline int64_t check_epilogue_offset(const at::Tensor& o, const EpilogueSizes& z
   return per_example ? z.out : 0;
 }
 
+// Positions per example: the product of x's middle dimensions (1 for x of shape (B, in)). Spelled out
+// rather than inferred with -1, which an empty batch leaves ambiguous.
+inline c10::SymInt positions(const at::Tensor& x) {
+  c10::SymInt p = 1;
+  for (int64_t d = 1; d + 1 < x.dim(); ++d) p = p * x.sym_size(d);
+  return p;
+}
+
 // Helpers for optional tensors (biases, t) passed to the kernels.
 inline std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;

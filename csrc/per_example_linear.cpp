@@ -4,7 +4,7 @@
 //   backward: with gs = g (.) s, dx = g W_e + gs W_h, dW_e = g^T x, dW_h = gs^T x, ds = sum_P g (.) h.
 // Both are device generic (ATen's GEMMs; the epilogue kernel through the dispatcher), so they are
 // registered once. The backward is CompositeImplicitAutograd: autograd differentiates its ATen ops,
-// which gives double backward, while the forward's autograd (stn_ext/ops.py) calls it with grad mode
+// which gives double backward, while the forward's autograd (csrc/autograd.cpp) calls it with grad mode
 // off, so a training step pays no recording.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -44,14 +44,6 @@ void check_linear(const at::Tensor& x, const at::Tensor& weight_elem, const at::
               weight_elem.size(1), "), got ", x.sizes());
   TORCH_CHECK(s.dim() == 2 && s.size(0) == x.size(0) && s.size(1) == weight_elem.size(0),
               "stn_ext: s must have shape (B=", x.size(0), ", out=", weight_elem.size(0), "), got ", s.sizes());
-}
-
-// Positions per example: the product of x's middle dimensions (1 for x of shape (B, in)). Spelled out
-// rather than inferred with -1, which an empty batch leaves ambiguous.
-c10::SymInt positions(const at::Tensor& x) {
-  c10::SymInt p = 1;
-  for (int64_t d = 1; d + 1 < x.dim(); ++d) p = p * x.sym_size(d);
-  return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const at::Tensor& weight_elem,

@@ -1,5 +1,6 @@
 // The library stn_ext: its op schemas (op_schemas.h), registered once; the CPU and CUDA kernels live
-// in csrc/cpu and csrc/cuda, the autograd formulas and fake (meta) kernels in stn_ext/ops.py.
+// in csrc/cpu and csrc/cuda, their autograd in csrc/autograd.cpp, the layers composed of them in
+// csrc/stn_layers.cpp, and the fake (meta) kernels in stn_ext/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 

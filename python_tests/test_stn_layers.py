@@ -280,21 +280,33 @@ def test_compile_under_autocast_matches_eager():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * max(1.0, b.abs().max().item()))
 
 
-def test_compiled_graph_uses_the_fused_ops():
+@pytest.mark.parametrize("kind,lam,forward_op,backward_op", [
+    ("linear", (4, 2), "per_example_linear", "mm"),  # its backward op is composed of ATen's GEMMs
+    ("linear", (2,), "stn_ext.gate", "gate_backward"),
+    ("conv", (2, 2), "per_example_epilogue", "per_example_epilogue_backward"),
+    ("conv", (2,), "stn_ext.gate", "gate_backward"),
+])
+def test_compiled_graph_uses_the_fused_ops(kind, lam, forward_op, backward_op):
+    # The layer ops (stn_ext::stn_linear, stn_conv2d) are composed in C++: what runs is the graph AOTAutograd
+    # traces through them, forward and backward.
+    from torch._dynamo.backends.common import aot_autograd
+
     torch._dynamo.reset()
-    layer = stn_ext.StnLinear(5, 3, 2)
-    seen = []
+    seen = {"forward": [], "backward": []}
 
-    def backend(gm, inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes)
-        return gm
+    def capture(part):
+        def compiler(gm, inputs):
+            seen[part].extend(str(n.target) for n in gm.graph.nodes)
+            return gm
+        return compiler
 
-    torch.compile(layer, fullgraph=True, backend=backend)(torch.randn(4, 5), torch.randn(4, 2))
-    assert any("per_example_linear" in t for t in seen), seen
-    seen.clear()
-    conv = stn_ext.StnConv2d(3, 4, 3, 2)
-    torch.compile(conv, fullgraph=True, backend=backend)(torch.randn(2, 3, 6, 6), torch.randn(2, 2))
-    assert any("per_example_epilogue" in t for t in seen), seen
+    layer, x = ((stn_ext.StnLinear(5, 3, 2), torch.randn(4, 5)) if kind == "linear"
+                else (stn_ext.StnConv2d(3, 4, 3, 2), torch.randn(2, 3, 6, 6)))
+    backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"))
+    torch.compile(layer, fullgraph=True, backend=backend)(x, torch.randn(*lam)).sum().backward()
+    assert any(forward_op in t for t in seen["forward"]), seen["forward"]
+    assert any(backward_op in t for t in seen["backward"]), seen["backward"]
+    assert not any("stn_linear" in t or "stn_conv2d" in t for t in seen["forward"])  # decomposed
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -330,6 +342,24 @@ def test_bad_linear_input_is_a_clear_error(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         layer(args["x"], args["lam"])
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "forward-ad"])
+@pytest.mark.parametrize("change,message", BAD_LINEAR[:3] + BAD_LINEAR[5:6], ids=lambda v: str(v)[:20])
+def test_bad_input_is_the_same_clear_error_on_the_reference_path(transform, change, message):
+    # Under torch.func transforms and forward AD the layer runs the reference maths, after the same checks.
+    layer = stn_ext.StnLinear(7, 3, 2)
+    args = dict(x=torch.zeros(4, 7), lam=torch.zeros(2))
+    args.update(change)
+    x, lam = args["x"], args["lam"]
+    with pytest.raises(ValueError, match=message):
+        if transform == "vmap":  # lam batched by vmap: the layer sees one example's lam
+            torch.vmap(lambda l: layer(x, l))(lam[None].expand(3, *lam.shape))
+        elif transform == "grad":
+            torch.func.grad(lambda l: layer(x, l).sum())(lam)
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                layer(x, torch.autograd.forward_ad.make_dual(lam, torch.ones_like(lam)))
 
 
 def test_bad_conv_input_is_a_clear_error():

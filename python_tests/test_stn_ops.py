@@ -46,6 +46,20 @@ def _op_samples(device):
         yield torch.ops.stn_ext.per_example_epilogue_backward.default, (
             r(*y_shape, grad=True), r(*y_shape, grad=True), r(3, 4, grad=True), groups, cl)
 
+    # The layer ops, composed in C++ of the ops above.
+    lin = lambda: [r(3, 5, grad=True), r(3, 5, grad=True), r(3, 2, grad=True), r(3, grad=True), r(3, grad=True),  # noqa: E731
+                   r(3, 2, grad=True)]
+    yield torch.ops.stn_ext.stn_linear.default, (r(4, 5, grad=True), r(2, grad=True), *lin())
+    yield torch.ops.stn_ext.stn_linear.default, (r(4, 2, 5, grad=True), r(4, 2, grad=True), *lin())
+    yield torch.ops.stn_ext.stn_linear.default, (r(4, 5, grad=True), r(4, 2, grad=True), *lin()[:3])
+    conv = lambda: [r(4, 1, 3, 3, grad=True), r(4, 1, 3, 3, grad=True), r(4, 2, grad=True), r(4, grad=True),  # noqa: E731
+                    r(4, grad=True), r(4, 2, grad=True)]
+    x_cl = r(3, 2, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    yield torch.ops.stn_ext.stn_conv2d.default, (r(3, 2, 6, 6, grad=True), r(2, grad=True), *conv(), [1, 1], [1, 1],
+                                                 [1, 1], 2)
+    yield torch.ops.stn_ext.stn_conv2d.default, (x_cl, r(3, 2, grad=True), *conv(), [2, 1], [0, 1], [1, 1], 2)
+    yield torch.ops.stn_ext.stn_conv2d.default, (r(3, 2, 6, 6, grad=True), r(3, 2, grad=True), *conv(), [1, 1],
+                                                 [0, 0], [1, 1], 2, "same")
 
 N_SAMPLES = len(list(_op_samples("cpu")))
 
