@@ -4,7 +4,8 @@ torch.compile), forward+backward, all variants timed in one run so their ratios 
     python bench/bench_layers.py                          # CPU float32, every shape of bench/cases.py but the largest
     python bench/bench_layers.py --all                    # every shape
     python bench/bench_layers.py --device cuda --dtype bfloat16
-Writes bench/results/<device>-<dtype>-<date>.{md,json,png}.
+    python bench/bench_layers.py --overhead               # per-call overhead at tiny shapes (bench_overhead.py)
+Writes bench/results/<device>-<dtype>-<date>.{md,json,png} (with --overhead: overhead-<device>.{md,json}).
 """
 import argparse
 import datetime
@@ -73,10 +74,15 @@ def main(argv=None):
                     help="measure each case this many times; the table shows the median ratio and its range")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     ap.add_argument("--only", choices=["linear", "conv"], help="time one layer kind only")
+    ap.add_argument("--overhead", action="store_true",
+                    help="time the per-call overhead at tiny shapes instead (B=2 4->4, B=32 64->64; bench_overhead.py)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not (torch.cuda.is_available() and stn_ext.has_cuda()):
         sys.exit("bench: --device cuda needs a GPU and a CUDA build of stn_ext")
+    if args.overhead:
+        import bench_overhead
+        return bench_overhead.main(["--device", args.device, "--rounds", str(max(1, args.rounds)), "--out", args.out])
     dtype = getattr(torch, args.dtype)
     todo = [("Linear", c) for c in LINEAR_CASES if args.only != "conv"]
     todo += [("Conv2d 3x3", c) for c in CONV_CASES if args.only != "linear"]

@@ -61,6 +61,15 @@ const auto& epilogue_backward_op() {
 
 Tensor add_defined(const Tensor& a, const Tensor& b) { return a.defined() ? a + b : b; }
 
+// In a backward: the backward op through its autograd kernel when the graph is being recorded (double
+// backward), else straight below it (a first-order backward, the common case, skips the recording's cost).
+struct RecordIfGrad {
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  RecordIfGrad() {
+    if (!at::GradMode::is_enabled()) below.emplace();
+  }
+};
+
 // --- gate: W = elem + scale (.)row hyper ----------------------------------------------------------
 
 // scale (out,) viewed to broadcast over the rows of `like` (out, ...).
@@ -89,6 +98,7 @@ struct Gate : torch::autograd::Function<Gate> {
     const Tensor& grad = grads[0];
     Tensor grad_hyper, grad_scale;
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      const RecordIfGrad record;
       std::tie(grad_hyper, grad_scale) = gate_backward_op().call(grad, saved[0], saved[1]);
     }
     return {ctx->needs_input_grad(0) ? grad : Tensor(), grad_hyper, grad_scale};
@@ -232,7 +242,11 @@ struct Epilogue : torch::autograd::Function<Epilogue> {
     const int64_t g = ctx->saved_data["groups"].toInt();
     const bool cl = ctx->saved_data["channels_last"].toBool();
     const Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(h);
-    auto [grad_o, grad_s, grad_sum] = epilogue_backward_op().call(grad, h, s, g, cl);
+    Tensor grad_o, grad_s, grad_sum;
+    {
+      const RecordIfGrad record;
+      std::tie(grad_o, grad_s, grad_sum) = epilogue_backward_op().call(grad, h, s, g, cl);
+    }
     if (grads[1].defined()) grad_o = grad_o + join_halves(at::zeros_like(grads[1]), grads[1], g, cl);
     Tensor grad_offset;
     // needs_input_grad counts tensor inputs only: offset, when given, is the third.

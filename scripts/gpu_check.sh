@@ -51,6 +51,7 @@ stage "layer benchmarks (float32, bfloat16)"
 mkdir -p "$OUT/bench"
 run "bench_layers float32" 200 "$OUT/bench/layers-float32.txt" "$PY" bench/bench_layers.py --device cuda --dtype float32 --all --out "$OUT/bench"
 run "bench_layers bfloat16" 150 "$OUT/bench/layers-bfloat16.txt" "$PY" bench/bench_layers.py --device cuda --dtype bfloat16 --all --out "$OUT/bench"
+run "bench_layers overhead" 90 "$OUT/bench/overhead.txt" "$PY" bench/bench_layers.py --overhead --device cuda --out "$OUT/bench"
 
 stage "reversible benchmark"
 run bench_reversible 100 "$OUT/bench/reversible.txt" "$PY" bench/bench_reversible.py --device cuda --out "$OUT/bench"

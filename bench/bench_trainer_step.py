@@ -1,0 +1,124 @@
+"""The trainer's own cost per weight step (issue 14): Trainer(method="fixed").fit() against a plain PyTorch
+loop over the same MLP (784-256-256-10, the trainer's dropout and weight decay at the same fixed values),
+the same batches and the same SGD, on random data of Fashion-MNIST's shape; then where the difference goes
+(cProfile of fit, per step).
+
+Each round times both in turn (``--steps`` weight steps each, after a warm-up); reported: the median per-step
+time over ``--rounds`` rounds with the range, and the ratio measured in the same round.
+
+    python bench/bench_trainer_step.py            # ~1 minute on a 2-core CPU
+"""
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from stn_ext.data import Dataset
+from stn_ext.tuning import TrainConfig
+from stn_ext.tuning.loop import Trainer
+
+HIDDEN = (256, 256)
+
+
+def make_data(n_train=8192, n_val=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n_train + n_val, 784, generator=g)
+    y = torch.randint(0, 10, (n_train + n_val,), generator=g)
+    return Dataset.from_arrays(x[:n_train], y[:n_train], x[n_train:], y[n_train:], name="random-784")
+
+
+def trainer(data, steps, batch):
+    # evaluation only at the end and no run folder (no checkpoints): what is left is the step's own cost
+    cfg = TrainConfig(method="fixed", hidden=HIDDEN, steps=steps, batch_size=batch, eval_every=10**9, quiet=True,
+                      plots=False)
+    return Trainer(cfg, data=data)
+
+
+def plain_loop(data, steps, batch, tr):
+    """The same network as plain nn layers with the trainer's fixed hyperparameter values."""
+    vals = tr.hyper_values()
+    p_in, p_h = vals.get("dropout.in", 0.0), vals.get("dropout.h1", 0.0)
+    wd = vals.get("weight_decay", 0.0)
+    sizes = (784,) + HIDDEN + (10,)
+    layers = [torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+    params = [p for m in layers for p in m.parameters()]
+    cfg = tr.cfg
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    xs, ys = data.train.x, data.train.y
+    g = torch.Generator().manual_seed(0)
+
+    def run():
+        perm = torch.randperm(len(ys), generator=g)
+        for k in range(steps):
+            idx = perm[(k * batch) % (len(ys) - batch):][:batch]
+            h = F.dropout(xs[idx], p_in)
+            for i, m in enumerate(layers):
+                h = m(h)
+                if i + 1 < len(layers):
+                    h = F.dropout(F.relu(h), p_h)
+            loss = F.cross_entropy(h, ys[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            float(loss)  # the trainer reads each step's loss too
+    return run
+
+
+def time_per_step(fn, steps):
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def profile_fit(data, steps, batch, top):
+    tr = trainer(data, steps, batch)
+    prof = cProfile.Profile()
+    prof.enable()
+    tr.fit()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, name), (_, ncalls, tt, ct, _) in stats.stats.items():
+        if "stn_ext" in file or name in ("backward", "step"):
+            rows.append((ct / steps * 1e3, ncalls, f"{os.path.relpath(file, os.path.dirname(os.path.dirname(file)))}:"
+                                                   f"{line}({name})"))
+    rows.sort(reverse=True)
+    return rows[:top]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25, help="profile rows to print")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    data = make_data()
+    rounds = []
+    for _ in range(a.rounds):
+        tr = trainer(data, a.steps, a.batch)
+        loop = plain_loop(data, a.steps, a.batch, tr)
+        trainer(data, 20, a.batch).fit()  # warm-up
+        plain = time_per_step(loop, a.steps)
+        ours = time_per_step(tr.fit, a.steps)
+        rounds.append((plain, ours))
+    med = lambda i: statistics.median(r[i] for r in rounds)  # noqa: E731
+    ratios = [o / p for p, o in rounds]
+    print(f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads, "
+          f"{a.rounds} rounds (median [range]):")
+    print(f"  plain PyTorch loop       {med(0):6.2f} ms/step [{min(r[0] for r in rounds):.2f}-{max(r[0] for r in rounds):.2f}]")
+    print(f"  Trainer(method='fixed')  {med(1):6.2f} ms/step [{min(r[1] for r in rounds):.2f}-{max(r[1] for r in rounds):.2f}]")
+    print(f"  ratio                    {statistics.median(ratios):6.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]")
+    print("\nWhere fit's time goes (cProfile, cumulative ms per weight step; profiling inflates Python-heavy rows):")
+    for ms, ncalls, where in profile_fit(data, a.steps, a.batch, a.top):
+        print(f"  {ms:7.3f}  {ncalls:6d}  {where}")
+
+
+if __name__ == "__main__":
+    main()
