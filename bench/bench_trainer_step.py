@@ -1,12 +1,13 @@
 """The trainer's own cost per weight step (issue 14): Trainer(method="fixed").fit() against a plain PyTorch
 loop over the same MLP (784-256-256-10, the trainer's dropout and weight decay at the same fixed values),
 the same batches and the same SGD, on random data of Fashion-MNIST's shape; then where the difference goes
-(cProfile of fit, per step).
+(cProfile of fit, per step). The tuner's steps alone (its maths on the trainer's batches) are timed too, so
+fit's own bookkeeping (logging, the divergence guard, the hyperparameter plumbing) is the difference.
 
 Each round times both in turn (``--steps`` weight steps each, after a warm-up); reported: the median per-step
 time over ``--rounds`` rounds with the range, and the ratio measured in the same round.
 
-    python bench/bench_trainer_step.py            # ~1 minute on a 2-core CPU
+    python bench/bench_trainer_step.py            # ~2 minutes on a 2-core CPU
 """
 import argparse
 import cProfile
@@ -65,7 +66,18 @@ def plain_loop(data, steps, batch, tr):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            float(loss)  # the trainer reads each step's loss too
+            float(loss.detach())  # the trainer reads each step's loss too
+    return run
+
+
+def tuner_steps(data, steps, batch):
+    """The tuner's weight steps alone on the trainer's batches: its maths without fit's bookkeeping."""
+    tr = trainer(data, steps, batch)
+
+    def run():
+        for k in range(steps):
+            x, y, rnd = tr._batch(tr.data.train, "train", k, batch)
+            float(tr.tuner.weight_step(x, y, rnd).sum())
     return run
 
 
@@ -93,9 +105,9 @@ def profile_fit(data, steps, batch, top):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--top", type=int, default=25, help="profile rows to print")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -104,17 +116,23 @@ def main(argv=None):
     for _ in range(a.rounds):
         tr = trainer(data, a.steps, a.batch)
         loop = plain_loop(data, a.steps, a.batch, tr)
+        steps_only = tuner_steps(data, a.steps, a.batch)
         trainer(data, 20, a.batch).fit()  # warm-up
-        plain = time_per_step(loop, a.steps)
-        ours = time_per_step(tr.fit, a.steps)
-        rounds.append((plain, ours))
-    med = lambda i: statistics.median(r[i] for r in rounds)  # noqa: E731
-    ratios = [o / p for p, o in rounds]
+        rounds.append((time_per_step(loop, a.steps), time_per_step(steps_only, a.steps), time_per_step(tr.fit, a.steps)))
     print(f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads, "
-          f"{a.rounds} rounds (median [range]):")
-    print(f"  plain PyTorch loop       {med(0):6.2f} ms/step [{min(r[0] for r in rounds):.2f}-{max(r[0] for r in rounds):.2f}]")
-    print(f"  Trainer(method='fixed')  {med(1):6.2f} ms/step [{min(r[1] for r in rounds):.2f}-{max(r[1] for r in rounds):.2f}]")
-    print(f"  ratio                    {statistics.median(ratios):6.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]")
+          f"{a.rounds} rounds (ms per weight step, median [range]; ratios to the plain loop of the same round):")
+
+    def row(label, i):
+        t = [r[i] for r in rounds]
+        q = [r[i] / r[0] for r in rounds]
+        print(f"  {label:44s} {statistics.median(t):6.2f} [{min(t):.2f}-{max(t):.2f}]  "
+              f"{statistics.median(q):.2f}x [{min(q):.2f}-{max(q):.2f}]")
+    row("plain PyTorch loop", 0)
+    row("Tuner.weight_step on the trainer's batches", 1)
+    row("Trainer(method='fixed').fit()", 2)
+    book = [(r[2] - r[1]) / r[0] for r in rounds]
+    print(f"  fit's bookkeeping (fit - the steps alone): {100 * statistics.median(book):.1f}% of the plain step "
+          f"[{100 * min(book):.1f}-{100 * max(book):.1f}%]")
     print("\nWhere fit's time goes (cProfile, cumulative ms per weight step; profiling inflates Python-heavy rows):")
     for ms, ncalls, where in profile_fit(data, a.steps, a.batch, a.top):
         print(f"  {ms:7.3f}  {ncalls:6d}  {where}")

@@ -96,8 +96,11 @@ def random_shift(x, max_shift, rnd):
 
 def dropout_mask(x, rate, rnd):
     """Inverted-dropout mask for x with a rate per example (B,) or scalar: 0 with prob p_b, else 1/(1-p_b)."""
-    p = _per_example(rate, x.shape[0], x.device, x.dtype).clamp(0, 0.999)
     u = rnd.rand(*x.shape[1:], device=x.device, dtype=x.dtype)
+    p = torch.as_tensor(rate, device=x.device, dtype=x.dtype).clamp(0, 0.999)
+    if p.dim() == 0:  # one rate for the batch (fixed values, or a shared perturbation): no per-row views
+        return (u >= p) * (1 / (1 - p))
+    p = _per_example(p, x.shape[0], x.device, x.dtype)
     row = (-1,) + (1,) * (x.dim() - 1)
     # keep (bool) times the per-example scale: one pass over the batch, the division only over B values
     return (u >= p.view(row)) * (1 / (1 - p)).view(row)

@@ -122,6 +122,7 @@ class Tuner:
         self.anchor = self.u.detach().clone() if hyper_input == "init" else \
             torch.where(self.follow.bool(), self.u.detach(), space.u_centre(dt, device))
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=hyper_lr)
+        self._cache = {}  # _while_unchanged
         self.gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + 7919)
         self.loss_norm, self.val_norm, self.world = loss_norm, val_norm, world
         self.allreduce = allreduce
@@ -286,7 +287,7 @@ class Tuner:
         self.model.train()
         u = self.u.detach()
         if self.method == "fixed":
-            vals = self.space.to_values(u)
+            vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, None, vals)
@@ -300,7 +301,7 @@ class Tuner:
                 loss, report = self.loss(xr, y, self.z(u_t, False), vals)
             self._apply(loss, self.params if self.response_on() else self.general_params)
         else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
-            vals = self.space.to_values(u)
+            vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, None, vals)
@@ -376,13 +377,24 @@ class Tuner:
         finally:
             self.model.train(was)
 
+    def _while_unchanged(self, name, t, fn):
+        """fn(), recomputed only when tensor t has changed in place since (its version counter): u and the
+        scales are read at every weight step and for every log record, but change only at hyper steps."""
+        key = (t._version, t.data_ptr())
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._cache[name] = (key, fn())
+        return hit[1]
+
     def hyperparameters(self):
         """The current values, {name: float}."""
-        return self.space.as_dict(self.u)
+        return dict(self._while_unchanged("values", self.u, lambda: self.space.as_dict(self.u)))
 
     def sigmas(self):
-        s = F.softplus(self.hscale.detach()).cpu()
-        return {name: float(s[i]) for i, name in enumerate(self.space.names)}
+        def compute():
+            s = F.softplus(self.hscale.detach()).cpu()
+            return {name: float(s[i]) for i, name in enumerate(self.space.names)}
+        return dict(self._while_unchanged("sigmas", self.hscale, compute))
 
     def scalars(self):
         """{"hyper/<name>": value, "sigma/<name>": scale} for a logger (e.g. SummaryWriter.add_scalar per item)."""
