@@ -24,7 +24,6 @@
 
 #include <c10/macros/Macros.h>
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -463,100 +462,6 @@ C10_HOST_DEVICE inline uint64_t unstep_velocity_element(int64_t* v, uint64_t* he
   return 0;
 }
 
-#if !defined(__CUDACC__) && !defined(STN_EXT_SIMT)
-// --- the CPU's vector path -----------------------------------------------------------------------
-// step_element's common case (no word spilled or refilled, every value in range) written in operations
-// x86's AVX2 units have: no 64-bit high multiply and no int64 <-> double conversion, which left the
-// scalar loop latency-bound at ~12 ns per element. Each helper gives the value its step_element
-// counterpart gives wherever it is used; a lane outside that (a spill, a refill, |value| >= 2^51 before a
-// rounding, an overflow, a non-finite gradient) is reported, left untouched, and the caller runs
-// step_element on it. The tests compare this path bit for bit with the emulated CUDA kernels (which run
-// step_element) and with the Python reference.
-
-constexpr double kRoundMagic = 6755399441055744.0;  // 1.5 * 2^52
-constexpr double kLaneLimit = 2251799813685248.0;   // 2^51
-
-// to_fixed for |y| < 2^51: adding 1.5 * 2^52 rounds y to an integer (nearest-even, as cvtsd2si) in the
-// low bits of the sum.
-inline int64_t to_fixed_lane(double y) {
-  return std::bit_cast<int64_t>(y + kRoundMagic) - std::bit_cast<int64_t>(kRoundMagic);
-}
-
-// to_double for any int64: hi * 2^32 and lo are exact, so their sum is a rounded once, as cvtsi2sd.
-inline double to_double_lane(int64_t a) {
-  const double hi = static_cast<double>(static_cast<int32_t>(a >> 32)) * 4294967296.0;
-  const double lo =
-      std::bit_cast<double>(0x4330000000000000ull | (static_cast<uint64_t>(a) & 0xffffffffull)) - 4503599627370496.0;
-  return hi + lo;
-}
-
-// Product of the low 32 bits of a and b (one vector multiply, vpmuludq).
-inline uint64_t mul32(uint64_t a, uint64_t b) {
-  return static_cast<uint64_t>(static_cast<uint32_t>(a)) * static_cast<uint64_t>(static_cast<uint32_t>(b));
-}
-
-// div_magic for a < 2^32 in 32x32 -> 64 multiplies: floor((hi 2^32 + lo) / 2^64) = floor((hi + floor(lo /
-// 2^32)) / 2^32), and the sum stays below 2^64.
-inline uint64_t div_magic_lane(uint64_t a, uint64_t magic) {
-  return (mul32(magic >> 32, a) + (mul32(magic, a) >> 32)) >> 32;
-}
-
-// step_element's common case for 2 <= n < kDen in three side-effect-free pieces, one vectorised loop each
-// (one loop holding all of it spilled most of its registers): each returns true when the element is
-// outside the common case (nothing it computed is to be used then).
-
-// (1 - gamma) g in fixed point, as grad_term.
-inline bool grad_lane(double g, const Params& p, int64_t* delta) {
-  const double y = mul_rn(mul_rn(p.one_minus_gamma, g), p.scale);
-  *delta = to_fixed_lane(y);
-  return !(std::fabs(y) < kLaneLimit);  // NaN and infinities too
-}
-
-// v <- gamma v - delta and its head, as gamma_forward and sub_checked: push_den(v mod 2^16), then pop_n,
-// with a spill and a refill both or neither (Stack's held-back word: the refill takes back the low word
-// the spill took off, so no memory is touched).
-inline bool velocity_lane(int64_t v, uint64_t head, int64_t delta, const Params& p, int64_t* v_new,
-                          uint64_t* head_new) {
-  const bool spill = (head >> 48) != 0;
-  uint64_t h = ((spill ? head >> 32 : head) << kDenBits) | (static_cast<uint64_t>(v) & static_cast<uint64_t>(kDen - 1));
-  const uint64_t slot = h & 0xffffffffull;
-  // signed compares (both below 2^63): AVX2 has no unsigned 64-bit compare
-  const bool big = static_cast<int64_t>(slot) < static_cast<int64_t>(p.boundary);
-  const uint64_t f = static_cast<uint64_t>(p.q) + (big ? 1 : 0);
-  const uint64_t off = slot - (big ? 0 : p.boundary);
-  const uint64_t k = div_magic_lane(off, big ? p.magic_q1 : p.magic_q);
-  const uint64_t within = off - mul32(k, f);
-  h = mul32(f, h >> 32) + within;
-  const bool refill = (h >> 32) == 0;
-  *head_new = refill ? (h << 32) | (head & 0xffffffffull) : h;
-  // q n in two 32-bit products (|q| < 2^48, n < 2^16: the true product fits in 64 bits)
-  const int64_t q = v >> kDenBits;
-  const uint64_t qn = mul32(static_cast<uint64_t>(q), p.n) + (mul32(static_cast<uint64_t>(q >> 32), p.n) << 32);
-  const int64_t w = static_cast<int64_t>(qn + (big ? 0 : p.rem) + k);
-  const int64_t vn = static_cast<int64_t>(static_cast<uint64_t>(w) - static_cast<uint64_t>(delta));
-  *v_new = vn;
-  return (spill != refill) | (((w ^ delta) & (w ^ vn)) < 0);
-}
-
-// to_double for |a| < 2^51 (the subtraction is exact), cheaper than to_double_lane.
-inline double to_double_small_lane(int64_t a) {
-  return std::bit_cast<double>(a + std::bit_cast<int64_t>(kRoundMagic)) - kRoundMagic;
-}
-
-// |a| < 2^51, in integer operations.
-inline bool small_lane(int64_t a) { return static_cast<uint64_t>(a) + (uint64_t(1) << 51) < (uint64_t(1) << 52); }
-
-// x <- x + round(lr v_new) and the view value in double, as step_element. (Velocities below 2^51 units:
-// a velocity of 0.5 at the default radix_bits = 52.)
-inline bool weights_lane(int64_t x, int64_t v_new, const Params& p, int64_t* x_new, double* view) {
-  const double y = mul_rn(p.lr, to_double_small_lane(v_new));
-  const int64_t step = to_fixed_lane(y);
-  const int64_t xn = static_cast<int64_t>(static_cast<uint64_t>(x) + static_cast<uint64_t>(step));
-  *x_new = xn;
-  *view = mul_rn(to_double_lane(xn), p.inv_scale);
-  return !small_lane(v_new) | !(std::fabs(y) < kLaneLimit) | (((x ^ xn) & (step ^ xn)) < 0);
-}
-#endif
 
 }  // namespace rev
 }  // namespace stn_ext
