@@ -2,7 +2,7 @@
 arithmetic, decides: forward (no grad) and forward+backward of nn.Linear, the pure-PyTorch reference and our
 fused layer, shared and per-example lam, at B=2 4->4 and B=32 64->64 (n_hyper 2).
 
-Each round times every variant in turn: ``--calls`` calls per block, the median over ``--blocks`` blocks;
+Each round times the variants in interleaved blocks of ``--calls`` calls, each variant's median over its ``--blocks`` blocks;
 the figure reported is the median over ``--rounds`` rounds with the range in brackets, and the ratio of our
 layer to the reference of the same lam measured in the same round. Writes bench/results/overhead-<device>.md
 and .json.
@@ -64,8 +64,13 @@ def one_round(device, calls, blocks):
         for backward in (False, True):
             for name in VARIANTS:
                 time_block(fns[name], backward, calls // 10)  # warm-up
-                out[(shape, backward, name)] = statistics.median(time_block(fns[name], backward, calls)
-                                                                 for _ in range(blocks))
+            # blocks of the variants interleaved, so a drift of the machine within the round hits them alike
+            times = {name: [] for name in VARIANTS}
+            for _ in range(blocks):
+                for name in VARIANTS:
+                    times[name].append(time_block(fns[name], backward, calls))
+            for name in VARIANTS:
+                out[(shape, backward, name)] = statistics.median(times[name])
     return out
 
 
@@ -91,7 +96,7 @@ def main(argv=None):
                              "ratio_to_reference": statistics.median(ratio) if ratio else None,
                              "ratio_range": [min(ratio), max(ratio)] if ratio else None})
     lines = [f"# Per-call overhead, {a.device}, torch {torch.__version__}, {datetime.date.today().isoformat()}", "",
-             f"us per call: median of {a.blocks} blocks of {a.calls} calls, then the median over {a.rounds} rounds "
+             f"us per call: median of {a.blocks} blocks of {a.calls} calls (the variants' blocks interleaved), then the median over {a.rounds} rounds "
              "[range]; ratio: our layer over the reference of the same lam, in the same round.", "",
              "| shape | pass | variant | us per call | ratio to reference |", "|---|---|---|---|---|"]
     for r in rows:

@@ -109,6 +109,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--top", type=int, default=25, help="profile rows to print")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    help="folder for trainer-step-cpu.md ('' : print only)")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     data = make_data()
@@ -119,23 +121,31 @@ def main(argv=None):
         steps_only = tuner_steps(data, a.steps, a.batch)
         trainer(data, 20, a.batch).fit()  # warm-up
         rounds.append((time_per_step(loop, a.steps), time_per_step(steps_only, a.steps), time_per_step(tr.fit, a.steps)))
-    print(f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads, "
+    lines = []
+    say = lines.append
+    say(f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads, "
           f"{a.rounds} rounds (ms per weight step, median [range]; ratios to the plain loop of the same round):")
 
     def row(label, i):
         t = [r[i] for r in rounds]
         q = [r[i] / r[0] for r in rounds]
-        print(f"  {label:44s} {statistics.median(t):6.2f} [{min(t):.2f}-{max(t):.2f}]  "
+        say(f"  {label:44s} {statistics.median(t):6.2f} [{min(t):.2f}-{max(t):.2f}]  "
               f"{statistics.median(q):.2f}x [{min(q):.2f}-{max(q):.2f}]")
     row("plain PyTorch loop", 0)
     row("Tuner.weight_step on the trainer's batches", 1)
     row("Trainer(method='fixed').fit()", 2)
     book = [(r[2] - r[1]) / r[0] for r in rounds]
-    print(f"  fit's bookkeeping (fit - the steps alone): {100 * statistics.median(book):.1f}% of the plain step "
+    say(f"  fit's bookkeeping (fit - the steps alone): {100 * statistics.median(book):.1f}% of the plain step "
           f"[{100 * min(book):.1f}-{100 * max(book):.1f}%]")
-    print("\nWhere fit's time goes (cProfile, cumulative ms per weight step; profiling inflates Python-heavy rows):")
+    say("\nWhere fit's time goes (cProfile, cumulative ms per weight step; profiling inflates Python-heavy rows):")
     for ms, ncalls, where in profile_fit(data, a.steps, a.batch, a.top):
-        print(f"  {ms:7.3f}  {ncalls:6d}  {where}")
+        say(f"  {ms:7.3f}  {ncalls:6d}  {where}")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "trainer-step-cpu.md"), "w") as f:
+            f.write(f"# Trainer step vs a plain PyTorch loop, cpu, torch {torch.__version__}\n\n```\n{text}\n```\n")
 
 
 if __name__ == "__main__":
