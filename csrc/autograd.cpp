@@ -4,7 +4,6 @@
 // ops, so double backward works: the trainer and reversible learning take Hessian-vector products.
 // The fake kernels, which torch.compile traces with, stay in stn_ext/ops.py.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -12,6 +11,7 @@
 #include <optional>
 
 #include "op_args.h"
+#include "op_handles.h"
 
 namespace stn_ext {
 namespace {
@@ -21,43 +21,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-// The ops, called below the autograd key from a forward and at the top (recorded, for double
-// backward) from a backward.
-const auto& gate_op() {
-  static auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>("stn_ext::gate");
-  return op;
-}
-const auto& gate_backward_op() {
-  static auto op =
-      find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>("stn_ext::gate_backward");
-  return op;
-}
-const auto& per_example_linear_op() {
-  static auto op = find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                       const OptTensor&)>("stn_ext::per_example_linear");
-  return op;
-}
-const auto& per_example_linear_backward_op() {
-  static auto op = find_op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, std::array<bool, 3>)>(
-      "stn_ext::per_example_linear_backward");
-  return op;
-}
-const auto& epilogue_op() {
-  static auto op = find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, bool)>(
-      "stn_ext::per_example_epilogue");
-  return op;
-}
-const auto& epilogue_backward_op() {
-  static auto op = find_op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t,
-                                                              bool)>("stn_ext::per_example_epilogue_backward");
-  return op;
-}
+// The ops (op_handles.h) are called below the autograd key from a forward and at the top (recorded, for
+// double backward) from a backward.
 
 Tensor add_defined(const Tensor& a, const Tensor& b) { return a.defined() ? a + b : b; }
 
@@ -90,7 +55,7 @@ struct Gate : torch::autograd::Function<Gate> {
   static Tensor forward(AutogradContext* ctx, const Tensor& elem, const Tensor& hyper, const Tensor& scale) {
     ctx->save_for_backward({hyper, scale});
     at::AutoDispatchBelowADInplaceOrView below;
-    return gate_op().call(elem, hyper, scale);
+    return ops::gate().call(elem, hyper, scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -99,7 +64,7 @@ struct Gate : torch::autograd::Function<Gate> {
     Tensor grad_hyper, grad_scale;
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
       const RecordIfGrad record;
-      std::tie(grad_hyper, grad_scale) = gate_backward_op().call(grad, saved[0], saved[1]);
+      std::tie(grad_hyper, grad_scale) = ops::gate_backward().call(grad, saved[0], saved[1]);
     }
     return {ctx->needs_input_grad(0) ? grad : Tensor(), grad_hyper, grad_scale};
   }
@@ -111,7 +76,7 @@ struct GateBackward : torch::autograd::Function<GateBackward> {
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad, hyper, scale});
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [grad_hyper, grad_scale] = gate_backward_op().call(grad, hyper, scale);
+    auto [grad_hyper, grad_scale] = ops::gate_backward().call(grad, hyper, scale);
     return {grad_hyper, grad_scale};
   }
 
@@ -147,7 +112,7 @@ struct PerExampleLinear : torch::autograd::Function<PerExampleLinear> {
     Tensor y, h;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, h) = per_example_linear_op().call(x, weight_elem, weight_hyper, s, offset);
+      std::tie(y, h) = ops::per_example_linear().call(x, weight_elem, weight_hyper, s, offset);
     }
     ctx->saved_data["offset_dim"] = offset ? offset->dim() : int64_t{-1};
     ctx->mark_non_differentiable({h});
@@ -167,7 +132,7 @@ struct PerExampleLinear : torch::autograd::Function<PerExampleLinear> {
       h = at::linear(x.flatten(0, -2), w_h).to(h.scalar_type());
     }
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
-    auto [dx, dw_e, dw_h, ds] = per_example_linear_backward_op().call(grad, x, w_e, w_h, h, s, mask);
+    auto [dx, dw_e, dw_h, ds] = ops::per_example_linear_backward().call(grad, x, w_e, w_h, h, s, mask);
     Tensor d_offset;
     // needs_input_grad counts tensor inputs only: offset, when given, is the fifth.
     if (ctx->saved_data["offset_dim"].toInt() >= 0 && ctx->needs_input_grad(4)) {
@@ -225,7 +190,7 @@ struct Epilogue : torch::autograd::Function<Epilogue> {
     Tensor y, h;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, h) = epilogue_op().call(o, s, offset, groups, channels_last);
+      std::tie(y, h) = ops::per_example_epilogue().call(o, s, offset, groups, channels_last);
     }
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["channels_last"] = channels_last;
@@ -245,7 +210,7 @@ struct Epilogue : torch::autograd::Function<Epilogue> {
     Tensor grad_o, grad_s, grad_sum;
     {
       const RecordIfGrad record;
-      std::tie(grad_o, grad_s, grad_sum) = epilogue_backward_op().call(grad, h, s, g, cl);
+      std::tie(grad_o, grad_s, grad_sum) = ops::per_example_epilogue_backward().call(grad, h, s, g, cl);
     }
     if (grads[1].defined()) grad_o = grad_o + join_halves(at::zeros_like(grads[1]), grads[1], g, cl);
     Tensor grad_offset;
@@ -266,7 +231,7 @@ struct EpilogueBackward : torch::autograd::Function<EpilogueBackward> {
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad, h, s});
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [grad_o, grad_s, grad_sum] = epilogue_backward_op().call(grad, h, s, groups, channels_last);
+    auto [grad_o, grad_s, grad_sum] = ops::per_example_epilogue_backward().call(grad, h, s, groups, channels_last);
     return {grad_o, grad_s, grad_sum};
   }
 

@@ -8,13 +8,13 @@
 // off, so a training step pays no recording.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <array>
 #include <optional>
 
 #include "op_args.h"
+#include "op_handles.h"
 
 namespace stn_ext {
 namespace {
@@ -55,12 +55,8 @@ std::tuple<at::Tensor, at::Tensor> per_example_linear(const at::Tensor& x, const
   // Under autocast the inputs arrive cast (per_example_linear_autocast below).
   at::Tensor o = at::linear(x.reshape({batch * P, in}), stacked_weight(weight_elem, weight_hyper));
   const auto dt = o.scalar_type();
-  static auto epilogue = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("stn_ext::per_example_epilogue", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const std::optional<at::Tensor>&, int64_t, bool)>();
   const auto offset_dt = offset ? std::optional<at::Tensor>(offset->to(dt)) : std::nullopt;
-  auto [y, h] = epilogue.call(o.view({batch, P, 2 * out}), s.to(dt), offset_dt, 1, true);
+  auto [y, h] = ops::per_example_epilogue().call(o.view({batch, P, 2 * out}), s.to(dt), offset_dt, 1, true);
   auto y_shape = x.sizes().vec();
   y_shape.back() = out;
   return {y.view(y_shape), h.view({batch * P, out})};
@@ -113,12 +109,8 @@ std::tuple<at::Tensor, at::Tensor> per_example_linear_autocast(const at::Tensor&
     w_e = both.select(0, 0);
     w_h = both.select(0, 1);
   }
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("stn_ext::per_example_linear", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const std::optional<at::Tensor>&)>();
   const auto offset_cast = offset ? std::optional<at::Tensor>(cast(*offset)) : std::nullopt;
-  return op.call(cast(x), w_e, w_h, cast(s), offset_cast);
+  return ops::per_example_linear().call(cast(x), w_e, w_h, cast(s), offset_cast);
 }
 
 }  // namespace

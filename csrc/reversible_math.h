@@ -462,6 +462,5 @@ C10_HOST_DEVICE inline uint64_t unstep_velocity_element(int64_t* v, uint64_t* he
   return 0;
 }
 
-
 }  // namespace rev
 }  // namespace stn_ext

@@ -9,7 +9,6 @@
 // after check_layer_args, the same checks on stand-ins of the arguments.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -17,6 +16,7 @@
 #include <string>
 
 #include "op_args.h"
+#include "op_handles.h"
 
 namespace stn_ext {
 namespace {
@@ -145,37 +145,15 @@ void check_conv_args(const LayerArgs& a, const c10::SymInt& groups) {
 
 // --- the composition ---------------------------------------------------------------------------
 
-const auto& gate_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("stn_ext::gate", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&)>();
-  return op;
-}
-
-const auto& per_example_linear_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("stn_ext::per_example_linear", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                         const OptTensor&)>();
-  return op;
-}
-
-const auto& epilogue_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("stn_ext::per_example_epilogue", "")
-                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, bool)>();
-  return op;
-}
-
 // The gated weight W_e + (V lam) (.)row W_h of a shared lam.
 Tensor gated_weight(const LayerArgs& a) {
-  return gate_op().call(a.weight_elem, a.weight_hyper, at::mv(a.hyper_weight, a.lam));
+  return ops::gate().call(a.weight_elem, a.weight_hyper, at::mv(a.hyper_weight, a.lam));
 }
 
 // The gated bias b_e + (C lam) (.) b_h of a shared lam; b_e alone, or none.
 OptTensor gated_bias(const LayerArgs& a) {
   if (!a.bias_elem || !a.bias_hyper) return a.bias_elem;
-  return gate_op().call(*a.bias_elem, *a.bias_hyper, at::mv(*a.hyper_bias, a.lam));
+  return ops::gate().call(*a.bias_elem, *a.bias_hyper, at::mv(*a.hyper_bias, a.lam));
 }
 
 // The gated bias b_e + (lam C^T) (.) b_h = b_e + lam (C (.)row b_h)^T per example, in one small GEMM (its
@@ -205,7 +183,7 @@ Tensor stn_linear(const Tensor& x, const Tensor& lam, const Tensor& weight_elem,
   check_linear_args(a);
   if (lam.dim() == 1) return at::linear(x, gated_weight(a), gated_bias(a));
   const Tensor s = at::mm(lam, hyper_weight.t());
-  return std::get<0>(per_example_linear_op().call(x, weight_elem, weight_hyper, s, per_example_offset(a)));
+  return std::get<0>(ops::per_example_linear().call(x, weight_elem, weight_hyper, s, per_example_offset(a)));
 }
 
 Tensor conv(const Tensor& x, const Tensor& w, const OptTensor& b, c10::SymIntArrayRef stride,
@@ -234,7 +212,7 @@ Tensor stn_conv2d(const Tensor& x, const Tensor& lam, const Tensor& weight_elem,
   OptTensor offset = per_example_offset(a);
   if (offset) offset = offset->to(o.scalar_type());
   const int64_t g = groups.guard_int(__FILE__, __LINE__);
-  const Tensor y = std::get<0>(epilogue_op().call(o3, s, offset, g, channels_last));
+  const Tensor y = std::get<0>(ops::per_example_epilogue().call(o3, s, offset, g, channels_last));
   return channels_last ? y.view_symint({B, H, W, out}).permute({0, 3, 1, 2}) : y.view_symint({B, out, H, W});
 }
 

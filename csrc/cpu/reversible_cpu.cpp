@@ -42,7 +42,6 @@ struct BlockResults {
   }
 };
 
-
 template <typename F>
 void for_blocks(int64_t n, const F& body) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -78,6 +77,7 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
                                              &mc_i);
         mc = std::max(mc, mc_i);
       };
+      bool stepped = false;
 #if STN_EXT_LANES
       if constexpr (kLaneType) {
         if (vector_path) {
@@ -87,13 +87,13 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
               if (outside[i - i0]) element(i);  // a word written or read, or an edge case: about 1 in 200
             }
           }
-          res.flags[b] = flags;
-          res.max_count[b] = mc;
-          return;
+          stepped = true;
         }
       }
 #endif
-      for (int64_t i = i0; i < i1; ++i) element(i);
+      if (!stepped) {
+        for (int64_t i = i0; i < i1; ++i) element(i);
+      }
       res.flags[b] = flags;
       res.max_count[b] = mc;
     });
