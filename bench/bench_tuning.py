@@ -38,12 +38,18 @@ from stn_ext.tuning import TrainConfig, Trainer, train
 DIGITS_METHODS = ("fixed", "random", "stn (no hyper steps)", "stn", "delta-stn")
 FASHION_METHODS = ("fixed", "random", "tpe", "stn", "delta-stn")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+OVERRIDES = {}  # --set NAME=VALUE: TrainConfig fields a problem does not set itself (to measure an alternative)
+
+
+def config(**settings):
+    """The run's TrainConfig: the defaults, then --set, then what the problem itself sets."""
+    return TrainConfig(**{**OVERRIDES, **settings})
 
 
 def ridge_run(problem, u_star, method, perturb, side, seed, steps):
-    cfg = TrainConfig(method=method, hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e4)},
-                      inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=steps,
-                      batch_size=problem.n_train, perturb=perturb, seed=seed, quiet=True)
+    cfg = config(method=method, hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e4)},
+                 inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=steps,
+                 batch_size=problem.n_train, perturb=perturb, seed=seed, quiet=True)
     torch.manual_seed(seed)
     tr = Trainer(cfg, data=problem.dataset(), model=problem.model())
     with warnings.catch_warnings(record=True) as caught:
@@ -65,9 +71,8 @@ def digits_run(data, method, seed, steps, inits=None):
     # "stn (no hyper steps)": STN's parameterisation with the hyperparameters frozen at their start, the
     # control that separates what the schedule earns from what the hypernet's extra gate does
     frozen = method == "stn (no hyper steps)"
-    cfg = TrainConfig(method="stn" if frozen else method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed,
-                      quiet=True, eval_every=max(10, steps // 60), hyper_lr=0.0 if frozen else TrainConfig.hyper_lr,
-                      inits=dict(inits or {}))
+    cfg = config(method="stn" if frozen else method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed,
+                 quiet=True, eval_every=max(10, steps // 60), inits=dict(inits or {}), **({"hyper_lr": 0.0} if frozen else {}))
     torch.manual_seed(seed)
     t = time.perf_counter()
     if method == "random":
@@ -85,8 +90,8 @@ def digits_run(data, method, seed, steps, inits=None):
 def fashion_run(data, method, seed, steps):
     from stn_ext.tuning.models import mlp
 
-    cfg = TrainConfig(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
-                      eval_every=max(10, steps // 40), plots=False)
+    cfg = config(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
+                 eval_every=max(10, steps // 40), plots=False)
     model = lambda: mlp(784, 10, 3, (256, 256))  # noqa: E731
     torch.manual_seed(seed)
     t = time.perf_counter()
@@ -232,6 +237,22 @@ def plot_ridge(rows, path):
     plt.close(fig)
 
 
+def _parse_sets(items):
+    import ast
+    from dataclasses import fields
+
+    names, out = {f.name for f in fields(TrainConfig)}, {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in names:
+            raise SystemExit(f"bench_tuning: --set {item!r}: expected NAME=VALUE with NAME a TrainConfig field")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = value  # a string, e.g. --set hyper_lr_schedule=cosine
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, 1500 ridge steps, 600 digits steps")
@@ -243,12 +264,20 @@ def main(argv=None):
     p.add_argument("--fashion-seeds", type=int, default=2)
     p.add_argument("--grid", action="store_true",
                    help="also run fixed dropout on a 12-point grid (seed 0, ~3 minutes): what fixed rates can reach")
+    p.add_argument("--methods", type=lambda s: s.split(","), help="ridge: these methods only (default stn,delta-stn)")
+    p.add_argument("--perturb", type=lambda s: s.split(","), help="ridge: these perturbation modes only (default batch,example)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a TrainConfig field for every run where the problem does not set it, e.g. --set tau=1e-3 "
+                        "--set lr=0.03 (a Python literal); repeatable")
+    p.add_argument("--tag", default="", help="file names tuning-<date>-<tag>.* (default: tuning-<date>.*)")
     p.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot ('' for none)")
     a = p.parse_args(argv)
     if a.quick:
         a.seeds, a.ridge_steps, a.digits_steps = 1, 1500, 600
+    OVERRIDES.clear()
+    OVERRIDES.update(_parse_sets(a.set))
     torch.set_num_threads(1)
-    res = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "seeds": a.seeds,
+    res = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "seeds": a.seeds, "set": dict(OVERRIDES),
            "config_defaults": {k: v for k, v in TrainConfig().__dict__.items() if not isinstance(v, (dict, tuple))}}
     text = []
     if a.only in (None, "ridge"):
@@ -256,8 +285,8 @@ def main(argv=None):
         u_star = problem.log_optimum()
         res["ridge_log_optimum"] = u_star
         rows = []
-        for m in ("stn", "delta-stn"):
-            for pert in ("batch", "example"):
+        for m in a.methods or ("stn", "delta-stn"):
+            for pert in a.perturb or ("batch", "example"):
                 for side in (-1, 1):
                     for seed in range(a.seeds):
                         rows.append(ridge_run(problem, u_star, m, pert, side, seed, a.ridge_steps))
@@ -297,9 +326,10 @@ def main(argv=None):
     print(md)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        tag = "tuning-quick" if a.quick else f"tuning-{res['date']}"
+        tag = "tuning-quick" if a.quick else f"tuning-{res['date']}" + (f"-{a.tag}" if a.tag else "")
+        settings = "TrainConfig defaults" + "".join(f", {k}={v!r}" for k, v in OVERRIDES.items())
         with open(os.path.join(a.out, tag + ".md"), "w") as f:
-            f.write(f"# Tuning quality ({res['date']}, torch {res['torch']}, TrainConfig defaults)\n\n{md}\n")
+            f.write(f"# Tuning quality ({res['date']}, torch {res['torch']}, {settings})\n\n{md}\n")
         with open(os.path.join(a.out, tag + ".json"), "w") as f:
             json.dump(res, f, indent=1)
         if "ridge" in res:

@@ -117,10 +117,11 @@ def build_parser():
                         "for the first half, auto is cosine with per-example and tail with per-batch perturbation "
                         f"(default {d.hyper_lr_schedule})")
     g.add_argument("--scale-init", type=float, default=d.scale_init,
-                   help=f"initial perturbation scale sigma, in unconstrained units (default {d.scale_init})")
+                   help="initial perturbation scale sigma, in unconstrained units (default -1: 0.5 with per-example "
+                        "perturbation, 0.3 per batch)")
     g.add_argument("--scale-max", type=float, default=d.scale_max,
                    help="cap on sigma (0: the initial scale, so the entropy term cannot grow it) (default 0)")
-    g.add_argument("--tau", type=float, default=d.tau, help="entropy weight on the perturbation scales (default -1: 1e-2 with per-example perturbation, 1e-3 per batch)")
+    g.add_argument("--tau", type=float, default=d.tau, help=f"entropy weight on the perturbation scales (default {d.tau})")
     g.add_argument("--ttrain", type=int, default=d.train_per_cycle, help=f"weight steps per cycle (default {d.train_per_cycle})")
     g.add_argument("--tval", type=int, default=d.val_per_cycle, help=f"hyper steps per cycle (default {d.val_per_cycle})")
     g.add_argument("--warmup", type=int, default=d.warmup_steps,

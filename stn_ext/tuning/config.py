@@ -29,9 +29,10 @@ class TrainConfig:
     hyper_lr: float = 0.02            # Adam for u and the perturbation scales
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
                                       # auto (cosine with per-example perturbation, tail per batch)
-    scale_init: float = 0.5           # initial sigma (in unconstrained units)
+    scale_init: float = -1.0          # initial sigma in unconstrained units (-1: 0.5 with per-example perturbation,
+                                      # 0.3 per batch)
     scale_max: float = 0.0            # cap on sigma (0: scale_init, so the entropy term cannot grow it)
-    tau: float = -1.0                 # entropy weight (-1: 1e-2 with per-example perturbation, 1e-3 per batch)
+    tau: float = 1e-2                 # entropy weight on the perturbation scales (-1, from older configs: 1e-2)
     train_per_cycle: int = 5          # Ttrain
     val_per_cycle: int = 1            # Tval
     warmup_steps: int = -1            # weight steps before the response trains and the first hyper step (-1: steps/10)
@@ -90,9 +91,9 @@ class TrainConfig:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
         if self.method in SEARCHES and self.steps < self.random_trials:
             raise ValueError(f"stn_ext: a search ({self.method}) with {self.random_trials} trials needs steps >= trials")
-        if self.lr <= 0 or self.hyper_lr < 0 or self.scale_init <= 0 or not (self.tau >= 0 or self.tau == -1) \
-                or not self.scale_max >= 0:
-            raise ValueError("stn_ext: lr and scale_init must be > 0, hyper_lr and scale_max >= 0, tau >= 0 (or -1: auto)")
+        if self.lr <= 0 or self.hyper_lr < 0 or not (self.scale_init > 0 or self.scale_init == -1) \
+                or not (self.tau >= 0 or self.tau == -1) or not self.scale_max >= 0:
+            raise ValueError("stn_ext: lr must be > 0, scale_init > 0 (or -1: auto), hyper_lr and scale_max >= 0, tau >= 0")
         if self.resume and not self.out:
             raise ValueError("stn_ext: resume needs the run folder (out)")
         if self.tensorboard and not self.out:

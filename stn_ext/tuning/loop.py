@@ -344,7 +344,8 @@ class Trainer:
                     self.wall += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint()
-                    self.guard.take(self.state_dict(), self.step)  # never older than the checkpoint on disk
+                    # never older than the checkpoint on disk (nor is the one it keeps before)
+                    self.guard.take(self.state_dict(), self.step, keep_older=not self.out)
                 if self.world > 1:  # stop together: a signal may reach ranks at different steps
                     flag = torch.tensor([float(self._stop_flag)], device=self.device)
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -410,7 +411,7 @@ class Trainer:
         """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start),
         sigma itself only as its own gradient moves it: regrowing sigma with the cap (tried on ridge, STN per
         batch from 100x above) took the runs back past SGD's limit, one of them to 6 recoveries and a stop."""
-        cap0 = self.cfg.scale_max or self.cfg.scale_init
+        cap0 = self.cfg.scale_max or self.tuner.scale_init
         if self.sigma_max < cap0:
             self.sigma_max = min(cap0, self.sigma_max * math.sqrt(2))
 
