@@ -713,8 +713,10 @@ def test_cli_demo_ctrl_c_stops_the_demo_then_resume(tmp_path):
     assert [json.loads(line)["step"] for line in open(tmp_path / "stn_seed0" / "steps.jsonl")] == list(range(1, 1001))
 
 
-def test_custom_hyperparameter_reaches_the_model(small_digits):
-    """A hyperparameter of the user's own kind: the model reads its per-example values in training steps."""
+@pytest.mark.parametrize("perturb", ["example", "batch"])
+def test_custom_hyperparameter_reaches_the_model(small_digits, perturb):
+    """A hyperparameter of the user's own kind: the model reads its perturbed values in training steps, one
+    per example or one for the batch."""
     seen = []
 
     class Scaled(nn.Module):
@@ -730,11 +732,15 @@ def test_custom_hyperparameter_reaches_the_model(small_digits):
             return self.net(x)
 
     space = HyperSpace([Hyper("input_gain", "custom", 0.5, 2.0, 1.0, "log"), Hyper("dropout.h1", "dropout", 0.0, 0.9, 0.1, slot="h1")])
-    s = train(TrainConfig(method="stn", steps=12, warmup_steps=4, hyper_lr=0.05, quiet=True), data=small_digits,
-              model=Scaled(), space=space)
+    s = train(TrainConfig(method="stn", steps=12, warmup_steps=4, hyper_lr=0.05, perturb=perturb, quiet=True),
+              data=small_digits, model=Scaled(), space=space)
     assert s["steps"] == 12 and set(s["hypers"]) == {"input_gain", "dropout.h1"}
-    assert len(seen) == 12 and seen[0].shape == (64,) and torch.all((seen[0] >= 0.5) & (seen[0] <= 2.0))
-    assert seen[0].std() > 0  # per-example perturbed values
+    assert len(seen) == 12 and seen[0].shape == ((64,) if perturb == "example" else ())
+    assert all(torch.all((v >= 0.5) & (v <= 2.0)) for v in seen)
+    if perturb == "example":
+        assert seen[0].std() > 0  # per-example perturbed values
+    else:
+        assert len({float(v) for v in seen}) > 1  # a fresh perturbation for every batch
 
 
 def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):

@@ -133,9 +133,10 @@ def build_parser():
     g.add_argument("--response-init", default=d.response_init, choices=["v", "zero"],
                    help="start of the hypernet path: v (V, C random, W_h, b_h zero: learns at once) or zero "
                         f"(V, C zero, as the papers) (default {d.response_init})")
-    g.add_argument("--perturb", default="example", choices=["example", "batch"],
-                   help="one perturbation per example (papers' default) or one per batch (less noisy, fused path) "
-                        "(default example)")
+    g.add_argument("--perturb", default=d.perturb, choices=["example", "batch"],
+                   help="one perturbation per batch (one fused GEMM per layer; nearer the optimum on the tuning "
+                        "benchmarks) or one per example (the papers'; about twice the GEMM work per step) "
+                        f"(default {d.perturb})")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
     g.add_argument("--trials", type=int, default=4, help="trials of random search and tpe (default 4)")
     g.add_argument("--seed", type=int, default=0,

@@ -36,7 +36,7 @@ class TrainConfig:
     train_per_cycle: int = 5          # Ttrain
     val_per_cycle: int = 1            # Tval
     warmup_steps: int = -1            # weight steps before the response trains and the first hyper step (-1: steps/10)
-    perturb: str = "example"          # example (papers' default) | batch (one perturbation per batch)
+    perturb: str = "batch"            # batch (one perturbation per batch) | example (one per example, the papers')
     response_init: str = "v"          # start of the hypernet path: "v" (V, C random; W_h, b_h zero) | "zero" (V, C zero)
     hyper_input: str = "auto"         # STN hypernet input z = u~ - anchor: "centre" (the range's centre: raw logits),
                                       # "recentred" (u, moved after each hyper step by an exact reparameterisation),

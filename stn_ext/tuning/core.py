@@ -77,7 +77,7 @@ class Tuner:
 
     def __init__(self, model, space, optimizer, loss_fn, method="delta-stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", scale_init=-1.0, scale_max=0.0, tau=1e-2, train_per_cycle=5,
-                 val_per_cycle=1, warmup_steps=-1, perturb="example", response_init="v", hyper_input="auto",
+                 val_per_cycle=1, warmup_steps=-1, perturb="batch", response_init="v", hyper_input="auto",
                  linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
