@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from stn_ext.checkpoint import atomic_write_text
 from stn_ext.tuning import TrainConfig, Trainer
 from stn_ext.tuning.problems import digits_mlp, digits_protocol
 
@@ -77,10 +78,8 @@ def main():
         vals = [best_val(data, schedule, seed) for seed in range(SEEDS)]
         lines.append(f"| {name} | {sum(vals) / len(vals):.4f} | {', '.join('%.4f' % v for v in vals)} |")
         print(lines[-1], flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"tuning-digits-schedules-{date}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     print("wrote", path)
 
 

@@ -15,6 +15,7 @@ import statistics
 
 import torch
 
+from stn_ext.checkpoint import atomic_write_text
 from stn_ext.tuning import TrainConfig, Trainer
 from stn_ext.tuning.problems import digits_mlp, digits_protocol
 
@@ -53,10 +54,8 @@ def main(argv=None):
             cells.append(f"{statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}]")
         lines.append(f"| {perturb} | {statistics.median(times['fixed']) * 1e3:.2f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"tuning-digits-step-time-{date}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     print("wrote", path)
 
 
