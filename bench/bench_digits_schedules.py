@@ -9,16 +9,14 @@ bench/results/tuning-digits-schedules-<date>.md.
     python bench/bench_digits_schedules.py      # ~3 minutes on one core
 """
 import datetime
-import os
 
 import torch
 
-from stn_ext.checkpoint import atomic_write_text
-from stn_ext.tuning import TrainConfig, Trainer
+from bench_tuning import digits_config, write_results
+from stn_ext.tuning import Trainer
 from stn_ext.tuning.problems import digits_mlp, digits_protocol
 
 STEPS, SEEDS = 3000, 2
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def ramp(a, b):
@@ -57,10 +55,8 @@ class ScheduledTrainer(Trainer):
 
 
 def best_val(data, schedule, seed):
-    cfg = TrainConfig(method="fixed", hypers=("dropout",), steps=STEPS, batch_size=100, seed=seed, quiet=True,
-                      eval_every=50, plots=False)
     torch.manual_seed(seed)
-    tr = ScheduledTrainer(cfg, data=data, model=digits_mlp(3))
+    tr = ScheduledTrainer(digits_config("fixed", seed, STEPS), data=data, model=digits_mlp(3))
     tr.schedule = schedule
     tr.fit()
     return min(e["val_loss"] for e in tr.log.epochs)
@@ -78,9 +74,7 @@ def main():
         vals = [best_val(data, schedule, seed) for seed in range(SEEDS)]
         lines.append(f"| {name} | {sum(vals) / len(vals):.4f} | {', '.join('%.4f' % v for v in vals)} |")
         print(lines[-1], flush=True)
-    path = os.path.join(RESULTS, f"tuning-digits-schedules-{date}.md")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    print("wrote", path)
+    write_results(f"tuning-digits-schedules-{date}.md", lines)
 
 
 if __name__ == "__main__":

@@ -10,22 +10,19 @@ bench/results/tuning-digits-step-time-<date>.md.
 """
 import argparse
 import datetime
-import os
 import statistics
 
 import torch
 
-from stn_ext.checkpoint import atomic_write_text
-from stn_ext.tuning import TrainConfig, Trainer
+from bench_tuning import digits_config, write_results
+from stn_ext.tuning import Trainer
 from stn_ext.tuning.problems import digits_mlp, digits_protocol
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("fixed", "stn", "delta-stn")
 
 
 def step_time(data, method, perturb, steps, seed):
-    cfg = TrainConfig(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
-                      eval_every=max(10, steps // 60), plots=False, perturb=perturb)
+    cfg = digits_config(method, seed, steps, perturb=perturb)
     torch.manual_seed(seed)
     return Trainer(cfg, data=data, model=digits_mlp(3)).fit()["wall_s"] / steps
 
@@ -54,9 +51,7 @@ def main(argv=None):
             cells.append(f"{statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}]")
         lines.append(f"| {perturb} | {statistics.median(times['fixed']) * 1e3:.2f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    path = os.path.join(RESULTS, f"tuning-digits-step-time-{date}.md")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    print("wrote", path)
+    write_results(f"tuning-digits-step-time-{date}.md", lines)
 
 
 if __name__ == "__main__":

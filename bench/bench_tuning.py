@@ -32,6 +32,7 @@ import warnings
 
 import torch
 
+from stn_ext.checkpoint import atomic_write_text
 from stn_ext.tuning.problems import Ridge, digits_mlp, digits_protocol
 from stn_ext.tuning import TrainConfig, Trainer, train
 
@@ -67,12 +68,25 @@ def ridge_run(problem, u_star, method, perturb, side, seed, steps):
             "trajectory": traj}
 
 
+def digits_config(method, seed, steps, **settings):
+    """The digits protocol's TrainConfig: three dropout rates, batch 100, ~60 evaluations a run."""
+    return config(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
+                  eval_every=max(10, steps // 60), **settings)
+
+
+def write_results(name, lines):
+    """A markdown table of bench/results, written whole or not at all."""
+    path = os.path.join(RESULTS, name)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    print("wrote", path)
+
+
 def digits_run(data, method, seed, steps, inits=None):
     # "stn (no hyper steps)": STN's parameterisation with the hyperparameters frozen at their start, the
     # control that separates what the schedule earns from what the hypernet's extra gate does
     frozen = method == "stn (no hyper steps)"
-    cfg = config(method="stn" if frozen else method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed,
-                 quiet=True, eval_every=max(10, steps // 60), inits=dict(inits or {}), **({"hyper_lr": 0.0} if frozen else {}))
+    cfg = digits_config("stn" if frozen else method, seed, steps, inits=dict(inits or {}),
+                        **({"hyper_lr": 0.0} if frozen else {}))
     torch.manual_seed(seed)
     t = time.perf_counter()
     if method == "random":
