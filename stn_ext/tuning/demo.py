@@ -27,12 +27,12 @@ def build_demo_parser():
     p.add_argument("--hypers", default="dropout,weight_decay", help="as for train (default dropout,weight_decay)")
     p.add_argument("--train-size", type=int, default=300,
                    help="training examples (default 300: few enough that regularisation matters)")
-    p.add_argument("--perturb", default="batch", choices=["example", "batch"], help="(default batch)")
     p.add_argument("--trials", type=int, default=4, help="random search trials (default 4)")
     p.add_argument("--hidden", type=_ints, default=(128, 128), help="MLP hidden widths (default 128,128)")
     p.add_argument("--lr", type=float, default=0.03, help="weight SGD learning rate (default 0.03, so that "
                    "random-search trials of steps/trials steps converge too)")
     d = _defaults()
+    p.add_argument("--perturb", default=d.perturb, choices=["example", "batch"], help=f"(default {d.perturb})")
     p.add_argument("--hyper-lr", type=float, default=d.hyper_lr,
                    help=f"Adam learning rate of the hyperparameters (default {d.hyper_lr})")
     p.add_argument("--warmup", type=int, default=d.warmup_steps,
