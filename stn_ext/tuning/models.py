@@ -166,11 +166,13 @@ def mlp(in_features, n_out, n_hyper, hidden=(128, 128), input_dropout=True):
     return StnSequential(*layers)
 
 
-def cnn(in_shape, n_out, n_hyper, channels=(16, 32), hidden=64):
-    """For small images (C, H, W): (StnConv2d 3x3 -> ReLU -> MaxPool 2 -> dropout 'c<i>') per entry of
-    ``channels`` -> Flatten -> StnLinear(hidden) -> ReLU -> dropout 'h1' -> StnLinear."""
+def cnn(in_shape, n_out, n_hyper, channels=(16, 32), hidden=64, input_dropout=False):
+    """For small images (C, H, W): [dropout 'in' on the pixels] -> (StnConv2d 3x3 -> ReLU -> MaxPool 2 ->
+    dropout 'c<i>') per entry of ``channels`` -> Flatten -> StnLinear(hidden) -> ReLU -> dropout 'h1' ->
+    StnLinear. ``input_dropout`` adds the fourth slot of the Delta-STN paper's Fashion-MNIST CNN (off by default:
+    the built-in model's slots are c1, c2, h1)."""
     c, h, w = in_shape
-    layers = []
+    layers = [HyperDropout("in")] if input_dropout else []
     for i, ch in enumerate(channels, 1):
         layers += [StnConv2d(c, ch, 3, n_hyper, padding=1), nn.ReLU(), nn.MaxPool2d(2), HyperDropout(f"c{i}")]
         c, h, w = ch, h // 2, w // 2
@@ -182,12 +184,13 @@ def cnn(in_shape, n_out, n_hyper, channels=(16, 32), hidden=64):
     return StnSequential(*layers)
 
 
-def dropout_slots(kind, hidden=(128, 128), channels=(16, 32)):
-    """The dropout slots the built-in model ``kind`` will have (to build its hyperparameter space first)."""
+def dropout_slots(kind, hidden=(128, 128), channels=(16, 32), input_dropout=False):
+    """The dropout slots the built-in model ``kind`` will have (to build its hyperparameter space first);
+    ``input_dropout``: cnn's optional slot 'in' (the mlp always has it)."""
     if kind == "mlp":
         return ["in"] + [f"h{i}" for i in range(1, len(hidden) + 1)]
     if kind == "cnn":
-        return [f"c{i}" for i in range(1, len(channels) + 1)] + ["h1"]
+        return (["in"] if input_dropout else []) + [f"c{i}" for i in range(1, len(channels) + 1)] + ["h1"]
     raise ValueError(f"stn_ext: unknown model {kind!r}; built in: 'mlp', 'cnn'")
 
 
