@@ -9,6 +9,14 @@ fashion Fashion-MNIST (stn_ext.data.fashion_mnist: a 10k training subset, 10k va
         batch 100, --fashion-steps weight steps: fixed, random search and Optuna's TPE (4 trials each,
         splitting the same steps), stn, delta-stn, 2 seeds; final test loss, and the tuned schedules
         plotted (tuning-<date>-fashion.png). Skipped, with a note, where the IDX files are not installed.
+cnn     the Delta-STN code's Fashion-MNIST CNN experiment (stn_ext.tuning.problems.fashion_cnn_protocol): a 5k
+        training subset, 2k validation images from the training set, the official 10k test set; conv 16 - conv 32 -
+        FC 256 - 10 (3x3 kernels) with four dropout rates (input, after each conv stage, after the FC layer) from
+        0.05 and cutout length (2..24, from 4) and holes (0..5, from 1), six hyperparameters; batch 128,
+        --cnn-steps weight steps (1500: ~45 s for a fixed run on one core), --cnn-seeds seeds (3): fixed, random
+        search and TPE (4 trials each, splitting the same steps), stn, delta-stn; test loss, best and final
+        validation loss, training time per step against fixed, the final hyperparameters, and the six schedules
+        plotted (tuning-<date>-cnn.png). Skipped, with a note, where the IDX files are not installed.
 digits  the 1000/400/397 protocol (stn_ext.tuning.problems.digits_protocol), MLP 64-256-256-10 with three
         dropout rates from 0.05, batch 100, --digits-steps weight steps: fixed, random search (4 trials
         splitting the same steps), stn, delta-stn; best and final validation loss, test loss, seconds per
@@ -18,8 +26,10 @@ Everything runs with TrainConfig's defaults except what the problem sets (hyperp
 steps, batch size, perturbation mode). Writes bench/results/tuning-<date>.{md,json} and
 tuning-ridge-<date>.png (u - u* against weight steps).
 
-    python bench/bench_tuning.py                      # ~17 minutes on one core (fashion ~10 of them)
+    python bench/bench_tuning.py                      # ~45 minutes on one core (fashion ~10, cnn ~25 of them)
     python bench/bench_tuning.py --quick              # one seed, fewer steps (what the test runs)
+    python bench/bench_tuning.py --only cnn           # ~25 minutes on one core
+    python bench/bench_tuning.py --quick --only cnn   # the cnn protocol in seconds (24 steps, small splits)
 """
 import argparse
 import datetime
@@ -33,11 +43,13 @@ import warnings
 import torch
 
 from stn_ext.checkpoint import atomic_write_text
-from stn_ext.tuning.problems import Ridge, digits_mlp, digits_protocol
+from stn_ext.tuning.problems import (CNN_HYPERS, CNN_INITS, CNN_RANGES, CNN_SIZES, Ridge, digits_mlp, digits_protocol,
+                                     fashion_cnn, fashion_cnn_protocol)
 from stn_ext.tuning import TrainConfig, Trainer, train
 
 DIGITS_METHODS = ("fixed", "random", "stn (no hyper steps)", "stn", "delta-stn")
 FASHION_METHODS = ("fixed", "random", "tpe", "stn", "delta-stn")
+CNN_METHODS = FASHION_METHODS
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OVERRIDES = {}  # --set NAME=VALUE: TrainConfig fields a problem does not set itself (to measure an alternative)
 
@@ -101,65 +113,160 @@ def digits_run(data, method, seed, steps, inits=None):
             "test_acc": s.get("test_acc"), "s_per_step": wall / steps, "hypers": s["hypers"], "sigmas": s.get("sigmas")}
 
 
-def fashion_run(data, method, seed, steps):
-    from stn_ext.tuning.models import mlp
-
-    cfg = config(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
-                 eval_every=max(10, steps // 40), plots=False)
-    model = lambda: mlp(784, 10, 3, (256, 256))  # noqa: E731
+def image_run(data, method, seed, steps, model, batch_size=100, n_evals=40, **settings):
+    """One run of an image protocol (fashion, cnn): ``model`` a zero-argument function returning a fresh model,
+    ``settings`` the protocol's TrainConfig fields (hypers, ranges, inits). s_per_step counts the whole run
+    (evaluations included), train_s_per_step the weight and hyper steps alone (the trainer's wall_s; random search:
+    its trials' sum). The trajectory holds the hyperparameters every few weight steps and at the last."""
+    cfg = config(method=method, steps=steps, batch_size=batch_size, seed=seed, quiet=True,
+                 eval_every=max(10, steps // n_evals), plots=False, **settings)
     torch.manual_seed(seed)
     t = time.perf_counter()
     traj = []
     if method in ("random", "tpe"):
         s = train(cfg, data=data, model=model)
+        best = min(s["trial_val_losses"])
     else:
         tr = Trainer(cfg, data=data, model=model())
         s = tr.fit()
-        traj = [(r["step"], r["hypers"]) for r in tr.log.steps[::20]]
+        every = max(1, min(20, steps // 50))
+        traj = [(r["step"], r["hypers"]) for r in tr.log.steps[::every]]
+        if traj[-1][0] != tr.log.steps[-1]["step"]:
+            traj.append((tr.log.steps[-1]["step"], tr.log.steps[-1]["hypers"]))
+        best = min(e["val_loss"] for e in tr.log.epochs)
     return {"method": method, "seed": seed, "test_loss": s["test_loss"], "test_acc": s.get("test_acc"),
-            "val_loss": s["val_loss"], "s_per_step": (time.perf_counter() - t) / steps, "hypers": s["hypers"],
-            "trial_hypers": s.get("trial_hypers"), "trajectory": traj}
+            "val_loss": s["val_loss"], "best_val_loss": best, "s_per_step": (time.perf_counter() - t) / steps,
+            "train_s_per_step": s["wall_s"] / steps, "hypers": s["hypers"], "sigmas": s.get("sigmas"),
+            "recoveries": s.get("recoveries", 0), "hyper_steps": s.get("hyper_steps", 0), "trial_hypers": s.get("trial_hypers"),
+            "trial_val_losses": s.get("trial_val_losses"), "trajectory": traj}
+
+
+def fashion_run(data, method, seed, steps):
+    """The fashion protocol: MLP 784-256-256-10, three dropout rates, batch 100, 40 evaluations."""
+    from stn_ext.tuning.models import mlp
+
+    return image_run(data, method, seed, steps, lambda: mlp(784, 10, 3, (256, 256)), hypers=("dropout",))
+
+
+def cnn_run(data, method, seed, steps, batch_size=CNN_SIZES["batch_size"]):
+    """The cnn protocol: problems.fashion_cnn, four dropout rates and cutout, batch 128, 10 evaluations (each
+    evaluates the 10k test images: ~2 s on one core)."""
+    n_hyper = len(CNN_RANGES) + 4  # cutout's two and the four dropout slots
+    return image_run(data, method, seed, steps, lambda: fashion_cnn(n_hyper), batch_size=batch_size, n_evals=10,
+                     hypers=CNN_HYPERS, ranges=dict(CNN_RANGES), inits=dict(CNN_INITS))
+
+
+def _image_cells(rs, fixed_time, time_key="s_per_step", best_val=False):
+    """An image protocol's cells for one method: test loss (mean, per seed), test accuracy, [best validation loss,]
+    final validation loss, time per step against fixed's (mean over seeds of ``time_key``)."""
+    return ([f"{_mean([r['test_loss'] for r in rs]):.4f}", ", ".join("%.4f" % r["test_loss"] for r in rs),
+             f"{_mean([r['test_acc'] for r in rs]):.3f}"]
+            + ([f"{_mean([r['best_val_loss'] for r in rs]):.4f}"] if best_val else [])
+            + [f"{_mean([r['val_loss'] for r in rs]):.4f}", f"{_mean([r[time_key] for r in rs]) / fixed_time:.2f}x"])
+
+
+def _fixed_time(rows, key):
+    ts = [r[key] for r in rows if r["method"] == "fixed"]
+    return _mean(ts) if ts else math.nan
+
+
+def _short(name):
+    return name.split(".", 1)[1] if name.startswith("dropout.") else name.replace("cutout_", "")
+
+
+def _hyper_value(name, v):
+    return f"{v:.0f}" if name.startswith("cutout") or name == "shift" else f"{v:.2f}"
 
 
 def fashion_table(rows, steps):
-    fixed = _mean([r["s_per_step"] for r in rows if r["method"] == "fixed"])
+    fixed = _fixed_time(rows, "s_per_step")
     out = [f"Fashion-MNIST (10k training subset, 10k validation from the training set, official test set), MLP "
            f"784-256-256-10, three dropout rates from 0.05, {steps} weight steps, batch 100 (random, tpe: 4 trials "
            f"of {steps // 4} steps; the trial with the best final validation loss is reported).", "",
            "| method | test loss (mean) | per seed | test acc | final val loss | time/step vs fixed | final rates (seed 0) |",
            "|---|---|---|---|---|---|---|"]
-    return "\n".join(out + _method_rows(rows, FASHION_METHODS, lambda rs: [
-        f"{_mean([r['test_loss'] for r in rs]):.4f}", ", ".join("%.4f" % r["test_loss"] for r in rs),
-        f"{_mean([r['test_acc'] for r in rs]):.3f}", f"{_mean([r['val_loss'] for r in rs]):.4f}",
-        f"{_mean([r['s_per_step'] for r in rs]) / fixed:.2f}x", ", ".join(f"{v:.2f}" for v in rs[0]["hypers"].values())]))
+    return "\n".join(out + _method_rows(rows, FASHION_METHODS, lambda rs: _image_cells(rs, fixed) + [
+        ", ".join(f"{v:.2f}" for v in rs[0]["hypers"].values())]))
 
 
-def plot_fashion(rows, path):
-    """The tuned dropout schedules (stn, delta-stn; one line per seed) beside the values the baselines used."""
+def cnn_table(rows, steps, sizes):
+    """The cnn protocol's results, then every run's final hyperparameters (and the perturbation scales)."""
+    fixed = _fixed_time(rows, "train_s_per_step")
+    n_test = sizes["test_size"] or 10000
+    out = [f"Fashion-MNIST CNN (the Delta-STN code's experiment, sized for one core): {sizes['train_size']} training and "
+           f"{sizes['val_size']} validation images from the training set, {n_test} official test images; conv 3x3 16 - "
+           f"conv 3x3 32 - FC {sizes['hidden']} - 10 (max-pool 2 after each conv), dropout on the input, after each conv "
+           "stage and after the FC layer (from 0.05, range [0, 0.9]), cutout length (from 4, range [2, 24]) and holes "
+           f"(from 1, range [0, 5]); {steps} weight steps, batch {sizes['batch_size']}, {len({r['seed'] for r in rows})} "
+           f"seed(s); random, tpe: 4 trials of {steps // 4} steps, the trial with the best final validation loss is "
+           "reported (its best val: the lowest final validation loss of a trial). Time per step: the weight and hyper "
+           "steps alone (evaluations excluded), against fixed's.", "",
+           "| method | test loss (mean) | per seed | test acc | best val loss | final val loss | time/step vs fixed | "
+           "final hyperparameters (seed 0) |", "|---|---|---|---|---|---|---|---|"]
+    out += _method_rows(rows, CNN_METHODS, lambda rs: _image_cells(rs, fixed, "train_s_per_step", best_val=True) + [
+        ", ".join(f"{_short(n)} {_hyper_value(n, v)}" for n, v in rs[0]["hypers"].items())])
+    names = list(rows[0]["hypers"])
+    out += ["", "Final hyperparameters per run (start: " + ", ".join(
+        f"{_short(n)} {_hyper_value(n, {**{k: 0.05 for k in names}, **CNN_INITS}[n])}" for n in names)
+        + "); sigma: the perturbation scales at the end (unconstrained units), in the order of the columns.", "",
+        "| method | seed | " + " | ".join(_short(n) for n in names) + " | sigma | recoveries |",
+        "|---" * (len(names) + 4) + "|"]
+    for m in CNN_METHODS:
+        for r in sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"]):
+            sig = ", ".join(f"{r['sigmas'][n]:.2f}" for n in names) if r.get("sigmas") else ""
+            out.append(f"| {m} | {r['seed']} | " + " | ".join(_hyper_value(n, r["hypers"][n]) for n in names)
+                       + f" | {sig} | {r.get('recoveries') or 0} |")
+    return "\n".join(out)
+
+
+def plot_schedules(rows, path, methods, title, columns=None):
+    """One panel per hyperparameter: the tuned schedules (stn, delta-stn; one line per seed) beside the values the
+    baselines used (dashed: fixed, the best trial of random search and TPE). Panels of dropout rates share a
+    y axis; others (cutout length, holes) have their own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(rows[0]["hypers"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), sharey=True, squeeze=False)
-    colours = {m: f"C{i}" for i, m in enumerate(FASHION_METHODS)}
+    columns = columns or len(names)
+    nrow = -(-len(names) // columns)
+    rates = all(n.startswith("dropout.") for n in names)
+    fig, axes = plt.subplots(nrow, columns, figsize=(4 * columns, 3.4 * nrow), sharey=rates, squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
     steps = max((t[-1][0] for r in rows if r["trajectory"] for t in [r["trajectory"]]), default=1)
-    for ax, n in zip(axes[0], names):
+    for ax, n in zip(axes.flat, names):
         for r in rows:
-            label = r["method"] if r["seed"] == 0 else None
+            label = r["method"] if r["seed"] == min(q["seed"] for q in rows) else None
             if r["trajectory"]:
                 xs, hs = zip(*r["trajectory"])
-                ax.plot(xs, [h[n] for h in hs], color=colours[r["method"]], lw=1, label=label)
+                ax.plot(xs, [h[n] for h in hs], color=colours[r["method"]], lw=1, label=label,
+                        drawstyle="steps-post" if n.startswith("cutout") else "default")
             else:
                 ax.hlines(r["hypers"][n], 0, steps, colors=colours[r["method"]], linestyles="--", lw=1, label=label)
         ax.set(title=n, xlabel="weight step")
-    axes[0, 0].set_ylabel("dropout rate")
+        if not rates or ax is axes.flat[0]:
+            ax.set_ylabel("dropout rate" if n.startswith("dropout.") else
+                          {"cutout_length": "pixels", "cutout_holes": "holes"}.get(n, "value"))
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Fashion-MNIST: tuned dropout schedules (lines) and the baselines' rates (dashed: fixed, best trial)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_fashion(rows, path):
+    """The tuned dropout schedules (stn, delta-stn; one line per seed) beside the values the baselines used."""
+    plot_schedules(rows, path, FASHION_METHODS,
+                   "Fashion-MNIST: tuned dropout schedules (lines) and the baselines' rates (dashed: fixed, best trial)")
+
+
+def plot_cnn(rows, path):
+    """The six schedules of the cnn protocol, one panel each (3 per row)."""
+    plot_schedules(rows, path, CNN_METHODS, "Fashion-MNIST CNN: tuned dropout and cutout schedules (lines, one per seed)\n"
+                   "and the baselines' values (dashed: fixed, the best trial of random search and TPE)", columns=3)
 
 
 def digits_grid(data, steps, seed=0):
@@ -273,9 +380,16 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ridge-steps", type=int, default=3000)
     p.add_argument("--digits-steps", type=int, default=3000)
-    p.add_argument("--only", choices=["ridge", "digits", "fashion"], help="run one problem")
+    p.add_argument("--only", choices=["ridge", "digits", "fashion", "cnn"], help="run one problem")
     p.add_argument("--fashion-steps", type=int, default=4000)
     p.add_argument("--fashion-seeds", type=int, default=2)
+    p.add_argument("--cnn-steps", type=int, default=CNN_SIZES["steps"])
+    p.add_argument("--cnn-seeds", type=int, default=3)
+    p.add_argument("--cnn-train-size", type=int, default=CNN_SIZES["train_size"])
+    p.add_argument("--cnn-val-size", type=int, default=CNN_SIZES["val_size"])
+    p.add_argument("--cnn-test-size", type=int, default=CNN_SIZES["test_size"],
+                   help="cnn: the first N official test images (0: all 10k)")
+    p.add_argument("--cnn-methods", type=lambda s: s.split(","), help="cnn: these methods only (default all five)")
     p.add_argument("--grid", action="store_true",
                    help="also run fixed dropout on a 12-point grid (seed 0, ~3 minutes): what fixed rates can reach")
     p.add_argument("--methods", type=lambda s: s.split(","), help="ridge: these methods only (default stn,delta-stn)")
@@ -288,6 +402,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.seeds, a.ridge_steps, a.digits_steps = 1, 1500, 600
+        # the cnn protocol end to end in seconds (--quick --only cnn; a plain --quick leaves it out, as fashion)
+        a.cnn_seeds, a.cnn_steps, a.cnn_train_size, a.cnn_val_size, a.cnn_test_size = 1, 24, 512, 256, 256
     OVERRIDES.clear()
     OVERRIDES.update(_parse_sets(a.set))
     torch.set_num_threads(1)
@@ -336,6 +452,26 @@ def main(argv=None):
                     print(f"fashion {m} seed {seed}: test loss {rows[-1]['test_loss']:.4f}", file=sys.stderr, flush=True)
             res["fashion"] = rows
             text.append(fashion_table(rows, a.fashion_steps))
+    if a.only == "cnn" or (a.only is None and not a.quick):
+        sizes = dict(CNN_SIZES, steps=a.cnn_steps, train_size=a.cnn_train_size, val_size=a.cnn_val_size,
+                     test_size=a.cnn_test_size)
+        try:
+            data = fashion_cnn_protocol(a.cnn_train_size, a.cnn_val_size, a.cnn_test_size)
+        except FileNotFoundError as e:
+            print(f"cnn: skipped: {e}", file=sys.stderr)
+            data = None
+        if data is not None:
+            rows = []
+            t0 = time.perf_counter()
+            for seed in range(a.cnn_seeds):
+                for m in a.cnn_methods or CNN_METHODS:
+                    rows.append(cnn_run(data, m, seed, a.cnn_steps))
+                    r = rows[-1]
+                    print(f"cnn {m} seed {seed}: test loss {r['test_loss']:.4f}, best val {r['best_val_loss']:.4f}, "
+                          f"{r['train_s_per_step'] * 1e3:.1f} ms/step, {r['s_per_step'] * a.cnn_steps:.0f} s", file=sys.stderr,
+                          flush=True)
+            res["cnn"], res["cnn_protocol"] = rows, dict(sizes, wall_s=time.perf_counter() - t0)
+            text.append(cnn_table(rows, a.cnn_steps, sizes))
     md = "\n\n".join(text)
     print(md)
     if a.out:
@@ -350,6 +486,8 @@ def main(argv=None):
             plot_ridge(res["ridge"], os.path.join(a.out, tag + "-ridge.png"))
         if "fashion" in res:
             plot_fashion(res["fashion"], os.path.join(a.out, tag + "-fashion.png"))
+        if "cnn" in res:
+            plot_cnn(res["cnn"], os.path.join(a.out, tag + "-cnn.png"))
     return res
 
 
