@@ -36,6 +36,7 @@ import stn_ext
 from stn_ext.tuning import augment, models
 from stn_ext._messages import count
 from stn_ext.tuning.augment import BatchRandom
+from stn_ext.tuning.divergence import StepChecks
 
 TUNED = ("stn", "delta-stn")
 METHODS = TUNED + ("fixed",)
@@ -73,12 +74,19 @@ class Tuner:
 
     The options are TrainConfig's (docs/trainer.md says why each default is what it is). ``loss_norm`` and
     ``world``/``allreduce`` are for data-parallel runs: losses are summed and divided by ``loss_norm`` (the
-    global batch) and gradients summed across ranks by ``allreduce(list_of_tensors)`` (in place)."""
+    global batch) and gradients summed across ranks by ``allreduce(list_of_tensors)`` (in place).
+
+    check_finite  read each step's loss (a hyper step's: and the gradients of u and the scales) to the host before
+                the optimiser steps: a non-finite one is skipped with a warning and counted (``skipped_steps``,
+                ``skipped_hyper_steps``); ``max_skipped`` in a row raise ``Diverged``. False: no check, no read.
+    guard       ``divergence.Guard()``: snapshots every ``guard.every`` weight steps; an unhealthy step rolls back to
+                one and halves the perturbation scales, as the trainer does (``divergence.StepChecks``)."""
 
     def __init__(self, model, space, optimizer, loss_fn, method="delta-stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", scale_init=-1.0, scale_max=0.0, tau=1e-2, train_per_cycle=5,
                  val_per_cycle=1, warmup_steps=-1, perturb="batch", response_init="v", hyper_input="auto",
-                 linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None):
+                 linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None,
+                 check_finite=True, max_skipped=10, guard=None):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         if perturb not in ("example", "batch"):
@@ -117,6 +125,7 @@ class Tuner:
         scale_init = default_scale_init(perturb) if scale_init == -1 else scale_init
         self.hscale = nn.Parameter(torch.full((n,), inv_softplus(scale_init), dtype=dt, device=device))
         self.scale_init, self.sigma_max = scale_init, scale_max or scale_init
+        self.sigma_max0 = self.sigma_max  # where the cap grows back to after a roll-back
         self.hyper_lr, self.hyper_lr_schedule = hyper_lr, hyper_lr_schedule
         self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
         self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = \
@@ -148,8 +157,15 @@ class Tuner:
         if unused:
             raise ValueError(f"stn_ext: the model has no dropout slot {unused}; its slots: {slots}")
         self.total_hyper_steps = sum(self._hyper_steps_after(t) for t in range(1, total_steps + 1)) if total_steps else 0
-        self.step = 0   # weight steps done
-        self.hstep = 0  # hyper steps done
+        self.step = 0   # weight steps done (skipped ones included)
+        self.hstep = 0  # hyper steps done (skipped ones included)
+        if guard is not None and not check_finite:
+            raise ValueError("stn_ext: a guard needs check_finite=True (it reads each step's loss)")
+        self.checks = StepChecks(self, max_skipped, guard) if check_finite else None
+
+    skipped_steps = property(lambda self: self.checks.skipped["weight"] if self.checks else 0)
+    skipped_hyper_steps = property(lambda self: self.checks.skipped["hyper"] if self.checks else 0)
+    rollbacks = property(lambda self: self.checks.rollbacks if self.checks else 0)
 
     # --- schedule -------------------------------------------------------------------------------------
 
@@ -268,14 +284,19 @@ class Tuner:
         if self.allreduce is not None:
             self.allreduce(tensors)
 
-    def _apply(self, loss, params):
+    def _apply(self, loss, params, what="training loss", spike=True):
+        """Step the optimiser on loss's gradients; with the checks, not where they find a problem (returned)."""
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-        self._allreduce(grads)
+        if self.checks is None:
+            self._allreduce(grads)
+        elif problem := self.checks.weight_problem(loss, grads, what, spike):
+            return problem
         for p in self.params:
             p.grad = None
         for p, g in zip(params, grads):
             p.grad = g
         self.opt_w.step()
+        return None
 
     def _eps(self, rnd):
         n = len(self.space)
@@ -295,6 +316,8 @@ class Tuner:
         """One weight step on a training batch; returns the batch's losses (per example where loss_fn gives
         them, else the scalar), detached. ``rnd``: a BatchRandom (data-parallel runs; default: this tuner's
         generator over the batch)."""
+        if self.checks:
+            self.checks.before()
         rnd = self._rnd(x, rnd)
         self.model.train()
         u = self.u.detach()
@@ -304,28 +327,31 @@ class Tuner:
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, None, vals)
             # the elementary network: the hypernet's parameters have no gradient (the optimiser skips them)
-            self._apply(loss, self.general_params)
+            problem = self._apply(loss, self.general_params)
         elif self.method == "stn":
             u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
             vals = self.space.to_values(u_t)
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, self.z(u_t, False), vals)
-            self._apply(loss, self.params if self.response_on() else self.general_params)
+            problem = self._apply(loss, self.params if self.response_on() else self.general_params)
         else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
             vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, None, vals)
-            self._apply(loss, self.general_params)
-            if self.response_on():
+            problem = self._apply(loss, self.general_params)
+            if problem is None and self.response_on():
                 u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
                 vals = self.space.to_values(u_t)
                 xr, rates = self.regularise(x, vals, rnd)
                 with models.regularisers(rates, rnd, self.named(vals)):
                     rloss, _ = self.loss(xr, y, self.z(u_t, True), vals, linearised=self.linearize)
-                self._apply(rloss, self.response_params)
+                problem = self._apply(rloss, self.response_params, "response step's training loss (after its "
+                                      "general step, which was taken)", spike=False)
         self.step += 1
+        if self.checks:
+            self.checks.after("weight", problem)
         return report
 
     def hyper_step(self, x, y, rnd=None):
@@ -333,6 +359,8 @@ class Tuner:
         where loss_fn gives them), detached, from the perturbed network."""
         if not self.tunes:
             raise RuntimeError(f"stn_ext: method {self.method!r} takes no hyper steps")
+        if self.checks:
+            self.checks.before()
         rnd = self._rnd(x, rnd)
         self.model.eval()
         sigma = F.softplus(self.hscale)
@@ -343,18 +371,25 @@ class Tuner:
         entropy = torch.log(sigma * math.sqrt(2 * math.pi * math.e)).sum()
         loss = vloss - self.tau * entropy / self.world
         grads = list(torch.autograd.grad(loss, [self.u, self.hscale]))
-        self._allreduce(grads)
-        self.u.grad, self.hscale.grad = grads
-        for g in self.opt_h.param_groups:
-            g["lr"] = self.current_hyper_lr()
-        self.opt_h.step()
-        with torch.no_grad():  # projection: u stays where its value moves, sigma under its cap
-            self.u.clamp_(self.u_lo, self.u_hi)
-            self.hscale.clamp_(max=self.h_max)
-        if self._recentres:
-            self._recentre()
+        problem = None
+        if self.checks is None:
+            self._allreduce(grads)
+        else:
+            problem = self.checks.hyper_problem(loss, grads)
+        if problem is None:
+            self.u.grad, self.hscale.grad = grads
+            for g in self.opt_h.param_groups:
+                g["lr"] = self.current_hyper_lr()
+            self.opt_h.step()
+            with torch.no_grad():  # projection: u stays where its value moves, sigma under its cap
+                self.u.clamp_(self.u_lo, self.u_hi)
+                self.hscale.clamp_(max=self.h_max)
+            if self._recentres:
+                self._recentre()
         self.hstep += 1
         self.model.train()
+        if self.checks:
+            self.checks.after("hyper", problem)
         return report
 
     @torch.no_grad()
@@ -369,6 +404,22 @@ class Tuner:
             if m.bias_elem is not None:
                 m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
         self.anchor.add_(shift)
+
+    def halve_perturbation(self, sigma_max, hyper_lr_factor, recoveries):
+        """After roll-back number ``recoveries`` (divergence.roll_back), from the cap and factor before it: the scales
+        (perturbations take SGD past its limit), from the third on the hyper learning rate (u heading there)."""
+        with torch.no_grad():
+            self.sigma_max = sigma_max / 2
+            self.hyper_lr_factor = hyper_lr_factor / 2 if recoveries >= 3 else hyper_lr_factor
+            self.hscale.copy_(inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
+                                                             torch.full_like(self.hscale, self.sigma_max))))
+
+    def regrow_scale_cap(self):
+        """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start),
+        sigma itself only as its own gradient moves it: regrowing sigma with the cap (tried on ridge, STN per
+        batch from 100x above) took the runs back past SGD's limit, one of them to 6 recoveries and a stop."""
+        if self.sigma_max < self.sigma_max0:
+            self.sigma_max = min(self.sigma_max0, self.sigma_max * math.sqrt(2))
 
     # --- evaluation and state -----------------------------------------------------------------------------
 
@@ -417,13 +468,22 @@ class Tuner:
 
     def state_dict(self):
         """Everything the tuner holds but the model's weights and the user's optimiser (which have their own)."""
-        return {"u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(), "opt_h": self.opt_h.state_dict(),
-                "gen": self.gen.get_state(), "gen_device": self.gen.device.type, "step": self.step,
-                "hstep": self.hstep, "anchor": self.anchor.clone(), "sigma_max": self.sigma_max,
-                "hyper_lr_factor": self.hyper_lr_factor, "space": self.space.names, "method": self.method}
+        st = {"u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(), "opt_h": self.opt_h.state_dict(),
+              "gen": self.gen.get_state(), "gen_device": self.gen.device.type, "step": self.step,
+              "hstep": self.hstep, "anchor": self.anchor.clone(), "sigma_max": self.sigma_max,
+              "hyper_lr_factor": self.hyper_lr_factor, "space": self.space.names, "method": self.method}
+        if self.checks:
+            st["checks"] = self.checks.state_dict()  # skipped steps and roll-backs (states before them: none)
+        return st
 
     def load_state_dict(self, st, generator=True):
-        """Restore ``state_dict()``; ``generator=False`` leaves the random generator alone (the caller sets it)."""
+        """Restore ``state_dict()``; ``generator=False`` leaves the random generator alone (the caller sets it).
+        The guard's snapshots (``guard=``) are dropped: the next step takes one of the state restored."""
+        self._load_state(st, generator)
+        if self.checks:
+            self.checks.load_state_dict(st.get("checks"))
+
+    def _load_state(self, st, generator=True):
         if st["space"] != self.space.names or st["method"] != self.method:
             raise ValueError(f"stn_ext: the state (checkpoint) is of method {st['method']!r} with hyperparameters "
                              f"{st['space']}; this run is {self.method!r} with {self.space.names}")

@@ -14,9 +14,20 @@ scales (and their cap): perturbed hyperparameters are what take SGD past its sta
 weight decay, say); from the third roll-back on it also halves the hyper learning rate, which keeps u
 from running there.
 After ``max_recoveries`` roll-backs it stops with ``Diverged``, naming the step and the values.
+
+``roll_back`` is that recovery, shared by the trainer and by a ``Tuner`` given a ``Guard`` (``Tuner(..., guard=
+Guard())``: snapshots of the model, the user's optimiser and the tuner). ``StepChecks`` is what a Tuner does about a
+step with a non-finite loss or hypergradient before anything steps (its default, ``check_finite=True``): it skips
+the step with a warning and counts it, and stops with ``Diverged`` after ``max_skipped`` in a row; with a guard it
+rolls back instead.
 """
 import copy
 import math
+import warnings
+
+import torch
+
+from stn_ext._messages import count
 
 
 class Diverged(RuntimeError):
@@ -45,6 +56,10 @@ class Guard:
         self.history = (self.history[-1:] if keep_older else []) + [(copy.deepcopy(state), step, list(self.recent))]
         self._restored = None
 
+    def reset(self):
+        """Forget the snapshots and the recent losses (the state they were taken of has been replaced)."""
+        self.recent, self.history, self._restored = [], [], None
+
     @property
     def snapshot_step(self):
         return self.history[-1][1] if self.history else -1
@@ -65,3 +80,144 @@ class Guard:
 
 def finite(*tensors):
     return all(bool(t.isfinite().all()) for t in tensors)
+
+
+ADVICE = "Try a smaller learning rate (lr) or a narrower hyperparameter range."
+
+
+def diverged_message(where, problem, vals, sigmas, tried="", kept="", advice=ADVICE):
+    return (f"stn_ext: training diverged at {where} ({problem}) with hyperparameters {vals}"
+            + (f", perturbation scales {sigmas}" if sigmas else "") + tried + kept + ". " + advice)
+
+
+def roll_back(tuner, guard, recoveries, load, where, problem, kept="", give_up=False):
+    """Roll back to ``guard``'s snapshot (``load(state)`` restores it) and halve the perturbation scales, their cap
+    and, from the third roll-back on, the hyper learning rate (``Tuner.halve_perturbation``). Raises ``Diverged``
+    where that cannot help (``give_up``) or has not helped (``recoveries`` roll-backs already, the maximum).
+    Returns the new number of roll-backs. ``where``/``problem`` ("weight step 12", "training loss inf") and
+    ``kept`` (what the caller keeps on disk) go into the messages."""
+    vals, sig = tuner.hyperparameters(), tuner.sigmas() if tuner.tunes else None
+    if give_up or recoveries >= guard.max_recoveries:
+        tried = ""
+        if tuner.tunes:
+            tried = (f"; rolled back to step {guard.snapshot_step} and halved the perturbation scales {recoveries} "
+                     "times (and the hyper learning rate from the third time) without recovering")
+        elif recoveries:
+            tried = f"; rolled back to step {guard.snapshot_step} {recoveries} times without recovering"
+        raise Diverged(diverged_message(where, problem, vals, sig, tried, kept))
+    sigma_max, factor = tuner.sigma_max, tuner.hyper_lr_factor  # the snapshot may predate earlier halvings
+    load(guard.restore())
+    recoveries += 1
+    halved = ""
+    if tuner.tunes:
+        tuner.halve_perturbation(sigma_max, factor, recoveries)
+        halved = (f" and halved the perturbation scales (cap now {tuner.sigma_max:.3g}; hyper learning rate now "
+                  f"x{tuner.hyper_lr_factor:.3g})")
+    warnings.warn(f"stn_ext: training diverged at {where} ({problem}, hyperparameters {vals}); rolled back to step "
+                  f"{tuner.step}{halved}")
+    return recoveries
+
+
+def _values(t):
+    return ", ".join(f"{v:.4g}" for v in t.reshape(-1).tolist())
+
+
+class StepChecks:
+    """A Tuner's checks of its steps (``check_finite=True``, the default). Before the optimiser steps, the step's loss
+    summed over ranks (and for a hyper step the gradients of u and of the scales) is read to the host: one read per
+    optimiser step, which on a GPU waits for the step's backward pass. A non-finite one skips the step (nothing it
+    would change is changed; the step counters advance, so the warm-up and the schedules follow the batches), with a
+    warning naming the step, what was not finite and the hyperparameters, and is counted in ``skipped`` ("weight",
+    "hyper"); ``max_skipped`` in a row (None: no limit) raise ``Diverged``. With a ``Guard`` the tuner snapshots the
+    model, its optimiser and itself every ``guard.every`` weight steps, and a step whose loss is not finite or is
+    over ``guard.factor`` times the recent mean is rolled back (``roll_back``) instead of skipped."""
+
+    def __init__(self, tuner, max_skipped=10, guard=None):
+        if max_skipped is not None and max_skipped < 1:
+            raise ValueError(f"stn_ext: max_skipped must be >= 1 (or None: no limit), got {max_skipped}")
+        self.tuner, self.max_skipped, self.guard = tuner, max_skipped, guard
+        self.skipped = {"weight": 0, "hyper": 0}
+        self.in_a_row = {"weight": 0, "hyper": 0}
+        self.rollbacks = 0
+
+    # --- what is wrong with a step (None: nothing) ---------------------------------------------------------
+
+    def _reduced(self, loss, grads):
+        """Sum loss over ranks with the gradients (one all-reduce, so every rank decides the same)."""
+        total = loss.detach().reshape(1).to(grads[0].dtype)
+        self.tuner._allreduce(list(grads) + [total])
+        return total
+
+    def weight_problem(self, loss, grads, what="training loss", spike=True):
+        value = float(self._reduced(loss, grads))  # the read to the host
+        if not math.isfinite(value):
+            return f"{what} {value}"
+        if spike and self.guard is not None and not self.guard.check_loss(value):
+            return f"{what} {value:.4g}, over {self.guard.factor:g}x the mean of the recent ones"
+        return None
+
+    def hyper_problem(self, loss, grads):
+        total = self._reduced(loss, grads)
+        parts = (("hyper loss (validation loss - tau entropy)", total), ("hypergradient of u", grads[0]),
+                 ("hypergradient of the perturbation scales", grads[1]))
+        if bool(torch.stack([t.isfinite().all() for _, t in parts]).all()):  # the read to the host
+            return None
+        return "; ".join(f"{name} [{_values(t)}]" for name, t in parts if not bool(t.isfinite().all()))
+
+    # --- before and after a step ---------------------------------------------------------------------------
+
+    def before(self):
+        if self.guard is not None and not self.guard.history:
+            self._take()
+
+    def after(self, kind, problem):
+        """After a step (its counter advanced): count it, snapshot, skip (warn, maybe stop) or roll back."""
+        t = self.tuner
+        if problem is None:
+            self.in_a_row[kind] = 0
+            if kind == "weight" and self.guard is not None and self.guard.due(t.step):
+                t.regrow_scale_cap()
+                self._take()
+            return
+        where = f"weight step {t.step}" if kind == "weight" else f"hyper step {t.hstep} (after weight step {t.step})"
+        if self.guard is not None:
+            self.rollbacks = roll_back(t, self.guard, self.rollbacks, self._restore, where, problem)
+            return
+        self.skipped[kind] += 1
+        self.in_a_row[kind] += 1
+        n, vals, sig = self.in_a_row[kind], t.hyperparameters(), t.sigmas() if t.tunes else None
+        if self.max_skipped is not None and n >= self.max_skipped:
+            raise Diverged(diverged_message(
+                where, problem, vals, sig, f"; the last {n} {kind} steps in a row were not finite and were skipped",
+                advice="Check the batches for non-finite values; else try a smaller learning rate (lr) or a narrower "
+                       "hyperparameter range, or pass guard=stn_ext.tuning.Guard() to roll back to a healthy state."))
+        warnings.warn(f"stn_ext: {where}: {problem}; skipped it ({n} in a row, {count(self.skipped[kind], kind + ' step')} "
+                      f"in all): weights, optimiser state, u and the perturbation scales unchanged by it; hyperparameters "
+                      f"{vals}" + (f", perturbation scales {sig}" if sig else ""), stacklevel=3)
+
+    # --- snapshots -----------------------------------------------------------------------------------------
+
+    def _take(self):
+        t = self.tuner
+        st = t.state_dict()
+        st.pop("checks", None)  # the counts are not rolled back
+        self.guard.take({"model": t.model.state_dict(), "opt_w": t.opt_w.state_dict(), "tuner": st}, t.step)
+
+    def _restore(self, st):
+        t = self.tuner
+        t.model.load_state_dict(st["model"])
+        t.opt_w.load_state_dict(st["opt_w"])
+        t._load_state(st["tuner"])
+        self.in_a_row = {"weight": 0, "hyper": 0}
+
+    def state_dict(self):
+        return {"skipped": dict(self.skipped), "in_a_row": dict(self.in_a_row), "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, st):
+        """``st`` None (a state saved before these counts existed): they start at 0. Snapshots are forgotten."""
+        st = st or {}
+        self.skipped = dict(st.get("skipped", {"weight": 0, "hyper": 0}))
+        self.in_a_row = dict(st.get("in_a_row", {"weight": 0, "hyper": 0}))
+        self.rollbacks = st.get("rollbacks", 0)
+        if self.guard is not None:
+            self.guard.reset()

@@ -48,8 +48,8 @@ from stn_ext.data import Dataset, load as load_data
 from stn_ext.tuning import models
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.config import SEARCHES, TrainConfig, _dist
-from stn_ext.tuning.core import Tuner, inv_softplus_t
-from stn_ext.tuning.divergence import Diverged, Guard, finite
+from stn_ext.tuning.core import Tuner
+from stn_ext.tuning.divergence import Guard, finite, roll_back
 from stn_ext.tuning.plots import plot_run
 from stn_ext.tuning.runfolder import RunLog, check_run_folder, open_run_folder
 from stn_ext.tuning.space import HyperSpace
@@ -103,7 +103,8 @@ class Trainer:
             scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau, train_per_cycle=cfg.train_per_cycle,
             val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
-            loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce)
+            loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce,
+            check_finite=False)  # the trainer checks each step itself (_healthy) and rolls back (_recover)
         self.layers, self.params = self.tuner.layers, self.tuner.params
         self.recoveries = 0
         self.guard = Guard()
@@ -325,7 +326,7 @@ class Trainer:
                     bar.refresh()
                     continue
                 if self.guard.due(self.step):
-                    self._regrow_scale_cap()
+                    self.tuner.regrow_scale_cap()
                     self.guard.take(self.state_dict(), self.step)
                 if hl:
                     rec["hyper_steps"] = self.hstep
@@ -381,39 +382,17 @@ class Trainer:
     def _recover(self, train_loss):
         """Roll back to the last healthy snapshot and halve the perturbation scales, their cap and the
         hyper learning rate; raise Diverged where that cannot help (no tuning) or has not helped."""
-        at, vals, sig = self.step, self.hyper_values(), self.sigmas() if self.tunes else None
-        if not self.tunes or self.recoveries >= self.guard.max_recoveries:
-            tried = (f"; rolled back to step {self.guard.snapshot_step} and halved the perturbation scales "
-                     f"{self.recoveries} times (and the hyper learning rate from the third time) without "
-                     "recovering") if self.tunes else ""
-            kept = ""
-            if self.out:
-                kept = (f"; the last good checkpoint is kept in {self.cfg.out}" if os.path.exists(self._ckpt_path())
-                        else f"; no checkpoint had been written to {self.cfg.out} yet")
-            raise Diverged(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}) with "
-                           f"hyperparameters {vals}" + (f", perturbation scales {sig}" if sig else "") + tried + kept +
-                           ". Try a smaller learning rate (lr) or a narrower hyperparameter range.")
-        sigma_max, factor, recoveries = self.sigma_max, self.hyper_lr_factor, self.recoveries
-        self.load_state_dict(self.guard.restore())
-        self.log.truncate(self.step)
-        with torch.no_grad():
-            # the scales first: perturbations are what take SGD past its limit; the hyper step only when
-            # that keeps failing (u itself heading somewhere unstable)
-            self.recoveries = recoveries + 1
-            self.sigma_max, self.hyper_lr_factor = sigma_max / 2, factor / 2 if self.recoveries >= 3 else factor
-            self.hscale.copy_(inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
-                                                             torch.full_like(self.hscale, self.sigma_max))))
-        warnings.warn(f"stn_ext: training diverged at weight step {at} (training loss {train_loss:.4g}, hyperparameters "
-                      f"{vals}); rolled back to step {self.step} and halved the perturbation scales (cap now "
-                      f"{self.sigma_max:.3g}; hyper learning rate now x{self.hyper_lr_factor:.3g})")
+        kept = ""
+        if self.out:
+            kept = (f"; the last good checkpoint is kept in {self.cfg.out}" if os.path.exists(self._ckpt_path())
+                    else f"; no checkpoint had been written to {self.cfg.out} yet")
 
-    def _regrow_scale_cap(self):
-        """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start),
-        sigma itself only as its own gradient moves it: regrowing sigma with the cap (tried on ridge, STN per
-        batch from 100x above) took the runs back past SGD's limit, one of them to 6 recoveries and a stop."""
-        cap0 = self.cfg.scale_max or self.tuner.scale_init
-        if self.sigma_max < cap0:
-            self.sigma_max = min(cap0, self.sigma_max * math.sqrt(2))
+        def load(state):
+            self.load_state_dict(state)
+            self.log.truncate(self.step)
+
+        self.recoveries = roll_back(self.tuner, self.guard, self.recoveries, load, f"weight step {self.step}",
+                                    f"training loss {train_loss:.4g}", kept, give_up=not self.tunes)
 
     def _log_eval(self):
         v, t = self.evaluate(self.data.val), self.evaluate(self.data.test)
