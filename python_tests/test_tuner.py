@@ -1,5 +1,6 @@
 """stn_ext.tuning.Tuner in a user's own loop: any optimiser, any loss, DataLoader batches, autocast,
 state_dict for the user's checkpoints; and the example that shows it."""
+import copy
 import os
 import subprocess
 import sys
@@ -23,8 +24,9 @@ def _setup(method="delta-stn", loss=None, steps=40, opt=torch.optim.AdamW, **kw)
     model = torch.nn.Sequential(HyperDropout("in"), torch.nn.Linear(12, 16), torch.nn.ReLU(), HyperDropout("h1"),
                                 torch.nn.Linear(16, 3))
     stn_ext.convert(model, n_hyper=len(space))
+    kw = {"warmup_steps": 4, "train_per_cycle": 2, **kw}
     tuner = Tuner(model, space, opt(model.parameters(), lr=1e-2), loss or torch.nn.CrossEntropyLoss(), method=method,
-                  total_steps=steps, warmup_steps=4, train_per_cycle=2, **kw)
+                  total_steps=steps, **kw)
     return model, tuner
 
 
@@ -107,3 +109,209 @@ def test_example_own_training_loop_runs():
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "test loss" in r.stdout and "dropout.in=" in r.stdout
+
+
+# --- non-finite steps: skipped, counted, stopped; the opt-in roll-back (issue 22) ---------------------------------
+
+NAN_X = torch.full((8, 12), float("nan"))
+
+
+def _same(a, b):
+    """Equal state (dicts, lists, tensors bit for bit, numbers)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def _state(model, tuner):
+    sd = tuner.state_dict()
+    sd.pop("checks", None)
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "opt_w": copy.deepcopy(tuner.opt_w.state_dict()), "tuner": copy.deepcopy(sd)}
+
+
+def _without_counters(st):
+    """A tuner state with its step counters and random generator left out (what a skipped step may move)."""
+    t = {k: v for k, v in st["tuner"].items() if k not in ("step", "hstep", "gen")}
+    return {**st, "tuner": t}
+
+
+@pytest.mark.parametrize("method", ["stn", "delta-stn", "fixed"])
+def test_a_nan_training_batch_is_skipped_with_a_warning(method):
+    model, tuner = _setup(method)
+    train, val = _batches(12, 1), _batches(12, 2)
+    _run(tuner, train[:8], val)  # past the warm-up (4): the response trains
+    before = _state(model, tuner)
+    with pytest.warns(UserWarning, match=r"weight step 9: training loss nan; skipped it \(1 in a row, 1 weight step in "
+                                         r"all\).*hyperparameters \{'dropout.in': 0\.0\d+"):
+        report = tuner.weight_step(NAN_X, train[8][1])
+    assert not torch.isfinite(report).all()  # the user still sees the batch's loss
+    assert tuner.step == 9 and tuner.skipped_steps == 1 and tuner.skipped_hyper_steps == 0
+    after = _state(model, tuner)
+    assert _same(_without_counters(after), _without_counters(before))  # weights, optimiser, u, scales unchanged
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # and the run goes on: the next batch steps as usual, the count of skips in a row starts again
+    tuner.weight_step(*train[9])
+    assert not _same(_state(model, tuner)["model"], before["model"])
+    assert tuner.checks.in_a_row["weight"] == 0 and tuner.skipped_steps == 1
+    for _ in range(tuner.hyper_steps_due()):
+        tuner.hyper_step(*val[0])
+    assert torch.isfinite(tuner.u).all() and torch.isfinite(tuner.hscale).all()
+
+
+def test_a_nan_in_the_delta_stn_response_step_skips_only_that_part():
+    calls = []
+
+    def loss(out, y):  # the 2nd loss of the weight step (the response step's) is NaN
+        calls.append(1)
+        ell = F.cross_entropy(out, y)
+        return ell * float("nan") if len(calls) == 2 else ell
+
+    model, tuner = _setup("delta-stn", loss=loss, warmup_steps=0)
+    resp = [p.detach().clone() for p in tuner.response_params]
+    gen = [p.detach().clone() for p in tuner.general_params]
+    with pytest.warns(UserWarning, match=r"weight step 1: response step's training loss \(after its general step, "
+                                         r"which was taken\) nan; skipped it"):
+        tuner.weight_step(*_batches(1, 1)[0])
+    assert all(torch.equal(a, b) for a, b in zip(resp, tuner.response_params))
+    assert not all(torch.equal(a, b) for a, b in zip(gen, tuner.general_params))
+    assert tuner.skipped_steps == 1
+
+
+def test_a_nan_validation_batch_skips_the_hyper_step():
+    model, tuner = _setup("stn")
+    train, val = _batches(12, 1), _batches(12, 2)
+    _run(tuner, train[:6], val)
+    assert tuner.hyper_steps_due() == 1 and tuner.hstep == 1
+    u, h, opt_h = tuner.u.detach().clone(), tuner.hscale.detach().clone(), copy.deepcopy(tuner.opt_h.state_dict())
+    with pytest.warns(UserWarning, match=r"hyper step 2 \(after weight step 6\): hyper loss \(validation loss - tau "
+                                         r"entropy\) \[nan\]; hypergradient of u \[nan, nan, nan\].*skipped it"):
+        tuner.hyper_step(NAN_X, val[0][1])
+    assert torch.equal(tuner.u, u) and torch.equal(tuner.hscale, h) and _same(tuner.opt_h.state_dict(), opt_h)
+    assert tuner.hstep == 2 and tuner.skipped_hyper_steps == 1 and tuner.skipped_steps == 0
+    assert all(torch.isfinite(v) for v in map(torch.tensor, tuner.hyperparameters().values()))
+
+
+def test_a_remote_rank_s_nan_skips_the_step_here_too():
+    model, tuner = _setup("stn")
+
+    def allreduce(tensors):  # the other rank's batch was NaN: every sum is
+        for t in tensors:
+            t.add_(float("nan"))
+
+    tuner.allreduce = allreduce
+    w = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="weight step 1: training loss nan; skipped"):
+        tuner.weight_step(*_batches(1, 1)[0])  # finite here
+    assert all(torch.equal(a, b) for a, b in zip(w, model.parameters()))
+
+
+def test_repeated_non_finite_steps_stop_with_a_clear_error():
+    from stn_ext.tuning import Diverged
+
+    model, tuner = _setup("delta-stn", max_skipped=3)
+    y = torch.zeros(8, dtype=torch.long)
+    with pytest.warns(UserWarning, match="skipped"):
+        tuner.weight_step(NAN_X, y)
+        tuner.weight_step(NAN_X, y)
+    with pytest.raises(Diverged, match=r"diverged at weight step 3 \(training loss nan\) with hyperparameters .*dropout"
+                                       r".*the last 3 weight steps in a row were not finite.*Check the batches"):
+        tuner.weight_step(NAN_X, y)
+    model, tuner = _setup("stn", max_skipped=2, warmup_steps=0)
+    tuner.weight_step(*_batches(1, 1)[0])
+    with pytest.warns(UserWarning, match="hyper step 1"):
+        tuner.hyper_step(NAN_X, y)
+    tuner.weight_step(*_batches(1, 1)[0])  # a healthy weight step does not clear a run of bad hyper steps
+    with pytest.raises(Diverged, match=r"hyper step 2 \(after weight step 2\).*the last 2 hyper steps in a row"):
+        tuner.hyper_step(NAN_X, y)
+    with pytest.raises(ValueError, match="max_skipped must be >= 1"):
+        _setup("stn", max_skipped=0)
+    from stn_ext.tuning import Guard
+    with pytest.raises(ValueError, match="a guard needs check_finite=True"):
+        _setup("stn", check_finite=False, guard=Guard())
+
+
+def test_skip_counts_survive_a_state_dict_round_trip_and_old_states_load():
+    model, tuner = _setup("stn")
+    y = torch.zeros(8, dtype=torch.long)
+    with pytest.warns(UserWarning):
+        tuner.weight_step(NAN_X, y)
+        tuner.weight_step(NAN_X, y)
+    st = tuner.state_dict()
+    assert st["checks"]["skipped"] == {"weight": 2, "hyper": 0}
+    _, other = _setup("stn")
+    other.load_state_dict(st)
+    assert other.skipped_steps == 2 and other.checks.in_a_row["weight"] == 2 and other.step == 2
+    old = {k: v for k, v in st.items() if k != "checks"}  # a state saved before the counts existed
+    _, other = _setup("stn")
+    other.load_state_dict(old)
+    assert other.skipped_steps == 0 and other.rollbacks == 0 and other.step == 2
+
+
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])
+def test_the_checks_and_the_guard_leave_a_healthy_run_bit_for_bit_unchanged(method):
+    from stn_ext.tuning import Guard
+
+    train, val = _batches(30, 1), _batches(30, 2)
+    got = []
+    for kw in ({"check_finite": False}, {}, {"guard": Guard(every=4)}):
+        model, tuner = _setup(method, steps=30, **kw)
+        _run(tuner, train, val)
+        got.append([p.detach().clone() for p in model.parameters()] + [tuner.u.detach().clone(),
+                                                                        tuner.hscale.detach().clone()])
+        assert tuner.skipped_steps == tuner.skipped_hyper_steps == tuner.rollbacks == 0
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[1]))
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[2]))
+
+
+@pytest.mark.parametrize("bad", ["nan", "spike"])
+def test_the_guard_rolls_back_to_a_healthy_snapshot_and_the_run_goes_on(bad):
+    from stn_ext.tuning import Guard
+
+    model, tuner = _setup("stn", steps=40, opt=torch.optim.SGD, guard=Guard(every=5))
+    train, val = _batches(40, 1), _batches(40, 2)
+    x_bad = NAN_X if bad == "nan" else train[12][0] * 1e4  # finite, but a loss far over 100x the recent mean
+    train[12] = (x_bad, train[12][1])
+    vi, sigma, snap = iter(val), None, None
+    for i, (x, y) in enumerate(train):
+        if i == 12:  # the guard's newest snapshot: after weight step 10, before its hyper steps
+            assert tuner.checks.guard.snapshot_step == 10
+            sigma, snap = F.softplus(tuner.hscale.detach()).clone(), tuner.checks.guard.history[-1][0]
+            with pytest.warns(UserWarning, match=r"diverged at weight step 13 \(training loss " +
+                              (r"nan" if bad == "nan" else r"\S+, over 100x the mean of the recent ones") +
+                              r", hyperparameters .*\); rolled back to step 10 and halved the perturbation scales"):
+                tuner.weight_step(x, y)
+            assert tuner.step == 10 and tuner.rollbacks == 1 and tuner.skipped_steps == 0
+            assert _same(model.state_dict(), snap["model"]) and _same(tuner.opt_w.state_dict(), snap["opt_w"])
+            restored = tuner.state_dict()
+            for k in ("u", "opt_h", "step", "hstep", "anchor", "gen"):
+                assert _same(restored[k], snap["tuner"][k]), k
+            # the scales halved from where they were, the cap too (from 0.3)
+            assert torch.allclose(F.softplus(tuner.hscale.detach()), torch.minimum(sigma / 2, torch.tensor(0.15)))
+            assert tuner.sigma_max == pytest.approx(0.15)
+        else:
+            tuner.weight_step(x, y)
+        for _ in range(tuner.hyper_steps_due()):  # after the roll-back: the hyper steps after step 10, again
+            tuner.hyper_step(*next(vi))
+    assert tuner.step == 37 and tuner.rollbacks == 1 and tuner.hstep == (37 - 4) // 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(tuner.u).all() and torch.isfinite(tuner.hscale).all()
+    assert tuner.sigma_max > 0.15  # the cap grows back over healthy snapshot intervals
+
+
+def test_the_guard_gives_up_after_max_recoveries():
+    from stn_ext.tuning import Diverged, Guard
+
+    model, tuner = _setup("delta-stn", guard=Guard(every=5, max_recoveries=2))
+    y = torch.zeros(8, dtype=torch.long)
+    tuner.weight_step(*_batches(1, 1)[0])
+    with pytest.warns(UserWarning, match="rolled back to step 0"):
+        tuner.weight_step(NAN_X, y)
+        tuner.weight_step(NAN_X, y)
+    with pytest.raises(Diverged, match=r"weight step 1 \(training loss nan\).*rolled back to step 0 and halved the "
+                                       r"perturbation scales 2 times"):
+        tuner.weight_step(NAN_X, y)
