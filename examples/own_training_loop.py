@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import stn_ext
 from stn_ext.tuning.space import HyperSpace
 from stn_ext.tuning.models import HyperDropout
-from stn_ext.tuning import Tuner
+from stn_ext.tuning import Guard, Tuner
 
 
 def smoothed_cross_entropy(logits, y):  # your own loss; per-example (or a scalar mean) both work
@@ -42,10 +42,12 @@ def main(argv=None):
                                 torch.nn.Linear(128, 10))
     stn_ext.convert(model, n_hyper=len(space))  # the Linear layers become StnLinear
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)  # weight decay is tuned instead
-    tuner = Tuner(model, space, optimizer, smoothed_cross_entropy, method=a.method, total_steps=a.steps)
+    # guard: on a non-finite or exploding loss, roll model, optimiser and tuner back to a snapshot (every 50 steps)
+    # and halve the perturbation scales; without it a non-finite step is skipped with a warning
+    tuner = Tuner(model, space, optimizer, smoothed_cross_entropy, method=a.method, total_steps=a.steps, guard=Guard())
 
     val_batches = forever(val)
-    while tuner.step < a.steps:
+    while tuner.step < a.steps:  # counts by the tuner's step: steps undone by a roll-back are redone
         for xb, yb in train:
             tuner.weight_step(xb, yb)
             for _ in range(tuner.hyper_steps_due()):
