@@ -2,11 +2,14 @@
 from stn_ext import ops  # noqa: F401  (loads the compiled library and registers the ops)
 from stn_ext._library import has_cuda
 from stn_ext import functional, reference, reversible  # noqa: F401
-from stn_ext.nn import ELEMENTARY, StnConv2d, StnLinear, convert, current_hyper_input, elementary, hyper_input
+from stn_ext.nn import (ELEMENTARY, StnConv2d, StnEmbedding, StnLinear, StnLSTM, convert, current_hyper_input,
+                        elementary, hyper_input)
 
 __all__ = [
     "StnLinear",
     "StnConv2d",
+    "StnLSTM",
+    "StnEmbedding",
     "convert",
     "hyper_input",
     "elementary",

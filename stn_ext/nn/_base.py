@@ -6,7 +6,14 @@ from torch import nn
 
 
 class _StnMixin:
-    """Parameters and initialisation shared by StnLinear and StnConv2d."""
+    """Parameters and initialisation shared by the STN layers (StnLinear and StnConv2d, the weights of
+    StnLSTM, which are StnLinear, and StnEmbedding).
+
+    ``gate_dim`` is the dimension of weight_elem that ``V lam`` scales: 0 (a row per output unit) for all
+    but StnEmbedding, whose table keeps nn.Embedding's (num_embeddings, embedding_dim) layout and is
+    scaled per embedding dimension (gate_dim = 1)."""
+
+    gate_dim = 0
 
     def _make_params(self, weight_shape, out, n_hyper, bias, factory):
         if n_hyper < 1:

@@ -1,29 +1,50 @@
-"""convert(model): a model's Linear and Conv2d layers replaced by their STN layers in place."""
+"""convert(model): a model's Linear, Conv2d, LSTM and Embedding layers replaced by their STN layers in place."""
 from torch import nn
 
 from stn_ext.nn.conv import StnConv2d
+from stn_ext.nn.embedding import StnEmbedding
 from stn_ext.nn.linear import StnLinear
+from stn_ext.nn.recurrent import StnLSTM
+
+# Each kind converted, and the constructor that copies it.
+_CONVERTERS = {
+    nn.Linear: ("StnLinear.from_linear", StnLinear.from_linear),
+    nn.Conv2d: ("StnConv2d.from_conv", StnConv2d.from_conv),
+    nn.LSTM: ("StnLSTM.from_lstm", StnLSTM.from_lstm),
+    nn.Embedding: ("StnEmbedding.from_embedding", StnEmbedding.from_embedding),
+}
+
+
+def _unsupported(module):
+    """Why ``module`` cannot become an STN layer, or None."""
+    if isinstance(module, nn.LSTM) and (module.bidirectional or module.proj_size):
+        return "a bidirectional LSTM or one with proj_size > 0"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "an Embedding with max_norm"
+    return None
 
 
 def convert(model, n_hyper, filter=None):
-    """Replace, in place, the nn.Linear and nn.Conv2d submodules of ``model`` (all, or those for which
-    ``filter(name, module)`` is true) by StnLinear / StnConv2d carrying their weights; returns model.
-    With V = C = 0 (as converted) the model computes what it did before. Run it with
-    ``with stn_ext.hyper_input(lam): model(x)``."""
+    """Replace, in place, the nn.Linear, nn.Conv2d, nn.LSTM and nn.Embedding submodules of ``model`` (all, or
+    those for which ``filter(name, module)`` is true) by StnLinear / StnConv2d / StnLSTM / StnEmbedding carrying
+    their weights; returns model. With V = C = 0 (as converted) the model computes what it did before. Run it
+    with ``with stn_ext.hyper_input(lam): model(x)``. A layer of a kind the STN layers do not cover
+    (bidirectional LSTM, LSTM with proj_size, Embedding with max_norm) is an error: leave it out with filter."""
     if n_hyper < 1:
         raise ValueError(f"stn_ext.convert: n_hyper must be >= 1, got {n_hyper}")
-    if type(model) in (nn.Linear, nn.Conv2d):
+    if type(model) in _CONVERTERS:
         # Nothing holds the model to replace it in; say so instead of returning it unconverted.
-        raise ValueError("stn_ext.convert: the model is itself a Linear/Conv2d; use StnLinear.from_linear or "
-                         "StnConv2d.from_conv")
+        raise ValueError(f"stn_ext.convert: the model is itself a {type(model).__name__}; use "
+                         f"{_CONVERTERS[type(model)][0]}")
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) in (nn.Linear, nn.Conv2d) and (filter is None or filter(name, module))]
+               if type(module) in _CONVERTERS and (filter is None or filter(name, module))]
+    for name, module in targets:
+        why = _unsupported(module)
+        if why is not None:
+            raise ValueError(f"stn_ext.convert: {name!r} is {why}, which has no STN layer; leave it out with "
+                             f"filter=lambda name, m: name != {name!r}")
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(module, nn.Linear):
-            new = StnLinear.from_linear(module, n_hyper)
-        else:
-            new = StnConv2d.from_conv(module, n_hyper)
-        setattr(parent, child, new)
+        setattr(parent, child, _CONVERTERS[type(module)][1](module, n_hyper))
     return model
