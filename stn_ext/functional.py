@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import _VF
 from torch.nn.modules.utils import _pair
 
-from stn_ext import ops, reference
+from stn_ext import _recurrence, ops, reference
 
 _ops = ops._ops
 
@@ -194,7 +194,8 @@ def _per_example_bias(lam, p):
 
 def _lstm_per_example(input, hx, lam, params, has_bias, dropout, training, batch_first, masks):
     """Per-example lam: the input-to-hidden term of all steps at once (one per-example linear op over (B, T)),
-    then per step one per-example linear op against [W_hh,e; W_hh,h] whose offset is that step's input term."""
+    then per step one per-example linear op against [W_hh,e; W_hh,h] whose offset is that step's input term
+    (stn_ext/_recurrence.py)."""
     x = input if batch_first else input.transpose(0, 1)  # (B, T, in)
     h_n, c_n = [], []
     for layer, ((ih, hh), mask) in enumerate(zip(params, masks)):
@@ -205,15 +206,10 @@ def _lstm_per_example(input, hx, lam, params, has_bias, dropout, training, batch
         w_e, w_h = hh[0], hh[1]
         if mask is not None:  # masked once, into one storage: the op reads [W_e; W_h] without a copy per step
             w_e, w_h = (torch.stack([w_e, w_h]) * mask).unbind(0)
-        s = lam @ hh[2].t()
-        h, c = hx[0][layer], hx[1][layer]
-        outputs = []
-        for pre_t in pre.unbind(1):
-            i, f, g, o = ops.per_example_linear(h, w_e, w_h, s, pre_t).chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        x = torch.stack(outputs, 1)
+        # The loop over time as one autograd node (its weight gradient one GEMM over all steps); under autocast
+        # the steps are left to autograd (the ops cast at the autocast key).
+        run = _recurrence.recurrence_by_steps if _autocast_on(x.device) else _recurrence.recurrence
+        x, h, c = run(pre, hx[0][layer], hx[1][layer], w_e, w_h, lam @ hh[2].t())
         h_n.append(h)
         c_n.append(c)
     return (x if batch_first else x.transpose(0, 1)), (torch.stack(h_n), torch.stack(c_n))
