@@ -4,6 +4,7 @@ torch.compile), forward+backward, all variants timed in one run so their ratios 
     python bench/bench_layers.py                          # CPU float32, every shape of bench/cases.py but the largest
     python bench/bench_layers.py --all                    # every shape
     python bench/bench_layers.py --device cuda --dtype bfloat16
+    python bench/bench_layers.py --only lstm              # one layer kind: linear, conv, lstm or embedding
     python bench/bench_layers.py --overhead               # per-call overhead at tiny shapes (bench_overhead.py)
 Writes bench/results/<device>-<dtype>-<date>.{md,json,png} (with --overhead: overhead-<device>.{md,json}).
 """
@@ -20,7 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stn_ext  # noqa: E402
-from cases import CONV_CASES, CPU_SKIP, LINEAR_CASES, fwd_bwd, saved_bytes, variants  # noqa: E402
+from cases import (CONV_CASES, CPU_SKIP, EMBEDDING_CASES, LINEAR_CASES, LSTM_CASES, fwd_bwd, saved_bytes,  # noqa: E402
+                   variants)
 
 
 def time_once(step, device):
@@ -73,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3,
                     help="measure each case this many times; the table shows the median ratio and its range")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
-    ap.add_argument("--only", choices=["linear", "conv"], help="time one layer kind only")
+    ap.add_argument("--only", choices=["linear", "conv", "lstm", "embedding"], help="time one layer kind only")
     ap.add_argument("--overhead", action="store_true",
                     help="time the per-call overhead at tiny shapes instead (B=2 4->4, B=32 64->64; bench_overhead.py)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -84,13 +86,14 @@ def main(argv=None):
         import bench_overhead
         return bench_overhead.main(["--device", args.device, "--rounds", str(max(1, args.rounds)), "--out", args.out])
     dtype = getattr(torch, args.dtype)
-    todo = [("Linear", c) for c in LINEAR_CASES if args.only != "conv"]
-    todo += [("Conv2d 3x3", c) for c in CONV_CASES if args.only != "linear"]
+    kinds = [("Linear", "linear", LINEAR_CASES), ("Conv2d 3x3", "conv", CONV_CASES), ("LSTM", "lstm", LSTM_CASES),
+             ("Embedding", "embedding", EMBEDDING_CASES)]
+    todo = [(kind, c) for kind, flag, cases in kinds if args.only in (None, flag) for c in cases]
     if args.device == "cpu" and not args.all:
         todo = [(k, c) for k, c in todo if c not in CPU_SKIP]
     rows = []
     for kind, case in todo:
-        vs = variants("Linear" if kind == "Linear" else "Conv2d", case, args.device, dtype, not args.no_compile)
+        vs = variants("Conv2d" if kind.startswith("Conv2d") else kind, case, args.device, dtype, not args.no_compile)
         rounds = [measure(vs, args.device, args.repeats, args.warmup) for _ in range(max(1, args.rounds))]
         rows.append(dict(layer=kind, shape=_shape_name(kind, case), results=combine_rounds(rounds)))
         print(_summary(rows[-1]), flush=True)
@@ -112,6 +115,12 @@ def _shape_name(kind, case):
     if kind == "Linear":
         B, i, o, n = case
         return f"B={B} {i}->{o} n={n}"
+    if kind == "LSTM":
+        T, B, i, h, layers, n = case
+        return f"T={T} B={B} {i}/{h} {layers} layers n={n}"
+    if kind == "Embedding":
+        (T, B), vocab, dim, n = case
+        return f"T={T} B={B} {vocab}x{dim} n={n}"
     B, ci, co, hw, n = case
     return f"B={B} {ci}->{co} {hw}x{hw} n={n}"
 
@@ -143,11 +152,11 @@ def _write(rows, args):
 
 
 def markdown_table(rows, meta):
-    names = [k for k in rows[0]["results"] if k != "plain"]
+    names = list(dict.fromkeys(k for r in rows for k in r["results"] if k != "plain"))
     lines = [f"# STN layers vs plain layers: {meta['device']}, {meta['dtype']}, torch {meta['torch']}, {meta['date']}",
              "",
              f"Forward+backward. Each cell is the variant's median time divided by the plain layer's (nn.Linear / "
-             f"nn.Conv2d) measured in the same round, the median over {meta.get('rounds', 1)} rounds with the "
+             f"nn.Conv2d / nn.LSTM / nn.Embedding) measured in the same round, the median over {meta.get('rounds', 1)} rounds with the "
              f"smallest and largest in brackets, then the activation memory autograd keeps for backward (MiB, "
              f"parameters not counted).", "",
              "| layer | shape | plain (ms) | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
@@ -167,7 +176,7 @@ def _plot(rows, meta, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [k for k in rows[0]["results"] if k != "plain"]
+    names = list(dict.fromkeys(k for r in rows for k in r["results"] if k != "plain"))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(rows)) + 2.5, 4))
     width = 0.8 / len(names)
     for j, name in enumerate(names):

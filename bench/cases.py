@@ -1,8 +1,9 @@
-"""The benchmark cases (MLP and CNN layer shapes, small to large) and the variants timed for each,
+"""The benchmark cases (MLP, CNN and language-model layer shapes, small to large) and the variants timed for each,
 shared by the command (bench/bench_layers.py) and the pytest-benchmark tests (bench/test_bench_layers.py)."""
 import torch
 import torch.nn.functional as F
 
+import stn_ext
 from stn_ext import functional as Fn
 from stn_ext import reference as R
 
@@ -10,8 +11,13 @@ from stn_ext import reference as R
 LINEAR_CASES = [(128, 784, 1200, 4), (1024, 1024, 1024, 8), (8192, 4096, 4096, 8)]
 # (batch, in channels, out channels, height = width, n_hyper), 3x3 kernels, padding 1
 CONV_CASES = [(128, 64, 64, 32, 8), (128, 128, 128, 16, 8)]
+# (sequence length, batch, input size, hidden size, layers, n_hyper): a small language model's LSTM, the STN
+# paper's (650/650, 2 layers) at BPTT 35 batch 20, and at its own BPTT 70 batch 40.
+LSTM_CASES = [(35, 20, 200, 200, 2, 7), (35, 20, 650, 650, 2, 7), (70, 40, 650, 650, 2, 7)]
+# (tokens per batch as (T, B), vocabulary, embedding size, n_hyper): the paper's LM input.
+EMBEDDING_CASES = [((70, 40), 10000, 650, 7)]
 # Cases too large for a 2-core CPU in a few minutes: run them with --all.
-CPU_SKIP = {(8192, 4096, 4096, 8)}
+CPU_SKIP = {(8192, 4096, 4096, 8), (70, 40, 650, 650, 2, 7)}
 
 VARIANTS = ["plain", "stn shared", "stn per-example", "reference shared", "reference per-example",
             "compiled reference shared", "compiled reference per-example"]
@@ -47,8 +53,63 @@ def conv_case(case, device, dtype):
     return plain, ours, ref, x, p, (_leaf((n,), device, dtype, 1.0), _leaf((B, n), device, dtype, 1.0))
 
 
+def _randomised(module, device, dtype):
+    """An STN module on device/dtype with a live hypernet (V, C ~ 0.05 N(0, 1)), as the other cases' leaves."""
+    module = module.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("hyper_weight", "hyper_bias")):
+                p.normal_(0, 0.05)
+    return module
+
+
+def lstm_variants(case, device, dtype):
+    """nn.LSTM against StnLSTM (shared and per-example lam) and the reference's cell loop, output of all steps.
+    No compiled variants: torch.compile runs an LSTM kernel eagerly (as for nn.LSTM), and the unrolled loops
+    of the per-example path and the reference compile for minutes at these lengths."""
+    T, B, n_in, hidden, layers, n = case
+    x = _leaf((T, B, n_in), device, dtype, 1.0)
+    plain = torch.nn.LSTM(n_in, hidden, layers, device=device, dtype=dtype)
+    stn = _randomised(stn_ext.StnLSTM.from_lstm(plain, n), device, dtype)
+    params = [(ih._stn_params(), hh._stn_params()) for ih, hh in stn.cells()]
+    lam_shared, lam_ex = _leaf((n,), device, dtype, 1.0), _leaf((B, n), device, dtype, 1.0)
+    ours = lambda x, lam, *_: stn(x, lam=lam)[0]  # noqa: E731  (the parameters are listed so their grads reset)
+    ref = lambda x, lam, *_: R.stn_lstm(x, None, lam, params)[0]  # noqa: E731
+    weights = list(stn.parameters())
+    return {
+        "plain": (lambda x, *_: plain(x)[0], [x] + list(plain.parameters())),
+        "stn shared": (ours, [x, lam_shared] + weights),
+        "stn per-example": (ours, [x, lam_ex] + weights),
+        "reference shared": (ref, [x, lam_shared] + weights),
+        "reference per-example": (ref, [x, lam_ex] + weights),
+    }
+
+
+def embedding_variants(case, device, dtype):
+    """nn.Embedding against StnEmbedding (time-major (T, B) indices, batch_dim=1) and the reference."""
+    (T, B), vocab, dim, n = case
+    idx = torch.randint(0, vocab, (T, B), device=device)
+    plain = torch.nn.Embedding(vocab, dim, device=device, dtype=dtype)
+    stn = _randomised(stn_ext.StnEmbedding.from_embedding(plain, n, batch_dim=1), device, dtype)
+    lam_shared, lam_ex = _leaf((n,), device, dtype, 1.0), _leaf((B, n), device, dtype, 1.0)
+    ours = lambda lam, *_: stn(idx, lam)  # noqa: E731
+    ref = lambda lam, w_e, w_h, v: R.stn_embedding(idx, lam, w_e, w_h, v, batch_dim=1)  # noqa: E731
+    weights = [stn.weight_elem, stn.weight_hyper, stn.hyper_weight]
+    return {
+        "plain": (lambda w: plain(idx), [plain.weight]),
+        "stn shared": (ours, [lam_shared] + weights),
+        "stn per-example": (ours, [lam_ex] + weights),
+        "reference shared": (ref, [lam_shared] + weights),
+        "reference per-example": (ref, [lam_ex] + weights),
+    }
+
+
 def variants(kind, case, device, dtype, compile_=True):
     """{name: (function, inputs)} for one case; the function's output is what backward starts from."""
+    if kind == "LSTM":
+        return lstm_variants(case, device, dtype)
+    if kind == "Embedding":
+        return embedding_variants(case, device, dtype)
     plain, ours, ref, x, p, (lam_shared, lam_ex) = (linear_case if kind == "Linear" else conv_case)(case, device, dtype)
     out = {
         "plain": plain,

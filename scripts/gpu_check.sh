@@ -49,8 +49,9 @@ run tests 240 "$OUT/tests.txt" "$PY" -m pytest python_tests -q -rs -p no:cachepr
 
 stage "layer benchmarks (float32, bfloat16)"
 mkdir -p "$OUT/bench"
-run "bench_layers float32" 200 "$OUT/bench/layers-float32.txt" "$PY" bench/bench_layers.py --device cuda --dtype float32 --all --out "$OUT/bench"
-run "bench_layers bfloat16" 150 "$OUT/bench/layers-bfloat16.txt" "$PY" bench/bench_layers.py --device cuda --dtype bfloat16 --all --out "$OUT/bench"
+# Every case of bench/cases.py: Linear, Conv2d, and the LSTM (nn.LSTM on cuDNN against StnLSTM) and Embedding rows.
+run "bench_layers float32" 240 "$OUT/bench/layers-float32.txt" "$PY" bench/bench_layers.py --device cuda --dtype float32 --all --out "$OUT/bench"
+run "bench_layers bfloat16" 180 "$OUT/bench/layers-bfloat16.txt" "$PY" bench/bench_layers.py --device cuda --dtype bfloat16 --all --out "$OUT/bench"
 run "bench_layers overhead" 90 "$OUT/bench/overhead.txt" "$PY" bench/bench_layers.py --overhead --device cuda --out "$OUT/bench"
 
 stage "reversible benchmark"
