@@ -11,5 +11,6 @@ bash scripts/setup_env.sh
 python -m pytest python_tests -q "$@"
 if [ "${STN_EXT_SIMT_ROUTED_RUN:-1}" = 1 ]; then
   echo "== the layer and reversible tests again, the ops running the CUDA kernels under the SIMT emulator"
-  STN_EXT_SIMT_ROUTE=1 SIMT_SEED=5 python -m pytest python_tests/test_stn_layers.py python_tests/test_reversible.py -q "$@"
+  STN_EXT_SIMT_ROUTE=1 SIMT_SEED=5 python -m pytest python_tests/test_stn_layers.py python_tests/test_stn_recurrent.py \
+    python_tests/test_reversible.py -q "$@"
 fi
