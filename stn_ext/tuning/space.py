@@ -5,7 +5,12 @@ perturbed); its value is ``to_value(u)``:
 
     logit    value = low + (high - low) * sigmoid(u)          rates, any bounded interval
     log      value = exp(u), clipped into [low, high]          positive scales (weight decay, noise)
-    linear   value = u, clipped into [low, high]
+    linear   value = low + (high - low) * u / 4, clipped into [low, high]   counts, lengths (u in [0, 4])
+
+A linear range spans 4 units of u whatever its width, as the middle of a logit range does (u in (-2, 2) covers
+rates from 12% to 88% of it): the perturbation scale and the hyper learning rate, in units of u, then move any
+range by the same fraction of itself. (u = value would leave a 22-pixel cutout length with sigma 0.3 pixels:
+rounded, its value would change in few steps, and a hyper step of 0.02 would need 1000 steps to cross it.)
 
 A discrete hyperparameter (``discrete=True``, e.g. the number of cutout holes) is rounded to the
 nearest integer after the transform. The trainer feeds the hypernet unconstrained values shifted by
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 TRANSFORMS = ("logit", "log", "linear")
+LINEAR_SPAN = 4.0  # units of u across a linear range
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class Hyper:
         elif self.transform == "log":
             v = torch.exp(u.clamp(math.log(self.low), math.log(self.high)))
         else:
-            v = u.clamp(self.low, self.high)
+            v = (self.low + (self.high - self.low) / LINEAR_SPAN * u).clamp(self.low, self.high)
         if self.discrete:
             v = torch.round(v).clamp(math.ceil(self.low), math.floor(self.high))
         return v
@@ -87,7 +93,7 @@ class Hyper:
             return torch.log(p) - torch.log1p(-p)
         if self.transform == "log":
             return torch.log(v.clamp(self.low, self.high))
-        return v.clamp(self.low, self.high)
+        return (v.clamp(self.low, self.high) - self.low) * (LINEAR_SPAN / (self.high - self.low))
 
     def u_bounds(self):
         """The interval of u that maps onto the range (log, linear), or onto its middle 96% (logit: (-4, 4),
@@ -97,7 +103,7 @@ class Hyper:
             return (-4.0, 4.0)
         if self.transform == "log":
             return (math.log(self.low), math.log(self.high))
-        return (float(self.low), float(self.high))
+        return (0.0, LINEAR_SPAN)
 
     def sample_value(self, gen):
         """One value drawn uniformly (log-uniformly for log, uniform integers if discrete)."""
