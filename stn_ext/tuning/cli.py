@@ -83,8 +83,8 @@ def build_parser():
                     "augmentation) tune themselves during training through self-tuning layers, or the "
                     "fixed/random-search baselines at the same number of weight steps.")
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", default="delta-stn", choices=METHODS,
-                   help="see methods below (default delta-stn)")
+    g.add_argument("--method", default=_defaults().method, choices=METHODS,
+                   help=f"see methods below (default {_defaults().method})")
     g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
     g.add_argument("--data", default="digits", choices=BUILTIN_DATA,
                    help="data set (default digits: scikit-learn's 8x8 digits, shipped; fashion-mnist: 28x28, its "
@@ -114,7 +114,7 @@ def build_parser():
                    help=f"Adam learning rate for the hyperparameters (default {d.hyper_lr})")
     g.add_argument("--hyper-lr-schedule", default=d.hyper_lr_schedule, choices=["auto", "cosine", "constant", "tail"],
                    help="decay of the hyper learning rate: cosine settles the hyperparameters, tail keeps it constant "
-                        "for the first half, auto is cosine with per-example and tail with per-batch perturbation "
+                        "for the first half; auto is cosine with per-example and tail with per-batch perturbation "
                         f"(default {d.hyper_lr_schedule})")
     g.add_argument("--scale-init", type=float, default=d.scale_init,
                    help="initial perturbation scale sigma, in unconstrained units (default -1: 0.5 with per-example "
@@ -133,10 +133,13 @@ def build_parser():
     g.add_argument("--response-init", default=d.response_init, choices=["v", "zero"],
                    help="start of the hypernet path: v (V, C random, W_h, b_h zero: learns at once) or zero "
                         f"(V, C zero, as the papers) (default {d.response_init})")
-    g.add_argument("--perturb", default=d.perturb, choices=["example", "batch"],
-                   help="one perturbation per batch (one fused GEMM per layer; nearer the optimum on the tuning "
-                        "benchmarks) or one per example (the papers'; about twice the GEMM work per step) "
+    g.add_argument("--perturb", default=d.perturb, choices=["auto", "example", "batch"],
+                   help="one perturbation per batch (one fused GEMM per layer) or one per example (the papers'; about "
+                        "twice the GEMM work per step); auto is the method's: batch for stn, example for delta-stn "
                         f"(default {d.perturb})")
+    g.add_argument("--response-every", type=int, default=d.response_every,
+                   help="delta-stn: take its response step after every k-th general step, to save time "
+                        f"(default {d.response_every})")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
     g.add_argument("--trials", type=int, default=4, help="trials of random search and tpe (default 4)")
     g.add_argument("--seed", type=int, default=0,
@@ -175,6 +178,7 @@ def config_from_args(a):
         inits=_kv(a.init, "--init", float), steps=a.steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
         hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, scale_init=a.scale_init, scale_max=a.scale_max,
         tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
+        response_every=a.response_every,
         hyper_input=a.hyper_input, response_init=a.response_init,
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
         random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, data_path=a.data_path, eval_every=a.eval_every,

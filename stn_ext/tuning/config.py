@@ -15,7 +15,7 @@ METHODS = STEP_METHODS + SEARCHES  # stn, delta-stn, fixed (the Tuner's), random
 class TrainConfig:
     """Everything a run depends on (saved as config.json in the run folder)."""
 
-    method: str = "delta-stn"
+    method: str = "stn"               # the default: ahead on every real-data protocol of the bench (docs/trainer.md)
     model: str = "mlp"                # mlp | cnn (ignored when a model is passed to Trainer)
     data: str = "digits"              # digits | fashion-mnist (ignored when data is passed to Trainer)
     data_path: str = ""               # folder of Fashion-MNIST's IDX files ("" : stn_ext.data.fashion_mnist_folder)
@@ -36,13 +36,15 @@ class TrainConfig:
     train_per_cycle: int = 5          # Ttrain
     val_per_cycle: int = 1            # Tval
     warmup_steps: int = -1            # weight steps before the response trains and the first hyper step (-1: steps/10)
-    perturb: str = "batch"            # batch (one perturbation per batch) | example (one per example, the papers')
+    perturb: str = "auto"             # batch (one perturbation per batch) | example (one per example, the papers') |
+                                      # auto (the method's: batch for stn, example for delta-stn)
     response_init: str = "v"          # start of the hypernet path: "v" (V, C random; W_h, b_h zero) | "zero" (V, C zero)
     hyper_input: str = "auto"         # STN hypernet input z = u~ - anchor: "centre" (the range's centre: raw logits),
                                       # "recentred" (u, moved after each hyper step by an exact reparameterisation),
                                       # "auto" (centre for logit-scale hyperparameters, recentred for the others),
                                       # "init" (u at the start)
     linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
+    response_every: int = 1           # delta-stn: a response step after every k-th general step
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
     train_size: int = 0               # cap on the digits training split (0: all)
@@ -72,8 +74,8 @@ class TrainConfig:
     def validate(self):
         if self.method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {self.method!r}; expected one of {METHODS}")
-        if self.perturb not in ("example", "batch"):
-            raise ValueError(f"stn_ext: perturb must be 'example' or 'batch', got {self.perturb!r}")
+        if self.perturb not in ("auto", "example", "batch"):
+            raise ValueError(f"stn_ext: perturb must be 'auto', 'example' or 'batch', got {self.perturb!r}")
         if self.hyper_lr_schedule not in ("auto", "cosine", "constant", "tail"):
             raise ValueError("stn_ext: hyper_lr_schedule must be 'auto', 'cosine', 'constant' or 'tail', got "
                              f"{self.hyper_lr_schedule!r}")
@@ -81,7 +83,7 @@ class TrainConfig:
             raise ValueError(f"stn_ext: hyper_input must be 'auto', 'init', 'centre' or 'recentred', got {self.hyper_input!r}")
         if self.response_init not in ("v", "zero"):
             raise ValueError(f"stn_ext: response_init must be 'v' or 'zero', got {self.response_init!r}")
-        for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials"):
+        for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials", "response_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stn_ext: {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < -1:

@@ -33,22 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_ext
-from stn_ext.tuning import augment, models
+from stn_ext.tuning import augment, defaults, models
 from stn_ext._messages import count
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.divergence import StepChecks
 
 TUNED = ("stn", "delta-stn")
 METHODS = TUNED + ("fixed",)
-
-
-def default_scale_init(perturb):
-    """sigma_0: one perturbation per batch moves the curvature of every weight at once (a weight decay times
-    e^(sigma eps)), which makes momentum SGD parametrically unstable well below its fixed limit: at 0.5, STN
-    per batch on the ridge problem from 100x above diverged right after the warm-up in 7 of 7 seeds; at 0.3,
-    none did (docs/trainer.md). Per example the batch averages the perturbations, and 0.5 learns the
-    response faster (0.3 left STN from below at -9 log units in one seed of 7)."""
-    return 0.5 if perturb == "example" else 0.3
 
 
 def inv_softplus(y):
@@ -82,15 +73,17 @@ class Tuner:
     guard       ``divergence.Guard()``: snapshots every ``guard.every`` weight steps; an unhealthy step rolls back to
                 one and halves the perturbation scales, as the trainer does (``divergence.StepChecks``)."""
 
-    def __init__(self, model, space, optimizer, loss_fn, method="delta-stn", total_steps=None, *, hyper_lr=0.02,
+    def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", scale_init=-1.0, scale_max=0.0, tau=1e-2, train_per_cycle=5,
-                 val_per_cycle=1, warmup_steps=-1, perturb="batch", response_init="v", hyper_input="auto",
+                 val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v", hyper_input="auto",
                  linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None,
-                 check_finite=True, max_skipped=10, guard=None):
+                 check_finite=True, max_skipped=10, guard=None, response_every=1):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
-        if perturb not in ("example", "batch"):
-            raise ValueError(f"stn_ext: perturb must be 'example' or 'batch', got {perturb!r}")
+        if not (scale_init > 0 or scale_init == -1):
+            raise ValueError(f"stn_ext: scale_init must be > 0 (or -1: the method's default), got {scale_init}")
+        # 'auto' settings: the method's defaults (stn_ext.tuning.defaults)
+        perturb, scale_init, hyper_lr_schedule = defaults.resolve(method, perturb, scale_init, hyper_lr_schedule)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"stn_ext: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.space, self.opt_w, self.loss_fn, self.method = model, space, optimizer, loss_fn, method
@@ -120,9 +113,6 @@ class Tuner:
                              "build it over model.parameters() after stn_ext.convert")
 
         self.u = nn.Parameter(space.init_unconstrained(dt, device))
-        if not (scale_init > 0 or scale_init == -1):
-            raise ValueError(f"stn_ext: scale_init must be > 0 (or -1: the default of the perturbation mode), got {scale_init}")
-        scale_init = default_scale_init(perturb) if scale_init == -1 else scale_init
         self.hscale = nn.Parameter(torch.full((n,), inv_softplus(scale_init), dtype=dt, device=device))
         self.scale_init, self.sigma_max = scale_init, scale_max or scale_init
         self.sigma_max0 = self.sigma_max  # where the cap grows back to after a roll-back
@@ -130,6 +120,9 @@ class Tuner:
         self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
         self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = \
             train_per_cycle, val_per_cycle, perturb, linearize
+        if response_every < 1:
+            raise ValueError(f"stn_ext: response_every must be >= 1, got {response_every}")
+        self.response_every = response_every
         self.total_steps = total_steps
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
         self.tau = tau if tau >= 0 else 1e-2  # -1: the 'auto' of older configs
@@ -191,8 +184,6 @@ class Tuner:
     def current_hyper_lr(self):
         T, lr = self.total_hyper_steps, self.hyper_lr * self.hyper_lr_factor
         schedule = self.hyper_lr_schedule
-        if schedule == "auto":  # per-example: a noisier hypergradient, settled by an earlier decay
-            schedule = "cosine" if self.perturb == "example" else "tail"
         if schedule == "constant" or T == 0:
             return lr
         if schedule == "tail":
@@ -341,7 +332,7 @@ class Tuner:
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, None, vals)
             problem = self._apply(loss, self.general_params)
-            if problem is None and self.response_on():
+            if problem is None and self.response_on() and self.step % self.response_every == 0:
                 u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
                 vals = self.space.to_values(u_t)
                 xr, rates = self.regularise(x, vals, rnd)

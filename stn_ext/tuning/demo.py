@@ -32,7 +32,8 @@ def build_demo_parser():
     p.add_argument("--lr", type=float, default=0.03, help="weight SGD learning rate (default 0.03, so that "
                    "random-search trials of steps/trials steps converge too)")
     d = _defaults()
-    p.add_argument("--perturb", default=d.perturb, choices=["example", "batch"], help=f"(default {d.perturb})")
+    p.add_argument("--perturb", default=d.perturb, choices=["auto", "example", "batch"],
+                   help=f"auto: each method's own (default {d.perturb})")
     p.add_argument("--hyper-lr", type=float, default=d.hyper_lr,
                    help=f"Adam learning rate of the hyperparameters (default {d.hyper_lr})")
     p.add_argument("--warmup", type=int, default=d.warmup_steps,

@@ -103,6 +103,7 @@ class Trainer:
             scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau, train_per_cycle=cfg.train_per_cycle,
             val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
+            response_every=cfg.response_every,
             loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce,
             check_finite=False)  # the trainer checks each step itself (_healthy) and rolls back (_recover)
         self.layers, self.params = self.tuner.layers, self.tuner.params
@@ -409,7 +410,7 @@ class Trainer:
         s = {"method": self.cfg.method, "steps": self.step, "hyper_steps": self.hstep, "wall_s": self.wall,
              "val_loss": last["val_loss"], "test_loss": last["test_loss"], "hypers": self.hyper_values(),
              "complete": not interrupted and self.step >= self.cfg.steps, "seed": self.cfg.seed,
-             "perturb": self.cfg.perturb, "linearize": self.cfg.linearize}
+             "perturb": self.tuner.perturb, "linearize": self.cfg.linearize}
         if "val_acc" in last:
             s["val_acc"], s["test_acc"] = last["val_acc"], last["test_acc"]
         if self.data.test_is_val:
