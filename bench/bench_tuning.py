@@ -4,6 +4,14 @@ ridge   one StnLinear(40, 1, bias=False) with its weight decay tuned (range 1e-4
         started 100x above and 100x below the closed-form optimum (stn_ext.tuning.problems.Ridge); every
         method (stn, delta-stn) and perturbation mode (batch, example), 3 seeds; reports |u - u*| in
         log units after --ridge-steps weight steps, and whether any run ended non-finite.
+ridge-family (only with --only ridge-family) the ridge targets on a family of instances instead of one: --family-size
+        (8) Ridge instances drawn from a fixed generator (--family-seed 22): d in 20..80, n_train in d..2d, noise
+        and signal/noise log-uniform, so the optimum moves through the weight-decay range. A draw is rejected and
+        redrawn (deterministically, the next draw of the same generator) where its optimum is not interior, a start
+        lies within one log unit of the range's ends, or the 100x-above start is not well inside momentum SGD's
+        stability limit (lr * curvature > 1/4 of 2 (1 + momentum)). Every method, perturbation mode and side as
+        ridge, --seeds (default 1) each; the table marks runs that rolled back (recoveries > 0) with their final
+        gap and counts the runs within tolerance (0.05 per batch, 0.10 per example). ~4 s a run on one core.
 fashion Fashion-MNIST (stn_ext.data.fashion_mnist: a 10k training subset, 10k validation images from the
         training set, the official 10k test set), MLP 784-256-256-10 with three dropout rates from 0.05,
         batch 100, --fashion-steps weight steps: fixed, random search and Optuna's TPE (4 trials each,
@@ -30,12 +38,15 @@ tuning-ridge-<date>.png (u - u* against weight steps).
     python bench/bench_tuning.py --quick              # one seed, fewer steps (what the test runs)
     python bench/bench_tuning.py --only cnn           # ~25 minutes on one core
     python bench/bench_tuning.py --quick --only cnn   # the cnn protocol in seconds (24 steps, small splits)
+    python bench/bench_tuning.py --only ridge-family --tag ridge-family   # ~5 minutes on one core (64 runs)
 """
 import argparse
 import datetime
 import json
 import math
 import os
+import random
+import subprocess
 import sys
 import time
 import warnings
@@ -59,8 +70,15 @@ def config(**settings):
     return TrainConfig(**{**OVERRIDES, **settings})
 
 
-def ridge_run(problem, u_star, method, perturb, side, seed, steps):
-    cfg = config(method=method, hypers=("weight_decay",), ranges={"weight_decay": (1e-4, 1e4)},
+RIDGE_RANGE = (1e-4, 1e4)  # the tuned weight decay's range on every ridge instance
+
+
+def ridge_run(problem, u_star, method, perturb, side, seed, steps, details=False):
+    """One ridge run on the instance ``problem`` (a Ridge) whose log-optimum is ``u_star``, started 100x above
+    (side 1) or below (side -1) it. ``details``: also the settings the tuner resolved (perturbation mode, sigma_0,
+    schedule), the wall time and the final validation loss's excess over the optimum's (relative)."""
+    t0 = time.perf_counter()
+    cfg = config(method=method, hypers=("weight_decay",), ranges={"weight_decay": RIDGE_RANGE},
                  inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=steps,
                  batch_size=problem.n_train, perturb=perturb, seed=seed, quiet=True)
     torch.manual_seed(seed)
@@ -74,10 +92,19 @@ def ridge_run(problem, u_star, method, perturb, side, seed, steps):
             error = str(e)
     u = float(tr.u.detach())
     traj = [(r["step"], math.log(r["hypers"]["weight_decay"]) - u_star) for r in tr.log.steps[::10]]
-    return {"method": method, "perturb": perturb, "side": "above" if side > 0 else "below", "seed": seed,
-            "u_minus_opt": u - u_star, "finite": math.isfinite(u), "error": error, "recoveries": tr.recoveries,
-            "sigma": tr.sigmas()["weight_decay"], "diverged_warnings": sum("diverged" in str(w.message) for w in caught),
-            "trajectory": traj}
+    row = {"method": method, "perturb": perturb, "side": "above" if side > 0 else "below", "seed": seed,
+           "u_minus_opt": u - u_star, "finite": math.isfinite(u), "error": error, "recoveries": tr.recoveries,
+           "sigma": tr.sigmas()["weight_decay"], "diverged_warnings": sum("diverged" in str(w.message) for w in caught),
+           "trajectory": traj}
+    if details:
+        t = tr.tuner
+        best = problem.val_loss(math.exp(u_star))
+        excess = (problem.val_loss(math.exp(min(max(u, math.log(RIDGE_RANGE[0])), math.log(RIDGE_RANGE[1])))) - best) / best \
+            if math.isfinite(u) else math.inf
+        row.update(resolved={"perturb": getattr(t, "perturb", None), "sigma_0": getattr(t, "scale_init", None),
+                             "schedule": getattr(t, "hyper_lr_schedule", None)},
+                   val_excess=excess, wall_s=time.perf_counter() - t0)
+    return row
 
 
 def digits_config(method, seed, steps, **settings):
@@ -321,6 +348,203 @@ def ridge_table(rows, steps):
     return "\n".join(out)
 
 
+# The ridge family (--only ridge-family): the ridge targets on instances drawn in advance from a fixed generator.
+RIDGE_TOL = {"batch": 0.05, "example": 0.10}  # |u - u*| in log units after the run, by perturbation mode
+FAMILY_SEED = 22  # issue 22
+FAMILY_LR, FAMILY_MOMENTUM = 0.01, 0.9  # TrainConfig's SGD, for which the 100x-above start must be stable
+FAMILY_STABILITY = 0.25  # lr * (data curvature + 100 wd*) at most this fraction of momentum SGD's limit 2 (1 + momentum)
+FAMILY_EDGE = 1.0  # both starts at least this many log units inside RIDGE_RANGE
+
+
+def _family_draw(rnd, k):
+    """Draw k of the family's generator: d in 20..80, n_train in d..2d, noise log-uniform in [0.25, 4], signal/noise
+    log-uniform in [0.9, 7] (the optimum wd* ~ 2 d noise^2 / (n signal^2) moves with it), a data seed."""
+    d = rnd.randint(20, 80)
+    n = rnd.randint(d, 2 * d)
+    noise = math.exp(rnd.uniform(math.log(0.25), math.log(4.0)))
+    snr = math.exp(rnd.uniform(math.log(0.9), math.log(7.0)))
+    return {"draw": k, "d": d, "n_train": n, "n_val": 50, "noise": round(noise, 4), "signal": round(noise * snr, 4),
+            "seed": rnd.randrange(2 ** 31)}
+
+
+def _val_curvature(problem, u_star, h=0.05):
+    """d^2 L_val / du^2 at the optimum over L_val(u*): how much a miss of |u - u*| costs (~ curv/2 |u - u*|^2)."""
+    f = lambda u: problem.val_loss(math.exp(u))  # noqa: E731
+    return (f(u_star + h) - 2 * f(u_star) + f(u_star - h)) / h ** 2 / f(u_star)
+
+
+def ridge_family(size=8, seed=FAMILY_SEED, max_draws=200):
+    """(instances, rejected): the first ``size`` draws of random.Random(seed) that pass the checks, each with its
+    Ridge parameters, log-optimum and stability ratio; the rejected draws with their reason. Fixed in advance: the
+    draws and the checks depend on nothing but ``seed`` (closed forms in float64, no training)."""
+    rnd, out, rejected = random.Random(seed), [], []
+    limit = 2 * (1 + FAMILY_MOMENTUM) / FAMILY_LR
+    lo, hi = (math.log(v) for v in RIDGE_RANGE)
+    for k in range(max_draws):
+        if len(out) == size:
+            break
+        params = _family_draw(rnd, k)
+        problem = Ridge(**{n: params[n] for n in ("d", "n_train", "n_val", "noise", "signal", "seed")})
+        try:
+            u_star = problem.log_optimum()
+        except ValueError:
+            rejected.append(dict(params, reason="no interior optimum in [1e-4, 1e4]"))
+            continue
+        curv = 2 * float(problem._e.max()) / problem.n_train  # the data term's largest curvature (the mean square error)
+        ratio = (curv + 100 * math.exp(u_star)) / limit
+        info = dict(params, log_opt=u_star, wd_opt=math.exp(u_star), data_curvature=curv, stability=ratio,
+                    val_curvature=_val_curvature(problem, u_star))
+        if u_star - math.log(100) < lo + FAMILY_EDGE or u_star + math.log(100) > hi - FAMILY_EDGE:
+            rejected.append(dict(info, reason=f"a start within {FAMILY_EDGE:g} log unit of the range's ends"))
+        elif ratio > FAMILY_STABILITY:
+            rejected.append(dict(info, reason=f"100x-above start unstable: lr * curvature = {ratio:.2f} of the limit "
+                                              f"(> {FAMILY_STABILITY:g})"))
+        else:
+            out.append(dict(info, name=f"i{len(out)}"))
+    if len(out) < size:
+        raise RuntimeError(f"bench_tuning: only {len(out)} of {size} ridge instances passed in {max_draws} draws")
+    return out, rejected
+
+
+def family_problem(inst):
+    return Ridge(**{n: inst[n] for n in ("d", "n_train", "n_val", "noise", "signal", "seed")})
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args):
+    """git's output (run at the repository's root), '' where git is not there."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_provenance(methods, modes):
+    """The commit, the tuner's files that differ from it, and the per-method defaults the runs resolved."""
+    try:
+        from stn_ext.tuning import defaults
+        auto = {m: defaults.resolve(m)[0] for m in methods}
+        modes_resolved = {p: defaults.resolve(methods[0], p)[1:] for p in modes}
+    except (ImportError, AttributeError, KeyError, ValueError):
+        auto, modes_resolved = {}, {}
+    import hashlib
+
+    dirty = sorted(ln[3:] for ln in _git("status", "--porcelain", "--", "stn_ext").splitlines() if ln.strip())
+    digest = hashlib.sha1()
+    for f in dirty:  # what the uncommitted files held when the runs started
+        try:
+            with open(os.path.join(ROOT, f), "rb") as fh:
+                digest.update(f.encode() + b"\0" + fh.read())
+        except OSError:  # deleted, or a folder
+            digest.update(f.encode() + b"\0-")
+    return {"commit": _git("log", "-1", "--format=%h").strip(), "dirty": dirty,
+            "dirty_sha1": digest.hexdigest()[:10] if dirty else "", "auto_perturb": auto,
+            "mode_defaults": {p: {"sigma_0": v[0], "schedule": v[1]} for p, v in modes_resolved.items()},
+            "config_perturb": TrainConfig().perturb}
+
+
+def _within(r):
+    return r["finite"] and not r["error"] and abs(r["u_minus_opt"]) <= RIDGE_TOL[r["perturb"]]
+
+
+def ridge_family_table(instances, rejected, rows, steps, prov):
+    seeds = sorted({r["seed"] for r in rows})
+    out = [f"Ridge family: {len(instances)} instances drawn from random.Random({FAMILY_SEED}) (d 20..80, n_train d..2d, "
+           "n_val 50, noise and signal/noise log-uniform in [0.25, 4] and [0.9, 7], a data seed), weight decay tuned in "
+           f"[1e-4, 1e4] from 100x above and 100x below the closed-form optimum wd*; {steps} weight steps, full batch, "
+           f"TrainConfig defaults except what ridge_run sets; seeds {', '.join(map(str, seeds))}. Tolerance |u - u*| "
+           f"<= {RIDGE_TOL['batch']} (per batch), <= {RIDGE_TOL['example']} (per example), finite, not stopped.", "",
+           f"Draws rejected and redrawn (the generator's next draw): {len(rejected)}"
+           + (" - " + "; ".join(f"draw {q['draw']} (d {q['d']}, n {q['n_train']}, noise {q['noise']:.2f}, signal "
+                                f"{q['signal']:.2f}" + (f", log wd* {q['log_opt']:+.2f}" if "log_opt" in q else "")
+                                + f"): {q['reason']}" for q in rejected) if rejected else "") + ". Checks: interior "
+           f"optimum; both starts at least {FAMILY_EDGE:g} log unit inside the range; lr {FAMILY_LR} * (largest data "
+           f"curvature 2 e_max / n + 100 wd*) at most {FAMILY_STABILITY:g} of momentum SGD's limit 2 (1 + "
+           f"{FAMILY_MOMENTUM}) (stability column: that fraction).", "",
+           f"Ran at commit {prov['commit'] or '?'}" + (f" with uncommitted changes to {', '.join(prov['dirty'])} "
+                                                       f"(their contents' sha1 {prov['dirty_sha1']})"
+                                                       if prov["dirty"] else "") + "; TrainConfig perturb "
+           f"{prov['config_perturb']!r}, resolved per method (auto): "
+           + ", ".join(f"{m} {p}" for m, p in prov["auto_perturb"].items()) + "; per mode: "
+           + ", ".join(f"{p} sigma_0 {v['sigma_0']} schedule {v['schedule']}" for p, v in prov["mode_defaults"].items())
+           + " (the runs set the mode explicitly; sigma_0 and schedule are the mode's).", "",
+           "| instance | d | n_train | noise | signal | data seed | log wd* | wd* | stability | val curvature |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for q in instances:
+        out.append(f"| {q['name']} | {q['d']} | {q['n_train']} | {q['noise']:.3f} | {q['signal']:.3f} | {q['seed']} | "
+                   f"{q['log_opt']:+.3f} | {q['wd_opt']:.4g} | {q['stability']:.3f} | {q['val_curvature']:.3f} |")
+    out += ["", "val curvature: d^2 L_val/du^2 / L_val at u* (a gap g costs ~ curvature/2 g^2 of the validation "
+            "loss). Per run: |u - u*| after the run per seed (`x`: stopped or non-finite; `*`: outside the tolerance; "
+            "`(rN)`: N roll-backs); val excess: the largest relative excess of the final validation loss over the "
+            "optimum's.", "",
+            "| instance | method | perturb | start | |u - u*| per seed | max | val excess | recoveries |",
+            "|---|---|---|---|---|---|---|---|"]
+    for q in instances:
+        for m in sorted({r["method"] for r in rows}):
+            for p in sorted({r["perturb"] for r in rows}):
+                for side in ("above", "below"):
+                    rs = [r for r in rows if (r["instance"], r["method"], r["perturb"], r["side"]) == (q["name"], m, p, side)]
+                    if not rs:
+                        continue
+                    cells = [("x " if r["error"] or not r["finite"] else "") + f"{abs(r['u_minus_opt']):.3f}"
+                             + ("" if _within(r) else "*") + (f" (r{r['recoveries']})" if r["recoveries"] else "")
+                             for r in rs]
+                    out.append(f"| {q['name']} | {m} | {p} | 100x {side} | {', '.join(cells)} | "
+                               f"{max(abs(r['u_minus_opt']) for r in rs):.3f} | {max(r['val_excess'] for r in rs):.2e} | "
+                               f"{sum(r['recoveries'] for r in rs)} |")
+    ok = [r for r in rows if _within(r)]
+    per = "; ".join(f"{m} {p}: {sum(_within(r) for r in rows if (r['method'], r['perturb']) == (m, p))}/"
+                    f"{sum((r['method'], r['perturb']) == (m, p) for r in rows)}"
+                    for m in sorted({r["method"] for r in rows}) for p in sorted({r["perturb"] for r in rows}))
+    bad = [r for r in rows if r["error"] or not r["finite"]]
+    out += ["", f"**Within tolerance: {len(ok)}/{len(rows)} runs** ({per}); stopped or non-finite: {len(bad)}."]
+    rec = [r for r in rows if r["recoveries"]]
+    if rec:
+        out += ["", "Runs that rolled back (recoveries > 0) and where they ended:", "",
+                "| instance | method | perturb | start | seed | recoveries | final |u - u*| | within tolerance |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['instance']} | {r['method']} | {r['perturb']} | 100x {r['side']} | {r['seed']} | {r['recoveries']} | "
+                f"{abs(r['u_minus_opt']):.3f} | {'yes' if _within(r) else 'no'} |" for r in rec]
+    else:
+        out += ["", f"Roll-backs: none (recoveries 0 in all {len(rows)} runs; diverged warnings "
+                    f"{sum(r['diverged_warnings'] for r in rows)})."]
+    wall = sum(r.get("wall_s", 0.0) for r in rows)
+    out += ["", f"Wall time: {wall:.0f} s for {len(rows)} runs ({wall / max(1, len(rows)):.1f} s a run, one thread)."]
+    return "\n".join(out)
+
+
+def plot_ridge_family(rows, instances, path):
+    """As plot_ridge, one panel per (method, mode): one colour per instance, solid from above, dashed from below,
+    the mode's tolerance band shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    combos = sorted({(r["method"], r["perturb"]) for r in rows})
+    colours = {q["name"]: f"C{i % 10}" for i, q in enumerate(instances)}
+    fig, axes = plt.subplots(1, len(combos), figsize=(3.6 * len(combos), 3.6), sharey=True, squeeze=False)
+    for ax, (m, p) in zip(axes[0], combos):
+        for r in rows:
+            if (r["method"], r["perturb"]) == (m, p) and r["trajectory"]:
+                xs, ys = zip(*r["trajectory"])
+                ax.plot(xs, ys, color=colours[r["instance"]], ls="-" if r["side"] == "above" else "--", alpha=0.8, lw=1)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axhspan(-RIDGE_TOL[p], RIDGE_TOL[p], color="0.85")
+        ax.set_title(f"{m}, per {p}", fontsize=9)
+        ax.set_xlabel("weight step")
+    for q in instances:
+        axes[0, 0].plot([], [], color=colours[q["name"]], label=f"{q['name']}: d {q['d']}, n {q['n_train']}, "
+                                                                 f"log wd* {q['log_opt']:+.2f}")
+    axes[0, 0].legend(fontsize=6)
+    axes[0, 0].set_ylabel("log wd - log wd* (solid: from above, dashed: below)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def digits_table(rows, steps):
     fixed = _mean([r["s_per_step"] for r in rows if r["method"] == "fixed"]) if any(r["method"] == "fixed" for r in rows) else None
     out = [f"Digits 1000/400/397, MLP 64-256-256-10, three dropout rates from 0.05, {steps} weight steps, batch 100 "
@@ -377,10 +601,12 @@ def _parse_sets(items):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, 1500 ridge steps, 600 digits steps")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, help="seeds per setting (default 3; ridge-family: 1)")
     p.add_argument("--ridge-steps", type=int, default=3000)
     p.add_argument("--digits-steps", type=int, default=3000)
-    p.add_argument("--only", choices=["ridge", "digits", "fashion", "cnn"], help="run one problem")
+    p.add_argument("--only", choices=["ridge", "ridge-family", "digits", "fashion", "cnn"], help="run one problem")
+    p.add_argument("--family-size", type=int, default=8, help="ridge-family: instances (default 8)")
+    p.add_argument("--family-seed", type=int, default=FAMILY_SEED, help="ridge-family: the generator's seed")
     p.add_argument("--fashion-steps", type=int, default=4000)
     p.add_argument("--fashion-seeds", type=int, default=2)
     p.add_argument("--cnn-steps", type=int, default=CNN_SIZES["steps"])
@@ -400,6 +626,8 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="file names tuning-<date>-<tag>.* (default: tuning-<date>.*)")
     p.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot ('' for none)")
     a = p.parse_args(argv)
+    if a.seeds is None:
+        a.seeds = 1 if a.only == "ridge-family" else 3
     if a.quick:
         a.seeds, a.ridge_steps, a.digits_steps = 1, 1500, 600
         # the cnn protocol end to end in seconds (--quick --only cnn; a plain --quick leaves it out, as fashion)
@@ -424,6 +652,28 @@ def main(argv=None):
                               file=sys.stderr, flush=True)
         res["ridge"] = rows
         text.append(ridge_table(rows, a.ridge_steps))
+    if a.only == "ridge-family":
+        instances, rejected = ridge_family(a.family_size, a.family_seed)
+        methods, modes = a.methods or ("stn", "delta-stn"), a.perturb or ("batch", "example")
+        prov = run_provenance(methods, modes)
+        rows = []
+        t0 = time.perf_counter()
+        for q in instances:
+            problem = family_problem(q)
+            for m in methods:
+                for pert in modes:
+                    for side in (1, -1):
+                        for seed in range(a.seeds):
+                            rows.append(dict(ridge_run(problem, q["log_opt"], m, pert, side, seed, a.ridge_steps,
+                                                       details=True), instance=q["name"]))
+                            r = rows[-1]
+                            print(f"ridge-family {q['name']} {m} {pert} {r['side']} seed {seed}: u - u* = "
+                                  f"{r['u_minus_opt']:+.3f}, recoveries {r['recoveries']}, {r['wall_s']:.1f} s",
+                                  file=sys.stderr, flush=True)
+        res["ridge_family"] = {"instances": instances, "rejected": rejected, "rows": rows, "provenance": prov,
+                               "family_seed": a.family_seed, "steps": a.ridge_steps, "tolerance": RIDGE_TOL,
+                               "within": sum(_within(r) for r in rows), "wall_s": time.perf_counter() - t0}
+        text.append(ridge_family_table(instances, rejected, rows, a.ridge_steps, prov))
     if a.only in (None, "digits"):
         data = digits_protocol()
         rows = []
@@ -484,6 +734,9 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         if "ridge" in res:
             plot_ridge(res["ridge"], os.path.join(a.out, tag + "-ridge.png"))
+        if "ridge_family" in res:
+            plot_ridge_family(res["ridge_family"]["rows"], res["ridge_family"]["instances"],
+                              os.path.join(a.out, tag + "-ridge-family.png"))
         if "fashion" in res:
             plot_fashion(res["fashion"], os.path.join(a.out, tag + "-fashion.png"))
         if "cnn" in res:

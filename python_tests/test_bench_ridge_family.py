@@ -1,0 +1,53 @@
+"""bench/bench_tuning.py --only ridge-family (issue 22): the ridge family is fixed in advance (the same instances on
+every call), every instance passes its checks (interior optimum, starts inside the range, a stable 100x-above
+start), and the protocol end to end in a few seconds: the table, JSON and figure are written."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_tuning", os.path.join(ROOT, "bench", "bench_tuning.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_family_is_fixed_and_every_instance_passes_its_checks(bench):
+    inst, rejected = bench.ridge_family(8)
+    assert (inst, rejected) == bench.ridge_family(8)  # drawn from a fixed generator: the same on every call
+    assert len(inst) == 8 and len({q["seed"] for q in inst}) == 8
+    assert inst[:5] == bench.ridge_family(5)[0]  # a smaller family is the larger one's start
+    lo, hi = (math.log(v) for v in bench.RIDGE_RANGE)
+    for q in inst:
+        assert 20 <= q["d"] <= 80 and q["d"] <= q["n_train"] <= 2 * q["d"]
+        assert q["log_opt"] == pytest.approx(bench.family_problem(q).log_optimum(), abs=1e-8)
+        assert lo + 1 <= q["log_opt"] - math.log(100) and q["log_opt"] + math.log(100) <= hi - 1
+        limit = 2 * (1 + 0.9) / 0.01
+        assert (q["data_curvature"] + 100 * q["wd_opt"]) / limit == pytest.approx(q["stability"])
+        assert q["stability"] <= bench.FAMILY_STABILITY
+    assert max(q["log_opt"] for q in inst) - min(q["log_opt"] for q in inst) > 1.0  # the optimum moves
+    assert all(q["reason"] for q in rejected)
+
+
+def test_ridge_family_quick(bench, tmp_path):
+    res = bench.main(["--only", "ridge-family", "--family-size", "2", "--ridge-steps", "60", "--methods", "stn",
+                      "--perturb", "batch", "--out", str(tmp_path), "--tag", "rf"])
+    fam = res["ridge_family"]
+    assert res["seeds"] == 1 and len(fam["rows"]) == 2 * 2  # two instances, two sides, one seed
+    assert {r["instance"] for r in fam["rows"]} == {"i0", "i1"}
+    assert all(r["resolved"]["perturb"] == "batch" and math.isfinite(r["u_minus_opt"]) for r in fam["rows"])
+    assert fam["provenance"]["commit"]
+    name = f"tuning-{res['date']}-rf"
+    md = (tmp_path / f"{name}.md").read_text()
+    assert "Ridge family: 2 instances" in md and "| i1 | stn | batch | 100x below |" in md and "Within tolerance:" in md
+    assert json.loads((tmp_path / f"{name}.json").read_text())["ridge_family"]["instances"][0]["name"] == "i0"
+    assert (tmp_path / f"{name}-ridge-family.png").stat().st_size > 0
