@@ -135,7 +135,7 @@ def build_parser():
                         f"(V, C zero, as the papers) (default {d.response_init})")
     g.add_argument("--perturb", default=d.perturb, choices=["auto", "example", "batch"],
                    help="one perturbation per batch (one fused GEMM per layer) or one per example (the papers'; about "
-                        "twice the GEMM work per step); auto is the method's: batch for stn, example for delta-stn "
+                        "twice the GEMM work per step); auto is the method's (batch for both; docs/trainer.md says why) "
                         f"(default {d.perturb})")
     g.add_argument("--response-every", type=int, default=d.response_every,
                    help="delta-stn: take its response step after every k-th general step, to save time "
