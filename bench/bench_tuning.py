@@ -539,7 +539,8 @@ def plot_ridge_family(rows, instances, path):
         axes[0, 0].plot([], [], color=colours[q["name"]], label=f"{q['name']}: d {q['d']}, n {q['n_train']}, "
                                                                  f"log wd* {q['log_opt']:+.2f}")
     axes[0, 0].legend(fontsize=6)
-    axes[0, 0].set_ylabel("log wd - log wd* (solid: from above, dashed: below)")
+    axes[0, 0].set_ylabel("log wd - log wd*")
+    fig.suptitle("Ridge family: solid from 100x above, dashed from 100x below; shaded: the mode's tolerance", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
