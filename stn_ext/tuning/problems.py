@@ -8,6 +8,11 @@ The trainer's regression loss is the mean squared error plus 0.5 * wd * ||w||^2,
 with X^T X = Q diag(e) Q^T (one eigendecomposition), and the validation loss (1/m) ||X_v w(wd) - y_v||^2
 is a smooth function of log wd that we minimise to machine precision (a grid, then golden section).
 
+``DropoutRegression``: linear regression with inverted dropout on its inputs at rate p. Averaged over the masks the
+training loss is (1/n) ||X w - y||^2 + p/(1-p) w^T diag(A) w with A = X^T X / n, so the best response is
+w(p) = (A + p/(1-p) diag A)^-1 X^T y / n, its Jacobian dw/du (u the rate's logit) follows by implicit
+differentiation, and the validation-optimal rate is found on a grid: a dropout rate with a known answer.
+
 ``digits_protocol``: the issue-11 protocol on scikit-learn's digits (1000/400/397 split of load_digits,
 X / 16, a RandomState(0) permutation), for an MLP 64-256-256-10 with three tuned dropout rates.
 
@@ -82,6 +87,62 @@ class Ridge:
         return StnSequential(stn_ext.StnLinear(self.d, 1, 1, bias=False, dtype=dtype))
 
 
+@dataclass
+class DropoutRegression:
+    """Input dropout on linear regression (features of unequal scales, so dropout is not plain ridge); train and
+    validation are full batches. The default instance's optimal rate is 0.224 (in [0, 0.9], from 0.05)."""
+
+    d: int = 40
+    n_train: int = 60
+    n_val: int = 200
+    noise: float = 1.0
+    high: float = 0.9  # the dropout range's top (the built-in's)
+    seed: int = 0
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        w = torch.randn(self.d, generator=g, dtype=torch.float64) * (2 / math.sqrt(self.d))
+        scale = torch.exp(0.5 * torch.randn(self.d, generator=g, dtype=torch.float64))
+        self.x, self.xv = (torch.randn(n, self.d, generator=g, dtype=torch.float64) * scale for n in (self.n_train, self.n_val))
+        self.y = self.x @ w + self.noise * torch.randn(self.n_train, generator=g, dtype=torch.float64)
+        self.yv = self.xv @ w + self.noise * torch.randn(self.n_val, generator=g, dtype=torch.float64)
+        self._a = self.x.T @ self.x / self.n_train
+        self._b = self.x.T @ self.y / self.n_train
+
+    def rate(self, u):
+        return self.high / (1 + math.exp(-u))
+
+    def weights(self, p):
+        """The training optimum w(p) (float64), averaged over the dropout masks."""
+        return torch.linalg.solve(self._a + p / (1 - p) * torch.diag(torch.diag(self._a)), self._b)
+
+    def val_loss(self, p):
+        return float(((self.xv @ self.weights(p) - self.yv) ** 2).mean())
+
+    def response_jacobian(self, u):
+        """dw/du at the rate's logit u: the best response's slope that a tuner's V W_h should learn."""
+        p = self.rate(u)
+        r, da = p / (1 - p), torch.diag(torch.diag(self._a))
+        dw_dr = -torch.linalg.solve(self._a + r * da, da @ self.weights(p))
+        return dw_dr / (1 - p) ** 2 * p * (1 - p / self.high)
+
+    def optimum(self):
+        """The validation-optimal rate on a grid of step 0.001 over the range."""
+        grid = [k / 1000 for k in range(1, int(self.high * 1000))]
+        return min(grid, key=self.val_loss)
+
+    def dataset(self, dtype=torch.float32):
+        cast = lambda t: t.to(dtype)  # noqa: E731
+        return Dataset.from_arrays(cast(self.x), cast(self.y), cast(self.xv), cast(self.yv), task="regression",
+                                   name="dropout-regression")
+
+    def model(self, dtype=torch.float32):
+        """Input dropout (slot 'in') before one StnLinear(d, 1, n_hyper=1, bias=False)."""
+        from stn_ext.tuning.models import HyperDropout
+
+        return StnSequential(HyperDropout("in"), stn_ext.StnLinear(self.d, 1, 1, bias=False, dtype=dtype))
+
+
 def digits_protocol():
     """Digits split 1000 train / 400 val / 397 test: X / 16 (flat), a RandomState(0) permutation."""
     import numpy as np
@@ -127,5 +188,5 @@ def fashion_cnn(n_hyper=6, hidden=CNN_SIZES["hidden"]):
     return cnn((1, 28, 28), 10, n_hyper, (16, 32), hidden, input_dropout=True)
 
 
-__all__ = ["Ridge", "digits_protocol", "digits_mlp", "fashion_cnn_protocol", "fashion_cnn", "CNN_HYPERS",
+__all__ = ["Ridge", "DropoutRegression", "digits_protocol", "digits_mlp", "fashion_cnn_protocol", "fashion_cnn", "CNN_HYPERS",
            "CNN_RANGES", "CNN_INITS", "CNN_SIZES"]
