@@ -6,7 +6,7 @@ import sys
 
 from stn_ext.cli_parser import Parser
 from stn_ext.data import BUILTIN as BUILTIN_DATA
-from stn_ext.tuning.config import METHODS
+from stn_ext.tuning.config import METHODS, SEARCHES
 from stn_ext.tuning.space import BUILTINS, GROUPS
 
 HYPER_HELP = (
@@ -142,6 +142,21 @@ def build_parser():
                         f"(default {d.response_every})")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
     g.add_argument("--trials", type=int, default=4, help="trials of random search and tpe (default 4)")
+    g.add_argument("--trial-steps", type=int, default=0,
+                   help="random, tpe: weight steps per trial (default 0: --steps / --trials, the same total as one "
+                        "tuned run); e.g. --trial-steps 1500 --trials 32 for 32 full-length trials")
+    g.add_argument("--pruner", default="none", choices=["none", "median", "hyperband"],
+                   help="random, tpe: Optuna's pruner on the validation loss of each evaluation; a pruned trial "
+                        "stops there and is recorded as pruned (default none)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="random, tpe: processes running trials in parallel on one Optuna study (each with "
+                        "--threads torch threads) (default 1)")
+    g.add_argument("--storage", default="",
+                   help="random, tpe: Optuna storage URL of the study (default: sqlite:///OUT/study.db once "
+                        "--pruner, --workers > 1 or --storage is given); machines pointing at one database "
+                        "(e.g. postgresql://user:pw@host/db) share one study")
+    g.add_argument("--study-name", default="",
+                   help="random, tpe: the study's name in --storage (default stn_ext)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights, data order and random draws (default 0)")
     g = p.add_argument_group("run")
@@ -183,7 +198,9 @@ def config_from_args(a):
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
         random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, data_path=a.data_path, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, out=a.out, resume=a.resume, overwrite=a.overwrite, quiet=a.quiet,
-        plots=not a.no_plots, tensorboard=a.tensorboard, device=a.device, stop_after=a.stop_after)
+        plots=not a.no_plots, tensorboard=a.tensorboard, device=a.device, stop_after=a.stop_after,
+        trial_steps=a.trial_steps, pruner=a.pruner, workers=a.workers, storage=a.storage, study_name=a.study_name,
+        worker_threads=a.threads if a.method in SEARCHES else 1)
 
 
 def format_table(rows, title=""):

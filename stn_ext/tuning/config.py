@@ -62,6 +62,14 @@ class TrainConfig:
     device: str = "cpu"
     stop_after: int = 0               # stop (as if interrupted) at this weight step (random search: counted
                                       # over all trials); a run resumed at or past it goes on; 0: never
+    # searches as users run them (random, tpe; stn_ext.tuning.study): any of pruner, workers > 1 or storage
+    # runs the search as an Optuna study on a storage
+    trial_steps: int = 0              # weight steps per trial (0: steps // random_trials, the equal-total budget)
+    pruner: str = "none"              # none | median | hyperband (Optuna's, on the val loss of each evaluation)
+    workers: int = 1                  # processes running trials in parallel on one study
+    storage: str = ""                 # Optuna storage URL ("" : sqlite:///<out>/study.db)
+    study_name: str = ""              # the study's name in the storage ("" : "stn_ext")
+    worker_threads: int = 1           # torch threads per search worker process (0: torch's default)
 
     @classmethod
     def from_dict(cls, d):
@@ -91,7 +99,13 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "stop_after", "train_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
-        if self.method in SEARCHES and self.steps < self.random_trials:
+        if self.trial_steps < 0 or self.worker_threads < 0 or self.workers < 1:
+            raise ValueError("stn_ext: trial_steps and worker_threads must be >= 0 and workers >= 1")
+        if self.pruner not in ("none", "median", "hyperband"):
+            raise ValueError(f"stn_ext: pruner must be 'none', 'median' or 'hyperband', got {self.pruner!r}")
+        if self.method not in SEARCHES and (self.pruner != "none" or self.workers > 1 or self.storage):
+            raise ValueError(f"stn_ext: pruner, workers and storage are for the searches {SEARCHES}, not {self.method!r}")
+        if self.method in SEARCHES and self.trial_steps == 0 and self.steps < self.random_trials:
             raise ValueError(f"stn_ext: a search ({self.method}) with {self.random_trials} trials needs steps >= trials")
         if self.lr <= 0 or self.hyper_lr < 0 or not (self.scale_init > 0 or self.scale_init == -1) \
                 or not (self.tau >= 0 or self.tau == -1) or not self.scale_max >= 0:

@@ -74,13 +74,18 @@ def _trial_values(out):
 
 
 def random_search(config, data=None, model_fn=None):
-    """``random_trials`` fixed runs, ``steps // trials`` weight steps each (the same total as one STN run), at
-    values from the method's proposer: 'random' draws them from the space, 'tpe' asks Optuna's TPE given the
-    trials so far. The trial with the lowest final validation loss wins. Trials run in out/trial_<k>; with
-    resume, finished trials are kept (and told to TPE) and the current one resumes at its own values.
+    """``random_trials`` fixed runs, ``trial_steps`` weight steps each (0: ``steps // trials``, the same total
+    as one STN run), at values from the method's proposer: 'random' draws them from the space, 'tpe' asks
+    Optuna's TPE given the trials so far. The trial with the lowest final validation loss wins. Trials run in
+    out/trial_<k>; with resume, finished trials are kept (and told to TPE) and the current one resumes at its
+    own values.
     ``stop_after`` counts weight steps over all trials: trial k holds steps k * per + 1 .. (k + 1) * per."""
     cfg = config.validate()
-    per = cfg.steps // cfg.random_trials
+    if uses_study(cfg):  # pruning, parallel workers or a shared storage: the Optuna study's code path
+        from stn_ext.tuning.study import study_search
+
+        return study_search(cfg, data, model_fn)
+    per = trial_steps(cfg)
     if cfg.out and (cfg.resume or _dist()[0] == 0):
         check_run_folder(cfg)
     base = Trainer(replace_config(cfg, method="fixed", out="", resume=False, overwrite=False, steps=per), data=data,
@@ -123,6 +128,18 @@ def random_search(config, data=None, model_fn=None):
     return summary
 
 
+def trial_steps(cfg):
+    """Weight steps per trial of a search: ``trial_steps``, or (0) ``steps // random_trials``, the same total
+    as one STN run."""
+    return cfg.trial_steps or cfg.steps // cfg.random_trials
+
+
+def uses_study(cfg):
+    """Whether a search runs as an Optuna study on a storage (stn_ext.tuning.study): with a pruner, several
+    workers or a storage URL. Otherwise the sequential search above, in one process."""
+    return cfg.pruner != "none" or cfg.workers > 1 or bool(cfg.storage)
+
+
 def _trial_stop(stop_after, k, per):
     """Trial k's stop_after for a random search stopped after ``stop_after`` weight steps in total."""
     local = stop_after - k * per
@@ -133,4 +150,4 @@ def _ranges_of(space):
     return {h.name: (h.low, h.high) for h in space.hypers}
 
 
-__all__ = ["random_search", "RandomProposer", "TPEProposer", "PROPOSERS"]
+__all__ = ["random_search", "RandomProposer", "TPEProposer", "PROPOSERS", "trial_steps", "uses_study"]
