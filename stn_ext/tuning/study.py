@@ -26,7 +26,7 @@ import time
 import torch
 
 from stn_ext import checkpoint
-from stn_ext.tuning.config import TrainConfig, replace_config
+from stn_ext.tuning.config import TrainConfig, _dist, replace_config
 from stn_ext.tuning.loop import Trainer
 from stn_ext.tuning.runfolder import check_run_folder, open_run_folder
 
@@ -59,13 +59,19 @@ def storage_url(cfg):
 
 
 def open_storage(url):
-    """An Optuna storage for ``url`` (SQLite: waiting up to 10 minutes for another process's write)."""
+    """An Optuna storage for ``url`` (SQLite: waiting up to 10 minutes for another process's write). Retried:
+    processes (or machines) opening a new database at once race to create its tables."""
     optuna = _optuna()
     if url is None:
         return optuna.storages.InMemoryStorage()
-    if url.startswith("sqlite"):
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 600}})
-    return optuna.storages.RDBStorage(url)
+    kw = {"engine_kwargs": {"connect_args": {"timeout": 600}}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kw)
+        except Exception:  # noqa: BLE001  (processes creating the tables of a new database at once: one loses)
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + attempt)
 
 
 def load_study(cfg, storage=None):
@@ -260,6 +266,9 @@ def study_search(config, data=None, model_fn=None, pruner=None):
     if cfg.stop_after:
         raise ValueError("stn_ext: stop_after counts the steps of the sequential search; not with pruner, workers "
                          "or storage (stop a study with Ctrl-C or kill, and resume it)")
+    if _dist()[1] > 1:
+        raise ValueError("stn_ext: a study runs its trials in --workers processes, each one process; not under "
+                         "--nproc or torchrun")
     url = storage_url(cfg)
     if cfg.out:
         if cfg.resume:
