@@ -160,3 +160,27 @@ def test_failing_trial_is_recorded_as_fail(small_digits, tmp_path):
     assert "trial model broken" in trials[1].user_attrs["error"]
     assert trials[0].state == trials[2].state == optuna.trial.TrialState.COMPLETE
     assert s["states"] == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 1} and s["trials"] == 3 and s["best_trial"] in (0, 2)
+
+
+def test_ctrl_c_stops_the_workers_cleanly_then_resume(tmp_path):
+    """Ctrl-C (SIGINT to the process group) once a trial finished: exit 130, no trial left RUNNING (the
+    stopped one is failed as interrupted), and --resume completes the study."""
+    out = tmp_path / "study"
+    args = ["train", "--method", "random", "--trials", "3", "--trial-steps", "600", "--workers", "2", "--hidden",
+            "16", "--train-size", "128", "--no-plots", "--quiet", "--out", str(out)]
+    p = _cli(*args, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 90
+    while time.time() < deadline and p.poll() is None and not list(out.glob("trial_*/summary.json")):
+        time.sleep(0.2)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    trials = _study(out).get_trials()
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    stopped = [t for t in trials if t.system_attrs.get(INTERRUPTED)]
+    assert stopped and all(t.state == optuna.trial.TrialState.FAIL for t in stopped)
+    r = _cli(*args, "--resume")
+    _, err = r.communicate(timeout=120)
+    assert r.returncode == 0, err
+    assert len([t for t in _counted(_study(out)) if t.state == optuna.trial.TrialState.COMPLETE]) == 3

@@ -21,6 +21,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import time
 
 import torch
@@ -229,6 +230,8 @@ def work(cfg, index=0, data=None, model_fn=None, pruner=None, storage=None):
     dists = distributions(space)
     n = cfg.random_trials
     while len(counted_trials(study)) < n:
+        if _STOP[0]:  # Ctrl-C / SIGTERM between trials (a worker process)
+            return False
         trial = study.ask(dists)
         # trial numbers come from the storage in order: the n counted trials with the lowest numbers run
         ahead = sum(1 for t in counted_trials(study) if t.number < trial.number)
@@ -241,7 +244,16 @@ def work(cfg, index=0, data=None, model_fn=None, pruner=None, storage=None):
     return True
 
 
+_STOP = [False]  # set by Ctrl-C / SIGTERM in a worker process: no new trial (the running one stops itself)
+
+
+def _on_signal(signum, frame):
+    _STOP[0] = True
+
+
 def _worker_main(cfg_dict, index, data, model_fn, pruner):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the trial's loop takes them over while it runs
+        signal.signal(sig, _on_signal)
     cfg = TrainConfig.from_dict(cfg_dict)
     if cfg.worker_threads:
         torch.set_num_threads(cfg.worker_threads)
@@ -317,6 +329,8 @@ def _summary(cfg, study, ok, elapsed):
                         "hypers": s.get("hypers", dict(t.params)), "steps": s.get("steps", 0),
                         "wall_s": s.get("wall_s", 0.0), "error": t.user_attrs.get("error")})
     complete = [t for t in trials if t.state == states.COMPLETE]
+    if not complete and not ok:  # stopped (Ctrl-C, SIGTERM) before any trial completed
+        raise KeyboardInterrupt
     if not complete:
         raise ValueError(f"stn_ext: no trial of the study completed ({len(trials)} trials: " +
                          ", ".join(f"{r['number']} {r['state']}" for r in records) + ")")
