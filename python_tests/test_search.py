@@ -184,3 +184,15 @@ def test_ctrl_c_stops_the_workers_cleanly_then_resume(tmp_path):
     _, err = r.communicate(timeout=120)
     assert r.returncode == 0, err
     assert len([t for t in _counted(_study(out)) if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+
+
+def test_overwrite_starts_a_new_study(small_digits, tmp_path):
+    """--overwrite replaces the study in the run folder too (its trials would otherwise count)."""
+    base = dict(method="random", random_trials=2, trial_steps=10, hidden=(16,), quiet=True, plots=False,
+                pruner="median", out=str(tmp_path))
+    train(TrainConfig(**base), data=small_digits)
+    with pytest.raises(FileExistsError):
+        train(TrainConfig(**base), data=small_digits)
+    s = train(TrainConfig(overwrite=True, **base), data=small_digits)
+    assert sorted(t.number for t in _study(tmp_path).get_trials()) == [0, 1] and s["trials"] == 2
+    assert all((tmp_path / f"trial_{k}" / "summary.json").exists() for k in range(2))  # run again, not kept

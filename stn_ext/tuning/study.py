@@ -288,8 +288,10 @@ def study_search(config, data=None, model_fn=None, pruner=None):
         else:
             own = os.path.join(cfg.out, STORAGE_FILE)
             open_run_folder(cfg)  # refuses a folder holding a run unless overwrite, which clears it
-            if not cfg.storage and os.path.exists(own):  # left by an earlier run: start a new study
-                os.unlink(own)
+            if not cfg.storage:  # left by an earlier run (with SQLite's journal, if a kill left one): a new study
+                for path in (own, own + "-journal", own + "-wal", own + "-shm"):
+                    if os.path.exists(path):
+                        os.unlink(path)
     storage = open_storage(url)
     study = load_study(cfg, storage)
     if cfg.resume:
