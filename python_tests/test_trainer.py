@@ -413,6 +413,23 @@ def test_resume_from_an_older_checkpoint_after_kill(small_digits, tmp_path):
     assert not [p for p in os.listdir(tmp_path / "b") if p.endswith(".tmp")]
 
 
+def test_resume_a_folder_written_before_a_config_field_existed(small_digits, tmp_path):
+    """A config.json without a field added later (here response_every, trial_steps) resumes when the run sets
+    that field's default; a changed setting is still refused."""
+    base = dict(method="delta-stn", steps=12, warmup_steps=2, hidden=(8,), batch_size=32, quiet=True, plots=False,
+                out=str(tmp_path))
+    Trainer(TrainConfig(stop_after=6, **base), data=small_digits).fit()
+    path = tmp_path / "config.json"
+    old = json.loads(path.read_text())
+    for k in ("response_every", "trial_steps"):
+        old.pop(k)
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="response_every was 1, now 2"):
+        Trainer(TrainConfig(resume=True, response_every=2, **base), data=small_digits).fit()
+    s = Trainer(TrainConfig(resume=True, **base), data=small_digits).fit()
+    assert s["complete"] and s["steps"] == 12
+
+
 def test_new_run_into_a_used_folder_is_refused_unless_overwrite(small_digits, tmp_path):
     base = dict(method="stn", warmup_steps=2, hidden=(8,), batch_size=32, quiet=True, plots=False, out=str(tmp_path))
     Trainer(TrainConfig(steps=12, **base), data=small_digits).fit()

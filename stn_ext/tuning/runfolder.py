@@ -12,7 +12,7 @@ from stn_ext.tuning.plots import PLOT_FILES, read_jsonl
 
 # Fields that may differ between a run and its resumption (device: see Trainer._restore_generator).
 RESUME_FREE = ("data_path", "tensorboard", "out", "resume", "overwrite", "quiet", "plots", "stop_after", "eval_every", "checkpoint_every",
-               "device")
+               "device", "worker_threads")
 
 
 def _trial_dirs(out):
@@ -42,6 +42,8 @@ def check_same_config(cfg):
     with open(path) as f:
         old = json.load(f)
     new = _jsonable(asdict(cfg))
+    # a field added since the folder's run was written is compared as its default, which that run had
+    old = {**_jsonable(asdict(type(cfg)())), **old}
     diff = sorted(k for k in new if k not in RESUME_FREE and old.get(k) != new[k])
     if diff:
         raise ValueError("stn_ext: cannot resume " + cfg.out + " with a different configuration: " +
