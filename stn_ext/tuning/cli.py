@@ -325,8 +325,11 @@ def _print_run(cfg, summary):
 
 
 def _stopped_message(cfg, summary):
-    where = f" (in trial {summary['trial']})" if "trial" in summary else ""
-    msg = f"stopped at step {summary['steps']} of {cfg.steps}{where}; "
+    if "trial_records" in summary:  # a study: its progress is in trials, each of its own length
+        msg = f"stopped with {summary['trials']} of {cfg.random_trials} trials finished; "
+    else:
+        where = f" (in trial {summary['trial']})" if "trial" in summary else ""
+        msg = f"stopped at step {summary['steps']} of {cfg.steps}{where}; "
     if not cfg.out:
         return msg + "nothing was saved (no --out)"
     return msg + f"the checkpoint is in {cfg.out}; continue with --resume"
