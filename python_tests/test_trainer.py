@@ -424,8 +424,8 @@ def test_resume_a_folder_written_before_a_config_field_existed(small_digits, tmp
     for k in ("response_every", "trial_steps"):
         old.pop(k)
     path.write_text(json.dumps(old))
-    with pytest.raises(ValueError, match="response_every was 1, now 2"):
-        Trainer(TrainConfig(resume=True, response_every=2, **base), data=small_digits).fit()
+    with pytest.raises(ValueError, match="response_every was 0, now 3"):
+        Trainer(TrainConfig(resume=True, response_every=3, **base), data=small_digits).fit()
     s = Trainer(TrainConfig(resume=True, **base), data=small_digits).fit()
     assert s["complete"] and s["steps"] == 12
 

@@ -44,7 +44,7 @@ class TrainConfig:
                                       # "auto" (centre for logit-scale hyperparameters, recentred for the others),
                                       # "init" (u at the start)
     linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
-    response_every: int = 1           # delta-stn: a response step after every k-th general step
+    response_every: int = 0           # delta-stn: a response step after every k-th general step (0: 2)
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
     train_size: int = 0               # cap on the digits training split (0: all)
@@ -91,12 +91,12 @@ class TrainConfig:
             raise ValueError(f"stn_ext: hyper_input must be 'auto', 'init', 'centre' or 'recentred', got {self.hyper_input!r}")
         if self.response_init not in ("v", "zero"):
             raise ValueError(f"stn_ext: response_init must be 'v' or 'zero', got {self.response_init!r}")
-        for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials", "response_every"):
+        for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stn_ext: {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < -1:
             raise ValueError(f"stn_ext: warmup_steps must be >= 0 (or -1: steps / 10), got {self.warmup_steps}")
-        for name in ("eval_every", "checkpoint_every", "stop_after", "train_size"):
+        for name in ("eval_every", "checkpoint_every", "stop_after", "train_size", "response_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
         if self.trial_steps < 0 or self.worker_threads < 0 or self.workers < 1:

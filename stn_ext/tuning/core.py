@@ -77,7 +77,7 @@ class Tuner:
                  hyper_lr_schedule="auto", scale_init=-1.0, scale_max=0.0, tau=1e-2, train_per_cycle=5,
                  val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v", hyper_input="auto",
                  linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None,
-                 check_finite=True, max_skipped=10, guard=None, response_every=1):
+                 check_finite=True, max_skipped=10, guard=None, response_every=0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         if not (scale_init > 0 or scale_init == -1):
@@ -120,9 +120,7 @@ class Tuner:
         self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
         self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = \
             train_per_cycle, val_per_cycle, perturb, linearize
-        if response_every < 1:
-            raise ValueError(f"stn_ext: response_every must be >= 1, got {response_every}")
-        self.response_every = response_every
+        self.response_every = defaults.response_every(response_every)
         self.total_steps = total_steps
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
         self.tau = tau if tau >= 0 else 1e-2  # -1: the 'auto' of older configs

@@ -18,6 +18,19 @@ decay to settle.
 """
 
 PERTURB = {"stn": "batch", "delta-stn": "batch", "fixed": "batch"}
+
+# Delta-STN's response step after every 2nd general step: on digits (interleaved rounds, per batch) 1.83x fixed's
+# time per weight step against 2.37x after every one; quality inside the seed spread (digits best val 0.0777
+# against 0.0748, 3 seeds; Fashion-MNIST MLP test loss 0.4109 against 0.4237, 2 seeds; ridge per batch within
+# 0.018 of the optimum, 3 seeds from both sides)
+RESPONSE_EVERY = 2
+
+
+def response_every(k):
+    """Delta-STN's response step after every k-th general step; 0 is the default."""
+    if k < 0:
+        raise ValueError(f"stn_ext: response_every must be >= 1 (or 0: the default, {RESPONSE_EVERY}), got {k}")
+    return k or RESPONSE_EVERY
 SCALE_AND_SCHEDULE = {"batch": (0.3, "tail"), "example": (0.5, "cosine")}
 
 
@@ -31,4 +44,4 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto"):
     return perturb, (sigma_0 if scale_init == -1 else scale_init), (auto_schedule if schedule == "auto" else schedule)
 
 
-__all__ = ["resolve", "PERTURB", "SCALE_AND_SCHEDULE"]
+__all__ = ["resolve", "response_every", "PERTURB", "SCALE_AND_SCHEDULE", "RESPONSE_EVERY"]
