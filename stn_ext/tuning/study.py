@@ -314,7 +314,10 @@ def study_search(config, data=None, model_fn=None, pruner=None):
             for p in procs:
                 p.join()
         ok = all(p.exitcode == 0 for p in procs)
-        bad = [(k, p.exitcode) for k, p in enumerate(procs) if p.exitcode not in (0, 130)]
+        # 130: stopped at a step boundary; -SIGINT / -SIGTERM: stopped by Ctrl-C or a kill while starting, before
+        # its handler was installed (it had taken no trial): both stopped, not failed
+        stopped = (130, -signal.SIGINT, -signal.SIGTERM)
+        bad = [(k, p.exitcode) for k, p in enumerate(procs) if p.exitcode != 0 and p.exitcode not in stopped]
         if bad:
             raise RuntimeError("stn_ext: search workers " + ", ".join(f"{k} (exit {c})" for k, c in bad) +
                                " failed; the study so far is kept: continue it with --resume (API: resume=True)")
