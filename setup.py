@@ -68,6 +68,7 @@ setup(
     packages=find_packages(include=["stn_ext", "stn_ext.*"]),
     ext_modules=[extension()],
     install_requires=["torch>=2.4", "numpy"],
+    extras_require={"text": ["rdata>=1.0"]},  # stn_ext.corpus: Jane Austen's novels are R data
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.9",

@@ -40,6 +40,32 @@ else
   echo "      STN_EXT_FASHION_MNIST to a folder of its IDX files); only --data fashion-mnist needs it"
 fi
 
+# Jane Austen's novels (the text corpus, stn_ext.corpus) from Debian's r-cran-janeaustenr, unpacked without R
+# (installing it would pull in ~700 R packages), and PyPI's rdata that reads them (setup.py's "text" extra);
+# optional, only the language-model corpus needs them
+if ! python -c "import rdata" 2>/dev/null; then
+  python -m pip install -q "rdata>=1.0" 2>&1 | grep -v "is ignored" || true
+  python -c "import rdata" 2>/dev/null || echo "note: pip could not install rdata; the Austen corpus needs it (pip install rdata)"
+fi
+austen=${STN_EXT_AUSTEN:-${XDG_CACHE_HOME:-$HOME/.cache}/stn_ext/janeaustenr}
+has_austen() { for d in "$1" "$1/data" "$1/usr/lib/R/site-library/janeaustenr/data"; do [ -f "$d/Rdata.rdb" ] && return 0; done; return 1; }
+if has_austen "$austen" || has_austen /usr/lib/R/site-library/janeaustenr; then
+  :
+elif command -v apt-get > /dev/null && command -v dpkg-deb > /dev/null; then
+  deb_dir=$(mktemp -d)
+  if (cd "$deb_dir" && { apt-get download -q r-cran-janeaustenr > /dev/null 2>&1 ||
+        { [ "$(id -u)" = 0 ] && apt-get update -q > /dev/null 2>&1 && apt-get download -q r-cran-janeaustenr > /dev/null 2>&1; }; }) &&
+     mkdir -p "$austen" && dpkg-deb -x "$deb_dir"/r-cran-janeaustenr_*.deb "$austen"; then
+    echo "fetched Jane Austen's novels (Debian package r-cran-janeaustenr, unpacked into $austen)"
+  else
+    echo "note: apt-get could not download r-cran-janeaustenr; the Austen corpus needs it (see docs/corpus.md)"
+  fi
+  rm -rf "$deb_dir"
+else
+  echo "note: Jane Austen's novels not fetched (needs apt-get and dpkg-deb: apt-get download r-cran-janeaustenr, then"
+  echo "      dpkg-deb -x r-cran-janeaustenr_*.deb $austen); only the Austen text corpus needs them"
+fi
+
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 mode="${FORCE_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}"
 build=$(printf '%s\n' "$mode" | cat - setup.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)
