@@ -3,8 +3,8 @@ runs before any work). Above the loop, the searches and the run folders, which d
 from torch import nn
 
 from stn_ext.data import fashion_mnist_folder
-from stn_ext.tuning import models
-from stn_ext.tuning.config import SEARCHES, TrainConfig
+from stn_ext.tuning import language, models
+from stn_ext.tuning.config import SEARCHES, TrainConfig, resolved
 from stn_ext.tuning.loop import Trainer
 from stn_ext.tuning.runfolder import check_run_folder
 from stn_ext.tuning.search import random_search
@@ -18,6 +18,14 @@ def preflight(cfg):
     check_run_folder(cfg)
     if cfg.data == "fashion-mnist":  # files missing: say so before any run starts
         fashion_mnist_folder(cfg.data_path or None)
+    text = cfg.data in language.TEXT_DATA
+    if text != (cfg.model == "lstm"):
+        raise ValueError(f"stn_ext: model 'lstm' is for text (--data {' or '.join(language.TEXT_DATA)}), the others "
+                         f"for images and features; got model {cfg.model!r} on {cfg.data!r}")
+    if text:
+        HyperSpace.build(resolved(cfg, True)["hypers"], language.dropout_slots(cfg.hidden), cfg.ranges, cfg.inits,
+                         image_data=False)
+        return
     slots = models.dropout_slots(cfg.model, cfg.hidden, cfg.channels)
     HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, image_data=True)
 

@@ -27,6 +27,10 @@ class BatchRandom:
         device = self.generator.device if device is None else device
         return self._rows(torch.randn((self.global_batch,) + shape, generator=self.generator, device=device, dtype=dtype))
 
+    def shared_rand(self, *shape, device=None, dtype=torch.float32):
+        """One uniform draw shared by the whole batch (same on every rank), on ``device``."""
+        return torch.rand(shape, generator=self.generator, device=self.generator.device, dtype=dtype).to(device)
+
     def shared_randn(self, *shape, dtype=torch.float32):
         """One draw shared by the whole batch (same on every rank)."""
         return torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=dtype)

@@ -6,7 +6,8 @@ import sys
 
 from stn_ext.cli_parser import Parser
 from stn_ext.data import BUILTIN as BUILTIN_DATA
-from stn_ext.tuning.config import METHODS, SEARCHES
+from stn_ext.tuning.config import DEFAULT_HYPERS, METHODS, SEARCHES
+from stn_ext.tuning.language import TEXT_DATA
 from stn_ext.tuning.space import BUILTINS, GROUPS
 
 HYPER_HELP = (
@@ -14,7 +15,10 @@ HYPER_HELP = (
     "dropout.in, dropout.h1, dropout.h2; cnn has dropout.c1, dropout.c2, dropout.h1; name one as e.g. "
     "dropout.h1), noise (std of additive Gaussian input noise), weight_decay (L2 on the weights in the "
     "training loss), cutout (= cutout_length,cutout_holes; discrete), shift (max random shift in pixels; "
-    "discrete). Built-in ranges/initial values: " +
+    "discrete); for --model lstm (default: dropout,embed_dropout,dropconnect,ar,tar, the STN paper's seven; its "
+    "dropout slots dropout.in, dropout.h1, dropout.out are locked: one mask per sequence): embed_dropout (whole "
+    "words dropped from the embedding), dropconnect (on the hidden-to-hidden weights), ar and tar (activation "
+    "and temporal activation regularisation coefficients). Built-in ranges/initial values: " +
     "; ".join(f"{k} [{lo:g}, {hi:g}] init {init:g} ({tr}{', discrete' if d else ''})"
               for k, (lo, hi, init, tr, d) in BUILTINS.items()) + f"; groups: {', '.join(GROUPS)}"
 )
@@ -42,6 +46,7 @@ examples:
   python -m stn_ext train --model cnn --method stn --hypers dropout,cutout,shift --out runs/cnn
   python -m stn_ext train --method random --trials 4 --range weight_decay=1e-5:1e-1 --out runs/rs
   python -m stn_ext train --data fashion-mnist --train-size 10000 --model cnn --hypers dropout,cutout,shift --out runs/fm
+  python -m stn_ext train --data austen --model lstm --method stn --hidden 200,200 --batch-size 20 --out runs/lm
   python -m stn_ext train --method delta-stn --out runs/dstn --resume    # the first run, after Ctrl-C or kill
 """
 
@@ -85,30 +90,40 @@ def build_parser():
     g = p.add_argument_group("what to train")
     g.add_argument("--method", default=_defaults().method, choices=METHODS,
                    help=f"see methods below (default {_defaults().method})")
-    g.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="built-in model (default mlp)")
-    g.add_argument("--data", default="digits", choices=BUILTIN_DATA,
+    g.add_argument("--model", default="mlp", choices=["mlp", "cnn", "lstm"],
+                   help="built-in model (default mlp; lstm: an LSTM language model for --data austen or ptb, "
+                        "--hidden its layers' sizes, the decoder tied to the embedding)")
+    g.add_argument("--data", default="digits", choices=BUILTIN_DATA + TEXT_DATA,
                    help="data set (default digits: scikit-learn's 8x8 digits, shipped; fashion-mnist: 28x28, its "
                         "IDX files from --data-path, $STN_EXT_FASHION_MNIST or Debian's dataset-fashion-mnist; "
+                        "austen: Jane Austen's six novels (Debian's r-cran-janeaustenr, fetched by "
+                        "scripts/setup_env.sh), ptb: the Penn Treebank's ptb.{train,valid,test}.txt in --data-path; "
                         "own arrays go through the Python API)")
     g.add_argument("--data-path", default="",
-                   help="folder of Fashion-MNIST's four IDX files (default: found as --data says)")
-    g.add_argument("--hypers", default="dropout,weight_decay", help=HYPER_HELP)
+                   help="folder of Fashion-MNIST's four IDX files or of PTB's text files (default: found as --data says)")
+    g.add_argument("--hypers", default=",".join(DEFAULT_HYPERS), help=HYPER_HELP)
     g.add_argument("--range", action="append", metavar="NAME=LOW:HIGH",
                    help="search range of a hyperparameter or group, e.g. weight_decay=1e-5:1e-1 (repeatable)")
     g.add_argument("--init", action="append", metavar="NAME=VALUE",
                    help="initial value (the value used by --method fixed), e.g. dropout=0.2 (repeatable)")
-    g.add_argument("--hidden", type=_ints, default=(128, 128), help="hidden widths, e.g. 128,128 (mlp; cnn uses the first)")
+    g.add_argument("--hidden", type=_ints, default=(128, 128), help="hidden widths, e.g. 128,128 (mlp; cnn uses the first; lstm: the LSTM layers)")
     g.add_argument("--channels", type=_ints, default=(16, 32), help="cnn channels per conv stage, e.g. 16,32")
     g.add_argument("--train-size", type=int, default=0,
                    help="cap the training split (default 0: all of it, 1079 digits (validation and test keep 359 "
                         "each) or 50,000 Fashion-MNIST images (validation 10,000 of the training set, test the official "
-                        "10,000))")
+                        "10,000); text: the first N tokens of the training split)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1500, help="weight steps (random search, tpe: in total) (default 1500)")
     g.add_argument("--batch-size", type=int, default=64, help="global mini-batch (all processes) (default 64)")
-    g.add_argument("--lr", type=float, default=0.01, help="weight SGD learning rate (default 0.01)")
-    g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum (default 0.9)")
+    g.add_argument("--lr", type=float, default=0.0,
+                   help="weight SGD learning rate (default 0: 0.01; for text 20, AWD-LSTM's plain SGD)")
+    g.add_argument("--momentum", type=float, default=-1.0, help="weight SGD momentum (default -1: 0.9; for text 0)")
+    g.add_argument("--clip", type=float, default=-1.0,
+                   help="clip each step's gradient to this norm (default -1: none; for text 0.25; 0: none)")
+    g.add_argument("--bptt", type=int, default=0,
+                   help="text: tokens per window of truncated backpropagation through time (default 0: 35); the "
+                        "hidden state is carried from window to window")
     d = _defaults()
     g.add_argument("--hyper-lr", type=float, default=d.hyper_lr,
                    help=f"Adam learning rate for the hyperparameters (default {d.hyper_lr})")
@@ -192,6 +207,7 @@ def config_from_args(a):
     return TrainConfig(
         method=a.method, model=a.model, data=a.data, hypers=a.hypers, ranges=_kv(a.range, "--range", _range),
         inits=_kv(a.init, "--init", float), steps=a.steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+        clip=a.clip, bptt=a.bptt,
         hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, scale_init=a.scale_init, scale_max=a.scale_max,
         tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
         response_every=a.response_every,

@@ -7,6 +7,10 @@ import torch
 import stn_ext
 from stn_ext.tuning.core import METHODS as STEP_METHODS
 
+DEFAULT_HYPERS = ("dropout", "weight_decay")
+# the STN paper's LSTM: locked dropout on the input, between the layers and on the output, embedding dropout,
+# DropConnect on the hidden-to-hidden weights, AR and TAR
+LANGUAGE_HYPERS = ("dropout", "embed_dropout", "dropconnect", "ar", "tar")
 SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
 METHODS = STEP_METHODS + SEARCHES  # stn, delta-stn, fixed (the Tuner's), random, tpe
 
@@ -16,16 +20,18 @@ class TrainConfig:
     """Everything a run depends on (saved as config.json in the run folder)."""
 
     method: str = "stn"               # the default: ahead on every real-data protocol of the bench (docs/trainer.md)
-    model: str = "mlp"                # mlp | cnn (ignored when a model is passed to Trainer)
-    data: str = "digits"              # digits | fashion-mnist (ignored when data is passed to Trainer)
-    data_path: str = ""               # folder of Fashion-MNIST's IDX files ("" : stn_ext.data.fashion_mnist_folder)
-    hypers: tuple = ("dropout", "weight_decay")
+    model: str = "mlp"                # mlp | cnn | lstm (ignored when a model is passed to Trainer)
+    data: str = "digits"              # digits | fashion-mnist | austen | ptb (ignored when data is passed to Trainer)
+    data_path: str = ""               # folder of Fashion-MNIST's IDX files or of PTB's ptb.*.txt ("" : found)
+    hypers: tuple = DEFAULT_HYPERS    # on language data: LANGUAGE_HYPERS, the STN paper's seven, where left so
     ranges: dict = field(default_factory=dict)   # {name: (low, high)}
     inits: dict = field(default_factory=dict)    # {name: initial value}
     steps: int = 1500                 # weight steps (total over all trials for random search)
     batch_size: int = 64              # global batch (all ranks together)
-    lr: float = 0.01                  # SGD with momentum for the weights
-    momentum: float = 0.9
+    lr: float = 0.0                   # SGD for the weights (0: 0.01; on language data 20)
+    momentum: float = -1.0            # (-1: 0.9; on language data 0)
+    clip: float = -1.0                # gradient norm clipping (-1: none; on language data 0.25; 0: none)
+    bptt: int = 0                     # language data: tokens per window of truncated backpropagation (0: 35)
     hyper_lr: float = 0.02            # Adam for u and the perturbation scales
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
                                       # auto (cosine with per-example perturbation, tail per batch)
@@ -47,7 +53,7 @@ class TrainConfig:
     response_every: int = 0           # delta-stn: a response step after every k-th general step (0: 2)
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
-    train_size: int = 0               # cap on the digits training split (0: all)
+    train_size: int = 0               # cap on the training split (0: all): digits examples, or text tokens
     random_trials: int = 4
     seed: int = 0
     data_seed: int = 0
@@ -107,9 +113,13 @@ class TrainConfig:
             raise ValueError(f"stn_ext: pruner, workers and storage are for the searches {SEARCHES}, not {self.method!r}")
         if self.method in SEARCHES and self.trial_steps == 0 and self.steps < self.random_trials:
             raise ValueError(f"stn_ext: a search ({self.method}) with {self.random_trials} trials needs steps >= trials")
-        if self.lr <= 0 or self.hyper_lr < 0 or not (self.scale_init > 0 or self.scale_init == -1) \
+        if self.lr < 0 or self.hyper_lr < 0 or not (self.scale_init > 0 or self.scale_init == -1) \
                 or not (self.tau >= 0 or self.tau == -1) or not self.scale_max >= 0:
-            raise ValueError("stn_ext: lr must be > 0, scale_init > 0 (or -1: auto), hyper_lr and scale_max >= 0, tau >= 0")
+            raise ValueError("stn_ext: lr must be > 0 (or 0: auto), scale_init > 0 (or -1: auto), hyper_lr and scale_max "
+                             ">= 0, tau >= 0")
+        if not (0 <= self.momentum < 1 or self.momentum == -1) or not (self.clip >= 0 or self.clip == -1) \
+                or self.bptt < 0:
+            raise ValueError("stn_ext: momentum must be in [0, 1) (or -1: auto), clip >= 0 (or -1: auto), bptt >= 0")
         if self.resume and not self.out:
             raise ValueError("stn_ext: resume needs the run folder (out)")
         if self.tensorboard and not self.out:
@@ -122,6 +132,16 @@ class TrainConfig:
         self.hidden, self.channels = tuple(self.hidden), tuple(self.channels)
         _check_device(self.device)
         return self
+
+
+def resolved(cfg, language):
+    """The settings whose defaults depend on the data (``language``: a language-modelling data set):
+    {lr, momentum, clip, bptt, hypers}."""
+    hypers = LANGUAGE_HYPERS if language and tuple(cfg.hypers) == DEFAULT_HYPERS else tuple(cfg.hypers)
+    return {"lr": cfg.lr or (20.0 if language else 0.01),
+            "momentum": cfg.momentum if cfg.momentum >= 0 else (0.0 if language else 0.9),
+            "clip": cfg.clip if cfg.clip >= 0 else (0.25 if language else 0.0),
+            "bptt": cfg.bptt or 35, "hypers": hypers}
 
 
 def _check_device(device):

@@ -37,6 +37,7 @@ from stn_ext.tuning import augment, defaults, models
 from stn_ext._messages import count
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.divergence import StepChecks
+from stn_ext.tuning.space import LANGUAGE_KINDS
 
 TUNED = ("stn", "delta-stn")
 METHODS = TUNED + ("fixed",)
@@ -48,6 +49,11 @@ def inv_softplus(y):
 
 def inv_softplus_t(y):
     return y + torch.log(-torch.expm1(-y))
+
+
+def _gate_rows(layer, w):
+    """w with one row per entry of the layer's gate V lam (its gate_dim first), flattened: (gates, rest)."""
+    return w.movedim(layer.gate_dim, 0).flatten(1)
 
 
 class Tuner:
@@ -71,13 +77,15 @@ class Tuner:
                 the optimiser steps: a non-finite one is skipped with a warning and counted (``skipped_steps``,
                 ``skipped_hyper_steps``); ``max_skipped`` in a row raise ``Diverged``. False: no check, no read.
     guard       ``divergence.Guard()``: snapshots every ``guard.every`` weight steps; an unhealthy step rolls back to
-                one and halves the perturbation scales, as the trainer does (``divergence.StepChecks``)."""
+                one and halves the perturbation scales, as the trainer does (``divergence.StepChecks``).
+    clip        > 0: the gradients each optimiser step applies are clipped to this total norm (a language model's
+                0.25); 0: none."""
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", scale_init=-1.0, scale_max=0.0, tau=1e-2, train_per_cycle=5,
                  val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v", hyper_input="auto",
                  linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None,
-                 check_finite=True, max_skipped=10, guard=None, response_every=0):
+                 check_finite=True, max_skipped=10, guard=None, response_every=0, clip=0.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         if not (scale_init > 0 or scale_init == -1):
@@ -147,6 +155,13 @@ class Tuner:
         unused = [s for s in self.drop if s not in slots]
         if unused:
             raise ValueError(f"stn_ext: the model has no dropout slot {unused}; its slots: {slots}")
+        consumed = getattr(model, "hyper_kinds", ())
+        ignored = [h.name for h in space.hypers if h.kind in LANGUAGE_KINDS and h.kind not in consumed]
+        if ignored:
+            raise ValueError(f"stn_ext: hyperparameters {ignored} regularise a language model "
+                             "(stn_ext.tuning.language.LanguageModel); this model would ignore them")
+        self.per_batch = torch.tensor([h.per_batch for h in space.hypers], device=device)
+        self.clip = clip
         self.total_hyper_steps = sum(self._hyper_steps_after(t) for t in range(1, total_steps + 1)) if total_steps else 0
         self.step = 0   # weight steps done (skipped ones included)
         self.hstep = 0  # hyper steps done (skipped ones included)
@@ -223,7 +238,7 @@ class Tuner:
         Row r of W(z) is W_e,r + s_r W_h,r with s = z V^T, so ||W||^2 = sum_r A_r + 2 s_r B_r + s_r^2 C_r."""
         total = 0
         for m in self.layers:
-            we, wh = m.weight_elem.flatten(1), m.weight_hyper.flatten(1)
+            we, wh = _gate_rows(m, m.weight_elem), _gate_rows(m, m.weight_hyper)
             a = (we * we).sum(1)
             if z is None:  # the elementary weights (s = 0: the same sum, bit for bit)
                 total = total + a.sum(-1)
@@ -263,9 +278,11 @@ class Tuner:
         """Training loss (with the tuned weight decay penalty) and what weight_step reports."""
         out = self.forward(x, z, linearised)
         loss, report = self._reduce(out, y, self.loss_norm)
+        penalties = models.take_penalties()  # the model's own (a language model's AR and TAR)
         if self.i_wd:
             wd = vals[..., self.i_wd[0]]
-            pen = 0.5 * wd * self.l2(z)
+            penalties.append(0.5 * wd * self.l2(z))
+        for pen in penalties:  # (B,) per example, or one for the batch
             loss = loss + (pen.sum() if pen.dim() else pen * x.shape[0]) / (self.loss_norm or x.shape[0])
         return loss, report
 
@@ -284,12 +301,19 @@ class Tuner:
             p.grad = None
         for p, g in zip(params, grads):
             p.grad = g
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
         self.opt_w.step()
         return None
 
     def _eps(self, rnd):
         n = len(self.space)
-        return rnd.randn(n) if self.perturb == "example" else rnd.shared_randn(n)
+        if self.perturb != "example":
+            return rnd.shared_randn(n)
+        eps = rnd.randn(n)
+        if self.per_batch.any():  # one draw for the batch where the hyperparameter acts on what it shares
+            eps = torch.where(self.per_batch, rnd.shared_randn(n), eps)
+        return eps
 
     def perturbed(self, u, sigma, rnd):
         """u~ = u + sigma (.) eps, kept where the values move (inside the declared range), so the hypernet
@@ -389,7 +413,9 @@ class Tuner:
         shift = (self.u.detach() - self.anchor) * self.follow
         for m in self.layers:
             s = m.hyper_weight @ shift
-            m.weight_elem.add_(s.view((-1,) + (1,) * (m.weight_elem.dim() - 1)) * m.weight_hyper)
+            shape = [1] * m.weight_elem.dim()
+            shape[m.gate_dim] = -1
+            m.weight_elem.add_(s.view(shape) * m.weight_hyper)
             if m.bias_elem is not None:
                 m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
         self.anchor.add_(shift)

@@ -33,6 +33,7 @@ processes). Each rank takes its rows of the same global batch, draws its rows of
 random numbers, and gradients (weights and hyperparameters) are summed across ranks, so every rank
 holds identical weights, hypernet and hyperparameters, equal to a 1-process run with the same batch.
 """
+import contextlib
 import math
 import os
 import signal
@@ -45,14 +46,19 @@ import torch.nn.functional as F
 import stn_ext
 from stn_ext import checkpoint
 from stn_ext.data import Dataset, load as load_data
-from stn_ext.tuning import models
+from stn_ext.tuning import language, models
 from stn_ext.tuning.augment import BatchRandom
-from stn_ext.tuning.config import SEARCHES, TrainConfig, _dist
+from stn_ext.tuning.config import SEARCHES, TrainConfig, _dist, resolved
 from stn_ext.tuning.core import Tuner
 from stn_ext.tuning.divergence import Guard, finite, roll_back
 from stn_ext.tuning.plots import plot_run
 from stn_ext.tuning.runfolder import RunLog, check_run_folder, open_run_folder
 from stn_ext.tuning.space import HyperSpace
+
+
+def _ppl(loss):
+    """Perplexity of a per-token loss (inf past exp's range, as a diverged run's)."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 class Trainer:
@@ -70,12 +76,18 @@ class Trainer:
             raise ValueError(f"stn_ext: use stn_ext.tuning.train (or random_search) for method {cfg.method!r}")
         self.rank, self.world = _dist()
         self.device = torch.device(cfg.device)
-        if data is None:
+        if data is None and cfg.data in language.TEXT_DATA:
+            data = language.load_text(cfg.data, cfg.batch_size, resolved(cfg, True)["bptt"], cfg.data_path,
+                                      train_tokens=cfg.train_size)
+        elif data is None:
             data = load_data(cfg.data, seed=cfg.data_seed, path=cfg.data_path or None,
                              **({"train_size": cfg.train_size} if cfg.train_size else {}))
         if not isinstance(data, Dataset):
             raise TypeError("stn_ext: data must be a stn_ext.data.Dataset (see Dataset.from_arrays)")
         self.data = data  # moved to the device in the model's dtype once the model is known
+        self.language = data.task == "language"
+        self.settings = resolved(cfg, self.language)  # lr, momentum, clip, bptt, hypers: defaults by the data
+        hypers = self.settings["hypers"]
         if cfg.batch_size % self.world:
             raise ValueError(f"stn_ext: the global batch {cfg.batch_size} must divide among {self.world} processes")
         if cfg.batch_size > len(self.data.train):
@@ -83,27 +95,37 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            if model is None:
+            if model is None and self.language != (cfg.model == "lstm"):
+                raise ValueError(f"stn_ext: model 'lstm' is for text (--data {' or '.join(language.TEXT_DATA)}), the "
+                                 f"others for images and features; got model {cfg.model!r} on {self.data.name!r}")
+            if model is None and self.language:
+                slots = language.dropout_slots(cfg.hidden)
+                self.space = space or HyperSpace.build(hypers, slots, cfg.ranges, cfg.inits, False)
+                model = language.LanguageModel(self.data.n_classes, len(self.space), cfg.hidden)
+            elif model is None:
                 slots = models.dropout_slots(cfg.model, cfg.hidden, cfg.channels)
-                self.space = space or HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
+                self.space = space or HyperSpace.build(hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
                 n_out = self.data.n_classes if self.data.task == "classification" else \
                     (1 if self.data.train.y.dim() == 1 else self.data.train.y.shape[1])
                 model = models.build(cfg.model, self.data.input_shape, n_out, len(self.space), cfg.hidden, cfg.channels)
             else:
                 slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
-                self.space = space or HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
+                self.space = space or HyperSpace.build(hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
         self.model = model.to(self.device)
         dt = next(self.model.parameters()).dtype
         self.data = self.data.to(self.device, dtype=dt)  # inputs in the model's precision (e.g. a .double() model)
         self.n_train_batches = len(self.data.train) // cfg.batch_size
+        # language data: the validation split is cut into batch_size streams too (language.stream_split)
         self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
+        self.streams = {"train": language.Stream(), "val": language.Stream()}  # carried hidden states (text)
         self.tuner = Tuner(
-            self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum),
+            self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=self.settings["lr"],
+                                                    momentum=self.settings["momentum"]),
             self._per_example_loss, cfg.method, cfg.steps, hyper_lr=cfg.hyper_lr, hyper_lr_schedule=cfg.hyper_lr_schedule,
             scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau, train_per_cycle=cfg.train_per_cycle,
             val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
-            response_every=cfg.response_every,
+            response_every=cfg.response_every, clip=self.settings["clip"],
             loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce,
             check_finite=False)  # the trainer checks each step itself (_healthy) and rolls back (_recover)
         self.layers, self.params = self.tuner.layers, self.tuner.params
@@ -147,6 +169,8 @@ class Trainer:
     # --- data order ------------------------------------------------------------------------------------
 
     def _perm(self, which, epoch, n):
+        if self.language:  # windows in order: batch k continues batch k - 1 in every stream
+            return torch.arange(n, device=self.device)
         key = (which, epoch)
         if key not in self._perm_cache:
             self._perm_cache.clear() if len(self._perm_cache) > 4 else None
@@ -166,6 +190,8 @@ class Trainer:
     # --- the steps (the algorithm is the tuner's; the trainer brings batches, random draws and ranks) -----
 
     def _per_example_loss(self, out, y):
+        if self.language:
+            return language.token_losses(out, y)
         if self.data.task == "classification":
             return F.cross_entropy(out, y, reduction="none")
         out = out.reshape(y.shape) if out.numel() == y.numel() else out
@@ -184,7 +210,25 @@ class Trainer:
 
     def weight_step(self):
         x, y, rnd = self._batch(self.data.train, "train", self.step, self.cfg.batch_size)
-        return self._global_mean(self.tuner.weight_step(x, y, rnd))
+        with self._stream("train", self.step, len(self.data.train) // self.cfg.batch_size):
+            return self._global_mean(self.tuner.weight_step(x, y, rnd))
+
+    def _stream(self, which, k, per_epoch):
+        """The block of batch k of a split's streams (language data; else no-op): the state restarts with each
+        pass over the split and moves on once the step is done."""
+        stream = self.streams[which]
+        if not self.language:
+            return contextlib.nullcontext()
+        if k % per_epoch == 0:
+            stream.reset()
+
+        @contextlib.contextmanager
+        def block():
+            with language.carrying(stream):
+                yield
+            stream.advance()
+
+        return block()
 
     def _global_mean(self, ell):
         s = ell.sum().reshape(1)
@@ -195,7 +239,8 @@ class Trainer:
     def hyper_step(self):
         """One step on u and the perturbation scales on the next validation batch (Tuner.hyper_step)."""
         x, y, rnd = self._batch(self.data.val, "val", self.hstep, self.val_batch)
-        ell = self.tuner.hyper_step(x, y, rnd)
+        with self._stream("val", self.hstep, len(self.data.val) // self.val_batch):
+            ell = self.tuner.hyper_step(x, y, rnd)
         return float(ell.sum()) / (self.val_batch / self.world) if self.world == 1 else None
 
     def hypergradient(self, split=None):
@@ -221,10 +266,14 @@ class Trainer:
         self.model.eval()
         z = self.eval_input()
         total, correct = 0.0, 0
-        for i in range(0, len(split), 512):
-            x, y = split.x[i:i + 512], split.y[i:i + 512]
-            with self.tuner.input_context(z):
+        # language data: the split's streams in order from a zero state, batch_size windows at a time
+        chunk, stream = (self.cfg.batch_size, language.Stream()) if self.language else (512, None)
+        for i in range(0, len(split), chunk):
+            x, y = split.x[i:i + chunk], split.y[i:i + chunk]
+            with self.tuner.input_context(z), language.carrying(stream):
                 out = self.model(x)
+            if stream is not None:
+                stream.advance()
             total += float(self._per_example_loss(out, y).sum())
             if self.data.task == "classification":
                 correct += int((out.argmax(1) == y).sum())
@@ -245,8 +294,11 @@ class Trainer:
     def state_dict(self):
         """The checkpoint: the tuner's state (Tuner.state_dict) with the model, the weights' optimiser, the
         wall time, the recovery count and the world size."""
-        return {"model": self.model.state_dict(), "opt_w": self.opt_w.state_dict(), **self.tuner.state_dict(),
-                "wall": self.wall, "recoveries": self.recoveries, "world": self.world}
+        st = {"model": self.model.state_dict(), "opt_w": self.opt_w.state_dict(), **self.tuner.state_dict(),
+              "wall": self.wall, "recoveries": self.recoveries, "world": self.world}
+        if self.language:  # the hidden states carried into the next training and validation batches
+            st["streams"] = {k: s.start for k, s in self.streams.items()}
+        return st
 
     def load_state_dict(self, st):
         self.tuner.load_state_dict(st, generator=False)  # first: it refuses a checkpoint of another method or space
@@ -254,6 +306,9 @@ class Trainer:
         self.opt_w.load_state_dict(st["opt_w"])
         self._restore_generator(st)
         self.wall, self.recoveries = st["wall"], st.get("recoveries", 0)
+        for k, state in st.get("streams", {}).items():
+            state = None if state is None else [tuple(t.to(self.device) for t in hc) for hc in state]
+            self.streams[k].start = self.streams[k].end = state
 
     def _restore_generator(self, st):
         """Give the generator the checkpoint's state if it is of this device type, and say whether it
@@ -398,9 +453,12 @@ class Trainer:
     def _log_eval(self):
         v, t = self.evaluate(self.data.val), self.evaluate(self.data.test)
         rec = {"step": self.step, "epoch": self.step / max(1, self.n_train_batches), "hyper_steps": self.hstep,
-               "val_loss": v["loss"], "test_loss": t["loss"], "wall_s": self.wall}
+               "val_loss": v["loss"], "test_loss": t["loss"], "wall_s": self.wall,
+               "time": round(time.time(), 3)}  # when it was known (Unix seconds): aligns runs in parallel
         if "acc" in v:
             rec["val_acc"], rec["test_acc"] = v["acc"], t["acc"]
+        if self.language:
+            rec["val_ppl"], rec["test_ppl"] = _ppl(v["loss"]), _ppl(t["loss"])
         rec["hypers"] = self.hyper_values()
         self.log.epoch(rec)
         return rec
@@ -413,6 +471,8 @@ class Trainer:
              "perturb": self.tuner.perturb, "linearize": self.cfg.linearize}
         if "val_acc" in last:
             s["val_acc"], s["test_acc"] = last["val_acc"], last["test_acc"]
+        if "val_ppl" in last:
+            s["val_ppl"], s["test_ppl"] = last["val_ppl"], last["test_ppl"]
         if self.data.test_is_val:
             s["test_is_val"] = True
         if self.tunes:

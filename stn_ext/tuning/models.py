@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stn_ext.tuning.augment import dropout_mask
-from stn_ext.nn import StnConv2d, StnLinear
+from stn_ext.nn import StnConv2d, StnEmbedding, StnLinear
 
 # Stack (a tuple) set by `regularisers`, per thread / asyncio task as `stn_ext.hyper_input`'s.
 _REGULARISERS = contextvars.ContextVar("stn_ext_regularisers", default=())
@@ -26,6 +26,7 @@ _REGULARISERS = contextvars.ContextVar("stn_ext_regularisers", default=())
 class _Regs:
     def __init__(self, rates, rnd, values):
         self.rates, self.rnd, self.values = rates, rnd, values
+        self.penalties = []  # training-loss terms the model adds (add_penalty)
 
 
 @contextlib.contextmanager
@@ -51,6 +52,24 @@ def current_hyperparameters():
     (evaluation and hyper steps run without regularisers)."""
     regs = _current_regs()
     return regs.values if regs else None
+
+
+def add_penalty(penalty):
+    """Within a training forward: add ``penalty`` ((B,) per example, or a 0-d tensor for the batch) to the
+    training loss, as the tuned weight decay's (averaged over the batch's examples). How a model applies a
+    regulariser that is a loss term (a language model's AR and TAR). Ignored outside training steps."""
+    regs = _current_regs()
+    if regs is not None:
+        regs.penalties.append(penalty)
+
+
+def take_penalties():
+    """The penalties added in the current training step so far (the tuner adds them to the loss), cleared."""
+    regs = _current_regs()
+    if regs is None:
+        return []
+    out, regs.penalties = regs.penalties, []
+    return out
 
 
 def current_random():
@@ -208,7 +227,7 @@ def build(kind, in_shape, n_out, n_hyper, hidden=(128, 128), channels=(16, 32)):
 
 
 def stn_layers(model):
-    return [m for m in model.modules() if isinstance(m, (StnLinear, StnConv2d))]
+    return [m for m in model.modules() if isinstance(m, (StnLinear, StnConv2d, StnEmbedding))]
 
 
 @torch.no_grad()

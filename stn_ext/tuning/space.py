@@ -27,6 +27,17 @@ Built-in names (``HyperSpace.build`` expands group names):
     cutout_length      side of each square hole in pixels (discrete)
     cutout_holes       number of holes (discrete)
     shift              maximum random shift in pixels, each direction (discrete)
+
+Language models (stn_ext.tuning.language; their dropout slots are locked: one mask per sequence):
+
+    embed_dropout      rate at which whole words are dropped from the embedding table (one per batch)
+    dropconnect        DropConnect rate on the LSTMs' hidden-to-hidden weights (one per batch)
+    ar                 activation regularisation: alpha * mean(h^2) of the last layer's dropped output
+    tar                temporal activation regularisation: beta * mean((h_t - h_{t-1})^2), undropped output
+
+A hyperparameter with ``per_batch`` (the four above) takes one value per batch even where the others are
+perturbed per example: it acts on something the batch shares (the weights, the embedding table), or the
+paper's model draws it so (the STN paper's LSTM: dropouts per example, the rest per batch).
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -51,6 +62,7 @@ class Hyper:
     transform: str = "logit"
     discrete: bool = False
     slot: str = ""
+    per_batch: bool = False
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
@@ -124,9 +136,15 @@ BUILTINS = {
     "cutout_length": (0.0, 6.0, 2.0, "linear", True),
     "cutout_holes": (0.0, 4.0, 1.0, "linear", True),
     "shift": (0.0, 3.0, 1.0, "linear", True),
+    "embed_dropout": (0.0, 0.9, 0.05, "logit", False),
+    "dropconnect": (0.0, 0.9, 0.05, "logit", False),
+    "ar": (1e-4, 10.0, 0.05, "log", False),
+    "tar": (1e-4, 10.0, 0.05, "log", False),
 }
 GROUPS = {"cutout": ("cutout_length", "cutout_holes")}
 IMAGE_KINDS = ("cutout_length", "cutout_holes", "shift")
+LANGUAGE_KINDS = ("embed_dropout", "dropconnect", "ar", "tar")  # consumed by a language model (its hyper_kinds)
+PER_BATCH_KINDS = LANGUAGE_KINDS
 
 
 def builtin_names(dropout_slots=()):
@@ -190,7 +208,7 @@ class HyperSpace:
                 else:
                     if not low <= init <= high or (transform == "logit" and not low < init < high):
                         init = _default_init(low, high, transform, discrete)
-                hypers.append(Hyper(full, kind, low, high, init, transform, discrete, slot))
+                hypers.append(Hyper(full, kind, low, high, init, transform, discrete, slot, kind in PER_BATCH_KINDS))
         known = {h.name for h in hypers} | {h.kind for h in hypers} | set(names)
         for what, d in (("range", ranges), ("initial value", inits)):
             for key in d:
