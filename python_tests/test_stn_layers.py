@@ -157,6 +157,48 @@ def test_convert_filter_selects_layers():
     assert not isinstance(model.conv1, stn_ext.StnConv2d)
 
 
+class DropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop = nn.Linear(6, 8), nn.Dropout(0.3)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5))
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.block(self.drop(torch.relu(self.fc1(x)))))
+
+
+def test_convert_makes_the_models_own_dropouts_tunable_slots():
+    from stn_ext.tuning import Tuner
+    from stn_ext.tuning.models import HyperDropout
+    from stn_ext.tuning.space import HyperSpace
+
+    model = stn_ext.convert(DropNet(), 2, dropout=True)
+    assert stn_ext.dropout_slots(model) == ["drop", "block.2"]
+    assert isinstance(model.drop, HyperDropout) and model.drop.p == 0.3 and model.block[2].p == 0.5
+    assert stn_ext.dropout_slots(stn_ext.convert(DropNet(), 2)) == []  # only when asked
+    # untuned, outside the tuner: nn.Dropout's behaviour, draw for draw
+    torch.manual_seed(1)
+    ref = DropNet()
+    conv = stn_ext.convert(DropNet(), 2, dropout=True)
+    conv.load_state_dict({k.replace("weight", "weight_elem").replace("bias", "bias_elem"): v
+                          for k, v in ref.state_dict().items()}, strict=False)
+    x = torch.randn(5, 6)
+    torch.manual_seed(7)
+    want = ref(x)
+    torch.manual_seed(7)
+    with stn_ext.elementary():
+        torch.testing.assert_close(conv(x), want)
+    # tuned: the space names the slots by their path, and a training step draws from the tuned rates
+    space = HyperSpace.build(("dropout",), stn_ext.dropout_slots(model))
+    assert space.names == ["dropout.drop", "dropout.block.2"]
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1),
+                  lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), "stn")
+    tuner.weight_step(x, torch.tensor([0, 1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="itself an nn.Dropout"):
+        stn_ext.convert(nn.Dropout(0.1), 1, dropout=True)
+
+
 def test_missing_hyper_input_is_a_clear_error():
     layer = stn_ext.StnLinear(3, 2, 1)
     with pytest.raises(RuntimeError, match="hyper_input"):

@@ -3,7 +3,7 @@ from stn_ext import ops  # noqa: F401  (loads the compiled library and registers
 from stn_ext._library import has_cuda
 from stn_ext import functional, reference, reversible  # noqa: F401
 from stn_ext.nn import (ELEMENTARY, StnConv2d, StnEmbedding, StnLinear, StnLSTM, convert, current_hyper_input,
-                        elementary, hyper_input)
+                        dropout_slots, elementary, hyper_input)
 
 __all__ = [
     "StnLinear",
@@ -11,6 +11,7 @@ __all__ = [
     "StnLSTM",
     "StnEmbedding",
     "convert",
+    "dropout_slots",
     "hyper_input",
     "elementary",
     "ELEMENTARY",

@@ -9,10 +9,10 @@ _base, convert() in conversion.
 """
 from stn_ext.nn._context import ELEMENTARY, current_hyper_input, elementary, hyper_input
 from stn_ext.nn.conv import StnConv2d
-from stn_ext.nn.conversion import convert
+from stn_ext.nn.conversion import convert, dropout_slots
 from stn_ext.nn.embedding import StnEmbedding
 from stn_ext.nn.linear import StnLinear
 from stn_ext.nn.recurrent import StnLSTM
 
-__all__ = ["StnLinear", "StnConv2d", "StnLSTM", "StnEmbedding", "convert", "hyper_input", "elementary",
+__all__ = ["StnLinear", "StnConv2d", "StnLSTM", "StnEmbedding", "convert", "dropout_slots", "hyper_input", "elementary",
            "ELEMENTARY", "current_hyper_input"]

@@ -24,12 +24,16 @@ def _unsupported(module):
     return None
 
 
-def convert(model, n_hyper, filter=None):
+def convert(model, n_hyper, filter=None, dropout=False):
     """Replace, in place, the nn.Linear, nn.Conv2d, nn.LSTM and nn.Embedding submodules of ``model`` (all, or
     those for which ``filter(name, module)`` is true) by StnLinear / StnConv2d / StnLSTM / StnEmbedding carrying
     their weights; returns model. With V = C = 0 (as converted) the model computes what it did before. Run it
     with ``with stn_ext.hyper_input(lam): model(x)``. A layer of a kind the STN layers do not cover
-    (bidirectional LSTM, LSTM with proj_size, Embedding with max_norm) is an error: leave it out with filter."""
+    (bidirectional LSTM, LSTM with proj_size, Embedding with max_norm) is an error: leave it out with filter.
+
+    ``dropout=True``: each nn.Dropout (that filter passes) also becomes a tunable dropout slot,
+    ``stn_ext.tuning.models.HyperDropout`` named by its module path (tuned as ``dropout.<path>``), keeping its p
+    where the slot is not tuned; count them in n_hyper when you tune them (``dropout_slots(model)``)."""
     if n_hyper < 1:
         raise ValueError(f"stn_ext.convert: n_hyper must be >= 1, got {n_hyper}")
     if type(model) in _CONVERTERS:
@@ -38,6 +42,13 @@ def convert(model, n_hyper, filter=None):
                          f"{_CONVERTERS[type(model)][0]}")
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) in _CONVERTERS and (filter is None or filter(name, module))]
+    if dropout:
+        from stn_ext.tuning.models import HyperDropout  # the tuner's slot (stn_ext.tuning imports this package)
+
+        targets += [(name, module) for name, module in model.named_modules()
+                    if type(module) is nn.Dropout and (filter is None or filter(name, module))]
+        if type(model) is nn.Dropout:
+            raise ValueError("stn_ext.convert: the model is itself an nn.Dropout; use HyperDropout(slot, p)")
     for name, module in targets:
         why = _unsupported(module)
         if why is not None:
@@ -46,5 +57,17 @@ def convert(model, n_hyper, filter=None):
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _CONVERTERS[type(module)][1](module, n_hyper))
+        if type(module) is nn.Dropout:
+            new = HyperDropout(name, module.p).train(module.training)
+        else:
+            new = _CONVERTERS[type(module)][1](module, n_hyper)
+        setattr(parent, child, new)
     return model
+
+
+def dropout_slots(model):
+    """The tunable dropout slots of ``model`` (``HyperDropout`` modules; after ``convert(..., dropout=True)``
+    their module paths), in module order: ``HyperSpace.build(("dropout", ...), dropout_slots(model))``."""
+    from stn_ext.tuning.models import HyperDropout
+
+    return [m.slot for m in model.modules() if isinstance(m, HyperDropout)]

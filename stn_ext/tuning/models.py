@@ -79,27 +79,31 @@ def current_random():
 
 
 class HyperDropout(nn.Module):
-    """Inverted dropout whose rate is a hyperparameter, per example (see ``regularisers``)."""
+    """Inverted dropout whose rate is a hyperparameter, per example (see ``regularisers``). Where the slot is not
+    tuned (no rate given), the fixed rate ``p`` (0: none), as nn.Dropout (stn_ext.convert(..., dropout=True)
+    keeps each converted nn.Dropout's p so)."""
 
-    def __init__(self, slot):
+    def __init__(self, slot, p=0.0):
         super().__init__()
-        self.slot = slot
+        self.slot, self.p = slot, float(p)
 
     def mask(self, x):
+        """The mask of a training step (the tuner's random numbers), or None: not training, outside the tuner's
+        steps, or no rate to apply."""
         regs = _current_regs()
         if not self.training or regs is None:
             return None
-        rate = regs.rates.get(self.slot)
-        if rate is None:
-            return None
-        return dropout_mask(x, rate, regs.rnd)
+        rate = regs.rates.get(self.slot, self.p or None)
+        return None if rate is None else dropout_mask(x, rate, regs.rnd)
 
     def forward(self, x):
         m = self.mask(x)
+        if m is None and self.training and self.p and _current_regs() is None:  # outside the tuner: nn.Dropout
+            return F.dropout(x, self.p, training=True)
         return x if m is None else x * m
 
     def extra_repr(self):
-        return f"slot={self.slot!r}"
+        return f"slot={self.slot!r}" + (f", p={self.p}" if self.p else "")
 
 
 def _dual_stn(layer, x, xdot, delta):
