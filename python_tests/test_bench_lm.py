@@ -1,0 +1,41 @@
+"""bench/bench_lm.py (issue 23) in its quick version: every method runs on a tiny LSTM over Jane Austen, the
+table, JSON and the figure of the seven schedules are written. Skipped where the corpus is not installed."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _austen_installed():
+    from stn_ext import corpus
+
+    try:
+        corpus.austen_folder()
+        corpus._rdata()
+        return True
+    except (FileNotFoundError, ImportError):
+        return False
+
+
+@pytest.mark.skipif(not _austen_installed(), reason="Jane Austen's novels are not installed (scripts/setup_env.sh)")
+def test_bench_lm_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_lm", os.path.join(ROOT, "bench", "bench_lm.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--quick", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == set(bench.METHODS)
+    names = ["dropout.in", "dropout.h1", "dropout.out", "embed_dropout", "dropconnect", "ar", "tar"]
+    for r in rows.values():
+        assert list(r["hypers"]) == names and math.isfinite(r["test_ppl"]) and r["test_ppl"] > 1
+    assert rows["fixed (awd)"]["hypers"]["dropconnect"] == pytest.approx(0.5, rel=1e-5)
+    for m in ("stn", "delta-stn"):
+        assert rows[m]["trajectory"][-1][0] == 16
+    md = (tmp_path / "lm-quick.md").read_text()
+    assert "| fixed (awd) |" in md and "| delta-stn |" in md
+    assert json.loads((tmp_path / "lm-quick.json").read_text())["settings"]["steps"] == 16
+    assert (tmp_path / "lm-quick.png").stat().st_size > 0
