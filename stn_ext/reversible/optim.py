@@ -405,6 +405,53 @@ def _fold(per_param, shape, group_of):
     return out
 
 
+def reverse_pass(opt, grads_at, lr_sched, mom_q, dx, hyper_leaves):
+    """Run ``opt``'s T steps backwards exactly with one Hessian-vector product per step. ``grads_at(t, True)``
+    -> (weight leaves, training gradients with graph) at the restored weights; ``lr_sched``, ``mom_q``: (T,
+    n_params), momenta quantised; ``dx``: d objective / d final weights, turned in place into d / d initial
+    weights; ``hyper_leaves``: the training loss's leaves to differentiate (dict).
+    Returns (d lrs, d momenta: (T, n_params) float64, d initial velocities, d hypers)."""
+    n, T = len(dx), lr_sched.shape[0]
+    names = list(hyper_leaves)
+    dv = [torch.zeros_like(a) for a in dx]
+    d_hyp = {k: torch.zeros_like(h) for k, h in hyper_leaves.items()}
+    g_lr = torch.zeros(T, n, dtype=torch.float64)
+    g_mom = torch.zeros(T, n, dtype=torch.float64)
+    for t in reversed(range(T)):
+        lr_t = lr_sched[t].tolist()
+        m_t = mom_q[t].tolist()
+        g_lr[t] = opt.unstep_weights(lr_t, dx=dx).cpu()
+        w, g = grads_at(t, True)
+        g_mom[t] = opt.unstep_velocity([gi.detach() for gi in g], m_t, lr=lr_t, dx=dx, dv=dv).cpu()
+        # One Hessian-vector product: with v_i' = m_i v_i - (1 - m_i) g_i(x, hypers), the reverse
+        # pass subtracts the vector-Jacobian product of g with (1 - m_i) dv_i from dx and d_hypers.
+        outs = [(gi, (1.0 - m_t[i]) * dv[i]) for i, gi in enumerate(g) if gi.requires_grad]
+        if outs:
+            targets = list(w) + [hyper_leaves[k] for k in names]
+            hv = torch.autograd.grad([o for o, _ in outs], targets, grad_outputs=[d for _, d in outs],
+                                     allow_unused=True)
+            for i in range(n):
+                if hv[i] is not None:
+                    dx[i].sub_(hv[i].detach())
+            for j, k in enumerate(names):
+                if hv[n + j] is not None:
+                    d_hyp[k].sub_(hv[n + j].detach())
+        for i in range(n):
+            dv[i].mul_(m_t[i])
+    opt.check()
+    return g_lr, g_mom, dv, d_hyp
+
+
+def check_restored(opt, x0, v0, message):
+    """Raise ReversibilityError (``message`` formatted with ``what``) unless ``opt`` is back at the exact
+    state (x0, v0) with an empty buffer."""
+    xr, vr = opt.exact_state()
+    bad = [opt.names[i] for i in range(len(x0)) if not (torch.equal(xr[i], x0[i]) and torch.equal(vr[i], v0[i]))]
+    if bad or not opt.buffer_is_empty() or opt.steps != 0:
+        what = f"weights or velocities of {', '.join(bad)} differ" if bad else "the information buffer is not empty"
+        raise ReversibilityError(message.format(what=f"the initial state did not come back exactly: {what}"))
+
+
 def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, velocities=None, radix_bits: int = 52,
                   groups=None, progress=None) -> HypergradientResult:
     """Exact gradients of ``val_loss`` after T steps of SGD with momentum, through the training.
@@ -433,9 +480,7 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
     T = lr_sched.shape[0]
     mom_sched, mom_shape = _schedule(momenta, T, group_of, "momenta")
     mom_q = quantize_momentum(mom_sched)
-    hypers = dict(hypers or {})
-    hyper_names = list(hypers)
-    hyper_leaves = {k: hypers[k].detach().clone().requires_grad_(True) for k in hyper_names}
+    hyper_leaves = {k: h.detach().clone().requires_grad_(True) for k, h in dict(hypers or {}).items()}
 
     work = [p.clone().contiguous() for p in init]
     opt = ReversibleSGD(list(zip(names, work)), radix_bits=radix_bits, velocities=velocities)
@@ -446,9 +491,7 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
 
     def grads_at(t, create_graph):
         w = leaves()
-        loss = train_loss(w, t, hyper_leaves)
-        inputs = [a for a in w]
-        g = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+        g = torch.autograd.grad(train_loss(w, t, hyper_leaves), w, create_graph=create_graph, allow_unused=True)
         g = [torch.zeros_like(a) if gi is None else gi for a, gi in zip(w, g)]
         return w, g
 
@@ -467,40 +510,11 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
         vl = val_loss(w)
         dx = list(torch.autograd.grad(vl, w, allow_unused=True))
         dx = [torch.zeros_like(a) if d is None else d.detach().clone() for a, d in zip(w, dx)]
-        dv = [torch.zeros_like(a) for a in work]
-        d_hyp = {k: torch.zeros_like(h) for k, h in hyper_leaves.items()}
-        g_lr = torch.zeros(T, n, dtype=torch.float64)
-        g_mom = torch.zeros(T, n, dtype=torch.float64)
         try:
-            for t in reversed(range(T)):
-                lr_t = lr_sched[t].tolist()
-                m_t = mom_q[t].tolist()
-                g_lr[t] = opt.unstep_weights(lr_t, dx=dx).cpu()
-                w, g = grads_at(t, True)
-                g_mom[t] = opt.unstep_velocity([gi.detach() for gi in g], m_t, lr=lr_t, dx=dx, dv=dv).cpu()
-                # One Hessian-vector product: with v_i' = m_i v_i - (1 - m_i) g_i(x, hypers), the reverse
-                # pass subtracts the vector-Jacobian product of g with (1 - m_i) dv_i from dx and d_hypers.
-                outs = [(gi, (1.0 - m_t[i]) * dv[i]) for i, gi in enumerate(g) if gi.requires_grad]
-                if outs:
-                    targets = w + [hyper_leaves[k] for k in hyper_names]
-                    hv = torch.autograd.grad([o for o, _ in outs], targets, grad_outputs=[d for _, d in outs],
-                                             allow_unused=True)
-                    for i in range(n):
-                        if hv[i] is not None:
-                            dx[i].sub_(hv[i].detach())
-                    for j, k in enumerate(hyper_names):
-                        if hv[n + j] is not None:
-                            d_hyp[k].sub_(hv[n + j].detach())
-                for i in range(n):
-                    dv[i].mul_(m_t[i])
-            opt.check()
+            g_lr, g_mom, dv, d_hyp = reverse_pass(opt, grads_at, lr_sched, mom_q, dx, hyper_leaves)
         except (ReversibilityError, FixedPointOverflowError, FloatingPointError) as err:
             raise ReversibilityError(_NOT_REPRODUCIBLE.format(what=f"the reverse pass failed: {err}")) from err
-    xr, vr = opt.exact_state()
-    bad = [names[i] for i in range(n) if not (torch.equal(xr[i], x0[i]) and torch.equal(vr[i], v0[i]))]
-    if bad or not opt.buffer_is_empty() or opt.steps != 0:
-        what = f"weights or velocities of {', '.join(bad)} differ" if bad else "the information buffer is not empty"
-        raise ReversibilityError(_NOT_REPRODUCIBLE.format(what=f"the initial state did not come back exactly: {what}"))
+    check_restored(opt, x0, v0, _NOT_REPRODUCIBLE)
     return HypergradientResult(
         val_loss=float(vl.detach()),
         final_params=final_params,
