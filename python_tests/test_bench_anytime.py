@@ -8,17 +8,11 @@ import os
 
 import pytest
 
-from stn_ext.data import fashion_mnist_folder
+import installed
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _fashion_installed():
-    try:
-        fashion_mnist_folder()
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def _bench():
@@ -40,7 +34,7 @@ def test_incumbent_and_catch_up_on_a_made_up_run():
     assert bench._steps_by(curves, 9.0) == 40 and bench._steps_by(curves, 0.0) == 0
 
 
-@pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST's IDX files are not installed")
+@pytest.mark.skipif(not installed.fashion_mnist(), reason="Fashion-MNIST's IDX files are not installed")
 def test_bench_anytime_quick(tmp_path):
     bench = _bench()
     res = bench.main(["--quick", "--only", "fashion", "--out", str(tmp_path), "--work", str(tmp_path / "work")])

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from stn_ext.data import fashion_mnist_folder
+import installed
+
 from stn_ext.tuning.models import HyperDropout
 from stn_ext.tuning.problems import fashion_cnn
 
@@ -17,13 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _fashion_installed():
-    try:
-        fashion_mnist_folder()
-        return True
-    except FileNotFoundError:
-        return False
-
 
 def test_fashion_cnn_has_the_papers_four_dropout_places():
     m = fashion_cnn(6)
@@ -31,7 +25,7 @@ def test_fashion_cnn_has_the_papers_four_dropout_places():
     assert isinstance(m.layers[0], HyperDropout)  # the input's dropout comes before the first conv
 
 
-@pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST's IDX files are not installed")
+@pytest.mark.skipif(not installed.fashion_mnist(), reason="Fashion-MNIST's IDX files are not installed")
 def test_bench_tuning_cnn_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_tuning", os.path.join(ROOT, "bench", "bench_tuning.py"))
     bench = importlib.util.module_from_spec(spec)

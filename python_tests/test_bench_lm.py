@@ -7,21 +7,13 @@ import os
 
 import pytest
 
+import installed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _austen_installed():
-    from stn_ext import corpus
 
-    try:
-        corpus.austen_folder()
-        corpus._rdata()
-        return True
-    except (FileNotFoundError, ImportError):
-        return False
-
-
-@pytest.mark.skipif(not _austen_installed(), reason="Jane Austen's novels are not installed (scripts/setup_env.sh)")
+@pytest.mark.skipif(not installed.austen(), reason="Jane Austen's novels are not installed (scripts/setup_env.sh)")
 def test_bench_lm_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_lm", os.path.join(ROOT, "bench", "bench_lm.py"))
     bench = importlib.util.module_from_spec(spec)

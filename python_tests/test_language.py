@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+import installed
+
 import stn_ext
 from stn_ext.tuning import TrainConfig, Trainer, language, models
 from stn_ext.tuning.augment import BatchRandom
@@ -314,18 +316,8 @@ def test_cli_refuses_lstm_on_images(capsys):
     assert "'lstm' is for text" in capsys.readouterr().err
 
 
-def _austen_installed():
-    from stn_ext import corpus
 
-    try:
-        corpus.austen_folder()
-        corpus._rdata()
-        return True
-    except (FileNotFoundError, ImportError):
-        return False
-
-
-@pytest.mark.skipif(not _austen_installed(), reason="Jane Austen's novels are not installed (scripts/setup_env.sh)")
+@pytest.mark.skipif(not installed.austen(), reason="Jane Austen's novels are not installed (scripts/setup_env.sh)")
 def test_cli_trains_an_lstm_on_austen(tmp_path):
     from stn_ext.__main__ import main
 
