@@ -267,6 +267,25 @@ def test_evaluation_leaves_the_carried_states_alone(text):
     assert tr.streams["train"].start[0][0].shape == (1, 8, 12)
 
 
+def test_hypergradient_reads_the_streams_in_order_a_chunk_at_a_time(text):
+    tr = Trainer(_cfg(method="stn", steps=8), data=text)
+    tr.fit()
+    g = tr.hypergradient()
+    # the same through one chunk of all windows of one stream after another, by hand
+    u = tr.u.detach().clone().requires_grad_(True)
+    tr.model.eval()
+    total = 0
+    stream = language.Stream()
+    for i in range(0, len(tr.data.val), 8):
+        with stn_ext.hyper_input(tr.tuner.z(u, centred=False)), language.carrying(stream):
+            out = tr.model(tr.data.val.x[i:i + 8])
+        total = total + language.token_losses(out, tr.data.val.y[i:i + 8]).sum()
+        stream.advance()
+    (want,) = torch.autograd.grad(total / len(tr.data.val), u)
+    torch.testing.assert_close(g, want)
+    assert float(g.abs().sum()) > 0
+
+
 def test_an_interrupted_lm_run_resumes_bit_for_bit(text, tmp_path):
     full = Trainer(_cfg(method="stn", out=str(tmp_path / "full")), data=text)
     full.fit()

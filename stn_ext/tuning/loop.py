@@ -249,12 +249,22 @@ class Trainer:
         split = self.data.val if split is None else split
         self.model.eval()
         u = self.u.detach().clone().requires_grad_(True)
-        with stn_ext.hyper_input(self.tuner.z(u, centred=self.cfg.method != "stn")):
-            out = self.model(split.x)
-        loss = self._per_example_loss(out, split.y).mean()
-        (g,) = torch.autograd.grad(loss, u)
+        g = torch.zeros_like(u)
+        for x, y, carried in self._in_order(split):  # each chunk its own graph (a carried state is detached)
+            with stn_ext.hyper_input(self.tuner.z(u, centred=self.cfg.method != "stn")), carried:
+                out = self.model(x)
+            g += torch.autograd.grad(self._per_example_loss(out, y).sum() / len(split), u)[0]
         self.model.train()
         return g
+
+    def _in_order(self, split):
+        """The split in chunks (x, y, the block to run the model in): language data, its streams in order from a
+        zero state, batch_size windows at a time with the state carried; else 512 examples at a time."""
+        chunk, stream = (self.cfg.batch_size, language.Stream()) if self.language else (512, None)
+        for i in range(0, len(split), chunk):
+            yield split.x[i:i + chunk], split.y[i:i + chunk], language.carrying(stream)
+            if stream is not None:
+                stream.advance()
 
     # --- evaluation ------------------------------------------------------------------------------------
 
@@ -266,14 +276,9 @@ class Trainer:
         self.model.eval()
         z = self.eval_input()
         total, correct = 0.0, 0
-        # language data: the split's streams in order from a zero state, batch_size windows at a time
-        chunk, stream = (self.cfg.batch_size, language.Stream()) if self.language else (512, None)
-        for i in range(0, len(split), chunk):
-            x, y = split.x[i:i + chunk], split.y[i:i + chunk]
-            with self.tuner.input_context(z), language.carrying(stream):
+        for x, y, carried in self._in_order(split):
+            with self.tuner.input_context(z), carried:
                 out = self.model(x)
-            if stream is not None:
-                stream.advance()
             total += float(self._per_example_loss(out, y).sum())
             if self.data.task == "classification":
                 correct += int((out.argmax(1) == y).sum())
