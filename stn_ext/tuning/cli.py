@@ -85,8 +85,9 @@ def build_parser():
     p = Parser(
         prog="python -m stn_ext train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Bilevel training of a small network whose hyperparameters (dropout, noise, weight decay, "
-                    "augmentation) tune themselves during training through self-tuning layers, or the "
-                    "fixed/random-search baselines at the same number of weight steps.")
+                    "augmentation; a language model's dropouts, DropConnect and activation regularisers) tune "
+                    "themselves during training through self-tuning layers, or the fixed baseline and the "
+                    "searches (random, TPE: at the same number of weight steps, or full trials in parallel).")
     g = p.add_argument_group("what to train")
     g.add_argument("--method", default=_defaults().method, choices=METHODS,
                    help=f"see methods below (default {_defaults().method})")
