@@ -119,6 +119,8 @@ BYTES_PER_ELEMENT = {
     # refill, about every 32 / -log2(momentum) steps per element)
     "reversible_step op": 8 * 3 + 4 + 8 * 3 + 4,
     "ReversibleSGD.step": 8 * 3 + 4 + 8 * 3 + 4,
+    # unstep_weights: x, v read; x, view written. unstep_velocity: v, head, grad read; v, head written
+    "reverse step ops (unstep_weights + unstep_velocity)": (8 * 2 + 8 + 4) + (8 * 2 + 4 + 8 * 2),
 }
 
 

@@ -50,6 +50,19 @@ void for_blocks(int64_t n, const F& body) {
   });
 }
 
+// Runs element(i) on the elements of [i0, i1) that a reverse lane loop left (done: a bit per element, 4 a byte).
+template <typename F>
+void run_left(const uint8_t* done, int64_t i0, int64_t i1, const F& element) {
+  const int64_t groups = (i1 - i0) / 4;
+  for (int64_t j = 0; j < groups; ++j) {
+    if (done[j] == 0xf) continue;
+    for (int l = 0; l < 4; ++l) {
+      if (!((done[j] >> l) & 1)) element(i0 + 4 * j + l);
+    }
+  }
+  for (int64_t i = i0 + 4 * groups; i < i1; ++i) element(i);
+}
+
 void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& head,
                          const at::Tensor& count, const at::Tensor& words, const at::Tensor& view,
                          const at::Tensor& grad_in, const at::Tensor& status, double lr, int64_t gamma_num,
@@ -115,12 +128,29 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
     const int64_t* vp = vc.const_data_ptr<int64_t>();
     scalar_t* yp = view.mutable_data_ptr<scalar_t>();
     const scalar_t* dxp = dx ? dx->const_data_ptr<scalar_t>() : nullptr;
+    constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+    const bool vector_path = STN_EXT_LANES && kLaneType && lanes::cpu_has_avx2();
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
       double sum = 0.0;
-      for (int64_t i = i0; i < i1; ++i) {
-        if (dxp) sum += static_cast<double>(dxp[i]) * (static_cast<double>(vp[i]) * p.inv_scale);
-        flags |= rev::unstep_weights_element<scalar_t>(xp + i, vp[i], yp + i, p);
+      if (dxp) {  // v is not changed by this op: the sum first, in element order
+        for (int64_t i = i0; i < i1; ++i) sum += static_cast<double>(dxp[i]) * (static_cast<double>(vp[i]) * p.inv_scale);
+      }
+      const auto element = [&](int64_t i) { flags |= rev::unstep_weights_element<scalar_t>(xp + i, vp[i], yp + i, p); };
+      bool stepped = false;
+#if STN_EXT_LANES
+      if constexpr (kLaneType) {
+        if (vector_path) {
+          uint8_t done[kBlock / 4];
+          if (lanes::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p)) {
+            run_left(done, i0, i1, element);  // |v| >= 2^51, an overflow, or the tail
+          }
+          stepped = true;
+        }
+      }
+#endif
+      if (!stepped) {
+        for (int64_t i = i0; i < i1; ++i) element(i);
       }
       res.flags[b] = flags;
       res.sum[b] = sum;
@@ -148,15 +178,36 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const scalar_t* dxp = dx ? dx->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dvp = dv ? dv->mutable_data_ptr<scalar_t>() : nullptr;
+    constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+    // (n >= 16: with |w| < 2^51, floor(w / n) 2^16 cannot overflow; smaller momenta take the scalar loop)
+    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 16 && p.n < rev::kDen && lanes::cpu_has_avx2();
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
       int32_t mc = 0, mc_i = 0;
       double sum = 0.0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const double g = static_cast<double>(gp[i]);
-        flags |= rev::unstep_velocity_element(vp + i, hp + i, cp + i, wp + i, n, capacity, g, p, &mc_i);
+      const auto element = [&](int64_t i) {
+        flags |= rev::unstep_velocity_element(vp + i, hp + i, cp + i, wp + i, n, capacity,
+                                              static_cast<double>(gp[i]), p, &mc_i);
         mc = std::max(mc, mc_i);
-        if (dvp) {
+      };
+      bool stepped = false;
+#if STN_EXT_LANES
+      if constexpr (kLaneType) {
+        if (vector_path) {
+          uint8_t done[kBlock / 4];
+          if (lanes::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p)) {
+            run_left(done, i0, i1, element);  // a word written or read, or an edge case: about 1 in 200
+          }
+          stepped = true;
+        }
+      }
+#endif
+      if (!stepped) {
+        for (int64_t i = i0; i < i1; ++i) element(i);
+      }
+      if (dvp) {  // the adjoint, from the restored v, in element order
+        for (int64_t i = i0; i < i1; ++i) {
+          const double g = static_cast<double>(gp[i]);
           double d = static_cast<double>(dvp[i]);
           if (dxp) {
             d = rev::adjoint_velocity(d, lr, static_cast<double>(dxp[i]));

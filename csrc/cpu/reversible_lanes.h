@@ -1,5 +1,6 @@
-// The CPU's vector path of the reversible step (x86 with AVX2, chosen at run time): rev::step_element's
-// common case, four elements at a time in one loop of AVX2 intrinsics. The scalar loop was latency-bound
+// The CPU's vector path of the reversible step and of its two reverse ops (x86 with AVX2, chosen at run time):
+// the common case of rev::step_element (and of rev::unstep_weights_element, rev::unstep_velocity_element
+// below), four elements at a time in one loop of AVX2 intrinsics. The scalar loop was latency-bound
 // at ~12 ns per element (64-bit divisions by magic numbers, int64 <-> double conversions), and GCC's own
 // vectorisation of it turned every 32 x 32 -> 64 product into a full 64-bit one and spilled most registers.
 //
@@ -149,6 +150,140 @@ STN_AVX2 bool step(int64_t* __restrict x, int64_t* __restrict v, uint64_t* __res
   }
   for (; i < len; ++i) outside[i] = ~uint64_t(0);
   return len % 4 != 0 || !_mm256_testz_si256(any, any);
+}
+
+// The reverse ops' common case, four elements at a time, as step above. Each operation gives the value its
+// rev::unstep_weights_element / rev::unstep_velocity_element counterpart gives there (the tests compare the
+// reversal with the emulated CUDA kernels and the Python reference bit for bit); an element outside the
+// common case is left untouched for the caller's scalar path. done[j] has bit l set where element 4 j + l
+// was done (the last len mod 4 never are); returns whether any element of [0, len) was not.
+
+// x <- x - round(lr v); view <- x. Common case: |v| < 2^51, |lr v| < 2^51, no overflow.
+template <typename scalar_t>
+STN_AVX2 bool unstep_weights(int64_t* __restrict x, const int64_t* __restrict v, scalar_t* __restrict view,
+                             uint8_t* __restrict done, int64_t len, const rev::Params& p) {
+  const __m256i zero = _mm256_setzero_si256(), low32 = splat(0xffffffffull);
+  const __m256d round_magic = _mm256_set1_pd(6755399441055744.0);  // 1.5 * 2^52
+  const __m256i round_bits = splat(0x4338000000000000ull);          // its bits
+  const __m256d limit = _mm256_set1_pd(2251799813685248.0);          // 2^51
+  const __m256d abs_mask = _mm256_castsi256_pd(splat(~(uint64_t(1) << 63)));
+  const __m256i small_bias = splat(uint64_t(1) << 51);
+  const __m256i two52_bits = splat(0x4330000000000000ull);
+  const __m256d two52 = _mm256_set1_pd(4503599627370496.0), two32 = _mm256_set1_pd(4294967296.0);
+  const __m256d lr = _mm256_set1_pd(p.lr), inv_scale = _mm256_set1_pd(p.inv_scale);
+  const __m256i odd = _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0);
+  int all = 0xf;
+  int64_t i = 0;
+  for (; i + 4 <= len; i += 4) {
+    const __m256i vv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    // |v| < 2^51 for its conversion (to_double), then round(lr v) for |lr v| < 2^51 (to_fixed)
+    __m256i good = _mm256_cmpeq_epi64(_mm256_srli_epi64(_mm256_add_epi64(vv, small_bias), 52), zero);
+    const __m256d y = _mm256_mul_pd(lr, _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(vv, round_bits)), round_magic));
+    good = _mm256_and_si256(good, _mm256_castpd_si256(_mm256_cmp_pd(_mm256_and_pd(y, abs_mask), limit, _CMP_LT_OQ)));
+    const __m256i step = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(y, round_magic)), round_bits);
+    // x_new = x - step (sub_checked): overflowed iff (x ^ step) & (x ^ x_new) < 0
+    const __m256i xn = _mm256_sub_epi64(x0, step);
+    good = _mm256_andnot_si256(_mm256_and_si256(_mm256_xor_si256(x0, step), _mm256_xor_si256(x0, xn)), good);
+    // the view: (double) x_new * 2^-radix, x_new of any size
+    const __m256d hi = _mm256_mul_pd(
+        _mm256_cvtepi32_pd(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(xn, odd))), two32);
+    const __m256d lo = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(xn, low32), two52_bits)), two52);
+    const __m256d value = _mm256_mul_pd(_mm256_add_pd(hi, lo), inv_scale);
+    // good's sign bits are the verdicts (the overflow test left only them meaningful)
+    const __m256i keep = _mm256_cmpgt_epi64(zero, good);  // all ones where done
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), _mm256_blendv_epi8(x0, xn, keep));
+    store_view(view + i, value, _mm256_cmpeq_epi64(keep, zero));
+    const int m = _mm256_movemask_pd(_mm256_castsi256_pd(keep));
+    done[i / 4] = static_cast<uint8_t>(m);
+    all &= m;
+  }
+  return len % 4 != 0 || all != 0xf;
+}
+
+// v <- (v + (1 - gamma) g) / gamma exactly (gamma_reverse: push(w mod n, n), then floor(w / n) 2^16 + pop(2^16)),
+// for 16 <= n < 2^16. Common case: a finite gradient with |(1 - gamma) g 2^radix| < 2^51, |w| < 2^51 for
+// w = v + delta (which also rules out a wrapped sum, and with n >= 16 puts floor(w / n) in the range where
+// floor(w / n) 2^16 fits), and no word written or read (no spill and no refill, or a spill refilled at once).
+// The two divisions take a first guess from a double reciprocal and correct it once (as rev::udiv):
+//   floor(w / n):              q0 = round(w (1/n)) is floor or floor + 1 (error < 1/4 for |w / n| < 2^47)
+//   floor(h / f), h < f 2^32:  h as hi 2^32 + lo (one rounding), q0 = round(h (1/f)) is floor or floor + 1
+//                              (relative error < 2^-51, quotient < 2^32); q0 = 2^32 (its product with f
+//                              taken from the low 32 bits) leaves a remainder >= f, sent to the scalar path.
+template <typename scalar_t>
+STN_AVX2 bool unstep_velocity(int64_t* __restrict v, uint64_t* __restrict head, const scalar_t* __restrict grad,
+                              uint8_t* __restrict done, int64_t len, const rev::Params& p) {
+  const __m256i zero = _mm256_setzero_si256(), low32 = splat(0xffffffffull), low16 = splat(rev::kDen - 1);
+  const __m256i boundary = splat(p.boundary), rem = splat(p.rem), q = splat(p.q), q1 = splat(uint64_t(p.q) + 1);
+  const __m256i n = splat(p.n);
+  const __m256d round_magic = _mm256_set1_pd(6755399441055744.0);  // 1.5 * 2^52
+  const __m256i round_bits = splat(0x4338000000000000ull);          // its bits
+  const __m256d limit = _mm256_set1_pd(2251799813685248.0);          // 2^51
+  const __m256d abs_mask = _mm256_castsi256_pd(splat(~(uint64_t(1) << 63)));
+  const __m256i small_bias = splat(uint64_t(1) << 51);
+  const __m256i two52_bits = splat(0x4330000000000000ull);
+  const __m256d two52 = _mm256_set1_pd(4503599627370496.0), two32 = _mm256_set1_pd(4294967296.0);
+  const __m256d omg = _mm256_set1_pd(p.one_minus_gamma), scale = _mm256_set1_pd(p.scale);
+  const __m256d inv_n = _mm256_set1_pd(p.inv_n), inv_q = _mm256_set1_pd(p.inv_q), inv_q1 = _mm256_set1_pd(p.inv_q1);
+  const auto to_fixed = [&](__m256d y) STN_AVX2 {  // round-to-nearest-even for |y| < 2^51
+    return _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(y, round_magic)), round_bits);
+  };
+  const auto u32_to_double = [&](__m256i a) STN_AVX2 {  // exact for 0 <= a < 2^32
+    return _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(a, two52_bits)), two52);
+  };
+  int all = 0xf;
+  int64_t i = 0;
+  for (; i + 4 <= len; i += 4) {
+    const __m256i vv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i));
+    const __m256i hd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(head + i));
+    // delta = (1 - gamma) g in fixed point (grad_term), |y1| < 2^51 (false for NaN); w = v + delta, |w| < 2^51
+    const __m256d y1 = _mm256_mul_pd(_mm256_mul_pd(omg, load_grad(grad + i)), scale);
+    __m256i good = _mm256_castpd_si256(_mm256_cmp_pd(_mm256_and_pd(y1, abs_mask), limit, _CMP_LT_OQ));
+    const __m256i w = _mm256_add_epi64(vv, to_fixed(y1));
+    good = _mm256_and_si256(good, _mm256_cmpeq_epi64(_mm256_srli_epi64(_mm256_add_epi64(w, small_bias), 52), zero));
+    // floordiv: qf = floor(w / n), s = w mod n; q0 n mod 2^64 from 32-bit products (n < 2^16)
+    const __m256d wd = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(w, round_bits)), round_magic);
+    const __m256i q0 = to_fixed(_mm256_mul_pd(wd, inv_n));
+    const __m256i q0n = _mm256_add_epi64(_mm256_mul_epu32(q0, n),
+                                         _mm256_slli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(q0, 32), n), 32));
+    const __m256i r0 = _mm256_sub_epi64(w, q0n);
+    const __m256i neg = _mm256_cmpgt_epi64(zero, r0);
+    const __m256i qf = _mm256_add_epi64(q0, neg);
+    const __m256i s = _mm256_add_epi64(r0, _mm256_and_si256(neg, n));
+    // push_n(s): frequency f and cumulative count c of s (big: s < rem, frequency q + 1)
+    const __m256i big = _mm256_cmpgt_epi64(rem, s);
+    const __m256i f = _mm256_sub_epi64(q, big);
+    const __m256i c = _mm256_blendv_epi8(_mm256_add_epi64(boundary, _mm256_mul_epu32(_mm256_sub_epi64(s, rem), q)),
+                                         _mm256_mul_epu32(s, q1), big);
+    // a spill of the low word where head >= f 2^32
+    const __m256i hh = _mm256_srli_epi64(hd, 32);
+    const __m256i no_spill = _mm256_cmpgt_epi64(f, hh);
+    const __m256i hs = _mm256_blendv_epi8(hh, hd, no_spill);
+    // head = floor(hs / f) 2^32 + hs mod f + c
+    const __m256d hsd = _mm256_add_pd(_mm256_mul_pd(u32_to_double(_mm256_srli_epi64(hs, 32)), two32),
+                                      u32_to_double(_mm256_and_si256(hs, low32)));
+    const __m256i k0 = to_fixed(_mm256_mul_pd(hsd, _mm256_blendv_pd(inv_q, inv_q1, _mm256_castsi256_pd(big))));
+    const __m256i rh0 = _mm256_sub_epi64(hs, _mm256_mul_epu32(k0, f));
+    const __m256i negh = _mm256_cmpgt_epi64(zero, rh0);
+    const __m256i k = _mm256_add_epi64(k0, negh);
+    const __m256i rh = _mm256_add_epi64(rh0, _mm256_and_si256(negh, f));
+    good = _mm256_and_si256(good, _mm256_cmpgt_epi64(f, rh));
+    const __m256i hp = _mm256_add_epi64(_mm256_slli_epi64(k, 32), _mm256_add_epi64(rh, c));
+    // pop_den: the low 16 bits; a refill where the head fell below 2^32 takes back the word the spill took
+    const __m256i r16 = _mm256_and_si256(hp, low16);
+    const __m256i h2 = _mm256_srli_epi64(hp, rev::kDenBits);
+    const __m256i refill = _mm256_cmpeq_epi64(_mm256_srli_epi64(h2, 32), zero);
+    const __m256i hn =
+        _mm256_blendv_epi8(h2, _mm256_or_si256(_mm256_slli_epi64(h2, 32), _mm256_and_si256(hd, low32)), refill);
+    good = _mm256_andnot_si256(_mm256_cmpeq_epi64(refill, no_spill), good);  // a spill without a refill, or the reverse
+    const __m256i vo = _mm256_add_epi64(_mm256_slli_epi64(qf, rev::kDenBits), r16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + i), _mm256_blendv_epi8(vv, vo, good));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(head + i), _mm256_blendv_epi8(hd, hn, good));
+    const int m = _mm256_movemask_pd(_mm256_castsi256_pd(good));
+    done[i / 4] = static_cast<uint8_t>(m);
+    all &= m;
+  }
+  return len % 4 != 0 || all != 0xf;
 }
 
 #undef STN_AVX2
