@@ -240,9 +240,10 @@ def plot(runs, protocol, path):
         ax.set_ylim(lo - 0.02 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("best validation loss so far")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{protocol}: one tuned run against the searches")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7)
+    fig.suptitle(f"{protocol}: one tuned run against the searches (solid: seed 0, dashed: seed 1)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
