@@ -27,14 +27,16 @@ from stn_ext.reversible.problem import MetaProblem
 DIGITS_SIZE = 1797  # examples in scikit-learn's digits
 STATE_FILE = "state.pt"
 # settings that may differ between a run and its resumption without changing the result
-RESUME_FREE = ("meta_iters", "out", "resume", "quiet", "no_plot")
+RESUME_FREE = ("meta_iters", "out", "resume", "quiet", "no_plot", "problem")  # problem: only digits-mlp gets here
 
 DESCRIPTION = """\
 Meta-learn per-step learning-rate and momentum schedules, an L2 strength and per-layer
 initialisation scales of an MLP on scikit-learn's digits, with exact hypergradients through
 T steps of SGD with momentum run backwards bit for bit (Maclaurin et al. 2015). Each
 meta-iteration trains T steps forward and T steps backwards (one Hessian-vector product per
-step); the defaults take about 10 s on a laptop CPU."""
+step); the defaults take about 10 s on a laptop CPU. The paper's experiments on Fashion-MNIST or
+digits (learned schedules, per-weight L2, distilled images): --problem schedules|l2|distill
+--data fashion-mnist|digits (`python -m stn_ext reversible --problem schedules --help`)."""
 
 EPILOG = """\
 outputs (in --out, each rewritten atomically after every meta-iteration): schedules.csv (the lr and
@@ -84,6 +86,9 @@ def _ranged(cast, low, high=None, low_open=False, high_open=False):
 def build_parser():
     p = Parser(prog="python -m stn_ext reversible", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=_HelpFormatter)
+    p.add_argument("--problem", choices=["digits-mlp", "schedules", "l2", "distill"], default="digits-mlp",
+                   help="digits-mlp: this command's own problem (the options below); the others (and any --data) "
+                        "run the paper's experiments, whose options `--problem schedules --help` lists")
     p.add_argument("--steps", type=_ranged(int, 1), default=100, help="training steps T per meta-iteration")
     p.add_argument("--meta-iters", type=_ranged(int, 1), default=25,
                    help="meta-iterations (one hypergradient each); with --resume, the total including those done")
@@ -433,6 +438,11 @@ def report_interrupt(args, saved):
 
 
 def main(argv=None):
+    from stn_ext.reversible import cli_problems  # imported here: it builds on this module's parser helpers
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if cli_problems.wants_problems(argv):
+        return cli_problems.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
