@@ -32,15 +32,20 @@ def _meta_curve(ax, history, title="meta-learning curve"):
         ax.plot(its, [r["test_loss"] for r in rows], marker=".", label="test loss")
     ax.set(title=title, xlabel="meta-iteration", ylabel="cross-entropy after training")
     norms = [(r["meta_iter"], r["grad_norm"]) for r in rows if r.get("grad_norm", 0) > 0]
+    handles = ax.get_legend_handles_labels()
     if norms:
         ax2 = ax.twinx()
-        ax2.semilogy(*zip(*norms), color="grey", lw=0.8, ls=":", label="meta-gradient norm")
+        ax2.semilogy(*zip(*norms), color="grey", lw=0.8, ls=":", label="meta-gradient norm (right)")
         ax2.set_ylabel("meta-gradient norm", color="grey")
-        ax2.legend(loc="upper center", fontsize=7)
-    ax.legend(fontsize=7)
+        extra = ax2.get_legend_handles_labels()
+        handles = (handles[0] + extra[0], handles[1] + extra[1])
+        ax2.legend(*handles, fontsize=7, loc="upper right")
+    else:
+        ax.legend(fontsize=7)
 
 
 def _images(fig, grid, tensors, side, title, cmap, symmetric):
+    """Ten images in grid[0:2, 0:5], their colour bar in grid[:, 5]."""
     axes = [fig.add_subplot(grid[i // 5, i % 5]) for i in range(10)]
     lim = float(tensors.abs().max()) if symmetric else None
     low = -lim if symmetric else float(tensors.min())
@@ -51,8 +56,8 @@ def _images(fig, grid, tensors, side, title, cmap, symmetric):
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"class {c}", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    axes[2].set_title(f"{title}\nclass 2", fontsize=9)
+    fig.colorbar(im, cax=fig.add_subplot(grid[:, 5]))
+    fig.text(0.25, 0.9, title, ha="center", fontsize=11)
     return axes
 
 
@@ -112,11 +117,11 @@ def images_figure(tensors, side, history, title, what, cmap, symmetric):
     """Ten images (one per class) and the meta-learning curve."""
     plt = _plt()
     fig = plt.figure(figsize=(15, 5.2))
-    grid = fig.add_gridspec(2, 8)
+    grid = fig.add_gridspec(2, 8, width_ratios=[1, 1, 1, 1, 1, 0.08, 0.5, 4.2])
     _images(fig, grid, tensors, side, what, cmap, symmetric)
-    _meta_curve(fig.add_subplot(grid[:, 5:]), history)
+    _meta_curve(fig.add_subplot(grid[:, 7]), history)
     fig.suptitle(title)
-    fig.subplots_adjust(left=0.02, right=0.95, wspace=0.5, hspace=0.3)
+    fig.subplots_adjust(left=0.02, right=0.93, top=0.84, wspace=0.15, hspace=0.3)
     return _png(fig, plt)
 
 
