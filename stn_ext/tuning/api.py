@@ -19,9 +19,7 @@ def preflight(cfg):
     if cfg.data == "fashion-mnist":  # files missing: say so before any run starts
         fashion_mnist_folder(cfg.data_path or None)
     text = cfg.data in language.TEXT_DATA
-    if text != (cfg.model == "lstm"):
-        raise ValueError(f"stn_ext: model 'lstm' is for text (--data {' or '.join(language.TEXT_DATA)}), the others "
-                         f"for images and features; got model {cfg.model!r} on {cfg.data!r}")
+    language.check_model_for_data(cfg.model, text, cfg.data)
     if text:
         HyperSpace.build(resolved(cfg, True)["hypers"], language.dropout_slots(cfg.hidden), cfg.ranges, cfg.inits,
                          image_data=False)

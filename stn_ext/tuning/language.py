@@ -196,10 +196,17 @@ class LanguageModel(nn.Module):
         return self.decoder(dropped)
 
 
+def check_model_for_data(model, text, data):
+    """Refuse a built-in model on data of the other kind: 'lstm' is for text, the others for images and features."""
+    if text != (model == "lstm"):
+        raise ValueError(f"stn_ext: model 'lstm' is for text (--data {' or '.join(TEXT_DATA)}), the others for "
+                         f"images and features; got model {model!r} on {data!r}")
+
+
 def dropout_slots(hidden):
     """The dropout slots of LanguageModel(hidden=...)."""
     return ["in"] + [f"h{k}" for k in range(1, len(hidden))] + ["out"]
 
 
 __all__ = ["TEXT_DATA", "DEFAULTS", "stream_split", "text_dataset", "load_text", "token_losses", "Stream",
-           "carrying", "LockedDropout", "LanguageModel", "dropout_slots"]
+           "carrying", "LockedDropout", "LanguageModel", "check_model_for_data", "dropout_slots"]

@@ -95,9 +95,8 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            if model is None and self.language != (cfg.model == "lstm"):
-                raise ValueError(f"stn_ext: model 'lstm' is for text (--data {' or '.join(language.TEXT_DATA)}), the "
-                                 f"others for images and features; got model {cfg.model!r} on {self.data.name!r}")
+            if model is None:
+                language.check_model_for_data(cfg.model, self.language, self.data.name)
             if model is None and self.language:
                 slots = language.dropout_slots(cfg.hidden)
                 self.space = space or HyperSpace.build(hypers, slots, cfg.ranges, cfg.inits, False)
