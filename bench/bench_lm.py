@@ -64,7 +64,7 @@ def lm_run(a, method, seed, data):
     cfg = lm_config(a, method, seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    traj = []
+    traj, evals = [], []
     if method in ("random", "tpe"):
         s = train(cfg, data=data)
     else:
@@ -73,11 +73,12 @@ def lm_run(a, method, seed, data):
         every = max(1, a.steps // 100)
         traj = [(r["step"], r["hypers"]) for r in tr.log.steps[::every]] + [(tr.log.steps[-1]["step"],
                                                                             tr.log.steps[-1]["hypers"])]
+        evals = [(r["step"], r["val_loss"], r["test_loss"]) for r in tr.log.epochs]
     return {"method": method, "seed": seed, "val_loss": s["val_loss"], "test_loss": s["test_loss"],
             "val_ppl": math.exp(s["val_loss"]), "test_ppl": math.exp(s["test_loss"]),
             "train_s_per_step": s["wall_s"] / a.steps, "elapsed_s": time.perf_counter() - t0, "hypers": s["hypers"],
             "trial_hypers": s.get("trial_hypers"), "trial_val_losses": s.get("trial_val_losses"),
-            "recoveries": s.get("recoveries", 0), "trajectory": traj}
+            "recoveries": s.get("recoveries", 0), "trajectory": traj, "evals": evals}
 
 
 def _job(args):
@@ -87,6 +88,27 @@ def _job(args):
 
 def _data(a):
     return load_text(a.corpus, a.batch_size, a.bptt, a.data_path or None, a.train_tokens, a.eval_tokens)
+
+
+def _resumed(path, settings):
+    """The runs an earlier bench with the same settings saved to path (none if it differs or is absent)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    same = json.loads(json.dumps(settings))
+    diff = sorted(k for k in same if k not in ("seeds", "methods", "jobs") and old["settings"].get(k) != same[k])
+    if diff:
+        raise SystemExit(f"bench_lm: {path} was written with other settings ({', '.join(diff)}); "
+                         "drop --resume or give another --tag")
+    return old["rows"]
+
+
+def _best(r):
+    """(validation perplexity, test perplexity) at the run's best evaluation (its last where none are kept)."""
+    evals = [e for e in r.get("evals") or [] if e[0] > 0] or [(0, r["val_loss"], r["test_loss"])]
+    _, v, t = min(evals, key=lambda e: e[1])
+    return math.exp(v), math.exp(t)
 
 
 def _mean(xs):
@@ -104,18 +126,23 @@ def table(rows, a, data_desc):
     out = [f"Jane Austen (stn_ext.corpus; {data_desc}), LSTM {'-'.join(map(str, a.hidden))} with a tied embedding, "
            f"the seven hyperparameters from 0.05 (fixed (awd): AWD-LSTM's values); {a.steps} weight steps of "
            f"{a.batch_size} x {a.bptt} tokens; random, tpe: 4 trials of {a.steps // 4} steps. Perplexity at the "
-           "last evaluation; +- the spread (std) over seeds; time: the trainer's step time against fixed's.", "",
-           "| method | val ppl | test ppl | per seed (test) | time/step vs fixed | final hyperparameters (seed 0) |",
-           "|---|---|---|---|---|---|"]
+           "last evaluation; +- the spread (std) over seeds; best val: the lowest validation perplexity of the run's "
+           "evaluations (for random and tpe: of the chosen trial's last), with the test perplexity there; time: "
+           "the trainer's step time against fixed's.", "",
+           "| method | val ppl | test ppl | per seed (test) | best val (test there) | time/step vs fixed | "
+           "final hyperparameters (seed 0) |",
+           "|---|---|---|---|---|---|---|"]
     for m in METHODS:
         rs = [r for r in rows if r["method"] == m]
         if not rs:
             continue
         v, t = [r["val_ppl"] for r in rs], [r["test_ppl"] for r in rs]
         hyp = ", ".join(f"{k.replace('dropout.', '')} {x:.2g}" for k, x in rs[0]["hypers"].items())
+        best = [_best(r) for r in rs]
         out.append(f"| {m} | {_mean(v):.1f} +- {_spread(v):.1f} | {_mean(t):.1f} +- {_spread(t):.1f} | "
-                   f"{', '.join(f'{x:.1f}' for x in t)} | {_mean([r['train_s_per_step'] for r in rs]) / ft:.2f}x | "
-                   f"{hyp} |")
+                   f"{', '.join(f'{x:.1f}' for x in t)} | {_mean([b[0] for b in best]):.1f} "
+                   f"({_mean([b[1] for b in best]):.1f}) | "
+                   f"{_mean([r['train_s_per_step'] for r in rs]) / ft:.2f}x | {hyp} |")
     return "\n".join(out)
 
 
@@ -150,7 +177,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], default=[128, 128])
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--bptt", type=int, default=35)
-    p.add_argument("--train-tokens", type=int, default=200000, help="training tokens (0: all 677k)")
+    p.add_argument("--train-tokens", type=int, default=100000, help="training tokens (default 100k: fixed 0.05 overfits within the run; 0: all 677k)")
     p.add_argument("--eval-tokens", type=int, default=0, help="validation and test tokens (0: all)")
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
@@ -158,6 +185,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a TrainConfig field for every run")
     p.add_argument("--quick", action="store_true", help="a tiny run of every method (what the test runs)")
+    p.add_argument("--resume", action="store_true", help="keep the runs the JSON of this date and tag already holds "
+                                                         "(written after each run) and run the others")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default=RESULTS)
     a = p.parse_args(argv)
@@ -169,29 +198,35 @@ def main(argv=None):
         a.seeds, a.steps, a.evals, a.hidden, a.train_tokens, a.eval_tokens, a.jobs = 1, 16, 2, [8, 8], 20000, 3000, 1
         a.set.setdefault("warmup_steps", 4)
     stem = "lm-" + ("quick" if a.quick else datetime.date.today().isoformat()) + (f"-{a.tag}" if a.tag else "")
-    jobs = [(a, m, seed) for seed in range(a.seeds) for m in METHODS if m in a.methods]
+    os.makedirs(a.out, exist_ok=True)
+    json_path = os.path.join(a.out, stem + ".json")
+    settings = {k: v for k, v in vars(a).items() if k not in ("out", "resume")}
+    rows = _resumed(json_path, settings) if a.resume else []
+    held = {(r["method"], r["seed"]) for r in rows}
+    jobs = [(a, m, seed) for seed in range(a.seeds) for m in METHODS if m in a.methods and (m, seed) not in held]
     t0 = time.perf_counter()
-    if a.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
-            rows = []
+
+    def save(r):  # each run is in the JSON as soon as it ends: an interrupted bench loses only the runs under way
+        rows.append(r)
+        print(f"lm {r['method']} seed {r['seed']}: val ppl {r['val_ppl']:.1f}, test ppl {r['test_ppl']:.1f}, "
+              f"{r['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
+        atomic_write_json(json_path, json.loads(json.dumps({"settings": settings, "rows": rows, "partial": True})))
+
+    if a.jobs > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(a.jobs, len(jobs))) as pool:
             for r in pool.imap(_job, jobs):
-                rows.append(r)
-                print(f"lm {r['method']} seed {r['seed']}: val ppl {r['val_ppl']:.1f}, test ppl {r['test_ppl']:.1f}, "
-                      f"{r['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
-    else:
-        rows, data = [], _data(a)
+                save(r)
+    elif jobs:
+        data = _data(a)
         for a_, m, seed in jobs:
-            rows.append(lm_run(a_, m, seed, data))
-            r = rows[-1]
-            print(f"lm {r['method']} seed {r['seed']}: val ppl {r['val_ppl']:.1f}, test ppl {r['test_ppl']:.1f}, "
-                  f"{r['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
-    data = data if a.jobs <= 1 else _data(a)
+            save(lm_run(a_, m, seed, data))
+    rows.sort(key=lambda r: (r["seed"], METHODS.index(r["method"])))
+    data = _data(a)
     desc = (f"{len(data.train.x) * a.bptt} training tokens in {len(data.train.x) // a.batch_size} batches, "
             f"{len(data.val.x) * a.bptt} validation, {len(data.test.x) * a.bptt} test")
     res = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "wall_s": time.perf_counter() - t0,
-           "settings": {k: v for k, v in vars(a).items() if k not in ("out",)}, "data": desc, "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    atomic_write_json(os.path.join(a.out, stem + ".json"), json.loads(json.dumps(res)))
+           "settings": settings, "data": desc, "rows": rows}
+    atomic_write_json(json_path, json.loads(json.dumps(res)))
     md = [f"# LSTM language model, seven hyperparameters ({res['date']}, torch {res['torch']})", "",
           table(rows, a, desc), "", f"Whole bench: {res['wall_s'] / 60:.0f} minutes, {a.jobs} runs at once, "
           f"{a.threads} thread(s) each."]

@@ -31,3 +31,10 @@ def test_bench_lm_quick(tmp_path):
     assert "| fixed (awd) |" in md and "| delta-stn |" in md
     assert json.loads((tmp_path / "lm-quick.json").read_text())["settings"]["steps"] == 16
     assert (tmp_path / "lm-quick.png").stat().st_size > 0
+    for m in ("fixed", "stn"):  # each evaluation kept: the best one's perplexities are in the table
+        assert rows[m]["evals"] and rows[m]["evals"][-1][0] == 16
+    # --resume keeps the runs the JSON holds and runs none again
+    again = bench.main(["--quick", "--out", str(tmp_path), "--resume"])
+    assert [r["elapsed_s"] for r in again["rows"]] == [r["elapsed_s"] for r in res["rows"]]
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main(["--quick", "--out", str(tmp_path), "--resume", "--batch-size", "10"])
