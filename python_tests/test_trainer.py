@@ -392,6 +392,31 @@ def test_resume_equals_uninterrupted(small_digits, tmp_path, kw):
                           for line in open(path)]
     assert strip(tmp_path / "full" / "epochs.jsonl") == strip(tmp_path / "part" / "epochs.jsonl")
     assert (tmp_path / "full" / "schedule.csv").read_text() == (tmp_path / "part" / "schedule.csv").read_text()
+    # the best evaluation and its weights, kept across the stop
+    assert s2["best"] == full.best
+    assert all(torch.equal(full.best_state[k], resumed.best_state[k]) for k in full.best_state)
+
+
+def test_best_evaluation_is_kept_and_restored(small_digits, tmp_path):
+    """best.pt and summary["best"] hold the evaluation with the lowest validation loss (a run at a large step
+    whose validation loss goes down, then up and down); restore_best() loads weights that give that loss again."""
+    cfg = TrainConfig(method="fixed", steps=160, hidden=(64,), eval_every=10, lr=0.1, quiet=True, plots=False,
+                      out=str(tmp_path / "run"))
+    tr = Trainer(cfg, data=small_digits)
+    s = tr.fit()
+    evals = [json.loads(line) for line in open(tmp_path / "run" / "epochs.jsonl")]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert best["step"] != evals[-1]["step"], "the protocol should put the best evaluation before the last"
+    assert s["best"]["step"] == best["step"] and s["best"]["val_loss"] == best["val_loss"]
+    assert s["best"]["test_loss"] == best["test_loss"] and s["val_loss"] == evals[-1]["val_loss"]
+    on_disk = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert on_disk["record"] == s["best"]
+    assert tr.restore_best() == s["best"]
+    assert tr.evaluate(tr.data.val)["loss"] == pytest.approx(best["val_loss"], rel=1e-12, abs=0)
+    assert all(torch.equal(v, on_disk["model"][k]) for k, v in tr.model.state_dict().items())
+    fresh = Trainer(cfg, data=small_digits)
+    with pytest.raises(RuntimeError, match="no evaluation"):
+        fresh.restore_best()
 
 
 def test_resume_from_an_older_checkpoint_after_kill(small_digits, tmp_path):

@@ -37,7 +37,8 @@ methods:
 
 outputs (in --out): config.json, steps.jsonl (per weight step: train loss, hyperparameters, scales),
 epochs.jsonl (per evaluation: val/test loss and accuracy), schedule.csv (the hyperparameter schedule),
-losses.png, accuracy.png, hypers.png, checkpoint.pt, summary.json. Interrupt with Ctrl-C (saves at the
+losses.png, accuracy.png, hypers.png, checkpoint.pt, summary.json, best.pt (the model at the evaluation
+with the lowest validation loss; summary.json's "best" names it). Interrupt with Ctrl-C (saves at the
 next step boundary, exits 130) or kill, then rerun with --resume to continue to the same result. A new
 run into a folder that holds a run is refused: --resume continues it, --overwrite replaces it.
 
@@ -338,6 +339,10 @@ def _print_run(cfg, summary):
             print(f"  trial {k}{' (best)' if k == summary['best_trial'] else ''}: val_loss {loss:.4f}  " +
                   " ".join(f"{n}={v:.4g}" for n, v in hp.items()))
     print("final hyperparameters: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["hypers"].items()))
+    if "best" in summary and summary["best"]["step"] != summary["steps"]:
+        b = summary["best"]
+        where = f" (its model: {os.path.join(cfg.out, 'best.pt')})" if cfg.out else ""
+        print(f"best evaluation: step {b['step']}, val_loss {b['val_loss']:.4f}, test_loss {b['test_loss']:.4f}{where}")
     if cfg.out:
         print(f"run folder: {cfg.out}")
 

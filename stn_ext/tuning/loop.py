@@ -142,6 +142,8 @@ class Trainer:
         self._perm_cache = {}
         self.out = cfg.out if (cfg.out and self.rank == 0) else ""
         self._stop_flag = False
+        self.best = None        # the evaluation with the lowest validation loss so far (a record of epochs.jsonl)
+        self.best_state = None  # the model's state_dict there (CPU copies); in <out>/best.pt too
 
     # --- the tuner's state, as the trainer's (checkpoints, recovery, tests and benchmarks read these) ------
 
@@ -333,6 +335,34 @@ class Trainer:
     def _ckpt_path(self):
         return os.path.join(self.cfg.out, "checkpoint.pt")
 
+    def _best_path(self):
+        return os.path.join(self.cfg.out, "best.pt")
+
+    def _keep_if_best(self, rec):
+        """Keep the model of the evaluation with the lowest finite validation loss so far: a tuned run can pass
+        its best and drift (the last evaluation is what the summary's val_loss/test_loss report)."""
+        if not math.isfinite(rec["val_loss"]) or (self.best is not None and rec["val_loss"] >= self.best["val_loss"]):
+            return
+        self.best = {k: v for k, v in rec.items() if k not in ("wall_s", "time")}
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.out:
+            checkpoint.save(self._best_path(), {"model": self.best_state, "record": self.best})
+
+    def _load_best(self):
+        """On resume: the best evaluation kept so far. best.pt may be from past the checkpoint's step (an
+        evaluation after it, then a stop); resume replays the same bits, so it is the state the run reaches."""
+        if self.cfg.out and os.path.exists(self._best_path()):
+            st = checkpoint.load(self._best_path())
+            self.best, self.best_state = st["record"], st["model"]
+
+    def restore_best(self):
+        """Load the best evaluation's weights into the model (in place); returns its record (step, val_loss,
+        test_loss, hypers, ...)."""
+        if self.best_state is None:
+            raise RuntimeError("stn_ext: no evaluation with a finite validation loss has been made yet")
+        self.model.load_state_dict(self.best_state)
+        return self.best
+
     def save_checkpoint(self):
         if self.out:
             self.log.flush_files()  # first: records past the checkpoint's step are dropped on resume
@@ -355,6 +385,7 @@ class Trainer:
             # on CPU: generator states must stay CPU tensors; load_state_dict moves the rest to the device
             self.load_state_dict(checkpoint.load(self._ckpt_path(), map_location="cpu"))
             self.log.restore(self.step)
+            self._load_best()
         elif self.out:
             open_run_folder(c)
         old = {}
@@ -465,6 +496,7 @@ class Trainer:
             rec["val_ppl"], rec["test_ppl"] = _ppl(v["loss"]), _ppl(t["loss"])
         rec["hypers"] = self.hyper_values()
         self.log.epoch(rec)
+        self._keep_if_best(rec)
         return rec
 
     def summary(self, interrupted=False):
@@ -477,6 +509,8 @@ class Trainer:
             s["val_acc"], s["test_acc"] = last["val_acc"], last["test_acc"]
         if "val_ppl" in last:
             s["val_ppl"], s["test_ppl"] = last["val_ppl"], last["test_ppl"]
+        if self.best is not None:
+            s["best"] = self.best
         if self.data.test_is_val:
             s["test_is_val"] = True
         if self.tunes:

@@ -76,7 +76,7 @@ TENSORBOARD_DIR = "tensorboard"  # the event files of --tensorboard, in the run 
 
 def run_files():
     """What a run writes in its folder; checkpoint first, so a folder cleared halfway cannot be resumed."""
-    return ("checkpoint.pt", "config.json", "summary.json") + RunLog.FILES + PLOT_FILES
+    return ("checkpoint.pt", "config.json", "summary.json", "best.pt") + RunLog.FILES + PLOT_FILES
 
 
 def clear_run(out):
