@@ -7,17 +7,43 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "reversible_checks.h"
 #include "reversible_lanes.h"
+#include "reversible_lanes_avx512.h"
 #include "reversible_math.h"
 
 namespace stn_ext {
 namespace {
 
 constexpr int64_t kBlock = 4096;
+
+// The CPU's vector path: the widest the CPU has (AVX-512 for the reverse ops, AVX2 for the forward step,
+// which has no AVX-512 loop), or the one STN_EXT_REVERSIBLE_LANES names (auto, avx512, avx2, scalar), read
+// at every call so that the tests can hold each path against the scalar one.
+enum class Lanes { kScalar, kAvx2, kAvx512 };
+
+Lanes lanes_path() {
+  const char* env = std::getenv("STN_EXT_REVERSIBLE_LANES");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") {
+    return lanes::cpu_has_avx512() ? Lanes::kAvx512 : lanes::cpu_has_avx2() ? Lanes::kAvx2 : Lanes::kScalar;
+  }
+  if (want == "scalar") return Lanes::kScalar;
+  if (want == "avx2") {
+    TORCH_CHECK(lanes::cpu_has_avx2(), "stn_ext: STN_EXT_REVERSIBLE_LANES=avx2, but this CPU has no AVX2");
+    return Lanes::kAvx2;
+  }
+  TORCH_CHECK(want == "avx512", "stn_ext: STN_EXT_REVERSIBLE_LANES must be auto, avx512, avx2 or scalar, got '",
+              want, "'");
+  TORCH_CHECK(lanes::cpu_has_avx512(),
+              "stn_ext: STN_EXT_REVERSIBLE_LANES=avx512, but this CPU lacks AVX-512 F/DQ/BW/VL");
+  return Lanes::kAvx512;
+}
 
 struct BlockResults {
   std::vector<uint64_t> flags;
@@ -71,6 +97,7 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
   const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
   const auto grad = grad_in.contiguous();
   const int64_t n = view.numel();
+  const Lanes path = lanes_path();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_step", [&] {
     int64_t* xp = x.mutable_data_ptr<int64_t>();
@@ -81,7 +108,7 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
     scalar_t* yp = view.mutable_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 2 && p.n < rev::kDen && lanes::cpu_has_avx2();
+    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 2 && p.n < rev::kDen && path != Lanes::kScalar;
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
       int32_t mc = 0, mc_i = 0;  // the largest count that changed in this block
@@ -122,6 +149,7 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
   const auto vc = v.contiguous();
   const auto dx = contiguous_or_none(dx_in);
   const int64_t n = view.numel();
+  const Lanes path = lanes_path();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_unstep_weights", [&] {
     int64_t* xp = x.mutable_data_ptr<int64_t>();
@@ -129,7 +157,7 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
     scalar_t* yp = view.mutable_data_ptr<scalar_t>();
     const scalar_t* dxp = dx ? dx->const_data_ptr<scalar_t>() : nullptr;
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    const bool vector_path = STN_EXT_LANES && kLaneType && lanes::cpu_has_avx2();
+    const bool vector_path = STN_EXT_LANES && kLaneType && path != Lanes::kScalar;
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
       double sum = 0.0;
@@ -142,7 +170,10 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
       if constexpr (kLaneType) {
         if (vector_path) {
           uint8_t done[kBlock / 4];
-          if (lanes::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p)) {
+          const bool left = path == Lanes::kAvx512
+                                ? lanes::avx512::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p)
+                                : lanes::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p);
+          if (left) {
             run_left(done, i0, i1, element);  // |v| >= 2^51, an overflow, or the tail
           }
           stepped = true;
@@ -169,6 +200,7 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
   const auto grad = grad_in.contiguous();
   const auto dx = contiguous_or_none(dx_in);
   const int64_t n = grad.numel();
+  const Lanes path = lanes_path();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stn_ext::reversible_unstep_velocity", [&] {
     int64_t* vp = v.mutable_data_ptr<int64_t>();
@@ -180,7 +212,7 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
     scalar_t* dvp = dv ? dv->mutable_data_ptr<scalar_t>() : nullptr;
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
     // (n >= 16: with |w| < 2^51, floor(w / n) 2^16 cannot overflow; smaller momenta take the scalar loop)
-    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 16 && p.n < rev::kDen && lanes::cpu_has_avx2();
+    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 16 && p.n < rev::kDen && path != Lanes::kScalar;
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
       int32_t mc = 0, mc_i = 0;
@@ -195,7 +227,10 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
       if constexpr (kLaneType) {
         if (vector_path) {
           uint8_t done[kBlock / 4];
-          if (lanes::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p)) {
+          const bool left = path == Lanes::kAvx512
+                                ? lanes::avx512::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p)
+                                : lanes::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p);
+          if (left) {
             run_left(done, i0, i1, element);  // a word written or read, or an edge case: about 1 in 200
           }
           stepped = true;

@@ -38,6 +38,13 @@ inline bool cpu_has_avx2() {
   return has;
 }
 
+// What reversible_lanes_avx512.h needs: F, DQ (64-bit products, int64 <-> double), BW, VL.
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
 #define STN_AVX2 __attribute__((target("avx2")))
 
 STN_AVX2 inline __m256i splat(uint64_t a) { return _mm256_set1_epi64x(static_cast<int64_t>(a)); }
@@ -297,6 +304,7 @@ STN_AVX2 bool unstep_velocity(int64_t* __restrict v, uint64_t* __restrict head, 
 namespace stn_ext {
 namespace lanes {
 inline bool cpu_has_avx2() { return false; }
+inline bool cpu_has_avx512() { return false; }
 }  // namespace lanes
 }  // namespace stn_ext
 #endif
