@@ -274,6 +274,30 @@ def test_cpu_vector_unsteps_match_scalar_on_edge_states(vector_lanes, dtype, gnu
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("gnum", [2, 17, 3277, 32769, 58982, 65535])
+@pytest.mark.parametrize("lr", [0.37, 3.0])
+def test_cpu_vector_step_matches_scalar_on_edge_states(vector_lanes, dtype, gnum, lr):
+    """The forward step from the same arbitrary states (heads about to spill, huge velocities and weights,
+    |lr v| past 2^63 at lr 3, gradients huge or not finite): state, view and status bit for bit."""
+    n, capacity, radix = 2 * 4096 + 13, 3, 52
+    base, g = edge_unstep_state(n, gnum, capacity, torch.Generator().manual_seed(gnum + 1))
+    base["x"][0], base["v"][0], g[0] = (1 << 63) - 1, 1 << 40, 0.0  # x + lr v overflows
+    base["view"] = torch.randn(n, dtype=torch.float64).to(dtype)
+    g = g.to(dtype)
+    runs = {}
+    for name in ("scalar", vector_lanes):
+        st = {k: t.clone() for k, t in base.items()}
+        with cpu_lanes(name):
+            R.step(st["x"], st["v"], st["head"], st["count"], st["words"], st["view"], g, st["status"], lr, gnum, radix)
+        runs[name] = st
+    for k in base:
+        assert same_bits(runs[vector_lanes][k], runs["scalar"][k]), f"{vector_lanes} at n = {gnum}, lr = {lr}: {k} differs"
+    flags = runs["scalar"]["status"][0].item()
+    assert flags & R.OVERFLOW and flags & R.NON_FINITE and flags & R.STACK_FULL
+    assert int((runs["scalar"]["x"] != base["x"]).sum()) > n // 4, "most elements should step"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("momentum", [0.05, 0.9, 0.999])
 def test_cpu_vector_steps_and_unsteps_match_scalar(vector_lanes, dtype, momentum):
     """Steps that spill words, then the unsteps back to the start, on hard_case's states: the vector path's

@@ -22,9 +22,8 @@ namespace {
 
 constexpr int64_t kBlock = 4096;
 
-// The CPU's vector path: the widest the CPU has (AVX-512 for the reverse ops, AVX2 for the forward step,
-// which has no AVX-512 loop), or the one STN_EXT_REVERSIBLE_LANES names (auto, avx512, avx2, scalar), read
-// at every call so that the tests can hold each path against the scalar one.
+// The CPU's vector path: the widest the CPU has, or the one STN_EXT_REVERSIBLE_LANES names (auto, avx512,
+// avx2, scalar), read at every call so that the tests can hold each path against the scalar one.
 enum class Lanes { kScalar, kAvx2, kAvx512 };
 
 Lanes lanes_path() {
@@ -122,7 +121,10 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
       if constexpr (kLaneType) {
         if (vector_path) {
           uint64_t outside[kBlock];
-          if (lanes::step<scalar_t>(xp + i0, vp + i0, hp + i0, yp + i0, gp + i0, outside, i1 - i0, p)) {
+          const bool left = path == Lanes::kAvx512
+                                ? lanes::avx512::step<scalar_t>(xp + i0, vp + i0, hp + i0, yp + i0, gp + i0, outside, i1 - i0, p)
+                                : lanes::step<scalar_t>(xp + i0, vp + i0, hp + i0, yp + i0, gp + i0, outside, i1 - i0, p);
+          if (left) {
             for (int64_t i = i0; i < i1; ++i) {
               if (outside[i - i0]) element(i);  // a word written or read, or an edge case: about 1 in 200
             }

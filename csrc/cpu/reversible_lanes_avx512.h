@@ -46,6 +46,73 @@ inline bool finish(uint8_t* done, int64_t i, int64_t len, unsigned all) {
   return len % 8 != 0 || all != 0xff;
 }
 
+// The forward step's common case (lanes::step's contract: outside[i] all ones for the elements left to
+// rev::step_element, and for the last len mod 8), with the ranges of the scalar conversions: |(1 - gamma) g
+// 2^radix| < 2^63 and |lr v_new| < 2^63, v_new and x_new of any size; no word written or read.
+template <typename scalar_t>
+STN_AVX512 bool step(int64_t* __restrict x, int64_t* __restrict v, uint64_t* __restrict head,
+                     scalar_t* __restrict view, const scalar_t* __restrict grad, uint64_t* __restrict outside,
+                     int64_t len, const rev::Params& p) {
+  const __m512i low16 = splat(rev::kDen - 1), low32 = splat(0xffffffffull);
+  const __m512i spill_start = splat(uint64_t(1) << 48), boundary = splat(p.boundary), rem = splat(p.rem);
+  const __m512i q = splat(p.q), n = splat(p.n), one = splat(1);
+  const __m512i mq_lo = splat(p.magic_q & 0xffffffffull), mq_hi = splat(p.magic_q >> 32);
+  const __m512i mq1_lo = splat(p.magic_q1 & 0xffffffffull), mq1_hi = splat(p.magic_q1 >> 32);
+  const __m512d two63 = _mm512_set1_pd(rev::kTwo63);
+  const __m512d omg = _mm512_set1_pd(p.one_minus_gamma), scale = _mm512_set1_pd(p.scale);
+  const __m512d lr = _mm512_set1_pd(p.lr), inv_scale = _mm512_set1_pd(p.inv_scale);
+  unsigned all = 0xff;
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m512i vv = _mm512_loadu_si512(v + i);
+    const __m512i hd = _mm512_loadu_si512(head + i);
+    const __m512i x0 = _mm512_loadu_si512(x + i);
+    // delta = (1 - gamma) g in fixed point (grad_term); false for a non-finite gradient
+    const __m512d y1 = _mm512_mul_pd(_mm512_mul_pd(omg, load_grad(grad + i)), scale);
+    __mmask8 good = _mm512_cmp_pd_mask(_mm512_abs_pd(y1), two63, _CMP_LT_OQ);
+    const __m512i delta = _mm512_cvtpd_epi64(y1);
+    // gamma_forward: push_den(v mod 2^16), after a spill of the low word where head >= 2^48
+    const __mmask8 spill = _mm512_cmpge_epu64_mask(hd, spill_start);
+    const __m512i hs = _mm512_mask_srli_epi64(hd, spill, hd, 32);
+    const __m512i h = _mm512_ternarylogic_epi64(_mm512_slli_epi64(hs, rev::kDenBits), vv, low16, 0xd8);  // c ? b : a
+    // pop_n: the symbol's class (slot < boundary: frequency q + 1), its index k and the new head
+    const __m512i slot = _mm512_and_si512(h, low32);
+    const __mmask8 big = _mm512_cmplt_epu64_mask(slot, boundary);
+    const __m512i f = _mm512_mask_add_epi64(q, big, q, one);
+    const __m512i off = _mm512_mask_sub_epi64(slot, _knot_mask8(big), slot, boundary);
+    const __m512i m_lo = _mm512_mask_mov_epi64(mq_lo, big, mq1_lo), m_hi = _mm512_mask_mov_epi64(mq_hi, big, mq1_hi);
+    const __m512i k = _mm512_srli_epi64(
+        _mm512_add_epi64(_mm512_mul_epu32(m_hi, off), _mm512_srli_epi64(_mm512_mul_epu32(m_lo, off), 32)), 32);
+    const __m512i within = _mm512_sub_epi64(off, _mm512_mul_epu32(k, f));
+    const __m512i h2 = _mm512_add_epi64(_mm512_mul_epu32(f, _mm512_srli_epi64(h, 32)), within);
+    // a refill where the head fell below 2^32 takes back the low word the spill took off
+    const __mmask8 refill = _mm512_cmplt_epu64_mask(h2, _mm512_slli_epi64(one, 32));
+    good = _kand_mask8(good, _kxnor_mask8(refill, spill));  // a spill without a refill, or the reverse: scalar
+    const __m512i hn = _mm512_mask_mov_epi64(h2, refill, _mm512_mask_blend_epi32(0x5555, _mm512_slli_epi64(h2, 32), hd));
+    // w = floor(v / 2^16) n + s, s = k (+ rem where not big); |floor(v / 2^16) n| < |v|
+    const __m512i qk = _mm512_add_epi64(_mm512_mullo_epi64(_mm512_srai_epi64(vv, rev::kDenBits), n), k);
+    const __m512i w = _mm512_mask_add_epi64(qk, _knot_mask8(big), qk, rem);
+    // v_new = w - delta (sub_checked: overflowed iff (w ^ delta) & (w ^ v_new) < 0)
+    const __m512i vn = _mm512_sub_epi64(w, delta);
+    good = _kandn_mask8(_mm512_movepi64_mask(_mm512_ternarylogic_epi64(w, delta, vn, 0x18)), good);
+    // x_new = x + round(lr v_new) (add_checked: overflowed iff (x_new ^ x) & (x_new ^ step) < 0)
+    const __m512d y2 = _mm512_mul_pd(lr, _mm512_cvtepi64_pd(vn));
+    good = _mm512_mask_cmp_pd_mask(good, _mm512_abs_pd(y2), two63, _CMP_LT_OQ);
+    const __m512i stp = _mm512_cvtpd_epi64(y2);
+    const __m512i xn = _mm512_add_epi64(x0, stp);
+    good = _kandn_mask8(_mm512_movepi64_mask(_mm512_ternarylogic_epi64(xn, x0, stp, 0x18)), good);
+    const __m512d value = _mm512_mul_pd(_mm512_cvtepi64_pd(xn), inv_scale);
+    _mm512_mask_storeu_epi64(x + i, good, xn);
+    _mm512_mask_storeu_epi64(v + i, good, vn);
+    _mm512_mask_storeu_epi64(head + i, good, hn);
+    store_view(view + i, value, good);
+    _mm512_storeu_si512(outside + i, _mm512_movm_epi64(_knot_mask8(good)));
+    all &= good;
+  }
+  for (; i < len; ++i) outside[i] = ~uint64_t(0);
+  return len % 8 != 0 || all != 0xff;
+}
+
 // x <- x - round(lr v); view <- x. Common case: |lr v| < 2^63 (the scalar to_fixed's range) and no overflow
 // of the subtraction; v of any size (vcvtqq2pd rounds as cvtsi2sd).
 template <typename scalar_t>
