@@ -115,6 +115,12 @@ void block_sums(int64_t b_first, int64_t b_end, int64_t n, double* sum, const Te
   }
 }
 
+// A thread's room for the adjoint terms of one group of blocks (the AVX-512 path computes them first).
+inline double* group_terms() {
+  thread_local std::vector<double> terms(kGroup * kBlock);
+  return terms.data();
+}
+
 // Runs element(i) on the elements of [i0, i1) that a reverse lane loop left (done: a bit per element, 4 a byte).
 template <typename F>
 void run_left(const uint8_t* done, int64_t i0, int64_t i1, const F& element) {
@@ -202,9 +208,24 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
     const bool vector_path = STN_EXT_LANES && kLaneType && path != Lanes::kScalar;
     for_block_groups(n, [&](int64_t b_first, int64_t b_end) {
       if (dxp) {  // v is not changed by this op: the sums first, each block's in element order
-        block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) {
+        const auto term = [&](int64_t i) {
           return static_cast<double>(dxp[i]) * (static_cast<double>(vp[i]) * p.inv_scale);
-        });
+        };
+        bool summed = false;
+#if STN_EXT_LANES
+        if constexpr (kLaneType) {
+          if (path == Lanes::kAvx512) {  // the terms eight at a time, then their sums
+            const int64_t i0 = b_first * kBlock, i1 = std::min(n, b_end * kBlock);
+            double* t = group_terms();
+            for (int64_t i = i0 + lanes::avx512::weights_terms<scalar_t>(dxp + i0, vp + i0, t, i1 - i0, p); i < i1; ++i) {
+              t[i - i0] = term(i);
+            }
+            block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) { return t[i - i0]; });
+            summed = true;
+          }
+        }
+#endif
+        if (!summed) block_sums(b_first, b_end, n, res.sum.data(), term);
       }
       for (int64_t b = b_first; b < b_end; ++b) {
         const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
@@ -290,7 +311,7 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
         res.max_count[b] = mc;
       }
       if (dvp) {  // the adjoint, from the restored v, each block's sum in element order
-        block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) {
+        const auto term = [&](int64_t i) {
           const double g = static_cast<double>(gp[i]);
           double d = static_cast<double>(dvp[i]);
           if (dxp) {
@@ -299,7 +320,22 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
             d = static_cast<double>(dvp[i]);
           }
           return d * (static_cast<double>(vp[i]) * p.inv_scale + g);
-        });
+        };
+        bool summed = false;
+#if STN_EXT_LANES
+        if constexpr (kLaneType) {
+          if (path == Lanes::kAvx512) {  // dv and the terms eight at a time, then the sums
+            const int64_t i0 = b_first * kBlock, i1 = std::min(n, b_end * kBlock);
+            double* t = group_terms();
+            const int64_t done = lanes::avx512::velocity_terms<scalar_t>(gp + i0, dxp ? dxp + i0 : nullptr, dvp + i0,
+                                                                         vp + i0, t, i1 - i0, lr, p);
+            for (int64_t i = i0 + done; i < i1; ++i) t[i - i0] = term(i);
+            block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) { return t[i - i0]; });
+            summed = true;
+          }
+        }
+#endif
+        if (!summed) block_sums(b_first, b_end, n, res.sum.data(), term);
       }
     });
   });

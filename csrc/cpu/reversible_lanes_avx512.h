@@ -34,6 +34,61 @@ STN_AVX512 inline void store_view(float* y, __m512d value, __mmask8 done) {
 }
 STN_AVX512 inline void store_view(double* y, __m512d value, __mmask8 done) { _mm512_mask_storeu_pd(y, done, value); }
 
+// An operand the compiler cannot see into. Under target("avx512f") GCC fuses _mm512_add_pd(_mm512_mul_pd(a, b),
+// c) into one FMA (one rounding instead of the scalar maths' two); an opaque product is never fused. (The step
+// loops below add no product to anything; the adjoint terms do.)
+STN_AVX512 inline __m512d opaque(__m512d a) {
+  asm("" : "+v"(a));
+  return a;
+}
+
+// Loads 8 values of scalar_t as doubles; stores 8 doubles rounded to scalar_t and returns what was stored, as a
+// double.
+STN_AVX512 inline __m512d load_double(const float* a) { return _mm512_cvtps_pd(_mm256_loadu_ps(a)); }
+STN_AVX512 inline __m512d load_double(const double* a) { return _mm512_loadu_pd(a); }
+STN_AVX512 inline __m512d store_rounded(float* a, __m512d d) {
+  const __m256 f = _mm512_cvtpd_ps(d);
+  _mm256_storeu_ps(a, f);
+  return _mm512_cvtps_pd(f);
+}
+STN_AVX512 inline __m512d store_rounded(double* a, __m512d d) {
+  _mm512_storeu_pd(a, d);
+  return d;
+}
+
+// The terms of the reverse ops' adjoint sums, eight at a time, for the caller to add up in element order; each
+// is the value the scalar loop computes (reversible_cpu.cpp). Both do the first len - len mod 8 elements and
+// return how many they did.
+//   unstep_weights:  term[i] = dx[i] (v[i] 2^-radix)
+//   unstep_velocity: dv[i] <- dv[i] + lr dx[i] (rounded to scalar_t, without dx: unchanged),
+//                    term[i] = dv[i] (v[i] 2^-radix + g[i])
+template <typename scalar_t>
+STN_AVX512 int64_t weights_terms(const scalar_t* __restrict dx, const int64_t* __restrict v, double* __restrict term,
+                                 int64_t len, const rev::Params& p) {
+  const __m512d inv_scale = _mm512_set1_pd(p.inv_scale);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m512d vd = _mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_loadu_si512(v + i)), inv_scale);
+    _mm512_storeu_pd(term + i, _mm512_mul_pd(load_double(dx + i), vd));
+  }
+  return i;
+}
+
+template <typename scalar_t>
+STN_AVX512 int64_t velocity_terms(const scalar_t* __restrict g, const scalar_t* __restrict dx, scalar_t* __restrict dv,
+                                  const int64_t* __restrict v, double* __restrict term, int64_t len, double lr_,
+                                  const rev::Params& p) {
+  const __m512d inv_scale = _mm512_set1_pd(p.inv_scale), lr = _mm512_set1_pd(lr_);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m512d d = load_double(dv + i);
+    if (dx) d = store_rounded(dv + i, _mm512_add_pd(d, opaque(_mm512_mul_pd(lr, load_double(dx + i)))));
+    const __m512d vd = opaque(_mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_loadu_si512(v + i)), inv_scale));
+    _mm512_storeu_pd(term + i, _mm512_mul_pd(d, _mm512_add_pd(vd, load_double(g + i))));
+  }
+  return i;
+}
+
 // Marks elements [i, i + 8) in done (a byte per 4 elements, as the AVX2 loops write it).
 inline void mark(uint8_t* done, int64_t i, unsigned m) {
   done[i / 4] = static_cast<uint8_t>(m & 0xf);
