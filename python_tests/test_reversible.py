@@ -5,7 +5,9 @@ against -log2(momentum), hypergradients against an independent float64 autograd 
 differences, errors for non-reproducible gradients, overflow and bad inputs, opcheck; CUDA tests
 (skipped without a GPU) including identical bits on CPU and CUDA.
 """
+import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from stn_ext.reversible import (
     hypergradient,
     quantize_momentum,
 )
+from reversible_states import edge_unstep_state
 
 RADIX = 52
 LIMIT = 2.0 ** (63 - RADIX)  # 2048
@@ -190,6 +193,188 @@ def test_flags_overflow_and_leaves_element_untouched():
     assert int(st.status[0]) & R.OVERFLOW
     assert int(st.x[0]) == int(x0[0]) and int(st.v[0]) == 0  # not committed
     assert int(st.x[1]) != 0  # the other element stepped
+
+
+# --- the CPU's vector paths against its scalar one -------------------------------------------------
+
+LANES_ENV = "STN_EXT_REVERSIBLE_LANES"
+
+
+@contextlib.contextmanager
+def cpu_lanes(name):
+    """Sends the CPU ops down one path: avx512, avx2, or scalar (the element maths the CUDA kernels run)."""
+    old = os.environ.get(LANES_ENV)
+    os.environ[LANES_ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(LANES_ENV, None)
+        else:
+            os.environ[LANES_ENV] = old
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def vector_lanes(request):
+    """Each vector path of the CPU ops, skipped where the CPU lacks it."""
+    st = RawState(torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), capacity=1)
+    with cpu_lanes(request.param):
+        try:
+            st.unstep(torch.zeros(8), 0.1, R.gamma_num(0.9))
+        except RuntimeError as err:
+            if "this CPU" not in str(err):
+                raise
+            pytest.skip(str(err).splitlines()[0])
+    return request.param
+
+
+def same_bits(a, b):
+    """Equal tensors, floating ones compared by their bits (NaN included)."""
+    if a.dtype.is_floating_point:
+        ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        a, b = a.reshape(-1).view(ints), b.reshape(-1).view(ints)
+    return torch.equal(a, b)
+
+
+def test_cpu_lanes_names_are_checked():
+    st = RawState(torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), capacity=1)
+    with cpu_lanes("avx1024"), pytest.raises(RuntimeError, match="must be auto, avx512, avx2 or scalar"):
+        st.unstep(torch.zeros(8), 0.1, R.gamma_num(0.9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("gnum", [16, 17, 100, 3277, 32768, 32769, 58982, 65521, 65535])
+@pytest.mark.parametrize("lr", [0.37, 3.0])
+def test_cpu_vector_unsteps_match_scalar_on_edge_states(vector_lanes, dtype, gnum, lr):
+    """Both reverse ops from states at the edges of the vector paths (test_simt's, with |lr v| past 2^63 at
+    lr 3), two blocks and a tail whose last group of 4 is whole (n mod 8 = 5): the whole state, the status,
+    dv and both sums bit for bit against the scalar path."""
+    n, capacity, radix = 2 * 4096 + 13, 3, 52
+    base, g = edge_unstep_state(n, gnum, capacity, torch.Generator().manual_seed(gnum))
+    base["v"][0], g[0] = (1 << 63) - 1, 1e3  # v + (1 - gamma) g overflows
+    base["view"] = torch.randn(n, dtype=torch.float64).to(dtype)  # an element left alone keeps its view
+    g = g.to(dtype)
+    dx = torch.linspace(-1, 1, n, dtype=torch.float64).to(dtype)
+    dv0 = torch.randn(n, dtype=torch.float64).to(dtype)
+    runs = {}
+    for name in ("scalar", vector_lanes):
+        st, dv = {k: t.clone() for k, t in base.items()}, dv0.clone()
+        with cpu_lanes(name):
+            sw = R.unstep_weights(st["x"], st["v"], st["view"], dx, st["status"], lr, radix)
+            sv = R.unstep_velocity(st["v"], st["head"], st["count"], st["words"], g, dx, dv, st["status"], lr, gnum,
+                                   radix)
+        runs[name] = dict(st, dv=dv, sw=sw, sv=sv)
+    want, got = runs["scalar"], runs[vector_lanes]
+    for k in want:
+        assert same_bits(got[k], want[k]), f"{vector_lanes} at n = {gnum}, lr = {lr}: {k} differs"
+    flags = want["status"][0].item()
+    assert flags & R.OVERFLOW and flags & R.NON_FINITE and flags & R.STACK_EMPTY
+    assert int((want["v"] != base["v"]).sum()) > n // 4, "most velocities should be reversed"
+    assert int((want["x"] != base["x"]).sum()) > n // 2, "most weights should be reversed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("gnum", [2, 17, 3277, 32769, 58982, 65535])
+@pytest.mark.parametrize("lr", [0.37, 3.0])
+def test_cpu_vector_step_matches_scalar_on_edge_states(vector_lanes, dtype, gnum, lr):
+    """The forward step from the same arbitrary states (heads about to spill, huge velocities and weights,
+    |lr v| past 2^63 at lr 3, gradients huge or not finite): state, view and status bit for bit."""
+    n, capacity, radix = 2 * 4096 + 13, 3, 52
+    base, g = edge_unstep_state(n, gnum, capacity, torch.Generator().manual_seed(gnum + 1))
+    base["x"][0], base["v"][0], g[0] = (1 << 63) - 1, 1 << 40, 0.0  # x + lr v overflows
+    base["view"] = torch.randn(n, dtype=torch.float64).to(dtype)
+    g = g.to(dtype)
+    runs = {}
+    for name in ("scalar", vector_lanes):
+        st = {k: t.clone() for k, t in base.items()}
+        with cpu_lanes(name):
+            R.step(st["x"], st["v"], st["head"], st["count"], st["words"], st["view"], g, st["status"], lr, gnum, radix)
+        runs[name] = st
+    for k in base:
+        assert same_bits(runs[vector_lanes][k], runs["scalar"][k]), f"{vector_lanes} at n = {gnum}, lr = {lr}: {k} differs"
+    flags = runs["scalar"]["status"][0].item()
+    assert flags & R.OVERFLOW and flags & R.NON_FINITE and flags & R.STACK_FULL
+    assert int((runs["scalar"]["x"] != base["x"]).sum()) > n // 4, "most elements should step"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("momentum", [0.05, 0.9, 0.999])
+def test_cpu_vector_steps_and_unsteps_match_scalar(vector_lanes, dtype, momentum):
+    """Steps that spill words, then the unsteps back to the start, on hard_case's states: the vector path's
+    state equals the scalar path's after every op."""
+    n, T = 4096 + 4101, 40
+    x, v, pool = hard_case(n, 7)
+    num = R.gamma_num(momentum)
+    lrs = [1e-4, 1e-3, 3e-3]
+    states = {name: RawState(x, v, capacity=T, dtype=dtype) for name in ("scalar", vector_lanes)}
+    for st in states.values():
+        st.view.zero_()
+    pool = [g.to(dtype) for g in pool]
+
+    def same(when):
+        a, b = states["scalar"], states[vector_lanes]
+        for k in ("x", "v", "head", "count", "words", "view", "status"):
+            assert same_bits(getattr(b, k), getattr(a, k)), f"{vector_lanes}, momentum {momentum}: {k} {when}"
+
+    for t in range(T):
+        for name, st in states.items():
+            with cpu_lanes(name):
+                st.step(pool[t % 4], lrs[t % 3], num)
+        same(f"after step {t}")
+    if momentum < 0.5:
+        assert int(states["scalar"].status[1]) > 0, "the test should spill words"
+    for t in reversed(range(T)):
+        for name, st in states.items():
+            with cpu_lanes(name):
+                st.unstep(pool[t % 4], lrs[t % 3], num)
+        same(f"after unstep {t}")
+    st = states[vector_lanes]
+    assert int(st.status[0]) == 0
+    assert torch.equal(st.x, x) and torch.equal(st.v, v) and bool((st.head == R.HEAD_EMPTY).all())
+
+
+@pytest.mark.parametrize("lanes", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_adjoint_sums_are_block_sums_in_element_order(lanes, dtype):
+    """The reverse ops' adjoint sums, whatever the path and however the blocks are grouped, equal a plain Python
+    reference bit for bit: each 4096-element block summed in element order from 0, the blocks' sums added in
+    block order; dv likewise. Nine blocks and a tail: two whole groups of four and a group of one."""
+    import numpy as np
+
+    n, lr, radix, gnum, block = 9 * 4096 + 3, 0.05, 52, R.gamma_num(0.9), 4096
+    x, v, pool = hard_case(n, 3)
+    st = RawState(x, v, capacity=4, dtype=dtype)
+    g = pool[2].to(dtype)
+    st.step(g, lr, gnum)
+    dx = torch.randn(n, dtype=torch.float64).to(dtype)
+    dv = torch.randn(n, dtype=torch.float64).to(dtype)
+    v_new, dv_old = st.v.numpy().copy(), dv.double().numpy().copy()
+    with cpu_lanes(lanes):
+        try:
+            sw = R.unstep_weights(st.x, st.v, st.view, dx, st.status, lr, radix)
+            sv = R.unstep_velocity(st.v, st.head, st.count, st.words, g, dx, dv, st.status, lr, gnum, radix)
+        except RuntimeError as err:
+            if "this CPU" not in str(err):
+                raise
+            pytest.skip(str(err).splitlines()[0])
+    assert int(st.status[0]) == 0
+
+    def block_sums(terms):
+        total = 0.0
+        for b in range(0, n, block):
+            s = 0.0
+            for t in terms[b:b + block].tolist():
+                s += t
+            total += s
+        return total
+
+    inv_scale = 2.0**-radix
+    want_sw = block_sums(dx.double().numpy() * (v_new.astype(np.float64) * inv_scale))
+    d = (dv_old + lr * dx.double().numpy()).astype(torch.empty(0, dtype=dtype).numpy().dtype).astype(np.float64)
+    want_sv = block_sums(d * (st.v.numpy().astype(np.float64) * inv_scale + g.double().numpy()))
+    assert np.array_equal(dv.double().numpy(), d)
+    assert sw.item().hex() == want_sw.hex()
+    assert sv.item().hex() == want_sv.hex()
 
 
 # --- ReversibleSGD ------------------------------------------------------------------------------

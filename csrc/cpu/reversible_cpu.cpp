@@ -7,17 +7,42 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "reversible_checks.h"
 #include "reversible_lanes.h"
+#include "reversible_lanes_avx512.h"
 #include "reversible_math.h"
 
 namespace stn_ext {
 namespace {
 
 constexpr int64_t kBlock = 4096;
+
+// The CPU's vector path: the widest the CPU has, or the one STN_EXT_REVERSIBLE_LANES names (auto, avx512,
+// avx2, scalar), read at every call so that the tests can hold each path against the scalar one.
+enum class Lanes { kScalar, kAvx2, kAvx512 };
+
+Lanes lanes_path() {
+  const char* env = std::getenv("STN_EXT_REVERSIBLE_LANES");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") {
+    return lanes::cpu_has_avx512() ? Lanes::kAvx512 : lanes::cpu_has_avx2() ? Lanes::kAvx2 : Lanes::kScalar;
+  }
+  if (want == "scalar") return Lanes::kScalar;
+  if (want == "avx2") {
+    TORCH_CHECK(lanes::cpu_has_avx2(), "stn_ext: STN_EXT_REVERSIBLE_LANES=avx2, but this CPU has no AVX2");
+    return Lanes::kAvx2;
+  }
+  TORCH_CHECK(want == "avx512", "stn_ext: STN_EXT_REVERSIBLE_LANES must be auto, avx512, avx2 or scalar, got '",
+              want, "'");
+  TORCH_CHECK(lanes::cpu_has_avx512(),
+              "stn_ext: STN_EXT_REVERSIBLE_LANES=avx512, but this CPU lacks AVX-512 F/DQ/BW/VL");
+  return Lanes::kAvx512;
+}
 
 struct BlockResults {
   std::vector<uint64_t> flags;
@@ -50,6 +75,52 @@ void for_blocks(int64_t n, const F& body) {
   });
 }
 
+// The reverse ops take a thread's blocks in groups of up to kGroup neighbours: body(b_first, b_end).
+constexpr int64_t kGroup = 4;
+
+template <typename F>
+void for_block_groups(int64_t n, const F& body) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b += kGroup) body(b, std::min(b1, b + kGroup));
+  });
+}
+
+// sum[b] = term(i0) + term(i0 + 1) + ... over block b's elements, in element order, for the blocks of a group.
+// A sum in element order is bound by the latency of its additions (about 4 cycles an element, as long as
+// the rest of an unstep); a whole group's kGroup sums run side by side, each in its own order, so every
+// block's sum has the bits it has alone.
+template <typename Term>
+void block_sums(int64_t b_first, int64_t b_end, int64_t n, double* sum, const Term& term) {
+  if (b_end - b_first == kGroup && b_end * kBlock <= n) {
+    const int64_t i0 = b_first * kBlock;
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    static_assert(kGroup == 4);
+    for (int64_t j = 0; j < kBlock; ++j) {
+      s0 += term(i0 + j);
+      s1 += term(i0 + kBlock + j);
+      s2 += term(i0 + 2 * kBlock + j);
+      s3 += term(i0 + 3 * kBlock + j);
+    }
+    sum[b_first] = s0;
+    sum[b_first + 1] = s1;
+    sum[b_first + 2] = s2;
+    sum[b_first + 3] = s3;
+    return;
+  }
+  for (int64_t b = b_first; b < b_end; ++b) {
+    double s = 0.0;
+    for (int64_t i = b * kBlock, i1 = std::min(n, (b + 1) * kBlock); i < i1; ++i) s += term(i);
+    sum[b] = s;
+  }
+}
+
+// A thread's room for the adjoint terms of one group of blocks (the AVX-512 path computes them first).
+inline double* group_terms() {
+  thread_local std::vector<double> terms(kGroup * kBlock);
+  return terms.data();
+}
+
 // Runs element(i) on the elements of [i0, i1) that a reverse lane loop left (done: a bit per element, 4 a byte).
 template <typename F>
 void run_left(const uint8_t* done, int64_t i0, int64_t i1, const F& element) {
@@ -71,6 +142,7 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
   const rev::Params p = check_scalars(lr, gamma_num, radix_bits);
   const auto grad = grad_in.contiguous();
   const int64_t n = view.numel();
+  const Lanes path = lanes_path();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_step", [&] {
     int64_t* xp = x.mutable_data_ptr<int64_t>();
@@ -81,7 +153,7 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
     scalar_t* yp = view.mutable_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 2 && p.n < rev::kDen && lanes::cpu_has_avx2();
+    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 2 && p.n < rev::kDen && path != Lanes::kScalar;
     for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
       uint64_t flags = 0;
       int32_t mc = 0, mc_i = 0;  // the largest count that changed in this block
@@ -95,7 +167,10 @@ void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Ten
       if constexpr (kLaneType) {
         if (vector_path) {
           uint64_t outside[kBlock];
-          if (lanes::step<scalar_t>(xp + i0, vp + i0, hp + i0, yp + i0, gp + i0, outside, i1 - i0, p)) {
+          const bool left = path == Lanes::kAvx512
+                                ? lanes::avx512::step<scalar_t>(xp + i0, vp + i0, hp + i0, yp + i0, gp + i0, outside, i1 - i0, p)
+                                : lanes::step<scalar_t>(xp + i0, vp + i0, hp + i0, yp + i0, gp + i0, outside, i1 - i0, p);
+          if (left) {
             for (int64_t i = i0; i < i1; ++i) {
               if (outside[i - i0]) element(i);  // a word written or read, or an edge case: about 1 in 200
             }
@@ -122,6 +197,7 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
   const auto vc = v.contiguous();
   const auto dx = contiguous_or_none(dx_in);
   const int64_t n = view.numel();
+  const Lanes path = lanes_path();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.scalar_type(), "stn_ext::reversible_unstep_weights", [&] {
     int64_t* xp = x.mutable_data_ptr<int64_t>();
@@ -129,31 +205,52 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
     scalar_t* yp = view.mutable_data_ptr<scalar_t>();
     const scalar_t* dxp = dx ? dx->const_data_ptr<scalar_t>() : nullptr;
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    const bool vector_path = STN_EXT_LANES && kLaneType && lanes::cpu_has_avx2();
-    for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
-      uint64_t flags = 0;
-      double sum = 0.0;
-      if (dxp) {  // v is not changed by this op: the sum first, in element order
-        for (int64_t i = i0; i < i1; ++i) sum += static_cast<double>(dxp[i]) * (static_cast<double>(vp[i]) * p.inv_scale);
-      }
-      const auto element = [&](int64_t i) { flags |= rev::unstep_weights_element<scalar_t>(xp + i, vp[i], yp + i, p); };
-      bool stepped = false;
+    const bool vector_path = STN_EXT_LANES && kLaneType && path != Lanes::kScalar;
+    for_block_groups(n, [&](int64_t b_first, int64_t b_end) {
+      if (dxp) {  // v is not changed by this op: the sums first, each block's in element order
+        const auto term = [&](int64_t i) {
+          return static_cast<double>(dxp[i]) * (static_cast<double>(vp[i]) * p.inv_scale);
+        };
+        bool summed = false;
 #if STN_EXT_LANES
-      if constexpr (kLaneType) {
-        if (vector_path) {
-          uint8_t done[kBlock / 4];
-          if (lanes::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p)) {
-            run_left(done, i0, i1, element);  // |v| >= 2^51, an overflow, or the tail
+        if constexpr (kLaneType) {
+          if (path == Lanes::kAvx512) {  // the terms eight at a time, then their sums
+            const int64_t i0 = b_first * kBlock, i1 = std::min(n, b_end * kBlock);
+            double* t = group_terms();
+            for (int64_t i = i0 + lanes::avx512::weights_terms<scalar_t>(dxp + i0, vp + i0, t, i1 - i0, p); i < i1; ++i) {
+              t[i - i0] = term(i);
+            }
+            block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) { return t[i - i0]; });
+            summed = true;
           }
-          stepped = true;
         }
-      }
 #endif
-      if (!stepped) {
-        for (int64_t i = i0; i < i1; ++i) element(i);
+        if (!summed) block_sums(b_first, b_end, n, res.sum.data(), term);
       }
-      res.flags[b] = flags;
-      res.sum[b] = sum;
+      for (int64_t b = b_first; b < b_end; ++b) {
+        const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
+        uint64_t flags = 0;
+        const auto element = [&](int64_t i) { flags |= rev::unstep_weights_element<scalar_t>(xp + i, vp[i], yp + i, p); };
+        bool stepped = false;
+#if STN_EXT_LANES
+        if constexpr (kLaneType) {
+          if (vector_path) {
+            uint8_t done[kBlock / 4];
+            const bool left = path == Lanes::kAvx512
+                                  ? lanes::avx512::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p)
+                                  : lanes::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p);
+            if (left) {
+              run_left(done, i0, i1, element);  // |v| >= 2^51, an overflow, or the tail
+            }
+            stepped = true;
+          }
+        }
+#endif
+        if (!stepped) {
+          for (int64_t i = i0; i < i1; ++i) element(i);
+        }
+        res.flags[b] = flags;
+      }
     });
   });
   return at::scalar_tensor(res.finish(status), view.options().dtype(at::kDouble));
@@ -169,6 +266,7 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
   const auto grad = grad_in.contiguous();
   const auto dx = contiguous_or_none(dx_in);
   const int64_t n = grad.numel();
+  const Lanes path = lanes_path();
   BlockResults res((n + kBlock - 1) / kBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stn_ext::reversible_unstep_velocity", [&] {
     int64_t* vp = v.mutable_data_ptr<int64_t>();
@@ -180,33 +278,40 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
     scalar_t* dvp = dv ? dv->mutable_data_ptr<scalar_t>() : nullptr;
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
     // (n >= 16: with |w| < 2^51, floor(w / n) 2^16 cannot overflow; smaller momenta take the scalar loop)
-    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 16 && p.n < rev::kDen && lanes::cpu_has_avx2();
-    for_blocks(n, [&](int64_t b, int64_t i0, int64_t i1) {
-      uint64_t flags = 0;
-      int32_t mc = 0, mc_i = 0;
-      double sum = 0.0;
-      const auto element = [&](int64_t i) {
-        flags |= rev::unstep_velocity_element(vp + i, hp + i, cp + i, wp + i, n, capacity,
-                                              static_cast<double>(gp[i]), p, &mc_i);
-        mc = std::max(mc, mc_i);
-      };
-      bool stepped = false;
+    const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 16 && p.n < rev::kDen && path != Lanes::kScalar;
+    for_block_groups(n, [&](int64_t b_first, int64_t b_end) {
+      for (int64_t b = b_first; b < b_end; ++b) {
+        const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
+        uint64_t flags = 0;
+        int32_t mc = 0, mc_i = 0;
+        const auto element = [&](int64_t i) {
+          flags |= rev::unstep_velocity_element(vp + i, hp + i, cp + i, wp + i, n, capacity,
+                                                static_cast<double>(gp[i]), p, &mc_i);
+          mc = std::max(mc, mc_i);
+        };
+        bool stepped = false;
 #if STN_EXT_LANES
-      if constexpr (kLaneType) {
-        if (vector_path) {
-          uint8_t done[kBlock / 4];
-          if (lanes::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p)) {
-            run_left(done, i0, i1, element);  // a word written or read, or an edge case: about 1 in 200
+        if constexpr (kLaneType) {
+          if (vector_path) {
+            uint8_t done[kBlock / 4];
+            const bool left = path == Lanes::kAvx512
+                                  ? lanes::avx512::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p)
+                                  : lanes::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p);
+            if (left) {
+              run_left(done, i0, i1, element);  // a word written or read, or an edge case: about 1 in 200
+            }
+            stepped = true;
           }
-          stepped = true;
         }
-      }
 #endif
-      if (!stepped) {
-        for (int64_t i = i0; i < i1; ++i) element(i);
+        if (!stepped) {
+          for (int64_t i = i0; i < i1; ++i) element(i);
+        }
+        res.flags[b] = flags;
+        res.max_count[b] = mc;
       }
-      if (dvp) {  // the adjoint, from the restored v, in element order
-        for (int64_t i = i0; i < i1; ++i) {
+      if (dvp) {  // the adjoint, from the restored v, each block's sum in element order
+        const auto term = [&](int64_t i) {
           const double g = static_cast<double>(gp[i]);
           double d = static_cast<double>(dvp[i]);
           if (dxp) {
@@ -214,12 +319,24 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
             dvp[i] = static_cast<scalar_t>(d);
             d = static_cast<double>(dvp[i]);
           }
-          sum += d * (static_cast<double>(vp[i]) * p.inv_scale + g);
+          return d * (static_cast<double>(vp[i]) * p.inv_scale + g);
+        };
+        bool summed = false;
+#if STN_EXT_LANES
+        if constexpr (kLaneType) {
+          if (path == Lanes::kAvx512) {  // dv and the terms eight at a time, then the sums
+            const int64_t i0 = b_first * kBlock, i1 = std::min(n, b_end * kBlock);
+            double* t = group_terms();
+            const int64_t done = lanes::avx512::velocity_terms<scalar_t>(gp + i0, dxp ? dxp + i0 : nullptr, dvp + i0,
+                                                                         vp + i0, t, i1 - i0, lr, p);
+            for (int64_t i = i0 + done; i < i1; ++i) t[i - i0] = term(i);
+            block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) { return t[i - i0]; });
+            summed = true;
+          }
         }
+#endif
+        if (!summed) block_sums(b_first, b_end, n, res.sum.data(), term);
       }
-      res.flags[b] = flags;
-      res.max_count[b] = mc;
-      res.sum[b] = sum;
     });
   });
   return at::scalar_tensor(res.finish(status), grad.options().dtype(at::kDouble));
