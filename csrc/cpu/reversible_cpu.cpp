@@ -134,6 +134,18 @@ void run_left(const uint8_t* done, int64_t i0, int64_t i1, const F& element) {
   for (int64_t i = i0 + 4 * groups; i < i1; ++i) element(i);
 }
 
+// One block [i0, i1) of a reverse op: where there is a vector path, lane_loop(done) (which marks the elements it
+// did and returns whether any are left), then element(i) on those left; elsewhere element(i) on every one.
+template <typename LaneLoop, typename F>
+void reverse_block(bool vector_path, int64_t i0, int64_t i1, const LaneLoop& lane_loop, const F& element) {
+  if (vector_path) {
+    uint8_t done[kBlock / 4];
+    if (lane_loop(done)) run_left(done, i0, i1, element);  // an edge case (see the lane loops), or the tail
+    return;
+  }
+  for (int64_t i = i0; i < i1; ++i) element(i);
+}
+
 void reversible_step_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& head,
                          const at::Tensor& count, const at::Tensor& words, const at::Tensor& view,
                          const at::Tensor& grad_in, const at::Tensor& status, double lr, int64_t gamma_num,
@@ -231,24 +243,18 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
         const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
         uint64_t flags = 0;
         const auto element = [&](int64_t i) { flags |= rev::unstep_weights_element<scalar_t>(xp + i, vp[i], yp + i, p); };
-        bool stepped = false;
+        // (left to element: |v| >= 2^51, an overflow, or the tail)
+        reverse_block(vector_path, i0, i1, [&](uint8_t* done) {
 #if STN_EXT_LANES
-        if constexpr (kLaneType) {
-          if (vector_path) {
-            uint8_t done[kBlock / 4];
-            const bool left = path == Lanes::kAvx512
-                                  ? lanes::avx512::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p)
-                                  : lanes::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p);
-            if (left) {
-              run_left(done, i0, i1, element);  // |v| >= 2^51, an overflow, or the tail
-            }
-            stepped = true;
+          if constexpr (kLaneType) {
+            return path == Lanes::kAvx512
+                       ? lanes::avx512::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p)
+                       : lanes::unstep_weights<scalar_t>(xp + i0, vp + i0, yp + i0, done, i1 - i0, p);
           }
-        }
 #endif
-        if (!stepped) {
-          for (int64_t i = i0; i < i1; ++i) element(i);
-        }
+          (void)done;
+          return true;  // not reached: vector_path needs the lanes and a lane type
+        }, element);
         res.flags[b] = flags;
       }
     });
@@ -289,24 +295,18 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
                                                 static_cast<double>(gp[i]), p, &mc_i);
           mc = std::max(mc, mc_i);
         };
-        bool stepped = false;
+        // (left to element: a word written or read, or an edge case: about 1 in 200)
+        reverse_block(vector_path, i0, i1, [&](uint8_t* done) {
 #if STN_EXT_LANES
-        if constexpr (kLaneType) {
-          if (vector_path) {
-            uint8_t done[kBlock / 4];
-            const bool left = path == Lanes::kAvx512
-                                  ? lanes::avx512::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p)
-                                  : lanes::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p);
-            if (left) {
-              run_left(done, i0, i1, element);  // a word written or read, or an edge case: about 1 in 200
-            }
-            stepped = true;
+          if constexpr (kLaneType) {
+            return path == Lanes::kAvx512
+                       ? lanes::avx512::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p)
+                       : lanes::unstep_velocity<scalar_t>(vp + i0, hp + i0, gp + i0, done, i1 - i0, p);
           }
-        }
 #endif
-        if (!stepped) {
-          for (int64_t i = i0; i < i1; ++i) element(i);
-        }
+          (void)done;
+          return true;  // not reached: vector_path needs the lanes and a lane type
+        }, element);
         res.flags[b] = flags;
         res.max_count[b] = mc;
       }
