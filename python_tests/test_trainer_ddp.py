@@ -3,6 +3,8 @@ global batch: same weights, hypernet and hyperparameters on every rank."""
 import pytest
 import torch
 
+import installed
+
 from stn_ext import checkpoint
 from stn_ext.tuning import TrainConfig, Trainer, run_distributed
 
@@ -14,8 +16,19 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
     dict(method="delta-stn", perturb="batch", linearize=True, model="cnn", hypers=("dropout", "cutout", "shift")),
 ])
 def test_two_processes_equal_one(tmp_path, kw):
-    cfg = TrainConfig(steps=24, warmup_steps=6, batch_size=32, hidden=(16,), channels=(4, 8), train_size=256,
-                      hyper_lr=0.02, quiet=True, plots=False, **kw)
+    _two_equal_one(tmp_path, TrainConfig(steps=24, warmup_steps=6, batch_size=32, hidden=(16,), channels=(4, 8),
+                                         train_size=256, hyper_lr=0.02, quiet=True, plots=False, **kw))
+
+
+@pytest.mark.skipif(not installed.austen(), reason="Jane Austen's novels are not installed (scripts/setup_env.sh)")
+def test_two_processes_equal_one_language_model(tmp_path):
+    """Text: each rank carries the hidden states of its own streams (rows of the global batch)."""
+    _two_equal_one(tmp_path, TrainConfig(method="stn", data="austen", model="lstm", hidden=(16, 16), steps=16,
+                                         warmup_steps=4, batch_size=8, bptt=10, train_size=4000, hyper_lr=0.02,
+                                         quiet=True, plots=False))
+
+
+def _two_equal_one(tmp_path, cfg):
     result = str(tmp_path / "res")
     run_distributed(cfg, 2, result)
     ranks = [checkpoint.load(f"{result}.rank{r}") for r in range(2)]
