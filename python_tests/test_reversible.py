@@ -198,6 +198,10 @@ def test_flags_overflow_and_leaves_element_untouched():
 # --- the CPU's vector paths against its scalar one -------------------------------------------------
 
 LANES_ENV = "STN_EXT_REVERSIBLE_LANES"
+# The CPU paths' own tests: with STN_EXT_SIMT_ROUTE=1 (CI's second run) the ops run the emulated CUDA kernels,
+# which neither read the lanes setting nor sum the adjoints in the CPU's block order.
+cpu_paths_only = pytest.mark.skipif(os.environ.get("STN_EXT_SIMT_ROUTE") == "1",
+                                    reason="stn_ext ops are routed to the emulated CUDA kernels, not the CPU paths")
 
 
 @contextlib.contextmanager
@@ -236,12 +240,14 @@ def same_bits(a, b):
     return torch.equal(a, b)
 
 
+@cpu_paths_only
 def test_cpu_lanes_names_are_checked():
     st = RawState(torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), capacity=1)
     with cpu_lanes("avx1024"), pytest.raises(RuntimeError, match="must be auto, avx512, avx2 or scalar"):
         st.unstep(torch.zeros(8), 0.1, R.gamma_num(0.9))
 
 
+@cpu_paths_only
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("gnum", [16, 17, 100, 3277, 32768, 32769, 58982, 65521, 65535])
 @pytest.mark.parametrize("lr", [0.37, 3.0])
@@ -273,6 +279,7 @@ def test_cpu_vector_unsteps_match_scalar_on_edge_states(vector_lanes, dtype, gnu
     assert int((want["x"] != base["x"]).sum()) > n // 2, "most weights should be reversed"
 
 
+@cpu_paths_only
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("gnum", [2, 17, 3277, 32769, 58982, 65535])
 @pytest.mark.parametrize("lr", [0.37, 3.0])
@@ -297,6 +304,7 @@ def test_cpu_vector_step_matches_scalar_on_edge_states(vector_lanes, dtype, gnum
     assert int((runs["scalar"]["x"] != base["x"]).sum()) > n // 4, "most elements should step"
 
 
+@cpu_paths_only
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("momentum", [0.05, 0.9, 0.999])
 def test_cpu_vector_steps_and_unsteps_match_scalar(vector_lanes, dtype, momentum):
@@ -333,6 +341,7 @@ def test_cpu_vector_steps_and_unsteps_match_scalar(vector_lanes, dtype, momentum
     assert torch.equal(st.x, x) and torch.equal(st.v, v) and bool((st.head == R.HEAD_EMPTY).all())
 
 
+@cpu_paths_only
 @pytest.mark.parametrize("lanes", ["scalar", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_cpu_adjoint_sums_are_block_sums_in_element_order(lanes, dtype):
