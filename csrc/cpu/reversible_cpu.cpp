@@ -121,6 +121,22 @@ inline double* group_terms() {
   return terms.data();
 }
 
+// The adjoint sums of a group of blocks into sum[b_first, b_end): with lane_terms (the AVX-512 path) the terms are
+// stored first, lane_terms(i0, len, t) doing the first ones eight at a time (it returns how many) and term(i) the
+// rest, then each block's sum of the stored terms; without, each block's sum of term(i). Both in element order.
+template <typename Term, typename LaneTerms>
+void group_sums(bool with_lane_terms, int64_t b_first, int64_t b_end, int64_t n, double* sum, const Term& term,
+                const LaneTerms& lane_terms) {
+  if (!with_lane_terms) {
+    block_sums(b_first, b_end, n, sum, term);
+    return;
+  }
+  const int64_t i0 = b_first * kBlock, i1 = std::min(n, b_end * kBlock);
+  double* t = group_terms();
+  for (int64_t i = i0 + lane_terms(i0, i1 - i0, t); i < i1; ++i) t[i - i0] = term(i);
+  block_sums(b_first, b_end, n, sum, [&](int64_t i) { return t[i - i0]; });
+}
+
 // Runs element(i) on the elements of [i0, i1) that a reverse lane loop left (done: a bit per element, 4 a byte).
 template <typename F>
 void run_left(const uint8_t* done, int64_t i0, int64_t i1, const F& element) {
@@ -218,26 +234,19 @@ at::Tensor reversible_unstep_weights_cpu(const at::Tensor& x, const at::Tensor& 
     const scalar_t* dxp = dx ? dx->const_data_ptr<scalar_t>() : nullptr;
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
     const bool vector_path = STN_EXT_LANES && kLaneType && path != Lanes::kScalar;
+    const bool lane_terms = STN_EXT_LANES && kLaneType && path == Lanes::kAvx512;  // the adjoint terms on AVX-512
     for_block_groups(n, [&](int64_t b_first, int64_t b_end) {
       if (dxp) {  // v is not changed by this op: the sums first, each block's in element order
         const auto term = [&](int64_t i) {
           return static_cast<double>(dxp[i]) * (static_cast<double>(vp[i]) * p.inv_scale);
         };
-        bool summed = false;
+        group_sums(lane_terms, b_first, b_end, n, res.sum.data(), term, [&](int64_t i0, int64_t len, double* t) {
 #if STN_EXT_LANES
-        if constexpr (kLaneType) {
-          if (path == Lanes::kAvx512) {  // the terms eight at a time, then their sums
-            const int64_t i0 = b_first * kBlock, i1 = std::min(n, b_end * kBlock);
-            double* t = group_terms();
-            for (int64_t i = i0 + lanes::avx512::weights_terms<scalar_t>(dxp + i0, vp + i0, t, i1 - i0, p); i < i1; ++i) {
-              t[i - i0] = term(i);
-            }
-            block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) { return t[i - i0]; });
-            summed = true;
-          }
-        }
+          if constexpr (kLaneType) return lanes::avx512::weights_terms<scalar_t>(dxp + i0, vp + i0, t, len, p);
 #endif
-        if (!summed) block_sums(b_first, b_end, n, res.sum.data(), term);
+          (void)i0, (void)len, (void)t;
+          return int64_t{0};  // not reached: lane_terms needs the lanes and a lane type
+        });
       }
       for (int64_t b = b_first; b < b_end; ++b) {
         const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
@@ -285,6 +294,7 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
     constexpr bool kLaneType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
     // (n >= 16: with |w| < 2^51, floor(w / n) 2^16 cannot overflow; smaller momenta take the scalar loop)
     const bool vector_path = STN_EXT_LANES && kLaneType && p.n >= 16 && p.n < rev::kDen && path != Lanes::kScalar;
+    const bool lane_terms = STN_EXT_LANES && kLaneType && path == Lanes::kAvx512;  // the adjoint terms on AVX-512
     for_block_groups(n, [&](int64_t b_first, int64_t b_end) {
       for (int64_t b = b_first; b < b_end; ++b) {
         const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
@@ -321,21 +331,17 @@ at::Tensor reversible_unstep_velocity_cpu(const at::Tensor& v, const at::Tensor&
           }
           return d * (static_cast<double>(vp[i]) * p.inv_scale + g);
         };
-        bool summed = false;
+        // (the AVX-512 path: dv and the terms eight at a time)
+        group_sums(lane_terms, b_first, b_end, n, res.sum.data(), term, [&](int64_t i0, int64_t len, double* t) {
 #if STN_EXT_LANES
-        if constexpr (kLaneType) {
-          if (path == Lanes::kAvx512) {  // dv and the terms eight at a time, then the sums
-            const int64_t i0 = b_first * kBlock, i1 = std::min(n, b_end * kBlock);
-            double* t = group_terms();
-            const int64_t done = lanes::avx512::velocity_terms<scalar_t>(gp + i0, dxp ? dxp + i0 : nullptr, dvp + i0,
-                                                                         vp + i0, t, i1 - i0, lr, p);
-            for (int64_t i = i0 + done; i < i1; ++i) t[i - i0] = term(i);
-            block_sums(b_first, b_end, n, res.sum.data(), [&](int64_t i) { return t[i - i0]; });
-            summed = true;
+          if constexpr (kLaneType) {
+            return lanes::avx512::velocity_terms<scalar_t>(gp + i0, dxp ? dxp + i0 : nullptr, dvp + i0, vp + i0, t, len,
+                                                           lr, p);
           }
-        }
 #endif
-        if (!summed) block_sums(b_first, b_end, n, res.sum.data(), term);
+          (void)i0, (void)len, (void)t;
+          return int64_t{0};  // not reached: lane_terms needs the lanes and a lane type
+        });
       }
     });
   });
