@@ -165,7 +165,7 @@ def _parse_sets(items):
     return out
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="austen", choices=["austen", "ptb"])
@@ -189,8 +189,19 @@ def main(argv=None):
                                                          "(written after each run) and run the others")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default=RESULTS)
-    a = p.parse_args(argv)
+    return p
+
+
+def parse(argv=None):
+    """The bench's settings (--set parsed into a dict), from the command line or argv."""
+    a = parser().parse_args(argv)
     a.set = _parse_sets(a.set)
+    return a
+
+
+def main(argv=None):
+    p = parser()
+    a = parse(argv)
     bad = set(a.methods) - set(METHODS)
     if bad:
         p.error(f"unknown methods {sorted(bad)}; choose from {', '.join(METHODS)}")
@@ -212,16 +223,18 @@ def main(argv=None):
               f"{r['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
         atomic_write_json(json_path, json.loads(json.dumps({"settings": settings, "rows": rows, "partial": True})))
 
+    data = None
     if a.jobs > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(min(a.jobs, len(jobs))) as pool:
             for r in pool.imap(_job, jobs):
                 save(r)
-    elif jobs:
+    else:
         data = _data(a)
         for a_, m, seed in jobs:
             save(lm_run(a_, m, seed, data))
     rows.sort(key=lambda r: (r["seed"], METHODS.index(r["method"])))
-    data = _data(a)
+    if data is None:  # the split sizes for the table (the workers loaded their own)
+        data = _data(a)
     desc = (f"{len(data.train.x) * a.bptt} training tokens in {len(data.train.x) // a.batch_size} batches, "
             f"{len(data.val.x) * a.bptt} validation, {len(data.test.x) * a.bptt} test")
     res = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "wall_s": time.perf_counter() - t0,

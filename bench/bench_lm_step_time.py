@@ -35,8 +35,7 @@ def main(argv=None):
     p.add_argument("--out", default=bench_lm.RESULTS)
     a = p.parse_args(argv)
     # bench_lm's defaults for the model and data; one evaluation at each end on a short slice (not timed)
-    cfg = argparse.Namespace(corpus="austen", data_path="", hidden=[128, 128], batch_size=20, bptt=35,
-                             train_tokens=100000, eval_tokens=3500, evals=1, device="cpu", set={}, steps=a.steps)
+    cfg = bench_lm.parse(["--steps", str(a.steps), "--eval-tokens", "3500", "--evals", "1"])
     torch.set_num_threads(1)
     data = bench_lm._data(cfg)
     step_time(argparse.Namespace(**{**vars(cfg), "steps": 20}), data, "fixed", 0)  # first-call costs out of round 0
