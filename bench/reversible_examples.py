@@ -20,6 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from stn_ext.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from stn_ext.reversible import cli  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def main():
         started = time.perf_counter()
         rc = cli.main(["--problem", problem, "--data", args.data, "--out", out] + extra)
         wall = time.perf_counter() - started
-        report = json.load(open(os.path.join(out, "result.json")))
+        with open(os.path.join(out, "result.json")) as f:
+            report = json.load(f)
         report.update(rc=rc, wall_seconds=wall, seconds_per_meta_iter=report["seconds"] / report["meta_iters_done"])
         figure = os.path.join(args.results, f"reversible-{problem}-{tag}.png")
         shutil.copyfile(os.path.join(out, f"{problem}.png"), figure)
@@ -53,8 +55,9 @@ def main():
             state = torch.load(os.path.join(out, "state.pt"), weights_only=True)
             report["learned_init_scales"] = state["hypers"]["log_init_scale"].exp().tolist()
         results[problem] = report
-    json.dump({"date": date, "data": args.data, "extra": extra, "threads": os.environ.get("OMP_NUM_THREADS"),
-               "results": results}, open(os.path.join(args.results, f"reversible-examples-{tag}.json"), "w"), indent=2)
+    atomic_write_json(os.path.join(args.results, f"reversible-examples-{tag}.json"),
+                      {"date": date, "data": args.data, "extra": extra, "threads": os.environ.get("OMP_NUM_THREADS"),
+                       "results": results})
     lines = [f"# Reversible-learning experiments on {args.data} ({date})", "",
              "| problem | hyperparameters | T | training images | meta-iterations | s / meta-iteration | "
              "validation loss first -> final | test loss | test accuracy first -> final | stopped |",
@@ -65,7 +68,7 @@ def main():
                      f"{r['meta_iters_done']} | {r['seconds_per_meta_iter']:.2f} | {f['val_loss']:.4f} -> "
                      f"{z['val_loss']:.4f} | {z['test_loss']:.4f} | {f['test_acc']:.4f} -> {z['test_acc']:.4f} | "
                      f"{r['stopped'] or 'no'} |")
-    open(os.path.join(args.results, f"reversible-examples-{tag}.md"), "w").write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(args.results, f"reversible-examples-{tag}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
