@@ -16,6 +16,7 @@ from torch import nn
 import stn_ext  # noqa: F401
 from stn_ext.reversible import (FixedPointOverflowError, FunctionalModule, ReversibilityError, UnsupportedBufferError,
                                 parameter_groups, quantize_momentum, step_seed, train_and_evaluate, train_reversibly)
+from stn_ext.reversible.training import _parameter_slots
 
 TOL = 1e-8  # relative to the largest entry, as test_reversible.py's rel_err
 
@@ -199,6 +200,66 @@ def test_final_weights_in_the_graph_and_a_second_backward():
     ref = unrolled(model, ce_loss, squares, batches, T, L, mom0, start, {})
     assert abs(f.item() - ref.item()) <= 1e-10 * abs(ref.item())
     assert rel_err(first, torch.autograd.grad(ref, L)[0]) < TOL
+
+
+class TiedAutoencoder(nn.Module):
+    """A decoder that shares the encoder's weight (as a tied LM embedding) and a weight-normed head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(21)
+        self.enc = nn.Linear(4, 4)
+        self.dec = nn.Linear(4, 4)
+        self.dec.weight = self.enc.weight
+        self.head = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.dec(torch.tanh(self.enc(x)))))
+
+
+def test_tied_and_parametrized_weights_match_unrolled():
+    """The direct swap of weights into the model (FunctionalModule's slots) reaches a tied weight in both of its
+    places and a parametrization's original, as torch.func.functional_call does (the unrolled reference uses
+    it); weight_norm's backward, whose bits depend on whether it is differentiated twice, replays exactly (it
+    failed the reversal before both passes took their gradients with create_graph); the objective's gradient is
+    scaled by the gradient it receives (here 2.5)."""
+    model = TiedAutoencoder().double()
+    names = [n for n, _ in model.named_parameters()]
+    assert "enc.weight" in names and "dec.weight" not in names  # the tie: one trained parameter
+    X, Y = data(24, (4,), 3, 22)
+    Xv, Yv = data(20, (4,), 3, 23)
+    T = 10
+    batches = minibatches(X, Y, T, 8)
+
+    def val_loss(net, meta):
+        return F.cross_entropy(net(Xv), Yv)
+
+    lr0, mom0 = schedules((T,), 24)
+    lr = leaf(lr0)
+    objective = train_and_evaluate(model, ce_loss, val_loss, batches, T, lr, mom0)
+    (2.5 * objective).backward()
+    L = leaf(lr0)
+    n = len(names)
+    ref = unrolled(model, ce_loss, val_loss, batches, T, L[:, None].expand(T, n), mom0[:, None].expand(T, n),
+                   {k: leaf(p) for k, p in model.named_parameters()}, {})
+    assert abs(objective.item() - ref.item()) <= 1e-10 * abs(ref.item())
+    assert rel_err(lr.grad, torch.autograd.grad(2.5 * ref, L)[0]) < TOL
+    assert model.dec.weight is model.enc.weight and isinstance(model.enc.weight, nn.Parameter)  # restored
+
+
+def test_functional_module_restores_the_weights_after_an_error():
+    model = mlp(8)
+    before = dict(model.named_parameters())
+    slots = _parameter_slots(model, list(before))
+
+    def broken(x):
+        raise RuntimeError("inside the model")
+
+    model[0].register_forward_hook(lambda mod, inp, out: broken(out))
+    net = FunctionalModule(model, {k: torch.zeros_like(p) for k, p in before.items()}, slots)
+    with pytest.raises(RuntimeError, match="inside the model"):
+        net(torch.zeros(2, 4, dtype=torch.float64))
+    assert all(p is before[k] for k, p in model.named_parameters())
 
 
 # --- randomness and buffers -----------------------------------------------------------------------------

@@ -405,10 +405,18 @@ def _fold(per_param, shape, group_of):
     return out
 
 
+def _grads_with_graph(loss, w):
+    """d loss / d w (zeros where unused), always with create_graph: some ops' backward takes another formula
+    when differentiated twice (weight_norm's fused backward against its differentiable one, apart in the last
+    bits), and the forward pass must see the very bits the reverse pass recomputes for its Hessian-vector product."""
+    g = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
+    return [torch.zeros_like(a) if gi is None else gi for a, gi in zip(w, g)]
+
+
 def reverse_pass(opt, grads_at, lr_sched, mom_q, dx, hyper_leaves):
-    """Run ``opt``'s T steps backwards exactly with one Hessian-vector product per step. ``grads_at(t, True)``
-    -> (weight leaves, training gradients with graph) at the restored weights; ``lr_sched``, ``mom_q``: (T,
-    n_params), momenta quantised; ``dx``: d objective / d final weights, turned in place into d / d initial
+    """Run ``opt``'s T steps backwards exactly with one Hessian-vector product per step. ``grads_at(t)`` ->
+    (weight leaves, training gradients with graph) at the restored weights, computed as in the forward pass (see
+    :func:`_grads_with_graph`); ``lr_sched``, ``mom_q``: (T, n_params), momenta quantised; ``dx``: d objective / d final weights, turned in place into d / d initial
     weights; ``hyper_leaves``: the training loss's leaves to differentiate (dict).
     Returns (d lrs, d momenta: (T, n_params) float64, d initial velocities, d hypers)."""
     n, T = len(dx), lr_sched.shape[0]
@@ -421,7 +429,7 @@ def reverse_pass(opt, grads_at, lr_sched, mom_q, dx, hyper_leaves):
         lr_t = lr_sched[t].tolist()
         m_t = mom_q[t].tolist()
         g_lr[t] = opt.unstep_weights(lr_t, dx=dx).cpu()
-        w, g = grads_at(t, True)
+        w, g = grads_at(t)
         g_mom[t] = opt.unstep_velocity([gi.detach() for gi in g], m_t, lr=lr_t, dx=dx, dv=dv).cpu()
         # One Hessian-vector product: with v_i' = m_i v_i - (1 - m_i) g_i(x, hypers), the reverse
         # pass subtracts the vector-Jacobian product of g with (1 - m_i) dv_i from dx and d_hypers.
@@ -489,18 +497,16 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
     def leaves():
         return [w.detach().requires_grad_(True) for w in work]
 
-    def grads_at(t, create_graph):
+    def grads_at(t):
         w = leaves()
-        g = torch.autograd.grad(train_loss(w, t, hyper_leaves), w, create_graph=create_graph, allow_unused=True)
-        g = [torch.zeros_like(a) if gi is None else gi for a, gi in zip(w, g)]
-        return w, g
+        return w, _grads_with_graph(train_loss(w, t, hyper_leaves), w)
 
     it = range(T)
     if progress is not None:
         it = progress(it)
     with torch.enable_grad():
         for t in it:
-            _, g = grads_at(t, False)
+            _, g = grads_at(t)
             opt.step(lr_sched[t].tolist(), mom_q[t].tolist(), grads=g)
         opt.check()
         final_params = [w.detach().clone() for w in work]

@@ -16,8 +16,11 @@ Rules that make the reverse pass see the same bits as the forward pass:
 
 * the batch of step t is ``batches(t)`` (or ``batches[t]``), the same in both passes;
 * before the training loss of step t (and the validation loss, as step T) torch's CPU generator (and
-  the model's CUDA device's) is seeded with ``step_seed(seed, t)`` inside ``torch.random.fork_rng``, so
-  dropout replays and the caller's own random state is left as it was;
+  the model's CUDA device's) is seeded with ``step_seed(seed, t)`` (one ``torch.random.fork_rng`` around
+  each pass), so dropout replays and the caller's own random state is left as it was;
+* the training gradients are taken with ``create_graph=True`` in both passes (an op may back-propagate
+  other bits when differentiated twice: weight_norm does);
+* the validation loss is evaluated once, at the end of the forward pass, with its gradient (kept, O(weights));
 * training steps run in ``model.train()``, the validation loss in ``model.eval()`` (modes are restored);
 * buffers are constants: a normalisation layer that tracks running statistics (BatchNorm with
   ``track_running_stats=True``) is refused up front, and any buffer found changed after a loss call is
@@ -31,8 +34,8 @@ import torch
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
-from stn_ext.reversible.optim import (FixedPointOverflowError, ReversibilityError, ReversibleSGD, _fold, _schedule,
-                                      check_restored, quantize_momentum, reverse_pass)
+from stn_ext.reversible.optim import (FixedPointOverflowError, ReversibilityError, ReversibleSGD, _fold,
+                                      _grads_with_graph, _schedule, check_restored, quantize_momentum, reverse_pass)
 
 __all__ = ["train_and_evaluate", "train_reversibly", "FunctionalModule", "UnsupportedBufferError", "parameter_groups",
            "step_seed"]
@@ -62,14 +65,41 @@ def step_seed(seed, t):
 
 class FunctionalModule:
     """The model evaluated with given weights: call it like the module; ``params`` maps each trained
-    parameter's name to its weight (a tensor in the graph, e.g. for a per-weight L2 penalty)."""
+    parameter's name to its weight (a tensor in the graph, e.g. for a per-weight L2 penalty).
+    ``slots`` (from :func:`_parameter_slots`): where each weight goes, so that a call swaps the tensors in
+    directly instead of through ``torch.func.functional_call`` (the same swap, without its per-call
+    search of the module tree)."""
 
-    def __init__(self, module: torch.nn.Module, params: Dict[str, torch.Tensor]):
+    def __init__(self, module: torch.nn.Module, params: Dict[str, torch.Tensor], slots=None):
         self.module = module
         self.params = params
+        self.slots = slots
 
     def __call__(self, *args, **kwargs):
-        return functional_call(self.module, self.params, args, kwargs)
+        if self.slots is None:
+            return functional_call(self.module, self.params, args, kwargs)
+        held = [sub._parameters[leaf] for sub, leaf, _ in self.slots]
+        try:
+            for sub, leaf, name in self.slots:
+                sub._parameters[leaf] = self.params[name]
+            return self.module(*args, **kwargs)
+        finally:
+            for (sub, leaf, _), p in zip(self.slots, held):
+                sub._parameters[leaf] = p
+
+
+def _parameter_slots(module: torch.nn.Module, names):
+    """[(submodule, attribute, name)]: every place in ``module`` that holds the parameter called ``name``
+    (a parameter shared by several modules, e.g. a tied embedding and decoder, has several), for
+    :class:`FunctionalModule`'s direct swap."""
+    wanted = set(names)
+    canonical = {id(p): n for n, p in module.named_parameters() if n in wanted}
+    slots = []
+    for full, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in canonical:
+            path, _, leaf = full.rpartition(".")
+            slots.append((module.get_submodule(path), leaf, canonical[id(p)]))
+    return slots
 
 
 def parameter_groups(model, groups=None):
@@ -177,27 +207,37 @@ class _Run:
         self.params = [params[n] for n in self.names]
         self.device = self.params[0].device
         self.buffers0 = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.slots = _parameter_slots(model, self.names)
+        self.modules = list(model.modules())
 
     # --- the losses, with the rules that make them reproducible ----------------------------------
 
     @contextlib.contextmanager
-    def _replay(self, t, train):
-        """Seed torch's generator from (seed, t) and set the model's mode; restore both afterwards."""
-        modes = [(m, m.training) for m in self.model.modules()]
+    def _pass(self):
+        """One pass over the steps (forward or reverse): torch's generator forked and the model's modes
+        saved once, both restored at its end (per step they are only set, see :meth:`_replay`)."""
+        modes = [(m, m.training) for m in self.modules]
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda"):
-            torch.random.default_generator.manual_seed(step_seed(self.seed, t))
-            if cuda:
-                with torch.cuda.device(self.device):
-                    torch.cuda.manual_seed(step_seed(self.seed, t))
-            self.model.train(train)
             try:
                 yield
             finally:
                 for m, mode in modes:
                     m.training = mode
 
+    def _replay(self, t, train):
+        """Seed torch's generator from (seed, t) and set the model's mode, inside :meth:`_pass`."""
+        seed = step_seed(self.seed, t)
+        torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
+        if any(m.training != train for m in self.modules):  # model.train() costs more than this check
+            self.model.train(train)
+
     def _check_buffers(self, where):
+        if not self.buffers0:
+            return  # no buffer to watch (the walk over the modules costs more than a small model's step)
         buffers = [(n, b) for n, b in self.model.named_buffers() if n in self.buffers0]
         changed = [n for n, b in buffers if not torch.equal(b, self.buffers0[n])]
         if changed:
@@ -214,34 +254,34 @@ class _Run:
                              f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
         return loss.reshape(())
 
+    def _net(self, w):
+        return FunctionalModule(self.model, dict(zip(self.names, w)), self.slots)
+
     def _leaves(self):
         return [x.detach().requires_grad_(True) for x in self.work]
 
-    def grads_at(self, t, create_graph):
-        """(weight leaves, training gradients at step t) at the current weights."""
+    def grads_at(self, t):
+        """(weight leaves, training gradients at step t, with graph) at the current weights."""
         w = self._leaves()
         batch = self.batch(t)
         _refuse_learned_batch(batch, t)
-        with self._replay(t, train=True):
-            loss = self._scalar(self.train_loss(FunctionalModule(self.model, dict(zip(self.names, w))), batch,
-                                                self.meta), "train_loss")
+        self._replay(t, train=True)
+        loss = self._scalar(self.train_loss(self._net(w), batch, self.meta), "train_loss")
         self._check_buffers(f"the training loss of step {t}")
-        g = torch.autograd.grad(loss, w, create_graph=create_graph, allow_unused=True)
-        return w, [torch.zeros_like(a) if gi is None else gi for a, gi in zip(w, g)]
+        return w, _grads_with_graph(loss, w)
 
     def val_at_end(self):
         """(weight leaves, validation loss) at the current (final) weights."""
         w = self._leaves()
-        with self._replay(self.T, train=False):
-            vl = self._scalar(self.val_loss(FunctionalModule(self.model, dict(zip(self.names, w))), self.meta),
-                              "val_loss")
+        self._replay(self.T, train=False)
+        vl = self._scalar(self.val_loss(self._net(w), self.meta), "val_loss")
         self._check_buffers("the validation loss")
         return w, vl
 
     # --- forward and reverse ---------------------------------------------------------------------
 
-    def forward(self, lr, momentum, inits, metas, meta_names, needs_meta):
-        self.lr_like, self.mom_like = lr, momentum
+    def forward(self, lr, momentum, inits, metas, meta_names, needs_meta, differentiable):
+        self.lr_like, self.mom_like, self.differentiable = lr, momentum, differentiable
         lr_s = _schedule_checked(lr, self.T, self.n_groups, "lr")
         mom_s = _schedule_checked(momentum, self.T, self.n_groups, "momentum")
         if not bool(((mom_s > 0) & (mom_s <= 1)).all()):
@@ -261,23 +301,34 @@ class _Run:
         self.meta = {k: (m.detach().requires_grad_(True) if need else m.detach())
                      for k, m, need in zip(meta_names, metas, needs_meta)}
         self.meta_targets = {k: m for k, m in self.meta.items() if m.requires_grad}
-        self.opt = ReversibleSGD(list(zip(self.names, self.work)), radix_bits=self.radix_bits)
+        # the status read once per few ops (as on CUDA), not after each: a failure still raises, a few ops later
+        self.opt = ReversibleSGD(list(zip(self.names, self.work)), radix_bits=self.radix_bits, check_every=8)
         self.x0, self.v0 = self.opt.exact_state()
         return self._train()
 
     def _train(self):
-        with torch.enable_grad():
+        with torch.enable_grad(), self._pass():
             for t in range(self.T):
-                _, g = self.grads_at(t, False)
+                _, g = self.grads_at(t)
                 self.opt.step(self.lr_sched[t].tolist(), self.mom_q[t].tolist(), grads=g)
             self.opt.check()
             outs = []
             if self.val_loss is not None:
-                self.objective = self.val_at_end()[1].detach().clone()
+                w, vl = self.val_at_end()
+                self.objective = vl.detach().clone()
+                # its gradient now, while the graph is here (the backward scales it): no second evaluation
+                self.val_grads = self._val_grads(w, vl) if self.differentiable else None
                 outs.append(self.objective)
         if self.return_weights:
             outs += [x.detach().clone() for x in self.work]
         return tuple(outs)
+
+    def _val_grads(self, w, vl):
+        """d val_loss / d (final weights, meta tensors that need a gradient); None where it does not depend."""
+        targets = w + list(self.meta_targets.values())
+        if not vl.requires_grad:
+            return [None] * len(targets)  # a constant objective
+        return [None if g is None else g.detach() for g in torch.autograd.grad(vl, targets, allow_unused=True)]
 
     def backward(self, grads, needs):
         if self.opt.steps == 0:
@@ -286,12 +337,15 @@ class _Run:
         grad_w = grads[1 if self.val_loss is not None else 0:] if self.return_weights else [None] * len(self.work)
         dx = [torch.zeros_like(x) for x in self.work]
         d_meta = {k: torch.zeros_like(m) for k, m in self.meta_targets.items()}
-        with torch.enable_grad():
-            if grad_obj is not None:
-                self._validation_vjp(grad_obj, dx, d_meta)
-            for d, g in zip(dx, grad_w):
+        if grad_obj is not None:
+            scale = grad_obj.reshape(()).double()
+            for d, g in zip(dx + list(d_meta.values()), self.val_grads):
                 if g is not None:
-                    d.add_(g.to(d.dtype))
+                    d.add_(g * scale.to(g.dtype))
+        for d, g in zip(dx, grad_w):
+            if g is not None:
+                d.add_(g.to(d.dtype))
+        with torch.enable_grad(), self._pass():
             try:
                 g_lr, g_mom, _, d_hyp = reverse_pass(self.opt, self.grads_at, self.lr_sched, self.mom_q, dx,
                                                      self.meta_targets)
@@ -304,20 +358,6 @@ class _Run:
         out += [_like(d, x) if need else None for d, x, need in zip(dx, self.init_like, needs[2:2 + n])]
         out += [(d_hyp[k] + d_meta[k]) if k in d_meta else None for k in self.meta]
         return tuple(out)
-
-    def _validation_vjp(self, grad_obj, dx, d_meta):
-        """dx, d_meta += grad_obj * d val_loss / d (final weights, meta), checking it replays exactly."""
-        w, vl = self.val_at_end()
-        if not torch.equal(vl.detach(), self.objective):
-            raise ReversibilityError(_NOT_REPRODUCIBLE.format(
-                what=f"the validation loss gave {float(self.objective):.17g}, then {float(vl):.17g}"))
-        if not vl.requires_grad:
-            return  # a constant objective: no gradient from it
-        targets = w + list(self.meta_targets.values())
-        gs = torch.autograd.grad(vl, targets, grad_outputs=grad_obj.reshape(()).to(vl.dtype), allow_unused=True)
-        for d, g in zip(dx + list(d_meta.values()), gs):
-            if g is not None:
-                d.add_(g.detach())
 
 
 def _like(grad, like):
@@ -336,7 +376,8 @@ class _ReversibleTraining(torch.autograd.Function):
         n = len(run.names)
         ctx.run = run
         ctx.set_materialize_grads(False)
-        return run.forward(lr, momentum, tensors[:n], tensors[n:], meta_names, ctx.needs_input_grad[4 + n:])
+        return run.forward(lr, momentum, tensors[:n], tensors[n:], meta_names, ctx.needs_input_grad[4 + n:],
+                           any(ctx.needs_input_grad))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
