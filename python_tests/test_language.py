@@ -201,6 +201,34 @@ def test_per_batch_hyperparameters_share_their_perturbation_across_the_batch():
         assert torch.all(column == column[0]) == h.per_batch, h.name
 
 
+@pytest.mark.parametrize("rows", [1.0, 0.5])
+def test_the_response_step_carries_on_the_general_runs_state(rows):
+    """Delta-STN's response step (the whole batch, or its first half of the streams from their rows of the carried
+    state) leaves the state the next batch starts from as the general step's run left it."""
+    torch.manual_seed(0)
+    space = _space(2, ("dropout",))
+    model = language.LanguageModel(VOCAB, len(space), hidden=(8, 8))
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), language.token_losses, "delta-stn",
+                  total_steps=10, warmup_steps=0, response_every=1, response_rows=rows)
+    seen, forward = [], model.forward
+
+    def recording(x):
+        out = forward(x)
+        seen.append((x.shape[0], language._STREAM.get().end))
+        return out
+
+    model.forward = recording
+    stream = language.Stream()
+    for k in range(3):
+        with language.carrying(stream):
+            tuner.weight_step(_ids(4 * 6, 2 * k).view(4, 6), _ids(4 * 6, 2 * k + 1).view(4, 6))
+        general, response = seen[-2:]
+        assert general[0] == 4 and response[0] == (4 if rows == 1.0 else 2)
+        assert stream.end is general[1] and all(h.shape[1] == 4 for h, _ in stream.end)
+        stream.advance()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_language_regularisers_are_refused_on_a_model_that_ignores_them():
     space = HyperSpace.build(("dropout", "ar"), ["in", "h1", "h2"])
     model = models.mlp(8, 3, len(space), (6, 6))

@@ -61,6 +61,38 @@ def test_hyperparameters_move_in_a_user_loop(method, loss):
                                     "sigma/dropout.h1", "sigma/weight_decay"}
 
 
+def test_the_response_step_on_part_of_the_batch():
+    """response_rows=0.5: Delta-STN's response step runs on half the batch's rows (every second one, with their
+    random draws); the hyperparameters still move and nothing goes non-finite."""
+    model, tuner = _setup("delta-stn", response_rows=0.5, response_every=1, perturb="example")
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    u0 = tuner.u.detach().clone()
+    train = _batches(12, 1)
+    _run(tuner, train, _batches(12, 2))
+    assert [len(x) for x in seen[:7]] == [8, 8, 8, 8, 8, 4, 8]  # warm-up: general steps; then general, response, hyper
+    assert torch.equal(seen[5], train[4][0][1::2])  # the response step's rows: 1, 3, 5, 7 of the step's batch
+    assert not torch.equal(tuner.u.detach(), u0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="response_rows"):
+        _setup("delta-stn", response_rows=1.5)
+
+
+def test_a_part_of_a_split_batch_picks_the_same_rows_and_draws_on_any_split():
+    """BatchRandom.pick on each rank of a split batch picks that rank's rows of the rows one process would pick,
+    and draws what one process draws for them."""
+    from stn_ext.tuning.augment import BatchRandom
+
+    rows, draws = [], []
+    for rank in range(2):
+        picked, rnd = BatchRandom(torch.Generator().manual_seed(5), 8, offset=4 * rank, local=4).pick(0.375)
+        rows.append(picked + 4 * rank)
+        draws.append(rnd.randn(2))
+    picked, rnd = BatchRandom(torch.Generator().manual_seed(5), 8).pick(0.375)
+    assert torch.cat(rows).tolist() == picked.tolist() == [2, 5, 7]
+    assert torch.equal(torch.cat(draws), rnd.randn(2))
+
+
 def test_state_dict_resumes_bit_for_bit():
     train, val = _batches(30, 1), _batches(30, 2)
     model, tuner = _setup("stn", steps=30)

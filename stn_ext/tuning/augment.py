@@ -4,6 +4,8 @@ Random numbers come from a ``BatchRandom``: it draws for the *global* batch (all
 together) and returns this rank's rows, so a run on 2 processes uses exactly the random numbers of a
 run on 1 process with the same global batch.
 """
+import math
+
 import torch
 
 
@@ -15,6 +17,15 @@ class BatchRandom:
         self.global_batch = global_batch
         self.offset = offset
         self.local = global_batch - offset if local is None else local
+
+    def pick(self, fraction):
+        """A part of the global batch, spread evenly: row i is picked iff floor((i + 1) f) > floor(i f), the same
+        rows however the batch is split across ranks. Returns (this rank's picked rows as local indices, the
+        BatchRandom of the picked batch), whose draws are those of a batch of the picked rows alone."""
+        i = torch.arange(self.offset, self.offset + self.local, dtype=torch.float64)
+        picked = torch.nonzero(torch.floor((i + 1) * fraction) > torch.floor(i * fraction)).flatten()
+        first = math.floor(self.offset * fraction)
+        return picked, BatchRandom(self.generator, math.floor(self.global_batch * fraction), first, len(picked))
 
     def _rows(self, t):
         return t[self.offset:self.offset + self.local]

@@ -51,6 +51,7 @@ class TrainConfig:
                                       # "init" (u at the start)
     linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
     response_every: int = 0           # delta-stn: a response step after every k-th general step (0: 2)
+    response_rows: float = 0.0        # delta-stn: the response step on this part of the batch (0: 1.0, all of it)
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
     train_size: int = 0               # cap on the training split (0: all): digits examples, or text tokens
@@ -105,6 +106,8 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "stop_after", "train_size", "response_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.response_rows <= 1:
+            raise ValueError(f"stn_ext: response_rows must be in (0, 1] (or 0: the default), got {self.response_rows}")
         if self.trial_steps < 0 or self.worker_threads < 0 or self.workers < 1:
             raise ValueError("stn_ext: trial_steps and worker_threads must be >= 0 and workers >= 1")
         if self.pruner not in ("none", "median", "hyperband"):

@@ -85,7 +85,7 @@ class Tuner:
                  hyper_lr_schedule="auto", scale_init=-1.0, scale_max=0.0, tau=1e-2, train_per_cycle=5,
                  val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v", hyper_input="auto",
                  linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None,
-                 check_finite=True, max_skipped=10, guard=None, response_every=0, clip=0.0):
+                 check_finite=True, max_skipped=10, guard=None, response_every=0, response_rows=0.0, clip=0.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         if not (scale_init > 0 or scale_init == -1):
@@ -129,6 +129,7 @@ class Tuner:
         self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = \
             train_per_cycle, val_per_cycle, perturb, linearize
         self.response_every = defaults.response_every(response_every)
+        self.response_rows = defaults.response_rows(response_rows)
         self.total_steps = total_steps
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
         self.tau = tau if tau >= 0 else 1e-2  # -1: the 'auto' of older configs
@@ -274,16 +275,18 @@ class Tuner:
             return ell, ell.detach()
         return ell.sum() / (norm or ell.shape[0]), ell.detach()
 
-    def loss(self, x, y, z, vals, linearised=False):
-        """Training loss (with the tuned weight decay penalty) and what weight_step reports."""
+    def loss(self, x, y, z, vals, linearised=False, norm=None):
+        """Training loss (with the tuned weight decay penalty) and what weight_step reports. ``norm``: what the
+        summed losses are divided by (default loss_norm, else the batch's size)."""
+        norm = norm or self.loss_norm
         out = self.forward(x, z, linearised)
-        loss, report = self._reduce(out, y, self.loss_norm)
+        loss, report = self._reduce(out, y, norm)
         penalties = models.take_penalties()  # the model's own (a language model's AR and TAR)
         if self.i_wd:
             wd = vals[..., self.i_wd[0]]
             penalties.append(0.5 * wd * self.l2(z))
         for pen in penalties:  # (B,) per example, or one for the batch
-            loss = loss + (pen.sum() if pen.dim() else pen * x.shape[0]) / (self.loss_norm or x.shape[0])
+            loss = loss + (pen.sum() if pen.dim() else pen * x.shape[0]) / (norm or x.shape[0])
         return loss, report
 
     def _allreduce(self, tensors):
@@ -355,17 +358,29 @@ class Tuner:
                 loss, report = self.loss(xr, y, None, vals)
             problem = self._apply(loss, self.general_params)
             if problem is None and self.response_on() and self.step % self.response_every == 0:
-                u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
-                vals = self.space.to_values(u_t)
-                xr, rates = self.regularise(x, vals, rnd)
-                with models.regularisers(rates, rnd, self.named(vals)):
-                    rloss, _ = self.loss(xr, y, self.z(u_t, True), vals, linearised=self.linearize)
-                problem = self._apply(rloss, self.response_params, "response step's training loss (after its "
-                                      "general step, which was taken)", spike=False)
+                problem = self._response_step(x, y, u, rnd)
         self.step += 1
         if self.checks:
             self.checks.after("weight", problem)
         return report
+
+    def _response_step(self, x, y, u, rnd):
+        """Delta-STN's response step at delta = sigma eps, on ``response_rows`` of the batch's rows, spread evenly
+        (their random draws, the loss normalised over them); a problem found, or None."""
+        rows, whole = torch.arange(x.shape[0]), rnd.global_batch
+        if self.response_rows < 1:
+            rows, rnd = rnd.pick(self.response_rows)
+            if rnd.global_batch == 0:
+                raise ValueError(f"stn_ext: response_rows={self.response_rows} of a batch of {whole} rows picks none")
+            x, y = x[rows.to(x.device)], y[rows.to(y.device)]
+        norm = self.loss_norm * rnd.global_batch / whole if self.loss_norm else None
+        u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
+        vals = self.space.to_values(u_t)
+        xr, rates = self.regularise(x, vals, rnd)
+        with models.regularisers(rates, rnd, self.named(vals)), models.side_run(rows):
+            rloss, _ = self.loss(xr, y, self.z(u_t, True), vals, linearised=self.linearize, norm=norm)
+        return self._apply(rloss, self.response_params, "response step's training loss (after its general step, "
+                           "which was taken)", spike=False)
 
     def hyper_step(self, x, y, rnd=None):
         """One step on u and the perturbation scales on a validation batch; returns its losses (per example

@@ -31,6 +31,18 @@ def response_every(k):
     if k < 0:
         raise ValueError(f"stn_ext: response_every must be >= 1 (or 0: the default, {RESPONSE_EVERY}), got {k}")
     return k or RESPONSE_EVERY
+# Delta-STN's response step on this part of the batch's rows (the first ones): 1.0, the whole batch (see
+# docs/trainer.md for what a half measured)
+RESPONSE_ROWS = 1.0
+
+
+def response_rows(f):
+    """The part of the batch Delta-STN's response step runs on; 0 is the default."""
+    if not 0 <= f <= 1:
+        raise ValueError(f"stn_ext: response_rows must be in (0, 1] (or 0: the default, {RESPONSE_ROWS}), got {f}")
+    return f or RESPONSE_ROWS
+
+
 SCALE_AND_SCHEDULE = {"batch": (0.3, "tail"), "example": (0.5, "cosine")}
 
 
@@ -44,4 +56,4 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto"):
     return perturb, (sigma_0 if scale_init == -1 else scale_init), (auto_schedule if schedule == "auto" else schedule)
 
 
-__all__ = ["resolve", "response_every", "PERTURB", "SCALE_AND_SCHEDULE", "RESPONSE_EVERY"]
+__all__ = ["resolve", "response_every", "response_rows", "RESPONSE_ROWS", "PERTURB", "SCALE_AND_SCHEDULE", "RESPONSE_EVERY"]

@@ -172,6 +172,10 @@ class LanguageModel(nn.Module):
         words, hh = self._masks(kinds, models.current_random())
         stream = _STREAM.get()
         start = stream.start if stream is not None else None
+        side = models.current_side_run()
+        if side is not None:  # from its rows' state; what is carried on stays the step's own run's
+            stream = None
+            start = None if start is None else [(h[:, side.to(h.device)], c[:, side.to(c.device)]) for h, c in start]
         if start is not None and start[0][0].shape[1] != x.shape[0]:
             raise ValueError(f"stn_ext: the carried hidden state is for {start[0][0].shape[1]} streams, the batch "
                              f"has {x.shape[0]}")

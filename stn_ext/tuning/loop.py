@@ -124,7 +124,7 @@ class Trainer:
             scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau, train_per_cycle=cfg.train_per_cycle,
             val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
-            response_every=cfg.response_every, clip=self.settings["clip"],
+            response_every=cfg.response_every, response_rows=cfg.response_rows, clip=self.settings["clip"],
             loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce,
             check_finite=False)  # the trainer checks each step itself (_healthy) and rolls back (_recover)
         self.layers, self.params = self.tuner.layers, self.tuner.params

@@ -72,6 +72,27 @@ def take_penalties():
     return out
 
 
+_SIDE_RUN = contextvars.ContextVar("stn_ext_side_run", default=None)
+
+
+@contextlib.contextmanager
+def side_run(rows):
+    """A run of the model beside the step's own (Delta-STN's response step) on the rows ``rows`` (indices) of
+    the step's batch: a model that carries state from batch to batch (a language model's hidden state) starts
+    from those rows' state and leaves what it carries on as the step's own run left it."""
+    token = _SIDE_RUN.set(rows)
+    try:
+        yield
+    finally:
+        _SIDE_RUN.reset(token)
+
+
+def current_side_run():
+    """The rows (indices into the step's batch) of the current side run (see ``side_run``), or None in the step's
+    own run."""
+    return _SIDE_RUN.get()
+
+
 def current_random():
     """The BatchRandom of the current training step (its draws are checkpointed and split across ranks)."""
     regs = _current_regs()
