@@ -202,6 +202,28 @@ def test_final_weights_in_the_graph_and_a_second_backward():
     assert rel_err(first, torch.autograd.grad(ref, L)[0]) < TOL
 
 
+def one_schedule_against_unrolled(model, data_seed, T, seed=0, scale=1.0):
+    """One (T,) learning-rate schedule on ``model`` (cross-entropy on made-up data): the reversible objective and
+    the gradient of ``scale`` times it w.r.t. the schedule, beside unrolled autograd's; (objective, lr.grad,
+    reference objective, reference gradient, the run's arguments)."""
+    X, Y = data(24, (4,), 3, data_seed)
+    Xv, Yv = data(20, (4,), 3, data_seed + 1)
+    batches = minibatches(X, Y, T, 8)
+
+    def val_loss(net, meta):
+        return F.cross_entropy(net(Xv), Yv)
+
+    lr0, mom0 = schedules((T,), data_seed + 2)
+    lr = leaf(lr0)
+    objective = train_and_evaluate(model, ce_loss, val_loss, batches, T, lr, mom0, seed=seed)
+    (scale * objective).backward()
+    L = leaf(lr0)
+    n = len(list(model.named_parameters()))
+    ref = unrolled(model, ce_loss, val_loss, batches, T, L[:, None].expand(T, n), mom0[:, None].expand(T, n),
+                   {k: leaf(p) for k, p in model.named_parameters()}, {}, seed=seed)
+    return objective, lr.grad, ref, torch.autograd.grad(scale * ref, L)[0], (ce_loss, val_loss, batches, T, lr0, mom0)
+
+
 class TiedAutoencoder(nn.Module):
     """A decoder that shares the encoder's weight (as a tied LM embedding) and a weight-normed head."""
 
@@ -226,24 +248,9 @@ def test_tied_and_parametrized_weights_match_unrolled():
     model = TiedAutoencoder().double()
     names = [n for n, _ in model.named_parameters()]
     assert "enc.weight" in names and "dec.weight" not in names  # the tie: one trained parameter
-    X, Y = data(24, (4,), 3, 22)
-    Xv, Yv = data(20, (4,), 3, 23)
-    T = 10
-    batches = minibatches(X, Y, T, 8)
-
-    def val_loss(net, meta):
-        return F.cross_entropy(net(Xv), Yv)
-
-    lr0, mom0 = schedules((T,), 24)
-    lr = leaf(lr0)
-    objective = train_and_evaluate(model, ce_loss, val_loss, batches, T, lr, mom0)
-    (2.5 * objective).backward()
-    L = leaf(lr0)
-    n = len(names)
-    ref = unrolled(model, ce_loss, val_loss, batches, T, L[:, None].expand(T, n), mom0[:, None].expand(T, n),
-                   {k: leaf(p) for k, p in model.named_parameters()}, {})
+    objective, grad, ref, ref_grad, _ = one_schedule_against_unrolled(model, 22, 10, scale=2.5)
     assert abs(objective.item() - ref.item()) <= 1e-10 * abs(ref.item())
-    assert rel_err(lr.grad, torch.autograd.grad(2.5 * ref, L)[0]) < TOL
+    assert rel_err(grad, ref_grad) < TOL
     assert model.dec.weight is model.enc.weight and isinstance(model.enc.weight, nn.Parameter)  # restored
 
 
@@ -267,26 +274,13 @@ def test_functional_module_restores_the_weights_after_an_error():
 
 def test_dropout_replays_exactly_from_the_step():
     model = mlp(2, hidden=16, dropout=nn.Dropout(0.3))
-    X, Y = data(24, (4,), 3, 11)
-    Xv, Yv = data(20, (4,), 3, 12)
-    T = 12
-    batches = minibatches(X, Y, T, 8)
-
-    def val_loss(net, meta):
-        return F.cross_entropy(net(Xv), Yv)
-
-    lr0, mom0 = schedules((T,), 13)
-    lr = leaf(lr0)
     rng = torch.get_rng_state()
-    objective = train_and_evaluate(model, ce_loss, val_loss, batches, T, lr, mom0, seed=5)
-    objective.backward()  # raises ReversibilityError unless every dropout mask replays
+    # the backward raises ReversibilityError unless every dropout mask replays
+    objective, grad, ref, ref_grad, args = one_schedule_against_unrolled(model, 11, 12, seed=5)
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's generator is left as it was
-    L = leaf(lr0)
-    ref = unrolled(model, ce_loss, val_loss, batches, T, L[:, None].expand(T, 4), mom0[:, None].expand(T, 4),
-                   {n: leaf(p) for n, p in model.named_parameters()}, {}, seed=5)
     assert abs(objective.item() - ref.item()) <= 1e-10 * abs(ref.item())  # the same masks as step_seed(5, t)
-    assert rel_err(lr.grad, torch.autograd.grad(ref, L)[0]) < TOL
-    other = train_and_evaluate(model, ce_loss, val_loss, batches, T, lr0, mom0, seed=6)
+    assert rel_err(grad, ref_grad) < TOL
+    other = train_and_evaluate(model, *args, seed=6)
     assert other.item() != objective.item()
 
 
