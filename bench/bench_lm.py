@@ -122,7 +122,7 @@ def _spread(xs):
 
 def table(rows, a, data_desc):
     fixed = [r["train_s_per_step"] for r in rows if r["method"] == "fixed"]
-    ft = _mean(fixed) if fixed else math.nan
+    ft = _mean(fixed) if fixed else None
     out = [f"Jane Austen (stn_ext.corpus; {data_desc}), LSTM {'-'.join(map(str, a.hidden))} with a tied embedding, "
            f"the seven hyperparameters from 0.05 (fixed (awd): AWD-LSTM's values); {a.steps} weight steps of "
            f"{a.batch_size} x {a.bptt} tokens; random, tpe: 4 trials of {a.steps // 4} steps. Perplexity at the "
@@ -139,10 +139,11 @@ def table(rows, a, data_desc):
         v, t = [r["val_ppl"] for r in rs], [r["test_ppl"] for r in rs]
         hyp = ", ".join(f"{k.replace('dropout.', '')} {x:.2g}" for k, x in rs[0]["hypers"].items())
         best = [_best(r) for r in rs]
+        ratio = f"{_mean([r['train_s_per_step'] for r in rs]) / ft:.2f}x" if fixed else "- (no fixed run)"
         out.append(f"| {m} | {_mean(v):.1f} +- {_spread(v):.1f} | {_mean(t):.1f} +- {_spread(t):.1f} | "
                    f"{', '.join(f'{x:.1f}' for x in t)} | {_mean([b[0] for b in best]):.1f} "
                    f"({_mean([b[1] for b in best]):.1f}) | "
-                   f"{_mean([r['train_s_per_step'] for r in rs]) / ft:.2f}x | {hyp} |")
+                   f"{ratio} | {hyp} |")
     return "\n".join(out)
 
 
