@@ -593,6 +593,15 @@ def test_table_marks_incomplete_runs():
     assert "fixed (incomplete)" in table and "stn (incomplete)" not in table
 
 
+def test_table_shows_accuracy_or_perplexity_as_the_runs_have():
+    row = dict(method="stn", complete=True, val_loss=5.0, test_loss=5.1, wall_s=1.0)
+    text = format_table(summarise([dict(row, val_ppl=148.4, test_ppl=164.0)])).splitlines()
+    assert text[0].split() == ["method", "seeds", "val_loss", "val_ppl", "test_loss", "test_ppl", "train_s"]
+    assert "148.4" in text[2] and "164.0" in text[2]
+    images = format_table(summarise([dict(row, val_acc=0.81, test_acc=0.8)])).splitlines()
+    assert images[0].split() == ["method", "seeds", "val_loss", "val_acc", "test_loss", "test_acc", "train_s"]
+
+
 def test_cli_train_run_and_errors(tmp_path):
     out = tmp_path / "run"
     r = _cli("train", "--method", "stn", "--steps", "30", "--warmup", "10", "--hidden", "16", "--train-size", "200",

@@ -225,9 +225,13 @@ def config_from_args(a):
         worker_threads=a.threads if a.method in SEARCHES else 1)
 
 
+COLUMNS = ("method", "seeds", "val_loss", "val_acc", "val_ppl", "test_loss", "test_acc", "test_ppl", "train_s")
+
+
 def format_table(rows, title=""):
-    """rows: dicts of already formatted cells (``summarise``), one column per name in ``cols``."""
-    cols = ("method", "seeds", "val_loss", "val_acc", "test_loss", "test_acc", "train_s")
+    """rows: dicts of already formatted cells (``summarise``), one column per name in ``COLUMNS`` that some row
+    fills (accuracy for classification, perplexity for text)."""
+    cols = [c for c in COLUMNS if c == "method" or any(str(r.get(c, "")) for r in rows)]
     lines = [title] if title else []
     body = [[str(r.get(c, "")) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
@@ -262,7 +266,8 @@ def summarise(results):
         label = key if all(r.get("complete", True) for r in g) else f"{key} (incomplete)"
         rows.append({"method": label, "seeds": len(g), "val_loss": _fmt([r["val_loss"] for r in g]),
                      "val_acc": _fmt([r.get("val_acc") for r in g], 3), "test_loss": _fmt([r["test_loss"] for r in g]),
-                     "test_acc": _fmt([r.get("test_acc") for r in g], 3), "train_s": _fmt([r["wall_s"] for r in g], 1)})
+                     "test_acc": _fmt([r.get("test_acc") for r in g], 3), "train_s": _fmt([r["wall_s"] for r in g], 1),
+                     "val_ppl": _fmt([r.get("val_ppl") for r in g], 1), "test_ppl": _fmt([r.get("test_ppl") for r in g], 1)})
     return rows
 
 
