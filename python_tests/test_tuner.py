@@ -91,6 +91,8 @@ def test_a_part_of_a_split_batch_picks_the_same_rows_and_draws_on_any_split():
     picked, rnd = BatchRandom(torch.Generator().manual_seed(5), 8).pick(0.375)
     assert torch.cat(rows).tolist() == picked.tolist() == [2, 5, 7]
     assert torch.equal(torch.cat(draws), rnd.randn(2))
+    with pytest.raises(ValueError, match="picks none"):
+        BatchRandom(torch.Generator(), 4).pick(0.2)
 
 
 def test_state_dict_resumes_bit_for_bit():

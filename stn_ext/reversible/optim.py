@@ -406,18 +406,17 @@ def _fold(per_param, shape, group_of):
 
 
 def _grads_with_graph(loss, w):
-    """d loss / d w (zeros where unused), always with create_graph: some ops' backward takes another formula
-    when differentiated twice (weight_norm's fused backward against its differentiable one, apart in the last
-    bits), and the forward pass must see the very bits the reverse pass recomputes for its Hessian-vector product."""
+    """d loss / d w (zeros where unused), with create_graph in both passes: some ops back-propagate other bits
+    when differentiated twice (weight_norm), and the reverse pass must recompute the forward pass's bits."""
     g = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
     return [torch.zeros_like(a) if gi is None else gi for a, gi in zip(w, g)]
 
 
 def reverse_pass(opt, grads_at, lr_sched, mom_q, dx, hyper_leaves):
     """Run ``opt``'s T steps backwards exactly with one Hessian-vector product per step. ``grads_at(t)`` ->
-    (weight leaves, training gradients with graph) at the restored weights, computed as in the forward pass (see
-    :func:`_grads_with_graph`); ``lr_sched``, ``mom_q``: (T, n_params), momenta quantised; ``dx``: d objective / d final weights, turned in place into d / d initial
-    weights; ``hyper_leaves``: the training loss's leaves to differentiate (dict).
+    (weight leaves, training gradients with graph, as :func:`_grads_with_graph`) at the restored weights;
+    ``lr_sched``, ``mom_q``: (T, n_params), momenta quantised; ``dx``: d objective / d final weights, turned in
+    place into d / d initial weights; ``hyper_leaves``: the training loss's leaves to differentiate (dict).
     Returns (d lrs, d momenta: (T, n_params) float64, d initial velocities, d hypers)."""
     n, T = len(dx), lr_sched.shape[0]
     names = list(hyper_leaves)
@@ -426,8 +425,7 @@ def reverse_pass(opt, grads_at, lr_sched, mom_q, dx, hyper_leaves):
     g_lr = torch.zeros(T, n, dtype=torch.float64)
     g_mom = torch.zeros(T, n, dtype=torch.float64)
     for t in reversed(range(T)):
-        lr_t = lr_sched[t].tolist()
-        m_t = mom_q[t].tolist()
+        lr_t, m_t = lr_sched[t].tolist(), mom_q[t].tolist()
         g_lr[t] = opt.unstep_weights(lr_t, dx=dx).cpu()
         w, g = grads_at(t)
         g_mom[t] = opt.unstep_velocity([gi.detach() for gi in g], m_t, lr=lr_t, dx=dx, dv=dv).cpu()
@@ -501,21 +499,18 @@ def hypergradient(params, train_loss, val_loss, lrs, momenta, hypers=None, veloc
         w = leaves()
         return w, _grads_with_graph(train_loss(w, t, hyper_leaves), w)
 
-    it = range(T)
-    if progress is not None:
-        it = progress(it)
+    it = range(T) if progress is None else progress(range(T))
     with torch.enable_grad():
         for t in it:
             _, g = grads_at(t)
             opt.step(lr_sched[t].tolist(), mom_q[t].tolist(), grads=g)
         opt.check()
         final_params = [w.detach().clone() for w in work]
-        buffer_bits = opt.buffer_bits()
-        bits_rate = opt.bits_per_element_per_step
+        buffer_bits, bits_rate = opt.buffer_bits(), opt.bits_per_element_per_step
         w = leaves()
         vl = val_loss(w)
-        dx = list(torch.autograd.grad(vl, w, allow_unused=True))
-        dx = [torch.zeros_like(a) if d is None else d.detach().clone() for a, d in zip(w, dx)]
+        dx = [torch.zeros_like(a) if d is None else d.detach().clone()
+              for a, d in zip(w, torch.autograd.grad(vl, w, allow_unused=True))]
         try:
             g_lr, g_mom, dv, d_hyp = reverse_pass(opt, grads_at, lr_sched, mom_q, dx, hyper_leaves)
         except (ReversibilityError, FixedPointOverflowError, FloatingPointError) as err:

@@ -24,6 +24,9 @@ class BatchRandom:
         BatchRandom of the picked batch), whose draws are those of a batch of the picked rows alone."""
         i = torch.arange(self.offset, self.offset + self.local, dtype=torch.float64)
         picked = torch.nonzero(torch.floor((i + 1) * fraction) > torch.floor(i * fraction)).flatten()
+        if math.floor(self.global_batch * fraction) == 0:
+            raise ValueError(f"stn_ext: a part {fraction} of a batch of {self.global_batch} rows picks none "
+                             "(response_rows too small for the batch)")
         first = math.floor(self.offset * fraction)
         return picked, BatchRandom(self.generator, math.floor(self.global_batch * fraction), first, len(picked))
 

@@ -276,8 +276,7 @@ class Tuner:
         return ell.sum() / (norm or ell.shape[0]), ell.detach()
 
     def loss(self, x, y, z, vals, linearised=False, norm=None):
-        """Training loss (with the tuned weight decay penalty) and what weight_step reports. ``norm``: what the
-        summed losses are divided by (default loss_norm, else the batch's size)."""
+        """(training loss with the tuned weight decay, over ``norm``: loss_norm or the batch size; the report)."""
         norm = norm or self.loss_norm
         out = self.forward(x, z, linearised)
         loss, report = self._reduce(out, y, norm)
@@ -370,8 +369,6 @@ class Tuner:
         rows, whole = torch.arange(x.shape[0]), rnd.global_batch
         if self.response_rows < 1:
             rows, rnd = rnd.pick(self.response_rows)
-            if rnd.global_batch == 0:
-                raise ValueError(f"stn_ext: response_rows={self.response_rows} of a batch of {whole} rows picks none")
             x, y = x[rows.to(x.device)], y[rows.to(y.device)]
         norm = self.loss_norm * rnd.global_batch / whole if self.loss_norm else None
         u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
