@@ -134,6 +134,8 @@ def test_bad_config_values():
         TrainConfig(method="sgd").validate()
     with pytest.raises(ValueError, match="perturb"):
         TrainConfig(perturb="layer").validate()
+    with pytest.raises(ValueError, match=r"response_rows must be in \(0, 1\]"):
+        TrainConfig(response_rows=1.5).validate()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         train({"method": "stn", "stepz": 3})
     with pytest.raises(ValueError, match="n_hyper=2 but the space tunes 1 hyperparameter "):

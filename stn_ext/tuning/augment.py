@@ -22,13 +22,13 @@ class BatchRandom:
         """A part of the global batch, spread evenly: row i is picked iff floor((i + 1) f) > floor(i f), the same
         rows however the batch is split across ranks. Returns (this rank's picked rows as local indices, the
         BatchRandom of the picked batch), whose draws are those of a batch of the picked rows alone."""
-        i = torch.arange(self.offset, self.offset + self.local, dtype=torch.float64)
-        picked = torch.nonzero(torch.floor((i + 1) * fraction) > torch.floor(i * fraction)).flatten()
-        if math.floor(self.global_batch * fraction) == 0:
+        size = math.floor(self.global_batch * fraction)
+        if size == 0:
             raise ValueError(f"stn_ext: a part {fraction} of a batch of {self.global_batch} rows picks none "
                              "(response_rows too small for the batch)")
-        first = math.floor(self.offset * fraction)
-        return picked, BatchRandom(self.generator, math.floor(self.global_batch * fraction), first, len(picked))
+        i = torch.arange(self.offset, self.offset + self.local, dtype=torch.float64)
+        picked = torch.nonzero(torch.floor((i + 1) * fraction) > torch.floor(i * fraction)).flatten()
+        return picked, BatchRandom(self.generator, size, math.floor(self.offset * fraction), len(picked))
 
     def _rows(self, t):
         return t[self.offset:self.offset + self.local]

@@ -155,7 +155,7 @@ def build_parser():
                         "twice the GEMM work per step); auto is the method's (batch for both; docs/trainer.md says why) "
                         f"(default {d.perturb})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,
-                   help="delta-stn: take its response step on this part of each batch (its first rows), to save time "
+                   help="delta-stn: take its response step on this part of each batch's rows (spread evenly), to save time "
                         "(default 0: all of it)")
     g.add_argument("--response-every", type=int, default=d.response_every,
                    help="delta-stn: take its response step after every k-th general step, to save time "

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 import stn_ext
+from stn_ext.tuning import defaults
 from stn_ext.tuning.core import METHODS as STEP_METHODS
 
 DEFAULT_HYPERS = ("dropout", "weight_decay")
@@ -106,8 +107,7 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "stop_after", "train_size", "response_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.response_rows <= 1:
-            raise ValueError(f"stn_ext: response_rows must be in (0, 1] (or 0: the default), got {self.response_rows}")
+        defaults.response_rows(self.response_rows)  # the Tuner's own check, at configuration time
         if self.trial_steps < 0 or self.worker_threads < 0 or self.workers < 1:
             raise ValueError("stn_ext: trial_steps and worker_threads must be >= 0 and workers >= 1")
         if self.pruner not in ("none", "median", "hyperband"):

@@ -31,7 +31,9 @@ def response_every(k):
     if k < 0:
         raise ValueError(f"stn_ext: response_every must be >= 1 (or 0: the default, {RESPONSE_EVERY}), got {k}")
     return k or RESPONSE_EVERY
-# Delta-STN's response step on this part of the batch's rows (the first ones): 1.0, the whole batch (see
+
+
+# Delta-STN's response step on this part of the batch's rows (spread evenly): 1.0, the whole batch (see
 # docs/trainer.md for what a half measured)
 RESPONSE_ROWS = 1.0
 
