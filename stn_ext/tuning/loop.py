@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import stn_ext
 from stn_ext import checkpoint
+from stn_ext.cpu_memory import keep_freed_memory
 from stn_ext.data import Dataset, load as load_data
 from stn_ext.tuning import language, models
 from stn_ext.tuning.augment import BatchRandom
@@ -76,6 +77,8 @@ class Trainer:
             raise ValueError(f"stn_ext: use stn_ext.tuning.train (or random_search) for method {cfg.method!r}")
         self.rank, self.world = _dist()
         self.device = torch.device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if data is None and cfg.data in language.TEXT_DATA:
             data = language.load_text(cfg.data, cfg.batch_size, resolved(cfg, True)["bptt"], cfg.data_path,
                                       train_tokens=cfg.train_size)
