@@ -5,7 +5,8 @@ freed, and trims the heap's free top; so every step's large tensors (a language 
 gradient: batch x bptt x vocab floats, 28 MiB at 20 x 35 x 10k) come back as new pages, each zeroed by the kernel
 on its first touch. Keeping them took bench_lm.py's model from 149 to 105 ms per fixed weight step on one
 thread, and Delta-STN from 1.51x to 1.42x fixed's time (bench_lm_step_time.py, 5 rounds, 2026-12-04), with
-results bit for bit the same. The cost: the process keeps its peak heap until it exits, as PyTorch's GPU caching allocator does.
+results bit for bit the same. The cost: the process keeps its peak heap until it exits, as PyTorch's GPU caching
+allocator does.
 
 The trainer calls ``keep_freed_memory()`` for runs on a CPU; a loop of your own can call it once at its start.
 ``STN_EXT_KEEP_FREED_MEMORY=0`` leaves malloc's settings alone. Other C libraries (musl, macOS, Windows): nothing
