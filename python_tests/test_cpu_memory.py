@@ -49,7 +49,8 @@ def test_opt_out_leaves_malloc_alone():
 
 
 def test_the_trainer_keeps_freed_memory_on_a_cpu():
-    probe = ("from stn_ext import cpu_memory; from stn_ext.tuning import Trainer, TrainConfig; before = cpu_memory._kept; "
+    probe = ("from stn_ext import cpu_memory; from stn_ext.tuning import Trainer, TrainConfig; "
+             "before = cpu_memory._kept; "
              "Trainer(TrainConfig(method='fixed', steps=2, hidden=(8,), train_size=64, quiet=True, plots=False)); "
              "print(before, cpu_memory._kept)")
     env = {k: v for k, v in os.environ.items() if k != "STN_EXT_KEEP_FREED_MEMORY"}
