@@ -1,4 +1,4 @@
-"""Time per weight step of stn and delta-stn relative to fixed on a tuning protocol (issue 22's 1.6x / 2.0x).
+"""Time per weight step of stn and delta-stn relative to fixed on a tuning protocol (issues 22 and 23).
 
 Each round trains fixed, stn and delta-stn in turn (--steps weight steps each, the protocol's settings and the
 TrainConfig defaults, one thread) and takes the ratio of the trainer's own step time (`wall_s`: weight and hyper
@@ -9,9 +9,11 @@ bench/results/tuning-<protocol>-step-time-<date>[-<tag>].md.
     python bench/bench_step_time.py                       # digits, ~4 minutes on a 2-core CPU
     python bench/bench_step_time.py --protocol fashion --perturb batch
     python bench/bench_step_time.py --protocol cnn --perturb batch --steps 300 --rounds 5
+    python bench/bench_step_time.py --protocol lm --perturb batch --steps 200 --rounds 5   # ~10 minutes
     python bench/bench_step_time.py --perturb batch --set response_every=2 --tag response-every-2
 """
 import argparse
+import dataclasses
 import datetime
 import statistics
 
@@ -47,12 +49,25 @@ def _cnn():
         batch_size=CNN_SIZES["batch_size"], seed=seed, quiet=True, plots=False, eval_every=steps, perturb=perturb)
 
 
+def _lm():
+    import bench_lm
+
+    a = bench_lm.parse(["--eval-tokens", "3500", "--evals", "1"])  # bench_lm's model and data; one short evaluation
+
+    def cfg(m, seed, steps, perturb):
+        run = argparse.Namespace(**{**vars(a), "steps": steps, "set": dict(bench_tuning.OVERRIDES)})  # --set
+        return dataclasses.replace(bench_lm.lm_config(run, m, seed), perturb=perturb)
+    return bench_lm._data(a), lambda: None, cfg  # None: the trainer builds the language model
+
+
 # name: (what the table says of it, a function giving (data, model factory, run config))
 PROTOCOLS = {
     "digits": ("Digits: MLP 64-256-256-10, three dropout rates, batch 100", _digits),
     "fashion": ("Fashion-MNIST (10k training images): MLP 784-256-256-10, three dropout rates, batch 100", _fashion),
     "cnn": (f"Fashion-MNIST CNN protocol ({CNN_SIZES['train_size']} training images): conv 16 - conv 32 - FC "
             f"{CNN_SIZES['hidden']} - 10, four dropout rates and cutout, batch {CNN_SIZES['batch_size']}", _cnn),
+    "lm": ("bench_lm.py's language model: LSTM 128-128, tied embedding, 10k vocabulary, batch 20 x 35 tokens of "
+           "Jane Austen, the seven hyperparameters", _lm),
 }
 
 
