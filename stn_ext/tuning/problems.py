@@ -167,7 +167,9 @@ def digits_mlp(n_hyper=3, hidden=(256, 256)):
 CNN_HYPERS = ("dropout", "cutout")
 CNN_RANGES = {"cutout_length": (2.0, 24.0), "cutout_holes": (0.0, 5.0)}
 CNN_INITS = {"cutout_length": 4.0, "cutout_holes": 1.0}
-CNN_SIZES = {"train_size": 5000, "val_size": 2000, "test_size": 0, "steps": 1500, "batch_size": 128, "hidden": 256}
+# 2000 training images and 2000 steps, chosen from fixed runs alone (seed 0, before any tuned run at this size): at
+# 5000 and 1500 steps fixed barely overfits (best val 0.3431, final 0.3472), at 2000 it does (0.4134 -> 0.4583)
+CNN_SIZES = {"train_size": 2000, "val_size": 2000, "test_size": 0, "steps": 2000, "batch_size": 128, "hidden": 256}
 
 
 def fashion_cnn_protocol(train_size=CNN_SIZES["train_size"], val_size=CNN_SIZES["val_size"], test_size=0, path=None):
