@@ -22,8 +22,7 @@ import torch
 import bench_tuning
 from bench_tuning import config, digits_config, write_results
 from stn_ext.tuning import Trainer
-from stn_ext.tuning.problems import (CNN_HYPERS, CNN_INITS, CNN_RANGES, CNN_SIZES, digits_mlp, digits_protocol,
-                                     fashion_cnn, fashion_cnn_protocol)
+from stn_ext.tuning.problems import CNN_SIZES, digits_mlp, digits_protocol, fashion_cnn_protocol
 
 METHODS = ("fixed", "stn", "delta-stn")
 
@@ -35,18 +34,16 @@ def _digits():
 
 def _fashion():
     from stn_ext.data import fashion_mnist
-    from stn_ext.tuning.models import mlp
 
-    return fashion_mnist(train_size=10000), lambda: mlp(784, 10, 3, (256, 256)), lambda m, seed, steps, perturb: config(
-        method=m, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True, plots=False,
-        eval_every=steps, perturb=perturb)
+    return fashion_mnist(train_size=10000), bench_tuning.fashion_model, lambda m, seed, steps, perturb: config(
+        method=m, steps=steps, batch_size=100, seed=seed, quiet=True, plots=False, eval_every=steps, perturb=perturb,
+        **bench_tuning.FASHION_SETTINGS)
 
 
 def _cnn():
-    n_hyper = len(CNN_RANGES) + 4  # cutout's two and the four dropout slots
-    return fashion_cnn_protocol(), lambda: fashion_cnn(n_hyper), lambda m, seed, steps, perturb: config(
-        method=m, hypers=CNN_HYPERS, ranges=dict(CNN_RANGES), inits=dict(CNN_INITS), steps=steps,
-        batch_size=CNN_SIZES["batch_size"], seed=seed, quiet=True, plots=False, eval_every=steps, perturb=perturb)
+    return fashion_cnn_protocol(), bench_tuning.cnn_model, lambda m, seed, steps, perturb: config(
+        method=m, steps=steps, batch_size=CNN_SIZES["batch_size"], seed=seed, quiet=True, plots=False,
+        eval_every=steps, perturb=perturb, **bench_tuning.cnn_settings())
 
 
 def _lm():

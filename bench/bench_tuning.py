@@ -168,19 +168,35 @@ def image_run(data, method, seed, steps, model, batch_size=100, n_evals=40, **se
             "trial_val_losses": s.get("trial_val_losses"), "trajectory": traj}
 
 
-def fashion_run(data, method, seed, steps):
-    """The fashion protocol: MLP 784-256-256-10, three dropout rates, batch 100, 40 evaluations."""
+def fashion_model():
+    """The fashion protocol's network: MLP 784-256-256-10 with three dropout slots."""
     from stn_ext.tuning.models import mlp
 
-    return image_run(data, method, seed, steps, lambda: mlp(784, 10, 3, (256, 256)), hypers=("dropout",))
+    return mlp(784, 10, 3, (256, 256))
+
+
+FASHION_SETTINGS = {"hypers": ("dropout",)}  # the fashion protocol's TrainConfig fields (batch 100: image_run's)
+
+
+def cnn_model():
+    """The cnn protocol's network: problems.fashion_cnn with cutout's two and the four dropout slots."""
+    return fashion_cnn(len(CNN_RANGES) + 4)
+
+
+def cnn_settings():
+    """The cnn protocol's TrainConfig fields (fresh dicts: a run may not change the protocol's)."""
+    return dict(hypers=CNN_HYPERS, ranges=dict(CNN_RANGES), inits=dict(CNN_INITS))
+
+
+def fashion_run(data, method, seed, steps):
+    """The fashion protocol: MLP 784-256-256-10, three dropout rates, batch 100, 40 evaluations."""
+    return image_run(data, method, seed, steps, fashion_model, **FASHION_SETTINGS)
 
 
 def cnn_run(data, method, seed, steps, batch_size=CNN_SIZES["batch_size"]):
     """The cnn protocol: problems.fashion_cnn, four dropout rates and cutout, batch 128, 10 evaluations (each
     evaluates the 10k test images: ~2 s on one core)."""
-    n_hyper = len(CNN_RANGES) + 4  # cutout's two and the four dropout slots
-    return image_run(data, method, seed, steps, lambda: fashion_cnn(n_hyper), batch_size=batch_size, n_evals=10,
-                     hypers=CNN_HYPERS, ranges=dict(CNN_RANGES), inits=dict(CNN_INITS))
+    return image_run(data, method, seed, steps, cnn_model, batch_size=batch_size, n_evals=10, **cnn_settings())
 
 
 def _image_cells(rs, fixed_time, time_key="s_per_step", best_val=False):
