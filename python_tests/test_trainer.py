@@ -136,6 +136,8 @@ def test_bad_config_values():
         TrainConfig(perturb="layer").validate()
     with pytest.raises(ValueError, match=r"response_rows must be in \(0, 1\]"):
         TrainConfig(response_rows=1.5).validate()
+    with pytest.raises(ValueError, match=r"hyper_beta2 must be in \[0, 1\), got 1.0"):
+        TrainConfig(hyper_beta2=1.0).validate()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         train({"method": "stn", "stepz": 3})
     with pytest.raises(ValueError, match="n_hyper=2 but the space tunes 1 hyperparameter "):
@@ -567,11 +569,18 @@ def _cli(*args, timeout=120):
                           env=env)
 
 
+def test_hyper_beta2_reaches_the_hyper_optimiser(small_digits):
+    tr = Trainer(TrainConfig(method="stn", steps=2, hyper_beta2=0.99, quiet=True), data=small_digits)
+    assert tr.tuner.opt_h.param_groups[0]["betas"] == (0.9, 0.99)
+    assert Trainer(TrainConfig(method="stn", steps=2, quiet=True), data=small_digits).tuner.opt_h.param_groups[0][
+        "betas"] == (0.9, 0.999)
+
+
 def test_cli_help():
     r = _cli("train", "--help")
     assert r.returncode == 0
     for word in ("--method", "delta-stn", "--hypers", "weight_decay", "cutout", "--resume", "--out", "--quiet",
-                 "--overwrite"):
+                 "--overwrite", "--hyper-beta2"):
         assert word in r.stdout, word
     r = _cli("demo", "--help")
     assert r.returncode == 0 and "random search" in r.stdout

@@ -34,6 +34,8 @@ class TrainConfig:
     clip: float = -1.0                # gradient norm clipping (-1: none; on language data 0.25; 0: none)
     bptt: int = 0                     # language data: tokens per window of truncated backpropagation (0: 35)
     hyper_lr: float = 0.02            # Adam for u and the perturbation scales
+    hyper_beta2: float = 0.999        # Adam's second-moment decay for u and the scales (docs/trainer.md: 0.99 arrives
+                                      # faster from the steep side of a ridge optimum, not yet a default)
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
                                       # auto (cosine with per-example perturbation, tail per batch)
     scale_init: float = -1.0          # initial sigma in unconstrained units (-1: 0.5 with per-example perturbation,
@@ -116,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"stn_ext: pruner, workers and storage are for the searches {SEARCHES}, not {self.method!r}")
         if self.method in SEARCHES and self.trial_steps == 0 and self.steps < self.random_trials:
             raise ValueError(f"stn_ext: a search ({self.method}) with {self.random_trials} trials needs steps >= trials")
+        if not 0 <= self.hyper_beta2 < 1:
+            raise ValueError(f"stn_ext: hyper_beta2 must be in [0, 1), got {self.hyper_beta2}")
         if self.lr < 0 or self.hyper_lr < 0 or not (self.scale_init > 0 or self.scale_init == -1) \
                 or not (self.tau >= 0 or self.tau == -1) or not self.scale_max >= 0:
             raise ValueError("stn_ext: lr must be > 0 (or 0: auto), scale_init > 0 (or -1: auto), hyper_lr and scale_max "

@@ -78,14 +78,14 @@ class Tuner:
                 ``skipped_hyper_steps``); ``max_skipped`` in a row raise ``Diverged``. False: no check, no read.
     guard       ``divergence.Guard()``: snapshots every ``guard.every`` weight steps; an unhealthy step rolls back to
                 one and halves the perturbation scales, as the trainer does (``divergence.StepChecks``).
-    clip        > 0: the gradients each optimiser step applies are clipped to this total norm (a language model's
-                0.25); 0: none."""
+    clip        > 0: clip each optimiser step's gradients to this total norm (a language model's 0.25); 0: none."""
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
-                 hyper_lr_schedule="auto", scale_init=-1.0, scale_max=0.0, tau=1e-2, train_per_cycle=5,
-                 val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v", hyper_input="auto",
-                 linearize=False, seed=0, loss_norm=None, val_norm=None, world=1, allreduce=None, generator=None,
-                 check_finite=True, max_skipped=10, guard=None, response_every=0, response_rows=0.0, clip=0.0):
+                 hyper_lr_schedule="auto", hyper_beta2=0.999, scale_init=-1.0, scale_max=0.0, tau=1e-2,
+                 train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v",
+                 hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
+                 allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
+                 response_rows=0.0, clip=0.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         if not (scale_init > 0 or scale_init == -1):
@@ -142,7 +142,7 @@ class Tuner:
         self._recentres = method == "stn" and any(follow)
         self.anchor = self.u.detach().clone() if hyper_input == "init" else \
             torch.where(self.follow.bool(), self.u.detach(), space.u_centre(dt, device))
-        self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=hyper_lr)
+        self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=hyper_lr, betas=(0.9, hyper_beta2))
         self._cache = {}  # _while_unchanged
         self.gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + 7919)
         self.loss_norm, self.val_norm, self.world = loss_norm, val_norm, world
