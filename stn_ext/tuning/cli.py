@@ -130,8 +130,8 @@ def build_parser():
     g.add_argument("--hyper-lr", type=float, default=d.hyper_lr,
                    help=f"Adam learning rate for the hyperparameters (default {d.hyper_lr})")
     g.add_argument("--hyper-beta2", type=float, default=d.hyper_beta2,
-                   help="Adam's second-moment decay for the hyperparameters: smaller forgets the large hypergradients "
-                        f"of a far start sooner (default {d.hyper_beta2})")
+                   help="Adam's second-moment decay for the hyperparameters (docs/trainer.md, \"The ridge family's "
+                        f"misses\", measures 0.99) (default {d.hyper_beta2})")
     g.add_argument("--hyper-lr-schedule", default=d.hyper_lr_schedule, choices=["auto", "cosine", "constant", "tail"],
                    help="decay of the hyper learning rate: cosine settles the hyperparameters, tail keeps it constant "
                         "for the first half; auto is cosine with per-example and tail with per-batch perturbation "
@@ -216,7 +216,8 @@ def config_from_args(a):
         method=a.method, model=a.model, data=a.data, hypers=a.hypers, ranges=_kv(a.range, "--range", _range),
         inits=_kv(a.init, "--init", float), steps=a.steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
         clip=a.clip, bptt=a.bptt,
-        hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, hyper_beta2=a.hyper_beta2, scale_init=a.scale_init, scale_max=a.scale_max,
+        hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, hyper_beta2=a.hyper_beta2, scale_init=a.scale_init,
+        scale_max=a.scale_max,
         tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
         response_every=a.response_every, response_rows=a.response_rows,
         hyper_input=a.hyper_input, response_init=a.response_init,
