@@ -9,17 +9,27 @@ hypergrad  Fashion-MNIST MLP 784-256-256-10, three dropout rates: the hypergradi
 lookahead  after --steps weight steps of a Delta-STN run: the hypergradient through the learned response on the
            whole validation set, against finite differences of plain training continued K steps at u +- h with
            common random numbers (the same batches and uniform draws for the dropout masks).
+forward    the long-horizon hypergradient of the same MLP trained plainly: forward mode, Z = d theta / d u carried
+           through SGD with momentum from the first step (one extra pass per rate per step, a finite difference of
+           the gradient along (Z e_k, e_k) with the step's batch and mask draws). --check K: after K steps at
+           constant rates, Z^T grad L_val against central finite differences of training from scratch at u +- h;
+           otherwise online (u takes an Adam step along Z^T grad L_val, 5:1, after steps / 10), and --fixed RATE:
+           plain training at a constant rate, with the same batches.
 
     python bench/diagnose_delta_stn.py toy
     python bench/diagnose_delta_stn.py hypergrad --method delta-stn --set perturb=example --set scale_init=1.0
     python bench/diagnose_delta_stn.py lookahead --steps 2000 --K 100 500 1500
+    python bench/diagnose_delta_stn.py forward --check 2000
+    python bench/diagnose_delta_stn.py forward --steps 4000 [--fixed 0.05]
 """
 import argparse
 import ast
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 import stn_ext
 from stn_ext.tuning import TrainConfig, Trainer
@@ -125,17 +135,132 @@ def lookahead(a, sets):
         print(f"K = {K}: finite-difference lookahead (h = {a.h}): {[round(x, 5) for x in fd]}")
 
 
+class PlainTangentRun:
+    """Plain training of the fashion protocol's MLP (its elementary weights: lr 0.01, momentum 0.9, batch 100,
+    epochs in a random order) at the rates sigmoid(u), carrying Z = d theta / d u (one column per rate) by
+    forward mode."""
+
+    def __init__(self, data, seed, fd_step, lr=0.01, momentum=0.9, batch=100):
+        torch.manual_seed(seed)
+        self.model = mlp(784, 10, 3, (256, 256))
+        self.theta = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                      if n.endswith(("weight_elem", "bias_elem"))}
+        self.vel = {n: torch.zeros_like(t) for n, t in self.theta.items()}
+        self.Z = {n: torch.zeros(t.shape + (3,)) for n, t in self.theta.items()}
+        self.Zvel = {n: torch.zeros_like(z) for n, z in self.Z.items()}
+        self.data, self.fd_step, self.lr, self.momentum, self.batch = data, fd_step, lr, momentum, batch
+        self.gen = torch.Generator().manual_seed(1000 + seed)  # batches and mask draws
+        self.step = 0
+
+    def _grad(self, theta, x, y, u, state):
+        self.gen.set_state(state)  # the same mask draws in every pass of a step (common random numbers)
+        theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
+        rates = dict(zip(("in", "h1", "h2"), torch.sigmoid(u).tolist()))
+        with regularisers(rates, BatchRandom(self.gen, len(y))), stn_ext.elementary():
+            loss = F.cross_entropy(functional_call(self.model.train(), theta, (x,), strict=False), y)
+        return dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+
+    def _batch(self):
+        per_epoch = len(self.data.train.y) // self.batch
+        if self.step % per_epoch == 0:
+            self.perm = torch.randperm(len(self.data.train.y), generator=self.gen)
+        idx = self.perm[(self.step % per_epoch) * self.batch:(self.step % per_epoch + 1) * self.batch]
+        return self.data.train.x[idx], self.data.train.y[idx]
+
+    def train_step(self, u, tangents=True):
+        """One SGD step at sigmoid(u); with ``tangents``, Z's step too: Zvel = momentum Zvel + H Z + dg/du, Z -= lr
+        Zvel, H Z + dg/du by a finite difference of fd_step along (Z e_k, e_k) for each column k."""
+        x, y = self._batch()
+        state = self.gen.get_state()
+        g = self._grad(self.theta, x, y, u, state)
+        if tangents:
+            h = self.fd_step
+            for k in range(3):
+                gk = self._grad({n: t + h * self.Z[n][..., k] for n, t in self.theta.items()}, x, y,
+                                u + h * torch.eye(3)[k], state)
+                for n in self.theta:
+                    self.Zvel[n][..., k].mul_(self.momentum).add_((gk[n] - g[n]) / h)
+            for n in self.theta:
+                self.Z[n].sub_(self.lr * self.Zvel[n])
+        for n, t in self.theta.items():
+            self.vel[n].mul_(self.momentum).add_(g[n])
+            t.sub_(self.lr * self.vel[n])
+        self.step += 1
+
+    def val_loss(self, x, y, grad=False):
+        """The validation loss of the plain network (no dropout) on (x, y); with ``grad``, also Z^T grad."""
+        theta = {n: t.detach().requires_grad_(grad) for n, t in self.theta.items()}
+        with torch.set_grad_enabled(grad), stn_ext.elementary():
+            loss = F.cross_entropy(functional_call(self.model.eval(), theta, (x,), strict=False), y)
+        if not grad:
+            return float(loss)
+        gs = torch.autograd.grad(loss, list(theta.values()))
+        return float(loss.detach()), sum((gv[..., None] * self.Z[n]).reshape(-1, 3).sum(0) for gv, n in zip(gs, theta))
+
+
+def forward(a, sets):
+    from stn_ext.data import fashion_mnist
+
+    data = fashion_mnist(train_size=10000)
+    u0 = torch.full((3,), math.log(a.fixed / (1 - a.fixed)) if a.fixed else math.log(0.05 / 0.95))
+    if a.check:
+        run = PlainTangentRun(data, a.seed, a.fd_step)
+        for _ in range(a.check):
+            run.train_step(u0)
+        _, hg = run.val_loss(data.val.x, data.val.y, grad=True)
+        print(f"forward mode after {a.check} steps at rate {float(torch.sigmoid(u0[0])):.3f}, all validation images: "
+              f"{[round(float(v), 5) for v in hg]}")
+        fd = []
+        for k in range(3):
+            ends = []
+            for sign in (1, -1):
+                r = PlainTangentRun(data, a.seed, a.fd_step)
+                for _ in range(a.check):
+                    r.train_step(u0 + sign * a.h * torch.eye(3)[k], tangents=False)
+                ends.append(r.val_loss(data.val.x, data.val.y))
+            fd.append((ends[0] - ends[1]) / (2 * a.h))
+        print(f"training from scratch at u +- {a.h}, central difference: {[round(v, 5) for v in fd]}")
+        return
+    steps, warmup = a.steps, a.steps // 10
+    run, u = PlainTangentRun(data, a.seed, a.fd_step), u0.clone()
+    m1, m2, n, vgen, curve, hgs = torch.zeros(3), torch.zeros(3), 0, torch.Generator().manual_seed(7 + a.seed), [], []
+    for step in range(1, steps + 1):
+        run.train_step(u, tangents=not a.fixed)
+        if not a.fixed and step > warmup and step % 5 == 0:
+            vi = torch.randint(0, len(data.val.y), (100,), generator=vgen)
+            _, hg = run.val_loss(data.val.x[vi], data.val.y[vi], grad=True)
+            hgs.append(hg)
+            n += 1
+            m1, m2 = 0.9 * m1 + 0.1 * hg, 0.999 * m2 + 0.001 * hg * hg  # Adam, the trainer's lr and tail schedule
+            frac = (step - warmup) / (steps - warmup)
+            lr = a.hyper_lr * (1.0 if frac < 0.5 else 0.5 * (1 + math.cos(math.pi * (2 * frac - 1))))
+            u = u - lr * (m1 / (1 - 0.9 ** n)) / ((m2 / (1 - 0.999 ** n)).sqrt() + 1e-8)
+        if step % max(10, steps // 40) == 0:
+            curve.append(run.val_loss(data.val.x, data.val.y))
+            if step % (steps // 8) == 0:
+                w = torch.stack(hgs[-100:]) if hgs else torch.zeros(1, 3)
+                print(f"  step {step}: val {curve[-1]:.4f} rates {[round(v, 3) for v in torch.sigmoid(u).tolist()]} "
+                      f"hypergradient (last 100) mean {[round(float(v), 4) for v in w.mean(0)]}", flush=True)
+    test = run.val_loss(data.test.x, data.test.y)
+    print(f"{'fixed ' + str(a.fixed) if a.fixed else 'forward mode'} seed {a.seed}: test {test:.4f} final val "
+          f"{curve[-1]:.4f} best val {min(curve):.4f} rates {[round(v, 3) for v in torch.sigmoid(u).tolist()]}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["toy", "hypergrad", "lookahead"])
+    p.add_argument("what", choices=["toy", "hypergrad", "lookahead", "forward"])
     p.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn"], help="hypergrad, lookahead")
     p.add_argument("--steps", type=int, default=None, help="weight steps (toy 3000, hypergrad 4000, lookahead 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--K", type=int, nargs="+", default=[100, 500, 1500], help="lookahead: steps of plain training")
-    p.add_argument("--h", type=float, default=0.5, help="lookahead: the step in u of the finite difference")
+    p.add_argument("--h", type=float, default=0.5, help="lookahead, forward --check: the step in u of the finite difference")
+    p.add_argument("--check", type=int, default=0, help="forward: compare with training from scratch after this many steps")
+    p.add_argument("--fixed", type=float, default=0.0, help="forward: plain training at this constant rate")
+    p.add_argument("--fd-step", type=float, default=0.3, help="forward: the finite difference's step along (Z e_k, e_k)")
+    p.add_argument("--hyper-lr", type=float, default=0.02, help="forward: Adam's step on u")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a TrainConfig field (repeatable)")
     a = p.parse_args(argv)
-    a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000}[a.what]
+    a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000, "forward": 4000}[a.what]
     sets = {}
     for item in a.set:
         name, _, value = item.partition("=")
@@ -144,7 +269,7 @@ def main(argv=None):
         except (ValueError, SyntaxError):
             sets[name] = value
     torch.set_num_threads(1)
-    {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead}[a.what](a, sets)
+    {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead, "forward": forward}[a.what](a, sets)
 
 
 if __name__ == "__main__":
