@@ -1,5 +1,6 @@
-"""Why Delta-STN's dropout rates move little (issue 22): three measurements (docs/trainer.md, "Why Delta-STN
-tunes little"; results in bench/results/delta-stn-diagnosis-*.md).
+"""Why Delta-STN's dropout rates move little, and why ridge runs miss (issue 22): five measurements
+(docs/trainer.md, "Why Delta-STN tunes little" and "The ridge family's misses"; results in
+bench/results/delta-stn-*.md).
 
 toy        input dropout on linear regression (stn_ext.tuning.problems.DropoutRegression): the rate a method
            reaches from 0.05 against the closed-form optimum, and its learned response V W_h against the closed
@@ -15,12 +16,16 @@ forward    the long-horizon hypergradient of the same MLP trained plainly: forwa
            constant rates, Z^T grad L_val against central finite differences of training from scratch at u +- h;
            otherwise online (u takes an Adam step along Z^T grad L_val, 5:1, after steps / 10), and --fixed RATE:
            plain training at a constant rate, with the same batches.
+ridge      one run of the ridge family (bench_tuning.py --only ridge-family): the hyper steps' gradient and
+           Adam's normaliser sqrt(m2) in windows of 30, and at the end the hypergradient through the learned slope
+           V W_h split into its parts along and across the closed-form dw*/du, against the closed form.
 
     python bench/diagnose_delta_stn.py toy
     python bench/diagnose_delta_stn.py hypergrad --method delta-stn --set perturb=example --set scale_init=1.0
     python bench/diagnose_delta_stn.py lookahead --steps 2000 --K 100 500 1500
     python bench/diagnose_delta_stn.py forward --check 2000
     python bench/diagnose_delta_stn.py forward --steps 4000 [--fixed 0.05]
+    python bench/diagnose_delta_stn.py ridge --family-seed 23 --instance i1 --side above --steps 3000
 """
 import argparse
 import ast
@@ -246,21 +251,77 @@ def forward(a, sets):
           f"{curve[-1]:.4f} best val {min(curve):.4f} rates {[round(v, 3) for v in torch.sigmoid(u).tolist()]}")
 
 
+def ridge(a, sets):
+    import bench_tuning as bt
+
+    instances, _ = bt.ridge_family(8, a.family_seed)
+    inst = next((i for i in instances if i["name"] == a.instance), None)
+    if inst is None:
+        raise SystemExit(f"no instance {a.instance!r} in family {a.family_seed}: {[i['name'] for i in instances]}")
+    prob, u_star = bt.family_problem(inst), inst["log_opt"]
+    side = 1 if a.side == "above" else -1
+    cfg = bt.config(method=a.method, hypers=("weight_decay",), ranges={"weight_decay": bt.RIDGE_RANGE},
+                    inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=a.steps,
+                    batch_size=prob.n_train, perturb="batch", seed=a.seed, quiet=True, **sets)
+    torch.manual_seed(a.seed)
+    tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
+    tu, rec, step = tr.tuner, [], tr.tuner.hyper_step
+
+    def recording(*args, **kw):
+        out = step(*args, **kw)
+        state = tu.opt_h.state.get(tu.u, {})
+        root_m2 = float(state["exp_avg_sq"].sqrt()) if state else 0.0
+        rec.append((float(tu.u.detach()) - u_star, float(tu.u.grad), root_m2))
+        return out
+
+    tu.hyper_step = recording
+    tr.fit()
+    print(f"family {a.family_seed} {a.instance} ({inst['d']} features, {inst['n_train']} examples), {a.method} from "
+          f"{a.side}, {a.steps} steps {sets or ''}")
+    for i in range(0, len(rec), 30):
+        g = torch.tensor([r[1] for r in rec[i:i + 30]])
+        print(f"  hyper steps {i}-{i + len(g)}: u - u* {rec[i][0]:+.3f}, gradient mean {float(g.mean()):+.2e} sd "
+              f"{float(g.std()):.2e}, sqrt(m2) {rec[i + len(g) - 1][2]:.2e}")
+    u, h = float(tu.u.detach()), 1e-5
+    layer = tu.layers[0]
+    w_e = layer.weight_elem.detach().double().reshape(-1)
+    slope = (layer.hyper_weight[:, 0:1] * layer.weight_hyper).detach().double().reshape(-1)
+    true = (prob.weights(math.exp(u + h)) - prob.weights(math.exp(u - h))) / (2 * h)
+    grad = 2 * prob.xv.T @ (prob.xv @ w_e - prob.yv) / prob.n_val  # d (mean squared validation error) / dw
+    along = (slope @ true) / (true @ true) * true
+    print(f"end: u - u* {u - u_star:+.3f}; W_e against w*(u): relative error "
+          f"{float((w_e - prob.weights(math.exp(u))).norm() / prob.weights(math.exp(u)).norm()):.4f}; V W_h against "
+          f"dw*/du: cosine {float(slope @ true / (slope.norm() * true.norm())):.3f}, length ratio "
+          f"{float(slope.norm() / true.norm()):.2f}")
+    print(f"  validation gradient . dw*/du {float(grad @ true):+.4f} (closed form); through V W_h "
+          f"{float(grad @ slope):+.4f} = along {float(grad @ along):+.4f} + across {float(grad @ (slope - along)):+.4f} "
+          f"(the part across: {float((slope - along).norm() / true.norm()):.3f} of |dw*/du|; |validation gradient| "
+          f"{float(grad.norm()):.3f}, cosine to dw*/du {float(grad @ true / (grad.norm() * true.norm())):+.3f})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["toy", "hypergrad", "lookahead", "forward"])
-    p.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn"], help="hypergrad, lookahead")
-    p.add_argument("--steps", type=int, default=None, help="weight steps (toy 3000, hypergrad 4000, lookahead 2000)")
+    p.add_argument("what", choices=["toy", "hypergrad", "lookahead", "forward", "ridge"])
+    p.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn"], help="hypergrad, lookahead, ridge")
+    p.add_argument("--family-seed", type=int, default=22, help="ridge: the family (bench_tuning.py --family-seed)")
+    p.add_argument("--instance", default="i5", help="ridge: the instance's name (i0 ... i7)")
+    p.add_argument("--side", default="above", choices=["above", "below"], help="ridge: the start, 100x off")
+    p.add_argument("--steps", type=int, default=None, 
+                   help="weight steps (toy 3000, hypergrad 4000, lookahead 2000, forward 4000, ridge 3000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--K", type=int, nargs="+", default=[100, 500, 1500], help="lookahead: steps of plain training")
-    p.add_argument("--h", type=float, default=0.5, help="lookahead, forward --check: the step in u of the finite difference")
-    p.add_argument("--check", type=int, default=0, help="forward: compare with training from scratch after this many steps")
+    p.add_argument("--h", type=float, default=0.5,
+                   help="lookahead, forward --check: the step in u of the finite difference")
+    p.add_argument("--check", type=int, default=0,
+                   help="forward: compare with training from scratch after this many steps")
     p.add_argument("--fixed", type=float, default=0.0, help="forward: plain training at this constant rate")
-    p.add_argument("--fd-step", type=float, default=0.3, help="forward: the finite difference's step along (Z e_k, e_k)")
+    p.add_argument("--fd-step", type=float, default=0.3,
+                   help="forward: the finite difference's step along (Z e_k, e_k)")
     p.add_argument("--hyper-lr", type=float, default=0.02, help="forward: Adam's step on u")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a TrainConfig field (repeatable)")
     a = p.parse_args(argv)
-    a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000, "forward": 4000}[a.what]
+    a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000, "forward": 4000,
+                        "ridge": 3000}[a.what]
     sets = {}
     for item in a.set:
         name, _, value = item.partition("=")
@@ -269,7 +330,7 @@ def main(argv=None):
         except (ValueError, SyntaxError):
             sets[name] = value
     torch.set_num_threads(1)
-    {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead, "forward": forward}[a.what](a, sets)
+    {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead, "forward": forward, "ridge": ridge}[a.what](a, sets)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class TrainConfig:
     bptt: int = 0                     # language data: tokens per window of truncated backpropagation (0: 35)
     hyper_lr: float = 0.02            # Adam for u and the perturbation scales
     hyper_beta2: float = 0.999        # Adam's second-moment decay for u and the scales (docs/trainer.md: 0.99 ended
-                                      # closer to more ridge optima, untested on real data: not the default)
+                                      # closer to more ridge optima, level on Fashion-MNIST: not the default)
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
                                       # auto (cosine with per-example perturbation, tail per batch)
     scale_init: float = -1.0          # initial sigma in unconstrained units (-1: 0.5 with per-example perturbation,
