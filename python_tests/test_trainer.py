@@ -570,10 +570,10 @@ def _cli(*args, timeout=120):
 
 
 def test_hyper_beta2_reaches_the_hyper_optimiser(small_digits):
-    tr = Trainer(TrainConfig(method="stn", steps=2, hyper_beta2=0.99, quiet=True), data=small_digits)
-    assert tr.tuner.opt_h.param_groups[0]["betas"] == (0.9, 0.99)
+    tr = Trainer(TrainConfig(method="stn", steps=2, hyper_beta2=0.999, quiet=True), data=small_digits)
+    assert tr.tuner.opt_h.param_groups[0]["betas"] == (0.9, 0.999)
     assert Trainer(TrainConfig(method="stn", steps=2, quiet=True), data=small_digits).tuner.opt_h.param_groups[0][
-        "betas"] == (0.9, 0.999)
+        "betas"] == (0.9, 0.99)
 
 
 def test_cli_help():

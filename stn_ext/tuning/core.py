@@ -81,7 +81,7 @@ class Tuner:
     clip        > 0: clip each optimiser step's gradients to this total norm (a language model's 0.25); 0: none."""
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
-                 hyper_lr_schedule="auto", hyper_beta2=0.999, scale_init=-1.0, scale_max=0.0, tau=1e-2,
+                 hyper_lr_schedule="auto", hyper_beta2=0.99, scale_init=-1.0, scale_max=0.0, tau=1e-2,
                  train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v",
                  hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
