@@ -73,14 +73,20 @@ def config(**settings):
 RIDGE_RANGE = (1e-4, 1e4)  # the tuned weight decay's range on every ridge instance
 
 
+def ridge_config(problem, u_star, method, perturb, side, seed, steps, **settings):
+    """The TrainConfig of a ridge run: weight decay tuned in RIDGE_RANGE from 100x above (side 1) or below (side
+    -1) the log-optimum ``u_star``, full batches."""
+    return config(method=method, hypers=("weight_decay",), ranges={"weight_decay": RIDGE_RANGE},
+                  inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=steps,
+                  batch_size=problem.n_train, perturb=perturb, seed=seed, quiet=True, **settings)
+
+
 def ridge_run(problem, u_star, method, perturb, side, seed, steps, details=False):
     """One ridge run on the instance ``problem`` (a Ridge) whose log-optimum is ``u_star``, started 100x above
     (side 1) or below (side -1) it. ``details``: also the settings the tuner resolved (perturbation mode, sigma_0,
     schedule), the wall time and the final validation loss's excess over the optimum's (relative)."""
     t0 = time.perf_counter()
-    cfg = config(method=method, hypers=("weight_decay",), ranges={"weight_decay": RIDGE_RANGE},
-                 inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=steps,
-                 batch_size=problem.n_train, perturb=perturb, seed=seed, quiet=True)
+    cfg = ridge_config(problem, u_star, method, perturb, side, seed, steps)
     torch.manual_seed(seed)
     tr = Trainer(cfg, data=problem.dataset(), model=problem.model())
     with warnings.catch_warnings(record=True) as caught:

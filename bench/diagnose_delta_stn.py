@@ -228,18 +228,20 @@ def forward(a, sets):
         return
     steps, warmup = a.steps, a.steps // 10
     run, u = PlainTangentRun(data, a.seed, a.fd_step), u0.clone()
-    m1, m2, n, vgen, curve, hgs = torch.zeros(3), torch.zeros(3), 0, torch.Generator().manual_seed(7 + a.seed), [], []
+    # Adam as the trainer's hyper step had it when the recorded runs were made (beta2 0.999; its default is 0.99
+    # since), with its per-batch schedule: constant, then cosine over the last half
+    opt = torch.optim.Adam([u], lr=a.hyper_lr, betas=(0.9, 0.999))
+    vgen, curve, hgs = torch.Generator().manual_seed(7 + a.seed), [], []
     for step in range(1, steps + 1):
         run.train_step(u, tangents=not a.fixed)
         if not a.fixed and step > warmup and step % 5 == 0:
             vi = torch.randint(0, len(data.val.y), (100,), generator=vgen)
-            _, hg = run.val_loss(data.val.x[vi], data.val.y[vi], grad=True)
-            hgs.append(hg)
-            n += 1
-            m1, m2 = 0.9 * m1 + 0.1 * hg, 0.999 * m2 + 0.001 * hg * hg  # Adam, the trainer's lr and tail schedule
+            _, u.grad = run.val_loss(data.val.x[vi], data.val.y[vi], grad=True)
+            hgs.append(u.grad)
             frac = (step - warmup) / (steps - warmup)
-            lr = a.hyper_lr * (1.0 if frac < 0.5 else 0.5 * (1 + math.cos(math.pi * (2 * frac - 1))))
-            u = u - lr * (m1 / (1 - 0.9 ** n)) / ((m2 / (1 - 0.999 ** n)).sqrt() + 1e-8)
+            decay = 1.0 if frac < 0.5 else 0.5 * (1 + math.cos(math.pi * (2 * frac - 1)))
+            opt.param_groups[0]["lr"] = a.hyper_lr * decay
+            opt.step()
         if step % max(10, steps // 40) == 0:
             curve.append(run.val_loss(data.val.x, data.val.y))
             if step % (steps // 8) == 0:
@@ -259,10 +261,7 @@ def ridge(a, sets):
     if inst is None:
         raise SystemExit(f"no instance {a.instance!r} in family {a.family_seed}: {[i['name'] for i in instances]}")
     prob, u_star = bt.family_problem(inst), inst["log_opt"]
-    side = 1 if a.side == "above" else -1
-    cfg = bt.config(method=a.method, hypers=("weight_decay",), ranges={"weight_decay": bt.RIDGE_RANGE},
-                    inits={"weight_decay": math.exp(u_star + side * math.log(100))}, steps=a.steps,
-                    batch_size=prob.n_train, perturb="batch", seed=a.seed, quiet=True, **sets)
+    cfg = bt.ridge_config(prob, u_star, a.method, "batch", 1 if a.side == "above" else -1, a.seed, a.steps, **sets)
     torch.manual_seed(a.seed)
     tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
     tu, rec, step = tr.tuner, [], tr.tuner.hyper_step
@@ -306,7 +305,7 @@ def main(argv=None):
     p.add_argument("--family-seed", type=int, default=22, help="ridge: the family (bench_tuning.py --family-seed)")
     p.add_argument("--instance", default="i5", help="ridge: the instance's name (i0 ... i7)")
     p.add_argument("--side", default="above", choices=["above", "below"], help="ridge: the start, 100x off")
-    p.add_argument("--steps", type=int, default=None, 
+    p.add_argument("--steps", type=int, default=None,
                    help="weight steps (toy 3000, hypergrad 4000, lookahead 2000, forward 4000, ridge 3000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--K", type=int, nargs="+", default=[100, 500, 1500], help="lookahead: steps of plain training")
