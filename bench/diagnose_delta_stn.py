@@ -1,4 +1,4 @@
-"""Why Delta-STN's dropout rates move little, and why ridge runs miss (issue 22): five measurements
+"""Why Delta-STN's dropout rates move little, why STN's move, and why ridge runs miss (issue 22): six measurements
 (docs/trainer.md, "Why Delta-STN tunes little" and "The ridge family's misses"; results in
 bench/results/delta-stn-*.md).
 
@@ -16,6 +16,11 @@ forward    the long-horizon hypergradient of the same MLP trained plainly: forwa
            constant rates, Z^T grad L_val against central finite differences of training from scratch at u +- h;
            otherwise online (u takes an Adam step along Z^T grad L_val, 5:1, after steps / 10), and --fixed RATE:
            plain training at a constant rate, with the same batches.
+anchor     STN on the same MLP with its default hypernet input (raw logits: z = u~ minus the range's centre) and
+           with the anchor mirrored about the start (z's sign flipped, its size kept): rates and test loss, and
+           each quarter the derivative of the validation loss (all images, eval mode) along the scale of the
+           hypernet path P = (V z) (.) W_h (and C z (.) b_h), which is z . dL/dz, against the same along W_e, b_e
+           (positive: shrinking that part of the weights lowers the validation loss).
 ridge      one run of the ridge family (bench_tuning.py --only ridge-family): the hyper steps' gradient and
            Adam's normaliser sqrt(m2) in windows of 30, and at the end the hypergradient through the learned slope
            V W_h split into its parts along and across the closed-form dw*/du, against the closed form.
@@ -25,6 +30,7 @@ ridge      one run of the ridge family (bench_tuning.py --only ridge-family): th
     python bench/diagnose_delta_stn.py lookahead --steps 2000 --K 100 500 1500
     python bench/diagnose_delta_stn.py forward --check 2000
     python bench/diagnose_delta_stn.py forward --steps 4000 [--fixed 0.05]
+    python bench/diagnose_delta_stn.py anchor --seed 0
     python bench/diagnose_delta_stn.py ridge --family-seed 23 --instance i1 --side above --steps 3000
 """
 import argparse
@@ -253,6 +259,40 @@ def forward(a, sets):
           f"{curve[-1]:.4f} best val {min(curve):.4f} rates {[round(v, 3) for v in torch.sigmoid(u).tolist()]}")
 
 
+def shrink_derivatives(tr):
+    """(z . dL_val/dz, sum over STN layers of <dL_val/dW_e, W_e> + <dL_val/db_e, b_e>): the validation loss's
+    derivatives along the scale of the hypernet path and of the elementary weights, at u, in eval mode."""
+    tu = tr.tuner
+    z = tu.z(tu.u.detach(), False).clone().requires_grad_(True)
+    elem = [p for m in tu.layers for p in (m.weight_elem, m.bias_elem) if p is not None]
+    tu.model.eval()
+    with stn_ext.hyper_input(z):
+        loss = F.cross_entropy(tu.model(tr.data.val.x), tr.data.val.y)
+    g = torch.autograd.grad(loss, [z] + elem)
+    tu.model.train()
+    return float(z.detach() @ g[0]), float(sum((gp * p.detach()).sum() for gp, p in zip(g[1:], elem)))
+
+
+def anchor(a, sets):
+    for mirrored in (False, True):
+        a.method = "stn"
+        tr = fashion_trainer(a, sets, max(10, a.steps // 40))
+        tu = tr.tuner
+        if mirrored:
+            with torch.no_grad():  # z = u - anchor: the same size, the other sign
+                tu.anchor.copy_(2 * tu.u.detach() - tu.anchor)
+        rows = []
+        for quarter in range(1, 5):
+            tr.cfg.steps = quarter * a.steps // 4  # fit() runs to cfg.steps; continue quarter by quarter
+            s = tr.fit()
+            path, elem = shrink_derivatives(tr)
+            rows.append(f"step {tr.step}: rates {[round(v, 3) for v in tu.hyperparameters().values()]}, "
+                        f"z {[round(float(v), 2) for v in tu.z(tu.u.detach(), False)]}, "
+                        f"dL/d(path scale) {path:+.4f}, dL/d(W_e scale) {elem:+.4f}")
+        print(f"STN, anchor {'mirrored' if mirrored else 'as default'} {sets}: test loss {s['test_loss']:.4f}")
+        print("\n".join("  " + r for r in rows))
+
+
 def ridge(a, sets):
     import bench_tuning as bt
 
@@ -300,13 +340,14 @@ def ridge(a, sets):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["toy", "hypergrad", "lookahead", "forward", "ridge"])
+    p.add_argument("what", choices=["toy", "hypergrad", "lookahead", "forward", "anchor", "ridge"])
     p.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn"], help="hypergrad, lookahead, ridge")
     p.add_argument("--family-seed", type=int, default=22, help="ridge: the family (bench_tuning.py --family-seed)")
     p.add_argument("--instance", default="i5", help="ridge: the instance's name (i0 ... i7)")
     p.add_argument("--side", default="above", choices=["above", "below"], help="ridge: the start, 100x off")
     p.add_argument("--steps", type=int, default=None,
-                   help="weight steps (toy 3000, hypergrad 4000, lookahead 2000, forward 4000, ridge 3000)")
+                   help="weight steps (toy 3000, hypergrad 4000, lookahead 2000, forward 4000, anchor 4000, "
+                        "ridge 3000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--K", type=int, nargs="+", default=[100, 500, 1500], help="lookahead: steps of plain training")
     p.add_argument("--h", type=float, default=0.5,
@@ -319,7 +360,7 @@ def main(argv=None):
     p.add_argument("--hyper-lr", type=float, default=0.02, help="forward: Adam's step on u")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a TrainConfig field (repeatable)")
     a = p.parse_args(argv)
-    a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000, "forward": 4000,
+    a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000, "forward": 4000, "anchor": 4000,
                         "ridge": 3000}[a.what]
     sets = {}
     for item in a.set:
@@ -329,7 +370,8 @@ def main(argv=None):
         except (ValueError, SyntaxError):
             sets[name] = value
     torch.set_num_threads(1)
-    {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead, "forward": forward, "ridge": ridge}[a.what](a, sets)
+    {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead, "forward": forward, "anchor": anchor,
+     "ridge": ridge}[a.what](a, sets)
 
 
 if __name__ == "__main__":
