@@ -1,6 +1,6 @@
 """Why Delta-STN's dropout rates move little, why STN's move, and why ridge runs miss (issue 22): six measurements
-(docs/trainer.md, "Why Delta-STN tunes little" and "The ridge family's misses"; results in
-bench/results/delta-stn-*.md).
+(docs/trainer.md, "Why Delta-STN tunes little", "Why STN's rates rise" and "The ridge family's misses"; results in
+bench/results/delta-stn-*.md and stn-anchor-*.md).
 
 toy        input dropout on linear regression (stn_ext.tuning.problems.DropoutRegression): the rate a method
            reaches from 0.05 against the closed-form optimum, and its learned response V W_h against the closed
@@ -87,16 +87,22 @@ def fashion_trainer(a, sets, eval_every):
     return Trainer(cfg, data=fashion_mnist(train_size=10000), model=mlp(784, 10, 3, (256, 256)))
 
 
-def hypergrad(a, sets):
-    tr = fashion_trainer(a, sets, max(10, a.steps // 40))
-    grads, step = [], tr.tuner.hyper_step
+def after_hyper_steps(tuner, record):
+    """Call ``record()`` after each of the tuner's hyper steps (u.grad and Adam's state are then that step's)."""
+    step = tuner.hyper_step
 
     def recording(*args, **kw):
         out = step(*args, **kw)
-        grads.append(tr.tuner.u.grad.detach().clone())
+        record()
         return out
 
-    tr.tuner.hyper_step = recording
+    tuner.hyper_step = recording
+
+
+def hypergrad(a, sets):
+    tr = fashion_trainer(a, sets, max(10, a.steps // 40))
+    grads = []
+    after_hyper_steps(tr.tuner, lambda: grads.append(tr.tuner.u.grad.detach().clone()))
     s = tr.fit()
     g = torch.stack(grads)
     print(f"{a.method} {sets}: final test loss {s['test_loss']:.4f}, rates",
@@ -274,8 +280,8 @@ def shrink_derivatives(tr):
 
 
 def anchor(a, sets):
+    a.method = "stn"  # fashion_trainer's method: the anchor is STN's
     for mirrored in (False, True):
-        a.method = "stn"
         tr = fashion_trainer(a, sets, max(10, a.steps // 40))
         tu = tr.tuner
         if mirrored:
@@ -304,16 +310,14 @@ def ridge(a, sets):
     cfg = bt.ridge_config(prob, u_star, a.method, "batch", 1 if a.side == "above" else -1, a.seed, a.steps, **sets)
     torch.manual_seed(a.seed)
     tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
-    tu, rec, step = tr.tuner, [], tr.tuner.hyper_step
+    tu, rec = tr.tuner, []
 
-    def recording(*args, **kw):
-        out = step(*args, **kw)
+    def record():
         state = tu.opt_h.state.get(tu.u, {})
         root_m2 = float(state["exp_avg_sq"].sqrt()) if state else 0.0
         rec.append((float(tu.u.detach()) - u_star, float(tu.u.grad), root_m2))
-        return out
 
-    tu.hyper_step = recording
+    after_hyper_steps(tu, record)
     tr.fit()
     print(f"family {a.family_seed} {a.instance} ({inst['d']} features, {inst['n_train']} examples), {a.method} from "
           f"{a.side}, {a.steps} steps {sets or ''}")
@@ -341,7 +345,7 @@ def ridge(a, sets):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["toy", "hypergrad", "lookahead", "forward", "anchor", "ridge"])
-    p.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn"], help="hypergrad, lookahead, ridge")
+    p.add_argument("--method", default="delta-stn", choices=["stn", "delta-stn"], help="hypergrad, lookahead, ridge (anchor: always stn)")
     p.add_argument("--family-seed", type=int, default=22, help="ridge: the family (bench_tuning.py --family-seed)")
     p.add_argument("--instance", default="i5", help="ridge: the instance's name (i0 ... i7)")
     p.add_argument("--side", default="above", choices=["above", "below"], help="ridge: the start, 100x off")
