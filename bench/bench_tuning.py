@@ -66,8 +66,12 @@ OVERRIDES = {}  # --set NAME=VALUE: TrainConfig fields a problem does not set it
 
 
 def config(**settings):
-    """The run's TrainConfig: the defaults, then --set, then what the problem itself sets."""
-    return TrainConfig(**{**OVERRIDES, **settings})
+    """The run's TrainConfig: the defaults, then --set, then what the problem itself sets; a dict field both set
+    (inits, ranges) is merged, --set's entries on top, so --set inits={'dropout': 0.5} starts the cnn protocol's
+    rates at 0.5 and keeps its own cutout starts."""
+    merged = {k: {**v, **OVERRIDES[k]} for k, v in settings.items()
+              if isinstance(v, dict) and isinstance(OVERRIDES.get(k), dict)}
+    return TrainConfig(**{**OVERRIDES, **settings, **merged})
 
 
 RIDGE_RANGE = (1e-4, 1e4)  # the tuned weight decay's range on every ridge instance
@@ -675,7 +679,8 @@ def main(argv=None):
     p.add_argument("--perturb", type=lambda s: s.split(","), help="ridge: these perturbation modes only (default batch,example)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a TrainConfig field for every run where the problem does not set it, e.g. --set tau=1e-3 "
-                        "--set lr=0.03 (a Python literal); repeatable")
+                        "--set lr=0.03 (a Python literal); repeatable. inits and ranges merge into the problem's own "
+                        "(--set inits=\"{'dropout': 0.5}\" starts the cnn protocol's rates at 0.5)")
     p.add_argument("--tag", default="", help="file names tuning-<date>-<tag>.* (default: tuning-<date>.*)")
     p.add_argument("--out", default=RESULTS, help="folder for the table, JSON and plot ('' for none)")
     a = p.parse_args(argv)

@@ -25,11 +25,29 @@ def test_fashion_cnn_has_the_papers_four_dropout_places():
     assert isinstance(m.layers[0], HyperDropout)  # the input's dropout comes before the first conv
 
 
-@pytest.mark.skipif(not installed.fashion_mnist(), reason="Fashion-MNIST's IDX files are not installed")
-def test_bench_tuning_cnn_quick(tmp_path):
+def _bench():
     spec = importlib.util.spec_from_file_location("bench_tuning", os.path.join(ROOT, "bench", "bench_tuning.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_set_inits_merges_into_the_protocols_own():
+    """--set inits=... on the cnn protocol starts the named hyperparameters there and keeps the protocol's other starts
+    (it was dropped whole: the protocol's inits won)."""
+    bench = _bench()
+    bench.OVERRIDES.update(bench._parse_sets(["inits={'dropout': 0.5}", "hyper_lr=0.01"]))
+    cfg = bench.config(method="stn", **bench.cnn_settings())
+    assert cfg.inits == {**bench.CNN_INITS, "dropout": 0.5} and cfg.inits["dropout"] != bench.CNN_INITS.get("dropout")
+    assert cfg.hyper_lr == 0.01
+    assert bench.config(method="stn").inits == {"dropout": 0.5}  # nothing of the protocol's to merge with
+    bench.OVERRIDES.clear()
+    assert bench.config(method="stn", **bench.cnn_settings()).inits == bench.CNN_INITS
+
+
+@pytest.mark.skipif(not installed.fashion_mnist(), reason="Fashion-MNIST's IDX files are not installed")
+def test_bench_tuning_cnn_quick(tmp_path):
+    bench = _bench()
     res = bench.main(["--quick", "--only", "cnn", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["cnn"]}
     assert set(rows) == {"fixed", "random", "tpe", "stn", "delta-stn"}
