@@ -6,7 +6,8 @@ toy        input dropout on linear regression (stn_ext.tuning.problems.DropoutRe
            reaches from 0.05 against the closed-form optimum, and its learned response V W_h against the closed
            form dw/du (cosine, length ratio) over the run.
 hypergrad  Fashion-MNIST MLP 784-256-256-10, three dropout rates: the hypergradient of u at every hyper step,
-           summarised over six windows (mean, spread, fraction negative).
+           summarised over six windows (mean, spread, fraction negative). --response-cv: Delta-STN's response step
+           with common random numbers and a control variate (response_with_control_variate).
 lookahead  after --steps weight steps of a Delta-STN run: the hypergradient through the learned response on the
            whole validation set, against finite differences of plain training continued K steps at u +- h with
            common random numbers (the same batches and uniform draws for the dropout masks).
@@ -27,6 +28,7 @@ ridge      one run of the ridge family (bench_tuning.py --only ridge-family): th
 
     python bench/diagnose_delta_stn.py toy
     python bench/diagnose_delta_stn.py hypergrad --method delta-stn --set perturb=example --set scale_init=1.0
+    python bench/diagnose_delta_stn.py hypergrad --response-cv
     python bench/diagnose_delta_stn.py lookahead --steps 2000 --K 100 500 1500
     python bench/diagnose_delta_stn.py forward --check 2000
     python bench/diagnose_delta_stn.py forward --steps 4000 [--fixed 0.05]
@@ -45,6 +47,7 @@ from torch.func import functional_call
 import stn_ext
 from stn_ext.tuning import TrainConfig, Trainer
 from stn_ext.tuning.augment import BatchRandom
+from stn_ext.tuning.core import _gate_rows
 from stn_ext.tuning.divergence import Diverged
 from stn_ext.tuning.models import mlp, regularisers
 from stn_ext.tuning.problems import DropoutRegression
@@ -99,8 +102,50 @@ def after_hyper_steps(tuner, record):
     tuner.hyper_step = recording
 
 
+def response_with_control_variate(tu):
+    """Give Delta-STN's tuner ``tu`` a response step with common random numbers (it replays its general step's
+    draws: the same masks, flipped only where the perturbed rate crosses a draw) and a control variate: minus the
+    general step's gradient along the response's path, <G_We, (V delta) (.) W_h> + <G_be, (C delta) (.) b_h>, linear
+    in delta and so zero in expectation. The response's expected gradient stays; most of its noise goes."""
+    draws, grads = {}, []
+    step, apply = tu.weight_step, tu._apply
+
+    def weight_step(x, y, rnd=None):
+        rnd = tu._rnd(x, rnd)
+        draws["general"] = rnd.generator.get_state()
+        return step(x, y, rnd)
+
+    def general_then_keep(loss, params, *args, **kw):
+        problem = apply(loss, params, *args, **kw)
+        if params is tu.general_params and problem is None:
+            grads[:] = [(m.weight_elem.grad.detach().clone(),
+                         None if getattr(m, "bias_hyper", None) is None else m.bias_elem.grad.detach().clone())
+                        for m in tu.layers]
+        return problem
+
+    def response_step(x, y, u, rnd):
+        u_t = tu.perturbed(u, F.softplus(tu.hscale.detach()), rnd)
+        after = rnd.generator.get_state()
+        rnd.generator.set_state(draws["general"])
+        vals = tu.space.to_values(u_t)
+        xr, rates = tu.regularise(x, vals, rnd)
+        delta = tu.z(u_t, True)
+        with regularisers(rates, rnd, tu.named(vals)):
+            rloss, _ = tu.loss(xr, y, delta, vals, linearised=tu.linearize)
+        rnd.generator.set_state(after)  # the next step draws afresh
+        for m, (gw, gb) in zip(tu.layers, grads):
+            rloss = rloss - ((m.hyper_weight @ delta) * (_gate_rows(m, gw) * _gate_rows(m, m.weight_hyper)).sum(1)).sum()
+            if gb is not None:
+                rloss = rloss - ((m.hyper_bias @ delta) * gb * m.bias_hyper).sum()
+        return apply(rloss, tu.response_params, "response step's training loss", spike=False)
+
+    tu.weight_step, tu._apply, tu._response_step = weight_step, general_then_keep, response_step
+
+
 def hypergrad(a, sets):
     tr = fashion_trainer(a, sets, max(10, a.steps // 40))
+    if a.response_cv:
+        response_with_control_variate(tr.tuner)
     grads = []
     after_hyper_steps(tr.tuner, lambda: grads.append(tr.tuner.u.grad.detach().clone()))
     s = tr.fit()
@@ -362,8 +407,12 @@ def main(argv=None):
     p.add_argument("--fd-step", type=float, default=0.3,
                    help="forward: the finite difference's step along (Z e_k, e_k)")
     p.add_argument("--hyper-lr", type=float, default=0.02, help="forward: Adam's step on u")
+    p.add_argument("--response-cv", action="store_true",
+                   help="hypergrad, delta-stn: the response step with common random numbers and a control variate")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a TrainConfig field (repeatable)")
     a = p.parse_args(argv)
+    if a.response_cv and (a.what != "hypergrad" or a.method != "delta-stn"):
+        p.error("--response-cv is for hypergrad with --method delta-stn")
     a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000, "forward": 4000, "anchor": 4000,
                         "ridge": 3000}[a.what]
     sets = {}
