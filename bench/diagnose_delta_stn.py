@@ -106,40 +106,48 @@ def response_with_control_variate(tu):
     """Give Delta-STN's tuner ``tu`` a response step with common random numbers (it replays its general step's
     draws: the same masks, flipped only where the perturbed rate crosses a draw) and a control variate: minus the
     general step's gradient along the response's path, <G_We, (V delta) (.) W_h> + <G_be, (C delta) (.) b_h>, linear
-    in delta and so zero in expectation. The response's expected gradient stays; most of its noise goes."""
-    draws, grads = {}, []
-    step, apply = tu.weight_step, tu._apply
+    in delta and so zero in expectation. The response's expected gradient stays; most of its noise goes. The tuner's
+    own response step runs; these wrap the pieces it calls."""
+    run, grads = {}, []
+    step, apply, response, perturbed = tu.weight_step, tu._apply, tu._response_step, tu.perturbed
 
     def weight_step(x, y, rnd=None):
         rnd = tu._rnd(x, rnd)
-        draws["general"] = rnd.generator.get_state()
+        run["general draws"] = rnd.generator.get_state()
         return step(x, y, rnd)
 
-    def general_then_keep(loss, params, *args, **kw):
+    def response_step(*args):
+        run["responding"] = True
+        try:
+            return response(*args)
+        finally:
+            run["responding"] = False
+
+    def perturbed_then_replay(u, sigma, rnd):
+        u_t = perturbed(u, sigma, rnd)
+        if run.get("responding"):  # the response's delta is drawn; its masks are the general step's
+            run["delta"], run["generator"] = tu.z(u_t, True), rnd.generator
+            run["after"] = rnd.generator.get_state()
+            rnd.generator.set_state(run["general draws"])
+        return u_t
+
+    def apply_with_control_variate(loss, params, *args, **kw):
+        if params is tu.response_params:
+            run["generator"].set_state(run["after"])  # the next step draws afresh
+            delta = run["delta"]
+            for m, (gw, gb) in zip(tu.layers, grads):
+                loss = loss - ((m.hyper_weight @ delta) * (_gate_rows(m, gw) * _gate_rows(m, m.weight_hyper)).sum(1)).sum()
+                if gb is not None:
+                    loss = loss - ((m.hyper_bias @ delta) * gb * m.bias_hyper).sum()
         problem = apply(loss, params, *args, **kw)
-        if params is tu.general_params and problem is None:
+        if params is tu.general_params and problem is None:  # keep the general step's gradients
             grads[:] = [(m.weight_elem.grad.detach().clone(),
                          None if getattr(m, "bias_hyper", None) is None else m.bias_elem.grad.detach().clone())
                         for m in tu.layers]
         return problem
 
-    def response_step(x, y, u, rnd):
-        u_t = tu.perturbed(u, F.softplus(tu.hscale.detach()), rnd)
-        after = rnd.generator.get_state()
-        rnd.generator.set_state(draws["general"])
-        vals = tu.space.to_values(u_t)
-        xr, rates = tu.regularise(x, vals, rnd)
-        delta = tu.z(u_t, True)
-        with regularisers(rates, rnd, tu.named(vals)):
-            rloss, _ = tu.loss(xr, y, delta, vals, linearised=tu.linearize)
-        rnd.generator.set_state(after)  # the next step draws afresh
-        for m, (gw, gb) in zip(tu.layers, grads):
-            rloss = rloss - ((m.hyper_weight @ delta) * (_gate_rows(m, gw) * _gate_rows(m, m.weight_hyper)).sum(1)).sum()
-            if gb is not None:
-                rloss = rloss - ((m.hyper_bias @ delta) * gb * m.bias_hyper).sum()
-        return apply(rloss, tu.response_params, "response step's training loss", spike=False)
-
-    tu.weight_step, tu._apply, tu._response_step = weight_step, general_then_keep, response_step
+    tu.weight_step, tu._response_step = weight_step, response_step
+    tu.perturbed, tu._apply = perturbed_then_replay, apply_with_control_variate
 
 
 def hypergrad(a, sets):
