@@ -2,24 +2,16 @@
 the searches as Optuna studies over two worker processes, best-so-far curves that only fall, the table, JSON and
 figure written, and --resume keeping what the JSON holds. Skipped where Fashion-MNIST's IDX files are not
 installed (as the bench itself skips)."""
-import importlib.util
 import json
-import os
 
 import pytest
 
+import bench_scripts
 import installed
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_anytime", os.path.join(ROOT, "bench", "bench_anytime.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return bench_scripts.load("bench_anytime")
 
 
 def test_incumbent_and_catch_up_on_a_made_up_run():

@@ -1,22 +1,19 @@
 """bench/bench_tuning.py's cnn protocol (the Delta-STN code's Fashion-MNIST CNN: four dropout rates, cutout length
 and holes) end to end in its quick version: every method runs, the table, JSON and schedule figure are written.
 Skipped where Fashion-MNIST's IDX files are not installed (as the protocol itself skips)."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
+import bench_scripts
 import installed
 
 from stn_ext.tuning.models import HyperDropout
 from stn_ext.tuning.problems import fashion_cnn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def test_fashion_cnn_has_the_papers_four_dropout_places():
@@ -25,17 +22,10 @@ def test_fashion_cnn_has_the_papers_four_dropout_places():
     assert isinstance(m.layers[0], HyperDropout)  # the input's dropout comes before the first conv
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_tuning", os.path.join(ROOT, "bench", "bench_tuning.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_set_inits_merges_into_the_protocols_own():
     """--set inits=... on the cnn protocol starts the named hyperparameters there and keeps the protocol's other starts
     (it was dropped whole: the protocol's inits won)."""
-    bench = _bench()
+    bench = bench_scripts.load("bench_tuning")
     bench.OVERRIDES.update(bench._parse_sets(["inits={'dropout': 0.5}", "hyper_lr=0.01"]))
     cfg = bench.config(method="stn", **bench.cnn_settings())
     assert cfg.inits == {**bench.CNN_INITS, "dropout": 0.5} and cfg.inits["dropout"] != bench.CNN_INITS.get("dropout")
@@ -47,7 +37,7 @@ def test_set_inits_merges_into_the_protocols_own():
 
 @pytest.mark.skipif(not installed.fashion_mnist(), reason="Fashion-MNIST's IDX files are not installed")
 def test_bench_tuning_cnn_quick(tmp_path):
-    bench = _bench()
+    bench = bench_scripts.load("bench_tuning")
     res = bench.main(["--quick", "--only", "cnn", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["cnn"]}
     assert set(rows) == {"fixed", "random", "tpe", "stn", "delta-stn"}

@@ -1,23 +1,17 @@
 """bench/bench_lm.py (issue 23) in its quick version: every method runs on a tiny LSTM over Jane Austen, the
 table, JSON and the figure of the seven schedules are written. Skipped where the corpus is not installed."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
+import bench_scripts
 import installed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 
 @pytest.mark.skipif(not installed.austen(), reason="Jane Austen's novels are not installed (scripts/setup_env.sh)")
 def test_bench_lm_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_lm", os.path.join(ROOT, "bench", "bench_lm.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_scripts.load("bench_lm")
     res = bench.main(["--quick", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == set(bench.METHODS)

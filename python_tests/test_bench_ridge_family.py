@@ -1,24 +1,20 @@
 """bench/bench_tuning.py --only ridge-family (issue 22): the ridge family is fixed in advance (the same instances on
 every call), every instance passes its checks (interior optimum, starts inside the range, a stable 100x-above
 start), and the protocol end to end in a few seconds: the table, JSON and figure are written."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import bench_scripts
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_tuning", os.path.join(ROOT, "bench", "bench_tuning.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_scripts.load("bench_tuning")
 
 
 def test_the_family_is_fixed_and_every_instance_passes_its_checks(bench):

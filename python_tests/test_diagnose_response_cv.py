@@ -1,28 +1,19 @@
 """bench/diagnose_delta_stn.py's response step with common random numbers and a control variate (issue 22,
 bench/results/delta-stn-response-noise-2026-12-05.md): the figures there rest on its replaying the general step's
 draws and cancelling the gradient's part that does not depend on delta."""
-import importlib.util
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import bench_scripts
+
 from stn_ext.tuning import Tuner
 from stn_ext.tuning.models import mlp
 from stn_ext.tuning.space import HyperSpace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _diagnose():
-    spec = importlib.util.spec_from_file_location("diagnose_delta_stn",
-                                                  os.path.join(ROOT, "bench", "diagnose_delta_stn.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _response_grads(control_variate, sigma):
@@ -46,7 +37,7 @@ def _response_grads(control_variate, sigma):
 
     tu._apply = recording
     if control_variate:
-        _diagnose().response_with_control_variate(tu)
+        bench_scripts.load("diagnose_delta_stn").response_with_control_variate(tu)
     x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
     tu.weight_step(x, y)
     return seen[0]
@@ -64,6 +55,6 @@ def test_the_control_variate_cancels_the_part_of_the_response_gradient_that_does
 
 
 def test_response_cv_is_only_for_delta_stn_hypergrad():
-    diag = _diagnose()
+    diag = bench_scripts.load("diagnose_delta_stn")
     with pytest.raises(SystemExit):
         diag.main(["ridge", "--response-cv"])

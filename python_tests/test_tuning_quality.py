@@ -1,13 +1,13 @@
 """Tuning quality and stability of the trainer's defaults (issue 11): the ridge problem with a closed-form
 optimum, divergence caught at the step and recovered (or stopped with a clear message), perturbations kept
 in range, the STN re-centring as an exact reparameterisation, and bench/bench_tuning.py --quick."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
+
+import bench_scripts
 
 import stn_ext
 from stn_ext import checkpoint
@@ -15,8 +15,6 @@ from stn_ext.tuning import models
 from stn_ext.tuning.divergence import Diverged, Guard
 from stn_ext.tuning.problems import DropoutRegression, Ridge, digits_protocol
 from stn_ext.tuning import TrainConfig, Trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,9 +164,7 @@ def test_defaults_reach_the_ridge_optimum(ridge, method, perturb, side, tol):
 
 
 def test_bench_tuning_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_tuning", os.path.join(ROOT, "bench", "bench_tuning.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_scripts.load("bench_tuning")
     res = bench.main(["--quick", "--only", "digits", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["digits"]}
     assert set(rows) == {"fixed", "random", "stn (no hyper steps)", "stn", "delta-stn"}
@@ -181,7 +177,6 @@ def test_digits_protocol_split():
     d = digits_protocol()
     assert (len(d.train), len(d.val), len(d.test)) == (1000, 400, 397)
     assert float(d.train.x.max()) <= 1.0 and d.train.x.shape[1] == 64
-
 
 
 def test_cli_reports_a_divergence_in_one_line(tmp_path, capsys):
