@@ -137,6 +137,31 @@ def test_clear_errors():
         Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy)
 
 
+# Each was taken by the Tuner before it checked its options: run without a word (a misspelt schedule, hyper_input
+# or response_init fell back to another setting; val_per_cycle 0 never tuned), or failed later and raw
+# (train_per_cycle 0: ZeroDivisionError in the first weight step; scale_max < 0: 'math domain error').
+BAD_OPTIONS = [("hyper_lr_schedule", "linear"), ("hyper_input", "centred"), ("response_init", "zeros"),
+               ("val_per_cycle", 0), ("train_per_cycle", 0), ("train_per_cycle", 2.5), ("scale_max", -0.1),
+               ("tau", -0.5), ("warmup_steps", -3), ("hyper_lr", float("nan")), ("hyper_beta2", 1.0),
+               ("clip", -1.0), ("total_steps", 0)]
+
+
+@pytest.mark.parametrize("name,value", BAD_OPTIONS)
+def test_a_bad_option_is_refused_by_name_at_construction(name, value):
+    with pytest.raises(ValueError, match=rf"stn_ext: {name} must be .*, got {value!r}"):
+        _setup(**({"steps": value} if name == "total_steps" else {name: value}))
+
+
+def test_train_config_refuses_what_the_tuner_refuses():
+    """TrainConfig.validate and the Tuner share one check (stn_ext.tuning.options), so the CLI and a user's loop
+    refuse the same values with the same message."""
+    from stn_ext.tuning.config import TUNER_OPTIONS, TrainConfig
+    for name, value in BAD_OPTIONS:
+        if name in TUNER_OPTIONS:
+            with pytest.raises(ValueError, match=rf"stn_ext: {name} must be .*, got {value!r}"):
+                TrainConfig(**{name: value}).validate()
+    TrainConfig(tau=-1, scale_init=-1, warmup_steps=-1).validate()  # the 'auto' values pass
+
 def test_example_own_training_loop_runs():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "own_training_loop.py"), "--steps", "60"],

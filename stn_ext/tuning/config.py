@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 import stn_ext
-from stn_ext.tuning import defaults
+from stn_ext.tuning import defaults, options
 from stn_ext.tuning.core import METHODS as STEP_METHODS
 
 DEFAULT_HYPERS = ("dropout", "weight_decay")
@@ -14,6 +14,9 @@ DEFAULT_HYPERS = ("dropout", "weight_decay")
 LANGUAGE_HYPERS = ("dropout", "embed_dropout", "dropconnect", "ar", "tar")
 SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
 METHODS = STEP_METHODS + SEARCHES  # stn, delta-stn, fixed (the Tuner's), random, tpe
+# TrainConfig fields passed to the Tuner unchanged; clip is not among them (its -1 is resolved by the data first)
+TUNER_OPTIONS = ("perturb", "hyper_lr_schedule", "hyper_input", "response_init", "hyper_lr", "hyper_beta2",
+                 "scale_init", "scale_max", "tau", "train_per_cycle", "val_per_cycle", "warmup_steps")
 
 
 @dataclass
@@ -92,20 +95,11 @@ class TrainConfig:
     def validate(self):
         if self.method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {self.method!r}; expected one of {METHODS}")
-        if self.perturb not in ("auto", "example", "batch"):
-            raise ValueError(f"stn_ext: perturb must be 'auto', 'example' or 'batch', got {self.perturb!r}")
-        if self.hyper_lr_schedule not in ("auto", "cosine", "constant", "tail"):
-            raise ValueError("stn_ext: hyper_lr_schedule must be 'auto', 'cosine', 'constant' or 'tail', got "
-                             f"{self.hyper_lr_schedule!r}")
-        if self.hyper_input not in ("auto", "init", "centre", "recentred"):
-            raise ValueError(f"stn_ext: hyper_input must be 'auto', 'init', 'centre' or 'recentred', got {self.hyper_input!r}")
-        if self.response_init not in ("v", "zero"):
-            raise ValueError(f"stn_ext: response_init must be 'v' or 'zero', got {self.response_init!r}")
-        for name in ("steps", "batch_size", "train_per_cycle", "val_per_cycle", "random_trials"):
+        # the options the Tuner takes as they are (stn_ext.tuning.options: the Tuner checks them the same way)
+        options.check(**{name: getattr(self, name) for name in TUNER_OPTIONS})
+        for name in ("steps", "batch_size", "random_trials"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stn_ext: {name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < -1:
-            raise ValueError(f"stn_ext: warmup_steps must be >= 0 (or -1: steps / 10), got {self.warmup_steps}")
         for name in ("eval_every", "checkpoint_every", "stop_after", "train_size", "response_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stn_ext: {name} must be >= 0, got {getattr(self, name)}")
@@ -118,12 +112,8 @@ class TrainConfig:
             raise ValueError(f"stn_ext: pruner, workers and storage are for the searches {SEARCHES}, not {self.method!r}")
         if self.method in SEARCHES and self.trial_steps == 0 and self.steps < self.random_trials:
             raise ValueError(f"stn_ext: a search ({self.method}) with {self.random_trials} trials needs steps >= trials")
-        if not 0 <= self.hyper_beta2 < 1:
-            raise ValueError(f"stn_ext: hyper_beta2 must be in [0, 1), got {self.hyper_beta2}")
-        if self.lr < 0 or self.hyper_lr < 0 or not (self.scale_init > 0 or self.scale_init == -1) \
-                or not (self.tau >= 0 or self.tau == -1) or not self.scale_max >= 0:
-            raise ValueError("stn_ext: lr must be > 0 (or 0: auto), scale_init > 0 (or -1: auto), hyper_lr and scale_max "
-                             ">= 0, tau >= 0")
+        if self.lr < 0:
+            raise ValueError(f"stn_ext: lr must be > 0 (or 0: auto), got {self.lr}")
         if not (0 <= self.momentum < 1 or self.momentum == -1) or not (self.clip >= 0 or self.clip == -1) \
                 or self.bptt < 0:
             raise ValueError("stn_ext: momentum must be in [0, 1) (or -1: auto), clip >= 0 (or -1: auto), bptt >= 0")

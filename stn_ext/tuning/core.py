@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_ext
-from stn_ext.tuning import augment, defaults, models
+from stn_ext.tuning import augment, defaults, models, options
 from stn_ext._messages import count
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.divergence import StepChecks
@@ -88,8 +88,10 @@ class Tuner:
                  response_rows=0.0, clip=0.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
-        if not (scale_init > 0 or scale_init == -1):
-            raise ValueError(f"stn_ext: scale_init must be > 0 (or -1: the method's default), got {scale_init}")
+        options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
+                      hyper_beta2=hyper_beta2, scale_init=scale_init, scale_max=scale_max, tau=tau, clip=clip,
+                      train_per_cycle=train_per_cycle, val_per_cycle=val_per_cycle, warmup_steps=warmup_steps,
+                      perturb=perturb, response_init=response_init, hyper_input=hyper_input)
         # 'auto' settings: the method's defaults (stn_ext.tuning.defaults)
         perturb, scale_init, hyper_lr_schedule = defaults.resolve(method, perturb, scale_init, hyper_lr_schedule)
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -130,7 +132,7 @@ class Tuner:
             train_per_cycle, val_per_cycle, perturb, linearize
         self.response_every = defaults.response_every(response_every)
         self.response_rows = defaults.response_rows(response_rows)
-        self.total_steps = total_steps
+        self.total_steps, self.clip = total_steps, clip
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
         self.tau = tau if tau >= 0 else 1e-2  # -1: the 'auto' of older configs
         self.u_lo, self.u_hi = space.u_limits(dt, device)
@@ -145,8 +147,7 @@ class Tuner:
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=hyper_lr, betas=(0.9, hyper_beta2))
         self._cache = {}  # _while_unchanged
         self.gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + 7919)
-        self.loss_norm, self.val_norm, self.world = loss_norm, val_norm, world
-        self.allreduce = allreduce
+        self.loss_norm, self.val_norm, self.world, self.allreduce = loss_norm, val_norm, world, allreduce
         self.i_wd = space.index("weight_decay")
         self.i_noise = space.index("noise")
         self.i_cut_len, self.i_cut_holes = space.index("cutout_length"), space.index("cutout_holes")
@@ -162,7 +163,6 @@ class Tuner:
             raise ValueError(f"stn_ext: hyperparameters {ignored} regularise a language model "
                              "(stn_ext.tuning.language.LanguageModel); this model would ignore them")
         self.per_batch = torch.tensor([h.per_batch for h in space.hypers], device=device)
-        self.clip = clip
         self.total_hyper_steps = sum(self._hyper_steps_after(t) for t in range(1, total_steps + 1)) if total_steps else 0
         self.step = 0   # weight steps done (skipped ones included)
         self.hstep = 0  # hyper steps done (skipped ones included)

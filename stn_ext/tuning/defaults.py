@@ -16,6 +16,7 @@ e^(sigma eps)), so momentum SGD goes unstable well below its fixed limit at 0.5;
 the perturbations and 0.5 learns the response faster. A noisier per-example hypergradient needs the earlier
 decay to settle.
 """
+from stn_ext.tuning import options
 
 PERTURB = {"stn": "batch", "delta-stn": "batch", "fixed": "batch"}
 
@@ -50,10 +51,9 @@ SCALE_AND_SCHEDULE = {"batch": (0.3, "tail"), "example": (0.5, "cosine")}
 
 def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto"):
     """(perturb, sigma_0, schedule) with each 'auto' (-1 for sigma_0) replaced by the method's default."""
+    options.check(perturb=perturb)
     if perturb == "auto":
         perturb = PERTURB[method]
-    if perturb not in SCALE_AND_SCHEDULE:
-        raise ValueError(f"stn_ext: perturb must be 'auto', 'example' or 'batch', got {perturb!r}")
     sigma_0, auto_schedule = SCALE_AND_SCHEDULE[perturb]
     return perturb, (sigma_0 if scale_init == -1 else scale_init), (auto_schedule if schedule == "auto" else schedule)
 
