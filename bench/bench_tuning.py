@@ -505,9 +505,9 @@ def _within(r):
     return r["finite"] and not r["error"] and abs(r["u_minus_opt"]) <= RIDGE_TOL[r["perturb"]]
 
 
-def ridge_family_table(instances, rejected, rows, steps, prov):
+def ridge_family_table(instances, rejected, rows, steps, prov, family_seed):
     seeds = sorted({r["seed"] for r in rows})
-    out = [f"Ridge family: {len(instances)} instances drawn from random.Random({FAMILY_SEED}) (d 20..80, n_train d..2d, "
+    out = [f"Ridge family: {len(instances)} instances drawn from random.Random({family_seed}) (d 20..80, n_train d..2d, "
            "n_val 50, noise and signal/noise log-uniform in [0.25, 4] and [0.9, 7], a data seed), weight decay tuned in "
            f"[1e-4, 1e4] from 100x above and 100x below the closed-form optimum wd*; {steps} weight steps, full batch, "
            f"TrainConfig defaults except what ridge_run sets; seeds {', '.join(map(str, seeds))}. Tolerance |u - u*| "
@@ -731,7 +731,7 @@ def main(argv=None):
         res["ridge_family"] = {"instances": instances, "rejected": rejected, "rows": rows, "provenance": prov,
                                "family_seed": a.family_seed, "steps": a.ridge_steps, "tolerance": RIDGE_TOL,
                                "within": sum(_within(r) for r in rows), "wall_s": time.perf_counter() - t0}
-        text.append(ridge_family_table(instances, rejected, rows, a.ridge_steps, prov))
+        text.append(ridge_family_table(instances, rejected, rows, a.ridge_steps, prov, a.family_seed))
     if a.only in (None, "digits"):
         data = digits_protocol()
         rows = []
