@@ -143,13 +143,48 @@ def test_clear_errors():
 BAD_OPTIONS = [("hyper_lr_schedule", "linear"), ("hyper_input", "centred"), ("response_init", "zeros"),
                ("val_per_cycle", 0), ("train_per_cycle", 0), ("train_per_cycle", 2.5), ("scale_max", -0.1),
                ("tau", -0.5), ("warmup_steps", -3), ("hyper_lr", float("nan")), ("hyper_beta2", 1.0),
-               ("clip", -1.0), ("total_steps", 0)]
+               ("clip", -1.0), ("total_steps", 0), ("hyper_plain_every", -1)]
 
 
 @pytest.mark.parametrize("name,value", BAD_OPTIONS)
 def test_a_bad_option_is_refused_by_name_at_construction(name, value):
     with pytest.raises(ValueError, match=rf"stn_ext: {name} must be .*, got {value!r}"):
         _setup(**({"steps": value} if name == "total_steps" else {name: value}))
+
+
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])
+def test_every_second_hyper_step_is_plain_at_u_and_leaves_the_scales(method):
+    """hyper_plain_every=2 (the default): hyper steps 0, 2, ... evaluate the validation loss at u itself (no draw:
+    the same step whatever the generator) and step u alone; steps 1, 3, ... are perturbed and move the scales too."""
+    train, val = _batches(12, 0), _batches(4, 1)
+    steps = []
+    for gen_seed in (1, 2):
+        model, tuner = _setup(method, generator=torch.Generator().manual_seed(gen_seed), warmup_steps=0,
+                              scale_max=1.0)  # above sigma_0: the scales can move both ways
+        assert tuner.plain_every == 2
+        torch.manual_seed(0)
+        for p in model.parameters():  # the same weights whatever the generator drew in the weight steps
+            p.data = torch.randn_like(p) * 0.3
+        rows = []
+        for x, y in val:
+            u0, h0 = tuner.u.detach().clone(), tuner.hscale.detach().clone()
+            tuner.hyper_step(x, y)
+            rows.append((tuner.u.detach() - u0, tuner.hscale.detach() - h0))
+        steps.append(rows)
+    a, b = steps
+    assert all(torch.equal(h, torch.zeros_like(h)) for _, h in a[0::2])  # plain: the scales stay
+    assert all(h.abs().max() > 0 for _, h in a[1::2])                    # perturbed: they move
+    assert torch.equal(a[0][0], b[0][0]) and a[0][0].abs().max() > 0     # plain: u's step draws nothing
+    assert not torch.equal(a[1][0], b[1][0])                              # perturbed: it depends on the draw
+
+
+def test_no_plain_hyper_steps_when_set_to_0():
+    model, tuner = _setup("stn", hyper_plain_every=0, warmup_steps=0, scale_max=1.0)
+    for p in model.parameters():
+        p.data = torch.randn_like(p) * 0.3
+    h0 = tuner.hscale.detach().clone()
+    tuner.hyper_step(*_batches(1, 1)[0])
+    assert not torch.equal(tuner.hscale.detach(), h0)
 
 
 def test_train_config_refuses_what_the_tuner_refuses():

@@ -137,6 +137,10 @@ def build_parser():
                    help="decay of the hyper learning rate: cosine settles the hyperparameters, tail keeps it constant "
                         "for the first half; auto is cosine with per-example and tail with per-batch perturbation "
                         f"(default {d.hyper_lr_schedule})")
+    g.add_argument("--hyper-plain-every", type=int, default=d.hyper_plain_every,
+                   help="take every k-th hyper step at the hyperparameters themselves, unperturbed, stepping them "
+                        "and not the perturbation scales: its gradient carries no perturbation noise (0: none; 1: "
+                        f"the scales are never tuned) (default {d.hyper_plain_every})")
     g.add_argument("--scale-init", type=float, default=d.scale_init,
                    help="initial perturbation scale sigma, in unconstrained units (default -1: 0.5 with per-example "
                         "perturbation, 0.3 per batch)")
@@ -218,6 +222,7 @@ def config_from_args(a):
         inits=_kv(a.init, "--init", float), steps=a.steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
         clip=a.clip, bptt=a.bptt,
         hyper_lr=a.hyper_lr, hyper_lr_schedule=a.hyper_lr_schedule, hyper_beta2=a.hyper_beta2,
+        hyper_plain_every=a.hyper_plain_every,
         scale_init=a.scale_init, scale_max=a.scale_max,
         tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
         response_every=a.response_every, response_rows=a.response_rows,

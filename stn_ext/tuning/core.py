@@ -23,7 +23,8 @@ delta-stn   General step: W_e, b_e (and non-STN parameters) at z = 0 with the re
 fixed       plain training at the initial hyperparameters (z = 0).
 
 Hyper step (both tuned methods; eval mode: no dropout, augmentation or noise): the validation loss at the
-perturbed u~ minus tau * entropy(sigma), gradients reaching u and h only through the hypernet response.
+perturbed u~ minus tau * entropy(sigma), gradients reaching u and h only through the hypernet response; every
+``hyper_plain_every``-th one at u itself, stepping u alone (its gradient carries no perturbation noise).
 """
 import contextlib
 import math
@@ -82,14 +83,15 @@ class Tuner:
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", hyper_beta2=0.99, scale_init=-1.0, scale_max=0.0, tau=1e-2,
-                 train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto", response_init="v",
-                 hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
+                 hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
+                 response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
                  response_rows=0.0, clip=0.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
                       hyper_beta2=hyper_beta2, scale_init=scale_init, scale_max=scale_max, tau=tau, clip=clip,
+                      hyper_plain_every=hyper_plain_every,
                       train_per_cycle=train_per_cycle, val_per_cycle=val_per_cycle, warmup_steps=warmup_steps,
                       perturb=perturb, response_init=response_init, hyper_input=hyper_input)
         # 'auto' settings: the method's defaults (stn_ext.tuning.defaults)
@@ -126,7 +128,7 @@ class Tuner:
         self.hscale = nn.Parameter(torch.full((n,), inv_softplus(scale_init), dtype=dt, device=device))
         self.scale_init, self.sigma_max = scale_init, scale_max or scale_init
         self.sigma_max0 = self.sigma_max  # where the cap grows back to after a roll-back
-        self.hyper_lr, self.hyper_lr_schedule = hyper_lr, hyper_lr_schedule
+        self.hyper_lr, self.hyper_lr_schedule, self.plain_every = hyper_lr, hyper_lr_schedule, hyper_plain_every
         self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
         self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = \
             train_per_cycle, val_per_cycle, perturb, linearize
@@ -164,8 +166,7 @@ class Tuner:
                              "(stn_ext.tuning.language.LanguageModel); this model would ignore them")
         self.per_batch = torch.tensor([h.per_batch for h in space.hypers], device=device)
         self.total_hyper_steps = sum(self._hyper_steps_after(t) for t in range(1, total_steps + 1)) if total_steps else 0
-        self.step = 0   # weight steps done (skipped ones included)
-        self.hstep = 0  # hyper steps done (skipped ones included)
+        self.step, self.hstep = 0, 0  # weight steps and hyper steps done (skipped ones included)
         if guard is not None and not check_finite:
             raise ValueError("stn_ext: a guard needs check_finite=True (it reads each step's loss)")
         self.checks = StepChecks(self, max_skipped, guard) if check_finite else None
@@ -176,9 +177,7 @@ class Tuner:
 
     # --- schedule -------------------------------------------------------------------------------------
 
-    @property
-    def tunes(self):
-        return self.method in TUNED
+    tunes = property(lambda self: self.method in TUNED)
 
     def _hyper_steps_after(self, t):
         """Hyper steps taken right after weight step number t (1-based)."""
@@ -380,8 +379,8 @@ class Tuner:
                            "which was taken)", spike=False)
 
     def hyper_step(self, x, y, rnd=None):
-        """One step on u and the perturbation scales on a validation batch; returns its losses (per example
-        where loss_fn gives them), detached, from the perturbed network."""
+        """One step on u and the perturbation scales (on a plain step: u alone) on a validation batch; returns its
+        losses (per example where loss_fn gives them), detached, from the perturbed network (plain: at u)."""
         if not self.tunes:
             raise RuntimeError(f"stn_ext: method {self.method!r} takes no hyper steps")
         if self.checks:
@@ -389,7 +388,8 @@ class Tuner:
         rnd = self._rnd(x, rnd)
         self.model.eval()
         sigma = F.softplus(self.hscale)
-        u_t = self.perturbed(self.u, sigma, rnd)
+        plain = self.plain_every and self.hstep % self.plain_every == 0  # at u itself: no sigma eps in u's gradient
+        u_t = self.u if plain else self.perturbed(self.u, sigma, rnd)
         z = self.z(u_t, self.method == "delta-stn")
         out = self.forward(x, z, self.method == "delta-stn" and self.linearize)
         vloss, report = self._reduce(out, y, self.val_norm)
@@ -402,7 +402,7 @@ class Tuner:
         else:
             problem = self.checks.hyper_problem(loss, grads)
         if problem is None:
-            self.u.grad, self.hscale.grad = grads
+            self.u.grad, self.hscale.grad = grads[0], None if plain else grads[1]  # Adam skips a None
             for g in self.opt_h.param_groups:
                 g["lr"] = self.current_hyper_lr()
             self.opt_h.step()

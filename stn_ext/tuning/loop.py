@@ -125,6 +125,7 @@ class Trainer:
                                                     momentum=self.settings["momentum"]),
             self._per_example_loss, cfg.method, cfg.steps, hyper_lr=cfg.hyper_lr, hyper_lr_schedule=cfg.hyper_lr_schedule,
             hyper_beta2=cfg.hyper_beta2, scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau,
+            hyper_plain_every=cfg.hyper_plain_every,
             train_per_cycle=cfg.train_per_cycle, val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps,
             perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,

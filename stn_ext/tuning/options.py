@@ -33,6 +33,7 @@ RULES = {
     "scale_init": _number(lambda v: 0 < v < math.inf or v == -1, "> 0 (or -1: the method's default)"),
     "scale_max": _number(lambda v: 0 <= v < math.inf, ">= 0 (0: scale_init)"),
     "tau": _number(lambda v: 0 <= v < math.inf or v == -1, ">= 0 (or -1: the default, 1e-2)"),
+    "hyper_plain_every": _count(0, "an integer >= 0 (0: none)"),
     "train_per_cycle": _count(1, "an integer >= 1"),
     "val_per_cycle": _count(1, "an integer >= 1"),
     "warmup_steps": _count(-1, "an integer >= 0 (or -1: a tenth of the steps)"),
