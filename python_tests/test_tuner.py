@@ -154,14 +154,13 @@ def test_a_bad_option_is_refused_by_name_at_construction(name, value):
 
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])
 def test_every_second_hyper_step_is_plain_at_u_and_leaves_the_scales(method):
-    """hyper_plain_every=2 (the default): hyper steps 0, 2, ... evaluate the validation loss at u itself (no draw:
+    """hyper_plain_every=2: hyper steps 0, 2, ... evaluate the validation loss at u itself (no draw:
     the same step whatever the generator) and step u alone; steps 1, 3, ... are perturbed and move the scales too."""
     train, val = _batches(12, 0), _batches(4, 1)
     steps = []
     for gen_seed in (1, 2):
         model, tuner = _setup(method, generator=torch.Generator().manual_seed(gen_seed), warmup_steps=0,
-                              scale_max=1.0)  # above sigma_0: the scales can move both ways
-        assert tuner.plain_every == 2
+                              scale_max=1.0, hyper_plain_every=2)  # a cap above sigma_0: the scales can move both ways
         torch.manual_seed(0)
         for p in model.parameters():  # the same weights whatever the generator drew in the weight steps
             p.data = torch.randn_like(p) * 0.3
@@ -178,8 +177,9 @@ def test_every_second_hyper_step_is_plain_at_u_and_leaves_the_scales(method):
     assert not torch.equal(a[1][0], b[1][0])                              # perturbed: it depends on the draw
 
 
-def test_no_plain_hyper_steps_when_set_to_0():
-    model, tuner = _setup("stn", hyper_plain_every=0, warmup_steps=0, scale_max=1.0)
+def test_no_plain_hyper_steps_by_default():
+    model, tuner = _setup("stn", warmup_steps=0, scale_max=1.0)
+    assert tuner.plain_every == 0
     for p in model.parameters():
         p.data = torch.randn_like(p) * 0.3
     h0 = tuner.hscale.detach().clone()

@@ -83,7 +83,7 @@ class Tuner:
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", hyper_beta2=0.99, scale_init=-1.0, scale_max=0.0, tau=1e-2,
-                 hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
+                 hyper_plain_every=0, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
                  response_rows=0.0, clip=0.0):
