@@ -6,6 +6,7 @@ import sys
 
 from stn_ext.cli_parser import Parser
 from stn_ext.data import BUILTIN as BUILTIN_DATA
+from stn_ext.tuning import options
 from stn_ext.tuning.config import DEFAULT_HYPERS, METHODS, SEARCHES
 from stn_ext.tuning.language import TEXT_DATA
 from stn_ext.tuning.space import BUILTINS, GROUPS
@@ -133,7 +134,7 @@ def build_parser():
                    help="Adam's second-moment decay for the hyperparameters: shorter than Adam's usual 0.999, so a "
                         "far start's large hypergradients do not slow the arrival (docs/trainer.md, \"The ridge "
                         f"family's misses\") (default {d.hyper_beta2})")
-    g.add_argument("--hyper-lr-schedule", default=d.hyper_lr_schedule, choices=["auto", "cosine", "constant", "tail"],
+    g.add_argument("--hyper-lr-schedule", default=d.hyper_lr_schedule, choices=options.SCHEDULES,
                    help="decay of the hyper learning rate: cosine settles the hyperparameters, tail keeps it constant "
                         "for the first half; auto is cosine with per-example and tail with per-batch perturbation "
                         f"(default {d.hyper_lr_schedule})")
@@ -151,14 +152,14 @@ def build_parser():
     g.add_argument("--tval", type=int, default=d.val_per_cycle, help=f"hyper steps per cycle (default {d.val_per_cycle})")
     g.add_argument("--warmup", type=int, default=d.warmup_steps,
                    help="weight steps before the response trains and the first hyper step (default -1: steps / 10)")
-    g.add_argument("--hyper-input", default=d.hyper_input, choices=["auto", "centre", "recentred", "init"],
+    g.add_argument("--hyper-input", default=d.hyper_input, choices=options.HYPER_INPUTS,
                    help="stn: what the hypernet sees, u~ minus an anchor: the range's centre (raw logits, as the "
                         "official STN), u itself (recentred after each hyper step, exactly), auto (centre for "
                         f"rates, recentred for the rest) or the initial u (default {d.hyper_input})")
-    g.add_argument("--response-init", default=d.response_init, choices=["v", "zero"],
+    g.add_argument("--response-init", default=d.response_init, choices=options.RESPONSE_INITS,
                    help="start of the hypernet path: v (V, C random, W_h, b_h zero: learns at once) or zero "
                         f"(V, C zero, as the papers) (default {d.response_init})")
-    g.add_argument("--perturb", default=d.perturb, choices=["auto", "example", "batch"],
+    g.add_argument("--perturb", default=d.perturb, choices=options.PERTURBS,
                    help="one perturbation per batch (one fused GEMM per layer) or one per example (the papers'; about "
                         "twice the GEMM work per step); auto is the method's (batch for both; docs/trainer.md says why) "
                         f"(default {d.perturb})")

@@ -6,6 +6,7 @@ import sys
 import time
 
 from stn_ext.cli_parser import Parser
+from stn_ext.tuning import options
 from stn_ext.tuning.cli import ERRORS, _defaults, _ints, _set_threads, format_table, summarise
 
 
@@ -32,7 +33,7 @@ def build_demo_parser():
     p.add_argument("--lr", type=float, default=0.03, help="weight SGD learning rate (default 0.03, so that "
                    "random-search trials of steps/trials steps converge too)")
     d = _defaults()
-    p.add_argument("--perturb", default=d.perturb, choices=["auto", "example", "batch"],
+    p.add_argument("--perturb", default=d.perturb, choices=options.PERTURBS,
                    help=f"auto: each method's own (default {d.perturb})")
     p.add_argument("--hyper-lr", type=float, default=d.hyper_lr,
                    help=f"Adam learning rate of the hyperparameters (default {d.hyper_lr})")

@@ -18,8 +18,12 @@ def _number(ok, domain):
     return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v) and ok(v), domain
 
 
+def _integer(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _count(least, domain):
-    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= least, domain
+    return lambda v: _integer(v) and v >= least, domain
 
 
 # option -> (accepts(value), what it accepts)
@@ -38,8 +42,7 @@ RULES = {
     "val_per_cycle": _count(1, "an integer >= 1"),
     "warmup_steps": _count(-1, "an integer >= 0 (or -1: a tenth of the steps)"),
     "clip": _number(lambda v: 0 <= v < math.inf, ">= 0 (0: no clipping)"),  # TrainConfig's also takes -1 (auto)
-    "total_steps": (lambda v: v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1),
-                    "None or an integer >= 1"),
+    "total_steps": (lambda v: v is None or (_integer(v) and v >= 1), "None or an integer >= 1"),
 }
 # response_every and response_rows: stn_ext.tuning.defaults checks them where it resolves their 0 (the default)
 
