@@ -154,13 +154,14 @@ def test_a_bad_option_is_refused_by_name_at_construction(name, value):
 
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])
 def test_every_second_hyper_step_is_plain_at_u_and_leaves_the_scales(method):
-    """hyper_plain_every=2: hyper steps 0, 2, ... evaluate the validation loss at u itself (no draw:
+    """hyper_plain_every=2 (the default): hyper steps 0, 2, ... evaluate the validation loss at u itself (no draw:
     the same step whatever the generator) and step u alone; steps 1, 3, ... are perturbed and move the scales too."""
     train, val = _batches(12, 0), _batches(4, 1)
     steps = []
     for gen_seed in (1, 2):
         model, tuner = _setup(method, generator=torch.Generator().manual_seed(gen_seed), warmup_steps=0,
-                              scale_max=1.0, hyper_plain_every=2)  # a cap above sigma_0: the scales can move both ways
+                              scale_max=1.0)  # above sigma_0: the scales can move both ways
+        assert tuner.plain_every == 2
         torch.manual_seed(0)
         for p in model.parameters():  # the same weights whatever the generator drew in the weight steps
             p.data = torch.randn_like(p) * 0.3
@@ -177,9 +178,8 @@ def test_every_second_hyper_step_is_plain_at_u_and_leaves_the_scales(method):
     assert not torch.equal(a[1][0], b[1][0])                              # perturbed: it depends on the draw
 
 
-def test_no_plain_hyper_steps_by_default():
-    model, tuner = _setup("stn", warmup_steps=0, scale_max=1.0)
-    assert tuner.plain_every == 0
+def test_no_plain_hyper_steps_when_set_to_0():
+    model, tuner = _setup("stn", hyper_plain_every=0, warmup_steps=0, scale_max=1.0)
     for p in model.parameters():
         p.data = torch.randn_like(p) * 0.3
     h0 = tuner.hscale.detach().clone()
@@ -208,6 +208,9 @@ def test_example_own_training_loop_runs():
 # --- non-finite steps: skipped, counted, stopped; the opt-in roll-back (issue 22) ---------------------------------
 
 NAN_X = torch.full((8, 12), float("nan"))
+
+
+RESPONSE_NAMES = ("weight_hyper", "hyper_weight", "bias_hyper", "hyper_bias")
 
 
 def _same(a, b):
@@ -366,7 +369,10 @@ def test_the_checks_and_the_guard_leave_a_healthy_run_bit_for_bit_unchanged(meth
 def test_the_guard_rolls_back_to_a_healthy_snapshot_and_the_run_goes_on(bad):
     from stn_ext.tuning import Guard
 
-    model, tuner = _setup("stn", steps=40, opt=torch.optim.SGD, guard=Guard(every=5))
+    momentum = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)  # noqa: E731 (state to restore)
+    model, tuner = _setup("stn", steps=40, opt=momentum, guard=Guard(every=5))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    response = {k for k in start if k.endswith(RESPONSE_NAMES)}
     train, val = _batches(40, 1), _batches(40, 2)
     x_bad = NAN_X if bad == "nan" else train[12][0] * 1e4  # finite, but a loss far over 100x the recent mean
     train[12] = (x_bad, train[12][1])
@@ -380,10 +386,22 @@ def test_the_guard_rolls_back_to_a_healthy_snapshot_and_the_run_goes_on(bad):
                               r", hyperparameters .*\); rolled back to step 10 and halved the perturbation scales"):
                 tuner.weight_step(x, y)
             assert tuner.step == 10 and tuner.rollbacks == 1 and tuner.skipped_steps == 0
-            assert _same(model.state_dict(), snap["model"]) and _same(tuner.opt_w.state_dict(), snap["opt_w"])
+            # the snapshot's weights, and the response (V, C, W_h, b_h) back at its start, which the snapshot was not
+            now = model.state_dict()
+            assert response and not any(torch.equal(snap["model"][k], start[k]) for k in response if "hyper_" in k)
+            assert all(torch.equal(now[k], (start if k in response else snap["model"])[k]) for k in now)
+            # the optimiser's state: the snapshot's, less the response's (it starts afresh with it)
+            params = [p for g in tuner.opt_w.param_groups for p in g["params"]]
+            ids = {id(p) for p in tuner.response_params}
+            for i, p in enumerate(params):
+                if id(p) in ids:
+                    assert p not in tuner.opt_w.state and i in snap["opt_w"]["state"]
+                else:
+                    assert _same(tuner.opt_w.state[p], snap["opt_w"]["state"][i])
             restored = tuner.state_dict()
-            for k in ("u", "opt_h", "step", "hstep", "anchor", "gen"):
+            for k in ("u", "step", "hstep", "anchor", "gen"):
                 assert _same(restored[k], snap["tuner"][k]), k
+            assert snap["tuner"]["opt_h"]["state"] and not restored["opt_h"]["state"]  # Adam's moments restart
             # the scales halved from where they were, the cap too (from 0.3)
             assert torch.allclose(F.softplus(tuner.hscale.detach()), torch.minimum(sigma / 2, torch.tensor(0.15)))
             assert tuner.sigma_max == pytest.approx(0.15)

@@ -14,6 +14,8 @@ DEFAULT_HYPERS = ("dropout", "weight_decay")
 LANGUAGE_HYPERS = ("dropout", "embed_dropout", "dropconnect", "ar", "tar")
 SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
 METHODS = STEP_METHODS + SEARCHES  # stn, delta-stn, fixed (the Tuner's), random, tpe
+# fields added with a default other than what runs written before them did: a resume compares with these
+EARLIER_VALUES = {"hyper_plain_every": 0}
 # TrainConfig fields passed to the Tuner unchanged; clip is not among them (its -1 is resolved by the data first)
 TUNER_OPTIONS = ("perturb", "hyper_lr_schedule", "hyper_input", "response_init", "hyper_lr", "hyper_beta2",
                  "scale_init", "scale_max", "tau", "hyper_plain_every", "train_per_cycle", "val_per_cycle",
@@ -46,7 +48,7 @@ class TrainConfig:
                                       # 0.3 per batch)
     scale_max: float = 0.0            # cap on sigma (0: scale_init, so the entropy term cannot grow it)
     tau: float = 1e-2                 # entropy weight on the perturbation scales (-1, from older configs: 1e-2)
-    hyper_plain_every: int = 0        # every k-th hyper step at u itself, stepping u alone (0: none; 1: sigma never
+    hyper_plain_every: int = 2        # every k-th hyper step at u itself, stepping u alone (0: none; 1: sigma never
                                       # tuned, the official code's default); docs/trainer.md, "Defaults"
     train_per_cycle: int = 5          # Ttrain
     val_per_cycle: int = 1            # Tval

@@ -78,12 +78,12 @@ class Tuner:
                 the optimiser steps: a non-finite one is skipped with a warning and counted (``skipped_steps``,
                 ``skipped_hyper_steps``); ``max_skipped`` in a row raise ``Diverged``. False: no check, no read.
     guard       ``divergence.Guard()``: snapshots every ``guard.every`` weight steps; an unhealthy step rolls back to
-                one and halves the perturbation scales, as the trainer does (``divergence.StepChecks``).
+                one, halves the scales, restarts the response, as the trainer does (``divergence.StepChecks``).
     clip        > 0: clip each optimiser step's gradients to this total norm (a language model's 0.25); 0: none."""
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", hyper_beta2=0.99, scale_init=-1.0, scale_max=0.0, tau=1e-2,
-                 hyper_plain_every=0, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
+                 hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
                  response_rows=0.0, clip=0.0):
@@ -104,10 +104,9 @@ class Tuner:
             raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
         p0 = next(model.parameters())
         dt, device = p0.dtype, p0.device
-        if response_init == "v" and method in TUNED:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + 104729)
-                models.init_response(self.layers)
+        self.response_seed = seed + 104729 if response_init == "v" and method in TUNED else None
+        if self.response_seed is not None:
+            models.start_response(self.layers, self.response_seed)
         n = len(space)
         if any(m.n_hyper != n for m in self.layers):
             raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
@@ -432,21 +431,12 @@ class Tuner:
                 m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
         self.anchor.add_(shift)
 
-    def halve_perturbation(self, sigma_max, hyper_lr_factor, recoveries):
-        """After roll-back number ``recoveries`` (divergence.roll_back), from the cap and factor before it: the scales
-        (perturbations take SGD past its limit), from the third on the hyper learning rate (u heading there)."""
+    def scale_perturbation(self, factor, sigma_max):
+        """Cap the scales at ``sigma_max`` and set sigma <- min(sigma * factor, the cap) (divergence.restart, .regrow)."""
+        self.sigma_max = sigma_max
         with torch.no_grad():
-            self.sigma_max = sigma_max / 2
-            self.hyper_lr_factor = hyper_lr_factor / 2 if recoveries >= 3 else hyper_lr_factor
-            self.hscale.copy_(inv_softplus_t(torch.minimum(F.softplus(self.hscale) / 2,
-                                                             torch.full_like(self.hscale, self.sigma_max))))
-
-    def regrow_scale_cap(self):
-        """After a recovery the cap on sigma grows back (x sqrt 2 per healthy snapshot interval, to its start),
-        sigma itself only as its own gradient moves it: regrowing sigma with the cap (tried on ridge, STN per
-        batch from 100x above) took the runs back past SGD's limit, one of them to 6 recoveries and a stop."""
-        if self.sigma_max < self.sigma_max0:
-            self.sigma_max = min(self.sigma_max0, self.sigma_max * math.sqrt(2))
+            self.hscale.copy_(inv_softplus_t(torch.minimum(F.softplus(self.hscale) * factor,
+                                                             torch.full_like(self.hscale, sigma_max))))
 
     # --- evaluation and state -----------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from stn_ext.tuning import language, models
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.config import SEARCHES, TrainConfig, _dist, resolved
 from stn_ext.tuning.core import Tuner
-from stn_ext.tuning.divergence import Guard, finite, roll_back
+from stn_ext.tuning.divergence import Guard, finite, regrow, roll_back
 from stn_ext.tuning.plots import plot_run
 from stn_ext.tuning.runfolder import RunLog, check_run_folder, open_run_folder
 from stn_ext.tuning.space import HyperSpace
@@ -422,7 +422,7 @@ class Trainer:
                     bar.refresh()
                     continue
                 if self.guard.due(self.step):
-                    self.tuner.regrow_scale_cap()
+                    regrow(self.tuner)
                     self.guard.take(self.state_dict(), self.step)
                 if hl:
                     rec["hyper_steps"] = self.hstep
