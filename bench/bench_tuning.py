@@ -392,8 +392,10 @@ def _mean(xs):
 
 
 def ridge_table(rows, steps):
+    seeds = sorted({r["seed"] for r in rows})
     out = [f"Ridge (d=40, n=50, noise 1; optimum wd* from the closed form), |u - u*| in log units after {steps} "
-           "weight steps, per seed; `x` marks a run that stopped (Diverged) or ended non-finite.", "",
+           f"weight steps, per seed (seeds {seeds[0]}-{seeds[-1]}); `x` marks a run that stopped (Diverged) or ended "
+           "non-finite.", "",
            "| method | perturb | start | seeds | max | recoveries |", "|---|---|---|---|---|---|"]
     keys = sorted({(r["method"], r["perturb"], r["side"]) for r in rows})
     for m, p, side in keys:
@@ -655,11 +657,23 @@ def _parse_sets(items):
     return out
 
 
+def _sides(text):
+    """--sides: 'below', 'above' or both, comma-separated -> [-1], [1] or [-1, 1]."""
+    names = {"below": -1, "above": 1}
+    if not text or any(x not in names for x in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected below, above or below,above, got {text!r}")
+    return [names[x] for x in text.split(",")]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, 1500 ridge steps, 600 digits steps")
     p.add_argument("--seeds", type=int, help="seeds per setting (default 3; ridge-family: 1)")
     p.add_argument("--ridge-steps", type=int, default=3000)
+    p.add_argument("--first-seed", type=int, default=0, help="ridge: seeds first-seed .. first-seed + seeds - 1 "
+                                                              "(default 0)")
+    p.add_argument("--sides", type=_sides, default=[-1, 1],
+                   help="ridge: the starts, below and/or above (100x; default below,above)")
     p.add_argument("--digits-steps", type=int, default=3000)
     p.add_argument("--only", choices=["ridge", "ridge-family", "digits", "fashion", "cnn"], help="run one problem")
     p.add_argument("--family-size", type=int, default=8, help="ridge-family: instances (default 8)")
@@ -703,8 +717,8 @@ def main(argv=None):
         rows = []
         for m in a.methods or ("stn", "delta-stn"):
             for pert in a.perturb or ("batch", "example"):
-                for side in (-1, 1):
-                    for seed in range(a.seeds):
+                for side in a.sides:
+                    for seed in range(a.first_seed, a.first_seed + a.seeds):
                         rows.append(ridge_run(problem, u_star, m, pert, side, seed, a.ridge_steps))
                         print(f"ridge {m} {pert} {rows[-1]['side']} seed {seed}: u - u* = {rows[-1]['u_minus_opt']:+.3f}",
                               file=sys.stderr, flush=True)

@@ -47,3 +47,11 @@ def test_ridge_family_quick(bench, tmp_path):
     assert "Ridge family: 2 instances drawn from random.Random(23) " in md and "| i1 | stn | batch | 100x below |" in md and "Within tolerance:" in md
     assert json.loads((tmp_path / f"{name}.json").read_text())["ridge_family"]["instances"][0]["name"] == "i0"
     assert (tmp_path / f"{name}-ridge-family.png").stat().st_size > 0
+
+
+def test_ridge_runs_the_seeds_and_sides_asked_for(bench, tmp_path):
+    """--first-seed and --sides (the roll-back check of issue 22: seeds 7-26, from above only)."""
+    res = bench.main(["--only", "ridge", "--ridge-steps", "40", "--methods", "stn", "--perturb", "batch", "--sides",
+                      "above", "--first-seed", "7", "--seeds", "2", "--out", str(tmp_path), "--tag", "rs"])
+    assert [(r["seed"], r["side"]) for r in res["ridge"]] == [(7, "above"), (8, "above")]
+    assert "(seeds 7-8)" in (tmp_path / f"tuning-{res['date']}-rs.md").read_text()
