@@ -114,7 +114,8 @@ def roll_back(tuner, guard, recoveries, load, where, problem, kept="", give_up=F
     if tuner.tunes:
         restart(tuner, sigma_max, factor, recoveries)
         halved = (f" and halved the perturbation scales (cap now {tuner.sigma_max:.3g}; hyper learning rate now "
-                  f"x{tuner.hyper_lr_factor:.3g})")
+                  f"x{tuner.hyper_lr_factor:.3g}), restarting " + ("the response and " if tuner.response_seed is not None
+                                                                      else "") + "the hyper optimiser's moments")
     warnings.warn(f"stn_ext: training diverged at {where} ({problem}, hyperparameters {vals}); rolled back to step "
                   f"{tuner.step}{halved}")
     return recoveries
@@ -125,7 +126,7 @@ def restart(tuner, sigma_max, hyper_lr_factor, recoveries):
     (perturbations take SGD past its limit) and, from the third on, the hyper learning rate (u heading there); restart
     the response from its start (``response_init="v"``; the user's optimiser forgets its state for it) and the hyper
     optimiser's moments. A snapshot's response can be excited already (ridge, per-batch STN from 100x above: |V W_h|
-    ~10x the slope the data ask for, and with sigma halved alone it diverged again at sigma 0.03-0.06), and Adam's
+    40x the slope the data ask for, and with sigma halved alone it diverged again at sigma 0.03-0.06), and Adam's
     second moment holds that stretch's hypergradients (sqrt 7.9 against 0.25 after it: u moved at 1/30 of its rate,
     and runs ended 1-4 log units off)."""
     tuner.hyper_lr_factor = hyper_lr_factor / 2 if recoveries >= 3 else hyper_lr_factor
