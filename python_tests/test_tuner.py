@@ -427,3 +427,21 @@ def test_the_guard_gives_up_after_max_recoveries():
     with pytest.raises(Diverged, match=r"weight step 1 \(training loss nan\).*rolled back to step 0 and halved the "
                                        r"perturbation scales 2 times"):
         tuner.weight_step(NAN_X, y)
+
+
+def test_a_roll_back_with_the_layers_own_response_init_keeps_the_snapshots_response():
+    """response_init="zero" has no drawn start to go back to: the roll-back keeps the snapshot's response and restarts
+    only the hyper optimiser's moments, and says so."""
+    from stn_ext.tuning import Guard
+
+    momentum = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)  # noqa: E731
+    model, tuner = _setup("stn", steps=40, opt=momentum, guard=Guard(every=5), response_init="zero")
+    assert tuner.response_seed is None
+    train, val = _batches(12, 1), _batches(12, 2)
+    _run(tuner, train[:11], val)
+    snap = tuner.checks.guard.history[-1][0]
+    assert tuner.checks.guard.snapshot_step == 10 and snap["tuner"]["opt_h"]["state"]
+    with pytest.warns(UserWarning, match=r"rolled back to step 10 .*\), restarting the hyper optimiser's moments$"):
+        tuner.weight_step(NAN_X, train[11][1])
+    assert _same(model.state_dict(), snap["model"]) and _same(tuner.opt_w.state_dict(), snap["opt_w"])
+    assert not tuner.opt_h.state_dict()["state"]
