@@ -117,7 +117,7 @@ def test_a_diverging_run_is_rolled_back_and_recovers(ridge, tmp_path):
 
 def test_a_run_rolled_back_after_the_warm_up_still_reaches_the_optimum(ridge):
     """Per-batch STN from 100x above, seed 7 (issue 22): its response runs away right after the warm-up (|V W_h|
-    ~10x the slope asked for) and the run is rolled back twice. Before the response and the hyper optimiser's
+    many times the slope asked for) and the run is rolled back twice. Before the response and the hyper optimiser's
     moments were restarted and sigma regrown with its cap, it ended 3.8 log units off: the snapshot's Adam state held
     the runaway's hypergradients and moved u at 1/30 of its rate."""
     p, u_star = ridge

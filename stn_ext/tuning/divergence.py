@@ -132,7 +132,9 @@ def restart(tuner, sigma_max, hyper_lr_factor, recoveries):
     tuner.hyper_lr_factor = hyper_lr_factor / 2 if recoveries >= 3 else hyper_lr_factor
     tuner.scale_perturbation(0.5, sigma_max / 2)
     if tuner.response_seed is not None:
-        models.start_response(tuner.layers, tuner.response_seed, tuner.opt_w)
+        models.start_response(tuner.layers, tuner.response_seed)
+        for p in tuner.response_params:  # the user's optimiser starts afresh on them too
+            tuner.opt_w.state.pop(p, None)
     tuner.opt_h.state.clear()
 
 

@@ -271,18 +271,12 @@ def init_response(layers):
             m.hyper_bias.normal_(0, n ** -0.5)
 
 
-@torch.no_grad()
-def start_response(layers, seed, optimizer=None):
-    """``init_response`` drawn from generator seed ``seed`` (the same start every time; the global generator is
-    left as it was); with ``optimizer``, its state for those parameters is dropped, so it starts afresh too."""
+def start_response(layers, seed):
+    """``init_response`` drawn from generator seed ``seed``: the same start every time (a roll-back returns to it),
+    the global generator left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         init_response(layers)
-    if optimizer is not None:
-        for m in layers:
-            for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias):
-                if p is not None:
-                    optimizer.state.pop(p, None)
 
 
 def jvp_by_double_backward(fn, delta):
