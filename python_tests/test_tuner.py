@@ -14,6 +14,7 @@ import stn_ext
 from stn_ext.tuning.space import HyperSpace
 from stn_ext.tuning.models import HyperDropout
 from stn_ext.tuning import Tuner
+from stn_ext.tuning.core import inv_softplus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +144,7 @@ def test_clear_errors():
 BAD_OPTIONS = [("hyper_lr_schedule", "linear"), ("hyper_input", "centred"), ("response_init", "zeros"),
                ("val_per_cycle", 0), ("train_per_cycle", 0), ("train_per_cycle", 2.5), ("scale_max", -0.1),
                ("tau", -0.5), ("warmup_steps", -3), ("hyper_lr", float("nan")), ("hyper_beta2", 1.0),
-               ("clip", -1.0), ("total_steps", 0), ("hyper_plain_every", -1)]
+               ("clip", -1.0), ("total_steps", 0), ("hyper_plain_every", -1), ("response_gain_max", 0.5)]
 
 
 @pytest.mark.parametrize("name,value", BAD_OPTIONS)
@@ -185,6 +186,47 @@ def test_no_plain_hyper_steps_when_set_to_0():
     h0 = tuner.hscale.detach().clone()
     tuner.hyper_step(*_batches(1, 1)[0])
     assert not torch.equal(tuner.hscale.detach(), h0)
+
+
+def _set_sigma(tuner, sigma):
+    with torch.no_grad():
+        tuner.hscale.fill_(inv_softplus(sigma))
+
+
+def test_response_gain_follows_the_scales_shrinking():
+    """(sigma_0 / sigma)^2 over the scales' mean square, clamped to [1, response_gain_max]; a roll-back's halving
+    of sigma and its cap together (scale_perturbation) leaves it where it was."""
+    model, tuner = _setup("stn", scale_init=0.3)
+    for sigma, gain in ((0.3, 1.0), (0.2, 2.25), (0.15, 4.0), (0.05, 4.0)):
+        _set_sigma(tuner, sigma)
+        assert tuner.response_gain().item() == pytest.approx(gain, rel=1e-5)
+    with torch.no_grad():
+        tuner.hscale.copy_(torch.tensor([inv_softplus(s) for s in (0.3, 0.3, 0.15)]))  # mean square 0.0675
+    assert tuner.response_gain().item() == pytest.approx(4 / 3, rel=1e-5)
+    tuner.scale_perturbation(0.5, 0.15)  # sigma (0.15, 0.15, 0.075) against a reference of 0.15
+    assert tuner.response_gain().item() == pytest.approx(4 / 3, rel=1e-5)
+    assert _setup("stn", response_gain_max=1.0)[1].response_gain().item() == 1.0
+
+
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])
+def test_the_response_steps_by_the_gain_and_the_rest_as_before(method):
+    """Plain SGD, the same draws: with sigma at half its start the response's parameters move 4x as far as with
+    response_gain_max=1; every other parameter moves the same."""
+    moves = []
+    for gain_max in (1.0, 4.0):
+        model, tuner = _setup(method, opt=torch.optim.SGD, warmup_steps=0, scale_init=0.3, response_gain_max=gain_max,
+                              generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.data = torch.randn_like(p) * 0.3
+        _set_sigma(tuner, 0.15)
+        before = [p.detach().clone() for p in model.parameters()]
+        tuner.weight_step(*_batches(1, 0)[0])
+        moves.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    ids = {id(p) for p in tuner.response_params}
+    for p, off, on in zip(model.parameters(), *moves):
+        assert off.abs().max() > 1e-4  # float32 rounding of the moves: ~1e-7
+        torch.testing.assert_close(on, off * 4 if id(p) in ids else off, rtol=1e-5, atol=1e-6)
 
 
 def test_train_config_refuses_what_the_tuner_refuses():

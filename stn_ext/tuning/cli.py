@@ -163,6 +163,10 @@ def build_parser():
                    help="one perturbation per batch (one fused GEMM per layer) or one per example (the papers'; about "
                         "twice the GEMM work per step); auto is the method's (batch for both; docs/trainer.md says why) "
                         f"(default {d.perturb})")
+    g.add_argument("--response-gain-max", type=float, default=d.response_gain_max,
+                   help="multiply the response's gradients by (sigma_0 / sigma)^2, at most this, so that it learns as "
+                        "fast near an optimum, where sigma has shrunk, as at the start; 1: off "
+                        f"(default {d.response_gain_max})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,
                    help="delta-stn: take its response step on this part of each batch's rows (spread evenly), to save time "
                         "(default 0: all of it)")
@@ -226,7 +230,7 @@ def config_from_args(a):
         hyper_plain_every=a.hyper_plain_every,
         scale_init=a.scale_init, scale_max=a.scale_max,
         tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
-        response_every=a.response_every, response_rows=a.response_rows,
+        response_every=a.response_every, response_rows=a.response_rows, response_gain_max=a.response_gain_max,
         hyper_input=a.hyper_input, response_init=a.response_init,
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
         random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, data_path=a.data_path, eval_every=a.eval_every,

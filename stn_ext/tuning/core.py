@@ -86,14 +86,15 @@ class Tuner:
                  hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
-                 response_rows=0.0, clip=0.0):
+                 response_rows=0.0, clip=0.0, response_gain_max=4.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
                       hyper_beta2=hyper_beta2, scale_init=scale_init, scale_max=scale_max, tau=tau, clip=clip,
                       hyper_plain_every=hyper_plain_every,
                       train_per_cycle=train_per_cycle, val_per_cycle=val_per_cycle, warmup_steps=warmup_steps,
-                      perturb=perturb, response_init=response_init, hyper_input=hyper_input)
+                      perturb=perturb, response_init=response_init, hyper_input=hyper_input,
+                      response_gain_max=response_gain_max)
         # 'auto' settings: the method's defaults (stn_ext.tuning.defaults)
         perturb, scale_init, hyper_lr_schedule = defaults.resolve(method, perturb, scale_init, hyper_lr_schedule)
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -114,7 +115,7 @@ class Tuner:
         self.response_params = []
         for m in self.layers:
             self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
-        ids = {id(p) for p in self.response_params}
+        ids = self._response_ids = {id(p) for p in self.response_params}
         self.general_params = [p for p in model.parameters() if id(p) not in ids]
         self.params = list(model.parameters())
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -129,11 +130,10 @@ class Tuner:
         self.sigma_max0 = self.sigma_max  # where the cap grows back to after a roll-back
         self.hyper_lr, self.hyper_lr_schedule, self.plain_every = hyper_lr, hyper_lr_schedule, hyper_plain_every
         self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
-        self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = \
-            train_per_cycle, val_per_cycle, perturb, linearize
+        self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = train_per_cycle, val_per_cycle, perturb, linearize
         self.response_every = defaults.response_every(response_every)
         self.response_rows = defaults.response_rows(response_rows)
-        self.total_steps, self.clip = total_steps, clip
+        self.total_steps, self.clip, self.response_gain_max = total_steps, clip, response_gain_max
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
         self.tau = tau if tau >= 0 else 1e-2  # -1: the 'auto' of older configs
         self.u_lo, self.u_hi = space.u_limits(dt, device)
@@ -150,13 +150,11 @@ class Tuner:
         self.gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + 7919)
         self.loss_norm, self.val_norm, self.world, self.allreduce = loss_norm, val_norm, world, allreduce
         self.i_wd = space.index("weight_decay")
-        self.i_noise = space.index("noise")
+        self.i_noise, self.i_shift = space.index("noise"), space.index("shift")
         self.i_cut_len, self.i_cut_holes = space.index("cutout_length"), space.index("cutout_holes")
-        self.i_shift = space.index("shift")
         self.drop = {h.slot: i for i, h in enumerate(space.hypers) if h.kind == "dropout"}
         slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
-        unused = [s for s in self.drop if s not in slots]
-        if unused:
+        if unused := [s for s in self.drop if s not in slots]:
             raise ValueError(f"stn_ext: the model has no dropout slot {unused}; its slots: {slots}")
         consumed = getattr(model, "hyper_kinds", ())
         ignored = [h.name for h in space.hypers if h.kind in LANGUAGE_KINDS and h.kind not in consumed]
@@ -202,6 +200,14 @@ class Tuner:
             t = max(0.0, 2 * min(self.hstep, T) / T - 1)
             return lr * 0.5 * (1 + math.cos(math.pi * t))
         return lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, T) / T))
+
+    def response_gain(self):
+        """Factor on the response's gradients (0-d): sigma_ref^2 / mean(sigma^2) in [1, response_gain_max], sigma_ref
+        the scales' start (halved with their cap by a roll-back). The response learns at sigma^2 times the weights'
+        pace: as sigma shrinks near an optimum it would keep what it learned far from it (docs/trainer.md)."""
+        ref = self.scale_init * (self.sigma_max / self.sigma_max0 if math.isfinite(self.sigma_max0) else 1.0)
+        mean_sq = F.softplus(self.hscale.detach()).square().mean()
+        return (ref * ref / mean_sq).clamp(1.0, self.response_gain_max)
 
     @property
     def h_max(self):
@@ -303,6 +309,10 @@ class Tuner:
             p.grad = g
         if self.clip:
             torch.nn.utils.clip_grad_norm_(params, self.clip)
+        if self.response_gain_max > 1:
+            gain = self._while_unchanged("response gain", self.hscale, self.response_gain)
+            for p in (p for p in params if id(p) in self._response_ids):
+                p.grad.mul_(gain)
         self.opt_w.step()
         return None
 
