@@ -205,7 +205,23 @@ def test_response_gain_follows_the_scales_shrinking():
     assert tuner.response_gain().item() == pytest.approx(4 / 3, rel=1e-5)
     tuner.scale_perturbation(0.5, 0.15)  # sigma (0.15, 0.15, 0.075) against a reference of 0.15
     assert tuner.response_gain().item() == pytest.approx(4 / 3, rel=1e-5)
-    assert _setup("stn")[1].response_gain().item() == 1.0  # the default: off
+    assert _setup("stn", response_gain_max=1.0)[1].response_gain().item() == 1.0
+
+
+def test_a_roll_back_turns_the_response_gain_off_for_the_rest_of_the_run():
+    """A roll-back's restart sets response_gain_max to 1, and the tuner's state carries that (a resumed run or a
+    later snapshot keeps it off)."""
+    from stn_ext.tuning import divergence
+    model, tuner = _setup("stn", scale_init=0.3, response_gain_max=4.0)
+    _set_sigma(tuner, 0.15)
+    assert tuner.response_gain().item() == pytest.approx(4.0)
+    divergence.restart(tuner, tuner.sigma_max, 1.0, 1)
+    _set_sigma(tuner, 0.05)  # below the halved cap as well
+    assert tuner.response_gain_max == 1.0 and tuner.response_gain().item() == 1.0
+    st = tuner.state_dict()
+    fresh = _setup("stn", scale_init=0.3, response_gain_max=4.0)[1]
+    fresh.load_state_dict(st)
+    assert fresh.response_gain_max == 1.0
 
 
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])

@@ -165,7 +165,7 @@ def build_parser():
                         f"(default {d.perturb})")
     g.add_argument("--response-gain-max", type=float, default=d.response_gain_max,
                    help="multiply the response's gradients by (sigma_0 / sigma)^2, at most this, so that it learns as "
-                        "fast near an optimum, where sigma has shrunk, as at the start; 4 helped on ridge, 1 is off "
+                        "fast near an optimum, where sigma has shrunk, as at the start; off after a roll-back; 1: off "
                         f"(default {d.response_gain_max})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,
                    help="delta-stn: take its response step on this part of each batch's rows (spread evenly), to save time "

@@ -86,7 +86,7 @@ class Tuner:
                  hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
-                 response_rows=0.0, clip=0.0, response_gain_max=1.0):
+                 response_rows=0.0, clip=0.0, response_gain_max=4.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
@@ -496,9 +496,9 @@ class Tuner:
     def state_dict(self):
         """Everything the tuner holds but the model's weights and the user's optimiser (which have their own)."""
         st = {"u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(), "opt_h": self.opt_h.state_dict(),
-              "gen": self.gen.get_state(), "gen_device": self.gen.device.type, "step": self.step,
-              "hstep": self.hstep, "anchor": self.anchor.clone(), "sigma_max": self.sigma_max,
-              "hyper_lr_factor": self.hyper_lr_factor, "space": self.space.names, "method": self.method}
+              "gen": self.gen.get_state(), "gen_device": self.gen.device.type, "step": self.step, "hstep": self.hstep,
+              "anchor": self.anchor.clone(), "sigma_max": self.sigma_max, "hyper_lr_factor": self.hyper_lr_factor,
+              "space": self.space.names, "method": self.method, "response_gain_max": self.response_gain_max}
         if self.checks:
             st["checks"] = self.checks.state_dict()  # skipped steps and roll-backs (states before them: none)
         return st
@@ -523,8 +523,8 @@ class Tuner:
         if generator:
             self.gen.set_state(st["gen"])
         self.step, self.hstep = st["step"], st["hstep"]
-        self.sigma_max = st.get("sigma_max", self.sigma_max)
-        self.hyper_lr_factor = st.get("hyper_lr_factor", 1.0)
+        self.sigma_max, self.hyper_lr_factor = st.get("sigma_max", self.sigma_max), st.get("hyper_lr_factor", 1.0)
+        self.response_gain_max = st.get("response_gain_max", self.response_gain_max)  # 1 once rolled back
 
 
 __all__ = ["Tuner", "METHODS", "TUNED"]

@@ -136,6 +136,7 @@ def restart(tuner, sigma_max, hyper_lr_factor, recoveries):
         for p in tuner.response_params:  # the user's optimiser starts afresh on them too
             tuner.opt_w.state.pop(p, None)
     tuner.opt_h.state.clear()
+    tuner.response_gain_max = 1.0  # a faster response tipped a run into more roll-backs (docs/trainer.md)
 
 
 def regrow(tuner):
