@@ -136,7 +136,7 @@ def test_bad_config_values():
         TrainConfig(perturb="layer").validate()
     with pytest.raises(ValueError, match=r"response_rows must be in \(0, 1\]"):
         TrainConfig(response_rows=1.5).validate()
-    with pytest.raises(ValueError, match=r"hyper_beta2 must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"hyper_beta2 must be in \[0, 1\) \(or -1: the mode's default\), got 1.0"):
         TrainConfig(hyper_beta2=1.0).validate()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         train({"method": "stn", "stepz": 3})
@@ -587,11 +587,15 @@ def _cli(*args, timeout=120):
                           env=env)
 
 
-def test_hyper_beta2_reaches_the_hyper_optimiser(small_digits):
-    tr = Trainer(TrainConfig(method="stn", steps=2, hyper_beta2=0.999, quiet=True), data=small_digits)
-    assert tr.tuner.opt_h.param_groups[0]["betas"] == (0.9, 0.999)
-    assert Trainer(TrainConfig(method="stn", steps=2, quiet=True), data=small_digits).tuner.opt_h.param_groups[0][
-        "betas"] == (0.9, 0.99)
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])
+def test_hyper_beta2_reaches_the_hyper_optimiser_and_its_default_is_the_modes(small_digits, method):
+    def betas(**kw):
+        return Trainer(TrainConfig(method=method, steps=2, quiet=True, **kw), data=small_digits).tuner.opt_h.param_groups[
+            0]["betas"]
+    assert betas(hyper_beta2=0.999) == (0.9, 0.999)
+    assert betas(hyper_beta2=0.999, perturb="example") == (0.9, 0.999)
+    assert betas() == (0.9, 0.95)  # per batch, the default mode
+    assert betas(perturb="example") == (0.9, 0.99)
 
 
 def test_cli_help():

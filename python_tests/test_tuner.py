@@ -144,6 +144,7 @@ def test_clear_errors():
 BAD_OPTIONS = [("hyper_lr_schedule", "linear"), ("hyper_input", "centred"), ("response_init", "zeros"),
                ("val_per_cycle", 0), ("train_per_cycle", 0), ("train_per_cycle", 2.5), ("scale_max", -0.1),
                ("tau", -0.5), ("warmup_steps", -3), ("hyper_lr", float("nan")), ("hyper_beta2", 1.0),
+               ("hyper_beta2", -0.5),
                ("clip", -1.0), ("total_steps", 0), ("hyper_plain_every", -1), ("response_gain_max", 0.5)]
 
 
@@ -208,6 +209,15 @@ def test_response_gain_follows_the_scales_shrinking():
     assert _setup("stn", response_gain_max=1.0)[1].response_gain().item() == 1.0
 
 
+def test_delta_stns_response_gain_keeps_the_pace_per_weight_step():
+    """Delta-STN's response, stepped after every k-th general step, is stepped k times as far: the pace per weight
+    step of one stepped after each (the scales' factor on top)."""
+    for every, sigma, gain in ((0, 0.3, 2.0), (2, 0.15, 8.0), (3, 0.3, 3.0), (1, 0.3, 1.0)):
+        tuner = _setup("delta-stn", scale_init=0.3, response_every=every)[1]
+        _set_sigma(tuner, sigma)
+        assert tuner.response_gain().item() == pytest.approx(gain, rel=1e-5)
+
+
 def test_a_roll_back_turns_the_response_gain_off_for_the_rest_of_the_run():
     """A roll-back's restart sets response_gain_max to 1, and the tuner's state carries that (a resumed run or a
     later snapshot keeps it off)."""
@@ -227,7 +237,7 @@ def test_a_roll_back_turns_the_response_gain_off_for_the_rest_of_the_run():
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])
 def test_the_response_steps_by_the_gain_and_the_rest_as_before(method):
     """Plain SGD, the same draws: with sigma at half its start the response's parameters move 4x as far as with
-    response_gain_max=1; every other parameter moves the same."""
+    response_gain_max=1 (Delta-STN's, stepped after every 2nd general step, 8x); every other parameter the same."""
     moves = []
     for gain_max in (1.0, 4.0):
         model, tuner = _setup(method, opt=torch.optim.SGD, warmup_steps=0, scale_init=0.3, response_gain_max=gain_max,
@@ -242,7 +252,8 @@ def test_the_response_steps_by_the_gain_and_the_rest_as_before(method):
     ids = {id(p) for p in tuner.response_params}
     for p, off, on in zip(model.parameters(), *moves):
         assert off.abs().max() > 1e-4  # float32 rounding of the moves: ~1e-7
-        torch.testing.assert_close(on, off * 4 if id(p) in ids else off, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(on, off * 4 * tuner.response_every ** (method == "delta-stn") if id(p) in ids
+                                   else off, rtol=1e-5, atol=1e-6)
 
 
 def test_train_config_refuses_what_the_tuner_refuses():
@@ -253,7 +264,7 @@ def test_train_config_refuses_what_the_tuner_refuses():
         if name in TUNER_OPTIONS:
             with pytest.raises(ValueError, match=rf"stn_ext: {name} must be .*, got {value!r}"):
                 TrainConfig(**{name: value}).validate()
-    TrainConfig(tau=-1, scale_init=-1, warmup_steps=-1).validate()  # the 'auto' values pass
+    TrainConfig(tau=-1, scale_init=-1, warmup_steps=-1, hyper_beta2=-1).validate()  # the 'auto' values pass
 
 def test_example_own_training_loop_runs():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -133,7 +133,7 @@ def build_parser():
     g.add_argument("--hyper-beta2", type=float, default=d.hyper_beta2,
                    help="Adam's second-moment decay for the hyperparameters: shorter than Adam's usual 0.999, so a "
                         "far start's large hypergradients do not slow the arrival (docs/trainer.md, \"The ridge "
-                        f"family's misses\") (default {d.hyper_beta2})")
+                        f"family's misses\"); -1: 0.95 per batch, 0.99 per example (default {d.hyper_beta2})")
     g.add_argument("--hyper-lr-schedule", default=d.hyper_lr_schedule, choices=options.SCHEDULES,
                    help="decay of the hyper learning rate: cosine settles the hyperparameters, tail keeps it constant "
                         "for the first half; auto is cosine with per-example and tail with per-batch perturbation "

@@ -40,8 +40,9 @@ class TrainConfig:
     clip: float = -1.0                # gradient norm clipping (-1: none; on language data 0.25; 0: none)
     bptt: int = 0                     # language data: tokens per window of truncated backpropagation (0: 35)
     hyper_lr: float = 0.02            # Adam for u and the perturbation scales
-    hyper_beta2: float = 0.99         # Adam's second-moment decay for u and the scales (0.999 until December 5: it
-                                      # kept a far start's large hypergradients; docs/trainer.md, "Defaults")
+    hyper_beta2: float = -1.0         # Adam's second-moment decay for u and the scales (-1: 0.95 per batch, 0.99 per
+                                      # example; 0.999 until December 5, 0.99 per batch until December 6: they kept
+                                      # a far start's large hypergradients; docs/trainer.md, "Defaults")
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
                                       # auto (cosine with per-example perturbation, tail per batch)
     scale_init: float = -1.0          # initial sigma in unconstrained units (-1: 0.5 with per-example perturbation,

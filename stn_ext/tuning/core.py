@@ -82,7 +82,7 @@ class Tuner:
     clip        > 0: clip each optimiser step's gradients to this total norm (a language model's 0.25); 0: none."""
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
-                 hyper_lr_schedule="auto", hyper_beta2=0.99, scale_init=-1.0, scale_max=0.0, tau=1e-2,
+                 hyper_lr_schedule="auto", hyper_beta2=-1.0, scale_init=-1.0, scale_max=0.0, tau=1e-2,
                  hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
@@ -95,8 +95,8 @@ class Tuner:
                       train_per_cycle=train_per_cycle, val_per_cycle=val_per_cycle, warmup_steps=warmup_steps,
                       perturb=perturb, response_init=response_init, hyper_input=hyper_input,
                       response_gain_max=response_gain_max)
-        # 'auto' settings: the method's defaults (stn_ext.tuning.defaults)
-        perturb, scale_init, hyper_lr_schedule = defaults.resolve(method, perturb, scale_init, hyper_lr_schedule)
+        perturb, scale_init, hyper_lr_schedule, hyper_beta2 = defaults.resolve(  # 'auto': stn_ext.tuning.defaults
+            method, perturb, scale_init, hyper_lr_schedule, hyper_beta2)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"stn_ext: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.space, self.opt_w, self.loss_fn, self.method = model, space, optimizer, loss_fn, method
@@ -202,12 +202,12 @@ class Tuner:
         return lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, T) / T))
 
     def response_gain(self):
-        """Factor on the response's gradients (0-d): sigma_ref^2 / mean(sigma^2) in [1, response_gain_max], sigma_ref
-        the scales' start (halved with their cap by a roll-back). The response learns at sigma^2 times the weights'
-        pace: as sigma shrinks near an optimum it would keep what it learned far from it (docs/trainer.md)."""
+        """Factor on the response's gradients (0-d): sigma_0^2 / mean(sigma^2) in [1, response_gain_max] (sigma_0 halved by a
+        roll-back), as it learns at sigma^2 times the weights' pace (docs/trainer.md); times k for Delta-STN's, stepped
+        after every k-th general step: the pace per weight step of a response stepped after each."""
         ref = self.scale_init * (self.sigma_max / self.sigma_max0 if math.isfinite(self.sigma_max0) else 1.0)
-        mean_sq = F.softplus(self.hscale.detach()).square().mean()
-        return (ref * ref / mean_sq).clamp(1.0, self.response_gain_max)
+        pace = self.response_every if self.method == "delta-stn" else 1
+        return (ref * ref / F.softplus(self.hscale.detach()).square().mean()).clamp(1.0, self.response_gain_max) * pace
 
     @property
     def h_max(self):

@@ -33,7 +33,7 @@ RULES = {
     "hyper_input": _one_of(HYPER_INPUTS),
     "response_init": _one_of(RESPONSE_INITS),
     "hyper_lr": _number(lambda v: 0 <= v < math.inf, ">= 0"),
-    "hyper_beta2": _number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "hyper_beta2": _number(lambda v: 0 <= v < 1 or v == -1, "in [0, 1) (or -1: the mode's default)"),
     "scale_init": _number(lambda v: 0 < v < math.inf or v == -1, "> 0 (or -1: the method's default)"),
     "scale_max": _number(lambda v: 0 <= v < math.inf, ">= 0 (0: scale_init)"),
     "tau": _number(lambda v: 0 <= v < math.inf or v == -1, ">= 0 (or -1: the default, 1e-2)"),
