@@ -210,12 +210,16 @@ def test_response_gain_follows_the_scales_shrinking():
 
 
 def test_delta_stns_response_gain_keeps_the_pace_per_weight_step():
-    """Delta-STN's response, stepped after every k-th general step, is stepped k times as far: the pace per weight
-    step of one stepped after each (the scales' factor on top)."""
+    """Per batch, Delta-STN's response, stepped after every k-th general step, is stepped k times as far: the pace
+    per weight step of one stepped after each (the scales' factor on top). Per example it is not (there it weakened
+    the learned response: docs/trainer.md, "A shorter memory per batch")."""
     for every, sigma, gain in ((0, 0.3, 2.0), (2, 0.15, 8.0), (3, 0.3, 3.0), (1, 0.3, 1.0)):
         tuner = _setup("delta-stn", scale_init=0.3, response_every=every)[1]
         _set_sigma(tuner, sigma)
         assert tuner.response_gain().item() == pytest.approx(gain, rel=1e-5)
+    tuner = _setup("delta-stn", scale_init=0.3, perturb="example")[1]
+    _set_sigma(tuner, 0.15)
+    assert tuner.response_every == 2 and tuner.response_gain().item() == pytest.approx(4.0, rel=1e-5)
 
 
 def test_a_roll_back_turns_the_response_gain_off_for_the_rest_of_the_run():

@@ -202,11 +202,11 @@ class Tuner:
         return lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, T) / T))
 
     def response_gain(self):
-        """Factor on the response's gradients (0-d): sigma_0^2 / mean(sigma^2) in [1, response_gain_max] (sigma_0 halved by a
-        roll-back), as it learns at sigma^2 times the weights' pace (docs/trainer.md); times k for Delta-STN's, stepped
-        after every k-th general step: the pace per weight step of a response stepped after each."""
+        """Factor on the response's gradients (0-d): sigma_0^2 / mean(sigma^2) in [1, response_gain_max] (sigma_0
+        halved by a roll-back), as it learns at sigma^2 times the weights' pace (docs/trainer.md); per batch, times k
+        for Delta-STN's, stepped after every k-th general step: the pace per weight step of one stepped after each."""
         ref = self.scale_init * (self.sigma_max / self.sigma_max0 if math.isfinite(self.sigma_max0) else 1.0)
-        pace = self.response_every if self.method == "delta-stn" else 1
+        pace = self.response_every if self.method == "delta-stn" and self.perturb == "batch" else 1
         return (ref * ref / F.softplus(self.hscale.detach()).square().mean()).clamp(1.0, self.response_gain_max) * pace
 
     @property

@@ -25,8 +25,8 @@ PERTURB = {"stn": "batch", "delta-stn": "batch", "fixed": "batch"}
 # Delta-STN's response step after every 2nd general step: on digits (interleaved rounds, per batch) 1.83x fixed's
 # time per weight step against 2.37x after every one; quality inside the seed spread (digits best val 0.0777
 # against 0.0748, 3 seeds; Fashion-MNIST MLP test loss 0.4109 against 0.4237, 2 seeds; ridge per batch within
-# 0.018 of the optimum, 3 seeds from both sides). Its gradients count twice on those steps (Tuner.response_gain),
-# so that it learns at the pace per weight step of a response stepped after each
+# 0.018 of the optimum, 3 seeds from both sides). Per batch its gradients count twice on those steps
+# (Tuner.response_gain), so that it learns at the pace per weight step of a response stepped after each
 RESPONSE_EVERY = 2
 
 
