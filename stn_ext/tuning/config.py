@@ -41,8 +41,8 @@ class TrainConfig:
     bptt: int = 0                     # language data: tokens per window of truncated backpropagation (0: 35)
     hyper_lr: float = 0.02            # Adam for u and the perturbation scales
     hyper_beta2: float = -1.0         # Adam's second-moment decay for u and the scales (-1: 0.95 per batch, 0.99 per
-                                      # example; 0.999 until December 5, 0.99 per batch until December 6: they kept
-                                      # a far start's large hypergradients; docs/trainer.md, "Defaults")
+                                      # example; 0.999 until December 5, then 0.99 in both modes until late that day:
+                                      # they kept a far start's large hypergradients; docs/trainer.md, "Defaults")
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
                                       # auto (cosine with per-example perturbation, tail per batch)
     scale_init: float = -1.0          # initial sigma in unconstrained units (-1: 0.5 with per-example perturbation,
