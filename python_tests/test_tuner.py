@@ -15,6 +15,7 @@ from stn_ext.tuning.space import HyperSpace
 from stn_ext.tuning.models import HyperDropout
 from stn_ext.tuning import Tuner
 from stn_ext.tuning.core import inv_softplus
+from stn_ext.tuning.response_baseline import ResponseBaseline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,16 +97,17 @@ def test_a_part_of_a_split_batch_picks_the_same_rows_and_draws_on_any_split():
         BatchRandom(torch.Generator(), 4).pick(0.2)
 
 
-def test_state_dict_resumes_bit_for_bit():
+@pytest.mark.parametrize("baseline", [0.0, 0.9])
+def test_state_dict_resumes_bit_for_bit(baseline):
     train, val = _batches(30, 1), _batches(30, 2)
-    model, tuner = _setup("stn", steps=30)
+    model, tuner = _setup("stn", steps=30, response_baseline=baseline)
     _run(tuner, train, val)
     want = [p.detach().clone() for p in model.parameters()] + [tuner.u.detach().clone()]
 
-    model, tuner = _setup("stn", steps=30)
+    model, tuner = _setup("stn", steps=30, response_baseline=baseline)
     _run(tuner, train[:12], val)
     saved = {"model": model.state_dict(), "opt": tuner.opt_w.state_dict(), "tuner": tuner.state_dict()}
-    model, tuner = _setup("stn", steps=30)
+    model, tuner = _setup("stn", steps=30, response_baseline=baseline)
     model.load_state_dict(saved["model"])
     tuner.opt_w.load_state_dict(saved["opt"])
     tuner.load_state_dict(saved["tuner"])
@@ -145,7 +147,8 @@ BAD_OPTIONS = [("hyper_lr_schedule", "linear"), ("hyper_input", "centred"), ("re
                ("val_per_cycle", 0), ("train_per_cycle", 0), ("train_per_cycle", 2.5), ("scale_max", -0.1),
                ("tau", -0.5), ("warmup_steps", -3), ("hyper_lr", float("nan")), ("hyper_beta2", 1.0),
                ("hyper_beta2", -0.5),
-               ("clip", -1.0), ("total_steps", 0), ("hyper_plain_every", -1), ("response_gain_max", 0.5)]
+               ("clip", -1.0), ("total_steps", 0), ("hyper_plain_every", -1), ("response_gain_max", 0.5),
+               ("response_baseline", 1.0), ("response_baseline", -0.1)]
 
 
 @pytest.mark.parametrize("name,value", BAD_OPTIONS)
@@ -258,6 +261,68 @@ def test_the_response_steps_by_the_gain_and_the_rest_as_before(method):
     for p, off, on in zip(model.parameters(), *moves):
         assert off.abs().max() > 1e-4  # float32 rounding of the moves: ~1e-7
         torch.testing.assert_close(on, off * gain if id(p) in ids else off, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
+def test_the_response_baseline_subtracts_its_mean_along_the_path_and_nothing_else(kind):
+    """The correction is beta times the gradient of <mean, path(d)>: on W_h the gate (V d) times the mean, on V the mean
+    times W_h summed over each gate's entries, times d; likewise C and b_h; the elementary weights' gradients
+    untouched."""
+    torch.manual_seed(0)
+    n = 3
+    layer = {"linear": lambda: stn_ext.StnLinear(5, 4, n), "conv": lambda: stn_ext.StnConv2d(2, 4, 3, n),
+             "embedding": lambda: stn_ext.StnEmbedding(6, 4, n)}[kind]().double()
+    for p in layer.parameters():
+        p.data = torch.randn_like(p)
+        p.grad = torch.randn_like(p)
+    base = ResponseBaseline([layer])
+    means = [torch.randn_like(layer.weight_elem)] + ([torch.randn_like(layer.bias_elem)] if layer.bias_elem is not None
+                                                     else [])
+    base.load_state_dict({"mean": means, "fit": torch.tensor([[3.0, 4.0]], dtype=torch.float64)})  # beta 0.75
+    before = {k: p.grad.clone() for k, p in layer.named_parameters()}
+    d = torch.randn(n, dtype=torch.float64)
+    base.correct(d)
+    g = layer.gate_dim
+    shape = [1] * layer.weight_hyper.dim()
+    shape[g] = -1
+    means = [0.75 * m for m in means]
+    want_wh = before["weight_hyper"] - (layer.hyper_weight @ d).view(shape) * means[0]
+    per_gate = (means[0] * layer.weight_hyper).movedim(g, 0).flatten(1).sum(1)
+    want_v = before["hyper_weight"] - per_gate[:, None] * d[None, :]
+    torch.testing.assert_close(layer.weight_hyper.grad, want_wh)
+    torch.testing.assert_close(layer.hyper_weight.grad, want_v)
+    if layer.bias_elem is not None:
+        torch.testing.assert_close(layer.bias_hyper.grad, before["bias_hyper"] - (layer.hyper_bias @ d) * means[1])
+        torch.testing.assert_close(layer.hyper_bias.grad, before["hyper_bias"] - (means[1] * layer.bias_hyper)[:, None] * d)
+        assert torch.equal(layer.bias_elem.grad, before["bias_elem"])
+    assert torch.equal(layer.weight_elem.grad, before["weight_elem"])
+
+
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])
+def test_the_baseline_holds_earlier_steps_weight_gradients_per_batch_only(method):
+    """Per batch, the baseline is the running mean (decay 0.9) of the elementary weights' gradients of the steps so far,
+    each taken in after its own step was corrected; per example, and at response_baseline=0 (the default), there is
+    none."""
+    model, tuner = _setup(method, opt=torch.optim.SGD, warmup_steps=0, response_baseline=0.9)
+    layer, seen, step = tuner.layers[0], [], tuner.opt_w.step
+
+    def recording_step(*a, **kw):  # Delta-STN's response step leaves W_e's gradient None
+        if layer.weight_elem.grad is not None:
+            seen.append((layer.weight_elem.grad.clone(), layer.bias_elem.grad.clone()))
+        return step(*a, **kw)
+
+    tuner.opt_w.step = recording_step
+    _run(tuner, _batches(4, 0), _batches(4, 1))
+    want, fit = seen[0], torch.zeros(2)
+    for g in seen[1:]:
+        fit = fit.lerp(torch.stack([sum((a * b).sum() for a, b in zip(g, want)), sum((b * b).sum() for b in want)]),
+                       0.1)
+        want = [b.lerp(a, 0.1) for a, b in zip(g, want)]
+    assert len(seen) == 4
+    torch.testing.assert_close(tuner.baseline.mean[:2], want)  # the first layer's weight and bias
+    torch.testing.assert_close(tuner.baseline.fit[0], fit)
+    assert _setup(method, perturb="example", response_baseline=0.9)[1].baseline is None
+    assert _setup(method)[1].baseline is None
 
 
 def test_train_config_refuses_what_the_tuner_refuses():

@@ -46,6 +46,14 @@ class _StnMixin:
             nn.init.uniform_(self.bias_hyper, -bound, bound)
             nn.init.zeros_(self.hyper_bias)
 
+    def path(self, lam):
+        """The hypernet's part of the weights at one lam ((n_hyper,)): ((V lam) (.) W_h along gate_dim, (C lam) (.)
+        b_h or None), what W_e and b_e add to at that input."""
+        shape = [1] * self.weight_hyper.dim()
+        shape[self.gate_dim] = -1
+        weight = (self.hyper_weight @ lam).view(shape) * self.weight_hyper
+        return weight, None if self.bias_hyper is None else (self.hyper_bias @ lam) * self.bias_hyper
+
     def _restack(self):
         """Put W_e and W_h back into one storage where something made them anew; without it the
         per-example path still works but copies [W_e; W_h] on every call."""

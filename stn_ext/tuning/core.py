@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_ext
-from stn_ext.tuning import augment, defaults, models, options
+from stn_ext.tuning import augment, defaults, models, options, tuner_state
 from stn_ext._messages import count
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.divergence import StepChecks
+from stn_ext.tuning.response_baseline import ResponseBaseline
 from stn_ext.tuning.space import LANGUAGE_KINDS
 
 TUNED = ("stn", "delta-stn")
@@ -86,7 +87,7 @@ class Tuner:
                  hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
-                 response_rows=0.0, clip=0.0, response_gain_max=4.0):
+                 response_rows=0.0, clip=0.0, response_gain_max=4.0, response_baseline=0.0):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
@@ -94,7 +95,7 @@ class Tuner:
                       hyper_plain_every=hyper_plain_every,
                       train_per_cycle=train_per_cycle, val_per_cycle=val_per_cycle, warmup_steps=warmup_steps,
                       perturb=perturb, response_init=response_init, hyper_input=hyper_input,
-                      response_gain_max=response_gain_max)
+                      response_gain_max=response_gain_max, response_baseline=response_baseline)
         perturb, scale_init, hyper_lr_schedule, hyper_beta2 = defaults.resolve(  # 'auto': stn_ext.tuning.defaults
             method, perturb, scale_init, hyper_lr_schedule, hyper_beta2)
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -112,6 +113,8 @@ class Tuner:
         if any(m.n_hyper != n for m in self.layers):
             raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
                              f"tunes {count(n, 'hyperparameter')} ({space.names})")
+        self.baseline = ResponseBaseline(self.layers, response_baseline) \
+            if method in TUNED and perturb == "batch" and response_baseline > 0 else None  # None: off
         self.response_params = []
         for m in self.layers:
             self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
@@ -296,8 +299,9 @@ class Tuner:
         if self.allreduce is not None:
             self.allreduce(tensors)
 
-    def _apply(self, loss, params, what="training loss", spike=True):
-        """Step the optimiser on loss's gradients; with the checks, not where they find a problem (returned)."""
+    def _apply(self, loss, params, what="training loss", spike=True, d=None):
+        """Step the optimiser on loss's gradients; with the checks, not where they find a problem (returned). ``d``:
+        the perturbation u~ - u of a step that trains the response, for its control variate (response_baseline.py)."""
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         if self.checks is None:
             self._allreduce(grads)
@@ -307,6 +311,10 @@ class Tuner:
             p.grad = None
         for p, g in zip(params, grads):
             p.grad = g
+        if self.baseline is not None:  # corrected by the mean of earlier steps' gradients, then this one joins it
+            if d is not None:
+                self.baseline.correct(d)
+            self.baseline.observe()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(params, self.clip)
         if self.response_gain_max > 1:
@@ -357,7 +365,8 @@ class Tuner:
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, self.z(u_t, False), vals)
-            problem = self._apply(loss, self.params if self.response_on() else self.general_params)
+            on = self.response_on()
+            problem = self._apply(loss, self.params if on else self.general_params, d=u_t - u if on else None)
         else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
             vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
             xr, rates = self.regularise(x, vals, rnd)
@@ -385,7 +394,7 @@ class Tuner:
         with models.regularisers(rates, rnd, self.named(vals)), models.side_run(rows):
             rloss, _ = self.loss(xr, y, self.z(u_t, True), vals, linearised=self.linearize, norm=norm)
         return self._apply(rloss, self.response_params, "response step's training loss (after its general step, "
-                           "which was taken)", spike=False)
+                           "which was taken)", spike=False, d=u_t - u)
 
     def hyper_step(self, x, y, rnd=None):
         """One step on u and the perturbation scales (on a plain step: u alone) on a validation batch; returns its
@@ -433,12 +442,10 @@ class Tuner:
         A fixed anchor far from u makes intercept and slope nearly collinear in z (slow, lagging fits)."""
         shift = (self.u.detach() - self.anchor) * self.follow
         for m in self.layers:
-            s = m.hyper_weight @ shift
-            shape = [1] * m.weight_elem.dim()
-            shape[m.gate_dim] = -1
-            m.weight_elem.add_(s.view(shape) * m.weight_hyper)
-            if m.bias_elem is not None:
-                m.bias_elem.add_((m.hyper_bias @ shift) * m.bias_hyper)
+            weight, bias = m.path(shift)
+            m.weight_elem.add_(weight)
+            if bias is not None:
+                m.bias_elem.add_(bias)
         self.anchor.add_(shift)
 
     def scale_perturbation(self, factor, sigma_max):
@@ -495,10 +502,7 @@ class Tuner:
 
     def state_dict(self):
         """Everything the tuner holds but the model's weights and the user's optimiser (which have their own)."""
-        st = {"u": self.u.detach().clone(), "hscale": self.hscale.detach().clone(), "opt_h": self.opt_h.state_dict(),
-              "gen": self.gen.get_state(), "gen_device": self.gen.device.type, "step": self.step, "hstep": self.hstep,
-              "anchor": self.anchor.clone(), "sigma_max": self.sigma_max, "hyper_lr_factor": self.hyper_lr_factor,
-              "space": self.space.names, "method": self.method, "response_gain_max": self.response_gain_max}
+        st = tuner_state.capture(self)
         if self.checks:
             st["checks"] = self.checks.state_dict()  # skipped steps and roll-backs (states before them: none)
         return st
@@ -511,20 +515,7 @@ class Tuner:
             self.checks.load_state_dict(st.get("checks"))
 
     def _load_state(self, st, generator=True):
-        if st["space"] != self.space.names or st["method"] != self.method:
-            raise ValueError(f"stn_ext: the state (checkpoint) is of method {st['method']!r} with hyperparameters "
-                             f"{st['space']}; this run is {self.method!r} with {self.space.names}")
-        with torch.no_grad():
-            self.u.copy_(st["u"])
-            self.hscale.copy_(st["hscale"])
-            if "anchor" in st:
-                self.anchor.copy_(st["anchor"])
-        self.opt_h.load_state_dict(st["opt_h"])
-        if generator:
-            self.gen.set_state(st["gen"])
-        self.step, self.hstep = st["step"], st["hstep"]
-        self.sigma_max, self.hyper_lr_factor = st.get("sigma_max", self.sigma_max), st.get("hyper_lr_factor", 1.0)
-        self.response_gain_max = st.get("response_gain_max", self.response_gain_max)  # 1 once rolled back
+        tuner_state.restore(self, st, generator)
 
 
 __all__ = ["Tuner", "METHODS", "TUNED"]

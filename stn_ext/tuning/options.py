@@ -42,6 +42,7 @@ RULES = {
     "val_per_cycle": _count(1, "an integer >= 1"),
     "warmup_steps": _count(-1, "an integer >= 0 (or -1: a tenth of the steps)"),
     "response_gain_max": _number(lambda v: 1 <= v < math.inf, ">= 1 (1: the response's gradients as they are)"),
+    "response_baseline": _number(lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     "clip": _number(lambda v: 0 <= v < math.inf, ">= 0 (0: no clipping)"),  # TrainConfig's also takes -1 (auto)
     "total_steps": (lambda v: v is None or (_integer(v) and v >= 1), "None or an integer >= 1"),
 }

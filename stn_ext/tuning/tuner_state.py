@@ -1,0 +1,34 @@
+"""A Tuner's own state for checkpoints and the guard's snapshots: everything but the model's weights and the user's
+optimiser (which have their own), and the step checks' counts (the Tuner adds those)."""
+import torch
+
+
+def capture(tuner):
+    t = tuner
+    return {"u": t.u.detach().clone(), "hscale": t.hscale.detach().clone(), "opt_h": t.opt_h.state_dict(),
+            "gen": t.gen.get_state(), "gen_device": t.gen.device.type, "step": t.step, "hstep": t.hstep,
+            "anchor": t.anchor.clone(), "sigma_max": t.sigma_max, "hyper_lr_factor": t.hyper_lr_factor,
+            "space": t.space.names, "method": t.method, "response_gain_max": t.response_gain_max,
+            "response_baseline": t.baseline.state_dict() if t.baseline is not None else None}
+
+
+def restore(tuner, st, generator=True):
+    """Load ``capture``'s dict (or an older one: fields added since take the tuner's own); ``generator=False``
+    leaves the random generator alone."""
+    t = tuner
+    if st["space"] != t.space.names or st["method"] != t.method:
+        raise ValueError(f"stn_ext: the state (checkpoint) is of method {st['method']!r} with hyperparameters "
+                         f"{st['space']}; this run is {t.method!r} with {t.space.names}")
+    with torch.no_grad():
+        t.u.copy_(st["u"])
+        t.hscale.copy_(st["hscale"])
+        if "anchor" in st:
+            t.anchor.copy_(st["anchor"])
+    t.opt_h.load_state_dict(st["opt_h"])
+    if generator:
+        t.gen.set_state(st["gen"])
+    t.step, t.hstep = st["step"], st["hstep"]
+    t.sigma_max, t.hyper_lr_factor = st.get("sigma_max", t.sigma_max), st.get("hyper_lr_factor", 1.0)
+    t.response_gain_max = st.get("response_gain_max", t.response_gain_max)  # 1 once rolled back
+    if t.baseline is not None:  # a state from before the baseline, or from the warm-up: it starts afresh
+        t.baseline.load_state_dict(st.get("response_baseline"))
