@@ -261,7 +261,10 @@ def init_response(layers):
     own init (V = C = 0, W_h random) sits on a saddle of the product (V lam) W_h: neither factor gets a
     gradient while the other is zero, so the response grows from noise only, slowest in the directions
     where the weights themselves converge slowest. With W_h = 0 the output is still independent of lam at
-    the start, and the gradient on W_h is the response's own least-squares signal."""
+    the start, and the gradient on W_h is the response's own least-squares signal. A row's response learns at
+    |V_i|^2 times its pace, which this draw makes random (with one hyperparameter |V| was 0.04-1.9 over seeds
+    0-26); rows of length 1 were tried and are not the default (docs/trainer.md, "The response's start and
+    baseline")."""
     for m in layers:
         n = m.hyper_weight.shape[1]
         m.weight_hyper.zero_()
