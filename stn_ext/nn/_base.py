@@ -46,12 +46,20 @@ class _StnMixin:
             nn.init.uniform_(self.bias_hyper, -bound, bound)
             nn.init.zeros_(self.hyper_bias)
 
+    def gate(self, lam):
+        """V lam for one lam ((n_hyper,)), shaped to scale weight_elem along gate_dim."""
+        shape = [1] * self.weight_hyper.dim()
+        shape[self.gate_dim] = -1
+        return (self.hyper_weight @ lam).view(shape)
+
+    def gate_rows(self, w):
+        """w (shaped as weight_elem) with one row per entry of the gate V lam, flattened: (gates, rest)."""
+        return w.movedim(self.gate_dim, 0).flatten(1)
+
     def path(self, lam):
         """The hypernet's part of the weights at one lam ((n_hyper,)): ((V lam) (.) W_h along gate_dim, (C lam) (.)
         b_h or None), what W_e and b_e add to at that input."""
-        shape = [1] * self.weight_hyper.dim()
-        shape[self.gate_dim] = -1
-        weight = (self.hyper_weight @ lam).view(shape) * self.weight_hyper
+        weight = self.gate(lam) * self.weight_hyper
         return weight, None if self.bias_hyper is None else (self.hyper_bias @ lam) * self.bias_hyper
 
     def _restack(self):

@@ -53,11 +53,6 @@ def inv_softplus_t(y):
     return y + torch.log(-torch.expm1(-y))
 
 
-def _gate_rows(layer, w):
-    """w with one row per entry of the layer's gate V lam (its gate_dim first), flattened: (gates, rest)."""
-    return w.movedim(layer.gate_dim, 0).flatten(1)
-
-
 class Tuner:
     """The hyperparameters of ``model`` and the steps that train them with its weights.
 
@@ -246,7 +241,7 @@ class Tuner:
         Row r of W(z) is W_e,r + s_r W_h,r with s = z V^T, so ||W||^2 = sum_r A_r + 2 s_r B_r + s_r^2 C_r."""
         total = 0
         for m in self.layers:
-            we, wh = _gate_rows(m, m.weight_elem), _gate_rows(m, m.weight_hyper)
+            we, wh = m.gate_rows(m.weight_elem), m.gate_rows(m.weight_hyper)
             a = (we * we).sum(1)
             if z is None:  # the elementary weights (s = 0: the same sum, bit for bit)
                 total = total + a.sum(-1)

@@ -33,11 +33,10 @@ class ResponseBaseline:
         for m in layers:
             self._spans.append((i, len(self._elementary(m))))
             i += self._spans[-1][1]
-        self._gate_shapes = {id(m): [-1 if k == m.gate_dim else 1 for k in range(m.weight_hyper.dim())] for m in layers}
 
     @staticmethod
     def _elementary(m):
-        return (m.weight_elem, m.bias_elem) if getattr(m, "bias_elem", None) is not None else (m.weight_elem,)
+        return (m.weight_elem,) if m.bias_elem is None else (m.weight_elem, m.bias_elem)
 
     @torch.no_grad()
     def observe(self):
@@ -67,12 +66,11 @@ class ResponseBaseline:
         for m, (i, n), b in zip(self.layers, self._spans, beta.unbind()):
             mean = self.mean[i]
             if m.weight_hyper.grad is not None:
-                gate = (m.hyper_weight @ d).mul_(b).view(self._gate_shapes[id(m)])
-                m.weight_hyper.grad.addcmul_(gate, mean, value=-1)
+                m.weight_hyper.grad.addcmul_(m.gate(d).mul_(b), mean, value=-1)
             if m.hyper_weight.grad is not None:
-                per_gate = (mean * m.weight_hyper).movedim(m.gate_dim, 0).flatten(1).sum(1)
+                per_gate = m.gate_rows(mean * m.weight_hyper).sum(1)
                 m.hyper_weight.grad.addr_(per_gate.mul_(b), d, alpha=-1)
-            if n > 1 and m.bias_hyper is not None:
+            if n > 1:  # a layer with b_e has b_h and C too
                 mean_b = self.mean[i + 1]
                 if m.bias_hyper.grad is not None:
                     m.bias_hyper.grad.addcmul_((m.hyper_bias @ d).mul_(b), mean_b, value=-1)
