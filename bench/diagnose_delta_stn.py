@@ -47,7 +47,6 @@ from torch.func import functional_call
 import stn_ext
 from stn_ext.tuning import TrainConfig, Trainer
 from stn_ext.tuning.augment import BatchRandom
-from stn_ext.tuning.core import _gate_rows
 from stn_ext.tuning.divergence import Diverged
 from stn_ext.tuning.models import mlp, regularisers
 from stn_ext.tuning.problems import DropoutRegression
@@ -136,7 +135,7 @@ def response_with_control_variate(tu):
             run["generator"].set_state(run["after"])  # the next step draws afresh
             delta = run["delta"]
             for m, (gw, gb) in zip(tu.layers, grads):
-                loss = loss - ((m.hyper_weight @ delta) * (_gate_rows(m, gw) * _gate_rows(m, m.weight_hyper)).sum(1)).sum()
+                loss = loss - ((m.hyper_weight @ delta) * (m.gate_rows(gw) * m.gate_rows(m.weight_hyper)).sum(1)).sum()
                 if gb is not None:
                     loss = loss - ((m.hyper_bias @ delta) * gb * m.bias_hyper).sum()
         problem = apply(loss, params, *args, **kw)
