@@ -460,11 +460,13 @@ def test_resume_a_folder_written_before_a_config_field_existed(small_digits, tmp
     assert s["complete"] and s["steps"] == 12
 
 
-@pytest.mark.parametrize("name,earlier,now", [("hyper_plain_every", 0, "2"), ("response_gain_max", 1.0, "4.0")])
+@pytest.mark.parametrize("name,earlier,now", [("hyper_plain_every", 0, "2"), ("response_gain_max", 1.0, "4.0"),
+                                              ("response_baseline", 0.0, "0.9")])
 def test_resume_compares_a_field_added_later_with_the_value_earlier_runs_had(small_digits, tmp_path, name, earlier, now):
     """hyper_plain_every came with the default 2, but runs written before it took every hyper step perturbed (0);
-    response_gain_max with 4, where earlier runs left the response's gradients as they were (1): resuming one with
-    the new default would change it halfway, so it is refused until the old value is given."""
+    response_gain_max with 4, where earlier runs left the response's gradients as they were (1), and response_baseline
+    became 0.9 (December 6) where earlier runs had none (0): resuming one with the new default would change it
+    halfway, so it is refused until the old value is given."""
     base = dict(method="stn", steps=12, warmup_steps=2, hidden=(8,), batch_size=32, quiet=True, plots=False,
                 out=str(tmp_path))
     Trainer(TrainConfig(stop_after=6, **{name: earlier}, **base), data=small_digits).fit()

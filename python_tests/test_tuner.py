@@ -97,15 +97,20 @@ def test_a_part_of_a_split_batch_picks_the_same_rows_and_draws_on_any_split():
         BatchRandom(torch.Generator(), 4).pick(0.2)
 
 
-@pytest.mark.parametrize("baseline", [0.0, 0.9])
-def test_state_dict_resumes_bit_for_bit(baseline):
-    train, val = _batches(30, 1), _batches(30, 2)
+@pytest.mark.parametrize("baseline,repeat,stopped", [(0.0, False, False), (0.9, True, False), (0.9, False, True)])
+def test_state_dict_resumes_bit_for_bit(baseline, repeat, stopped):
+    """Saved after 12 steps and resumed, a run ends where the unbroken run ends: with the response baseline live at the
+    save (one batch over and over: the weights descend, beta ~1) and after it stopped (fresh batches: noise)."""
+    train = _batches(1, 1) * 30 if repeat else _batches(30, 1)
+    val = _batches(30, 2)
     model, tuner = _setup("stn", steps=30, response_baseline=baseline)
     _run(tuner, train, val)
-    want = [p.detach().clone() for p in model.parameters()] + [tuner.u.detach().clone()]
+    want = [p.detach() for p in model.parameters()] + [tuner.u.detach()]
 
     model, tuner = _setup("stn", steps=30, response_baseline=baseline)
     _run(tuner, train[:12], val)
+    if baseline:
+        assert tuner.baseline.stopped == stopped and (tuner.baseline.mean is None) == stopped
     saved = {"model": model.state_dict(), "opt": tuner.opt_w.state_dict(), "tuner": tuner.state_dict()}
     model, tuner = _setup("stn", steps=30, response_baseline=baseline)
     model.load_state_dict(saved["model"])
@@ -301,10 +306,10 @@ def test_the_response_baseline_subtracts_its_mean_along_the_path_and_nothing_els
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])
 def test_the_baseline_holds_earlier_steps_weight_gradients_per_batch_only(method):
     """Per batch, the baseline is the running mean (decay 0.9) of the elementary weights' gradients of the steps so far,
-    each taken in after its own step was corrected; per example, and at response_baseline=0 (the default), there is
-    none."""
+    each taken in after its own step was corrected; per example, and at response_baseline=0, there is none (per batch
+    the default is 0.9)."""
     model, tuner = _setup(method, opt=torch.optim.SGD, warmup_steps=0, response_baseline=0.9)
-    layer, seen, step = tuner.layers[0], [], tuner.opt_w.step
+    layer, seen, step = tuner.layers[0], [], tuner.opt_w.step  # one batch over and over: beta ~1, it does not stop
 
     def recording_step(*a, **kw):  # Delta-STN's response step leaves W_e's gradient None
         if layer.weight_elem.grad is not None:
@@ -312,7 +317,7 @@ def test_the_baseline_holds_earlier_steps_weight_gradients_per_batch_only(method
         return step(*a, **kw)
 
     tuner.opt_w.step = recording_step
-    _run(tuner, _batches(4, 0), _batches(4, 1))
+    _run(tuner, _batches(1, 0) * 4, _batches(4, 1))
     want, fit = seen[0], torch.zeros(2)
     for g in seen[1:]:
         fit = fit.lerp(torch.stack([sum((a * b).sum() for a, b in zip(g, want)), sum((b * b).sum() for b in want)]),
@@ -322,7 +327,57 @@ def test_the_baseline_holds_earlier_steps_weight_gradients_per_batch_only(method
     torch.testing.assert_close(tuner.baseline.mean[:2], want)  # the first layer's weight and bias
     torch.testing.assert_close(tuner.baseline.fit[0], fit)
     assert _setup(method, perturb="example", response_baseline=0.9)[1].baseline is None
-    assert _setup(method)[1].baseline is None
+    assert _setup(method, response_baseline=0)[1].baseline is None
+    assert _setup(method)[1].baseline.decay == 0.9  # the default, per batch
+
+
+def test_the_baseline_stops_for_good_once_every_layers_weight_gradient_is_noise():
+    """beta is judged from the first correction on (not in the warm-up before it), then after every 10 steps (the
+    mean's memory at decay 0.9): while one layer's gradient follows its mean the baseline stays; once every layer's beta
+    is below 1/2 it drops its mean, corrects nothing and takes in nothing, and a state saved then restores it stopped."""
+    torch.manual_seed(0)
+    layers = [stn_ext.StnLinear(4, 3, 2), stn_ext.StnLinear(3, 2, 2)]
+    steady = [torch.randn_like(p) for m in layers for p in (m.weight_elem, m.bias_elem)]
+    params = [p for m in layers for p in m.parameters()]
+
+    def observe(base, signs):  # each layer's elementary gradients: its steady draw times a sign
+        for m, sign, (gw, gb) in zip(layers, signs, zip(steady[::2], steady[1::2])):
+            m.weight_elem.grad, m.bias_elem.grad = sign * gw, sign * gb
+        base.observe()
+
+    def corrects(base):  # whether correct() changed any gradient
+        for p in params:
+            p.grad = torch.randn_like(p)
+        grads = [p.grad.clone() for p in params]
+        base.correct(torch.randn(2))
+        return not all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+    base = ResponseBaseline(layers)
+    for k in range(10):
+        observe(base, [1, 1])
+    assert torch.equal(base.beta(), torch.ones(2)) and corrects(base) and not base.stopped
+    for k in range(10):  # the first layer's gradient flips sign each step, the second's from the 7th on
+        observe(base, [(-1) ** k, (-1) ** k if k >= 6 else 1])
+    assert base.beta()[0] < 0.5 <= base.beta()[1] and not base.stopped  # judged at step 20: one layer still follows
+    below = []  # the steps after which every layer's beta was below 1/2, before it stopped
+    for k in range(20):
+        observe(base, [(-1) ** k, (-1) ** k])
+        if base.stopped:
+            break
+        below += [base.seen] if bool((base.beta() < 0.5).all()) else []
+    assert below and below[0] % 10 and base.seen == 10 * (below[0] // 10 + 1)  # judged on the next 10th step
+    assert base.mean is None and base.state_dict() == {"stopped": True}
+    assert not corrects(base)
+    observe(base, [1, 1])
+    assert base.mean is None and base.seen == 30
+    again = ResponseBaseline(layers)
+    again.load_state_dict(base.state_dict())
+    assert again.stopped and again.mean is None
+
+    warm = ResponseBaseline(layers)  # noise from the start: not judged before its first correction, which it skips
+    for k in range(20):
+        observe(warm, [(-1) ** k, (-1) ** k])
+    assert not warm.stopped and not corrects(warm) and warm.stopped and warm.corrections == 0
 
 
 def test_train_config_refuses_what_the_tuner_refuses():

@@ -168,10 +168,11 @@ def build_parser():
                         "fast near an optimum, where sigma has shrunk, as at the start; off after a roll-back; 1: off "
                         f"(default {d.response_gain_max})")
     g.add_argument("--response-baseline", type=float, default=d.response_baseline,
-                   help="per batch, > 0 (e.g. 0.9): subtract from the response's gradients those of a running mean "
-                        "(this decay) of earlier steps' weight gradients along its path, a zero-mean control variate "
-                        "that keeps the weights' own descent out of the response while they converge (ridge from far "
-                        "below: the response's sign); it costs ~0.3x of a plain step's time on Fashion-MNIST; 0: off "
+                   help="per batch, > 0: subtract from the response's gradients those of a running mean (this "
+                        "decay) of earlier steps' weight gradients along its path, a zero-mean control variate that "
+                        "keeps the weights' own descent out of the response while they converge (ridge from far "
+                        "below: the response's sign); it stops for good once a step's weight gradient no longer "
+                        "follows the mean (on real data by the warm-up's end); 0: off "
                         f"(default {d.response_baseline})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,
                    help="delta-stn: take its response step on this part of each batch's rows (spread evenly), to save time "

@@ -15,7 +15,7 @@ LANGUAGE_HYPERS = ("dropout", "embed_dropout", "dropconnect", "ar", "tar")
 SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
 METHODS = STEP_METHODS + SEARCHES  # stn, delta-stn, fixed (the Tuner's), random, tpe
 # fields added with a default other than what runs written before them did: a resume compares with these
-EARLIER_VALUES = {"hyper_plain_every": 0, "response_gain_max": 1.0}
+EARLIER_VALUES = {"hyper_plain_every": 0, "response_gain_max": 1.0, "response_baseline": 0.0}
 # TrainConfig fields passed to the Tuner unchanged; clip is not among them (its -1 is resolved by the data first)
 TUNER_OPTIONS = ("perturb", "hyper_lr_schedule", "hyper_input", "response_init", "hyper_lr", "hyper_beta2",
                  "scale_init", "scale_max", "tau", "hyper_plain_every", "train_per_cycle", "val_per_cycle",
@@ -67,9 +67,9 @@ class TrainConfig:
     response_gain_max: float = 4.0    # the response's gradients x (sigma_0 / sigma)^2, at most this, so its pace does
                                       # not fall as sigma shrinks; 1 after a roll-back (1: off, the rule until December
                                       # 5); docs/trainer.md, "The response's pace"
-    response_baseline: float = 0.0    # per batch, > 0: the response's gradients less those of a running mean (this
-                                      # decay, e.g. 0.9) of earlier steps' weight gradients along its path; 0: off (the
-                                      # default: +0.3x time per step on Fashion-MNIST); tuning/response_baseline.py
+    response_baseline: float = 0.9    # per batch, > 0: the response's gradients less those of a running mean (this
+                                      # decay) of earlier steps' weight gradients along its path, while the weights
+                                      # descend (it stops for good once they do not); 0: off; tuning/response_baseline.py
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
     train_size: int = 0               # cap on the training split (0: all): digits examples, or text tokens

@@ -82,7 +82,7 @@ class Tuner:
                  hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
-                 response_rows=0.0, clip=0.0, response_gain_max=4.0, response_baseline=0.0):
+                 response_rows=0.0, clip=0.0, response_gain_max=4.0, response_baseline=0.9):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,

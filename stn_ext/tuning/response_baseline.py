@@ -15,10 +15,20 @@ gradients leaves their mean as it was and takes out the part of g(0) that b trac
 descend; where their gradient is fresh noise around 0 (weights converged under a large weight decay) a full
 subtraction only adds b's own noise, and on ridge from 100x above it tipped STN into four roll-backs (against one)
 and a run that ended 3.2 log units off; with beta there, two and 0.009. Per example the batch averages B
-perturbations and the baseline is not used."""
+perturbations and the baseline is not used.
+
+It serves while the weights descend, and stops for good once every layer's beta is below 1/2: then most of the
+weights' gradient is fresh noise that the mean does not predict, and the response's sign, which their descent could
+set, is set. beta is judged from the first correction on (the warm-up's end), then after every memory's worth of steps
+(1 / (1 - decay)): within the warm-up it dips for other reasons (momentum SGD's first steps swing, and a fast-shrinking
+gradient has a small regression on the larger ones before it: beta 0.23 at step 20-70 on a ridge instance whose
+weights then descend with beta ~0.95 until step ~1400). With momentum SGD on real data consecutive minibatch
+gradients are not aligned (beta < 0 by the warm-up's end on Fashion-MNIST, digits and the language model), so there it
+stops at the first correction, before it corrects anything, and costs nothing after."""
 import torch
 
 DEFAULT_DECAY = 0.9  # about the last ten steps: the weights' gradient moves little over them
+STOP_BELOW = 0.5  # every layer's beta below it: the weights' descent is over, and the baseline stops for good
 
 
 class ResponseBaseline:
@@ -28,7 +38,9 @@ class ResponseBaseline:
     def __init__(self, layers, decay=DEFAULT_DECAY):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"stn_ext: the response baseline's decay must be in (0, 1), got {decay!r}")
-        self.layers, self.decay, self.mean, self.fit = layers, decay, None, None
+        self.layers, self.decay, self.mean, self.fit, self.stopped = layers, decay, None, None, False
+        self.seen, self.corrections = 0, 0  # steps in the mean, corrections made
+        self._memory = max(1, round(1.0 / (1.0 - decay)))
         self._spans, i = [], 0  # each layer's (first index, count) in the flat list of means: weight[, bias]
         for m in layers:
             self._spans.append((i, len(self._elementary(m))))
@@ -43,8 +55,9 @@ class ResponseBaseline:
         """Fold the elementary weights' gradients (set on .grad) into the mean, and each layer's <g, mean>,
         <mean, mean> into beta's regression; no-op where they have no gradient."""
         grads = [p.grad for m in self.layers for p in self._elementary(m)]
-        if any(g is None for g in grads):
+        if self.stopped or any(g is None for g in grads):
             return
+        self.seen += 1
         if self.mean is None:
             self.mean = [g.detach().clone() for g in grads]
             self.fit = torch.zeros(len(self.layers), 2, dtype=grads[0].dtype, device=grads[0].device)
@@ -53,16 +66,28 @@ class ResponseBaseline:
         dots = torch.stack([torch.stack([torch.dot(g, b), torch.dot(b, b)]) for g, b in flat])
         self.fit.lerp_(torch.stack([dots[i:i + n].sum(0) for i, n in self._spans]), 1.0 - self.decay)
         torch._foreach_lerp_(self.mean, grads, 1.0 - self.decay)
+        if self.corrections and self.seen % self._memory == 0:
+            self._judge()
+
+    def _judge(self):
+        """Stop for good where every layer's beta is below STOP_BELOW (one sync); True if it did."""
+        if self.seen >= self._memory and bool((self.beta() < STOP_BELOW).all()):
+            self.stopped, self.mean, self.fit = True, None, None
+        return self.stopped
+
+    def beta(self):
+        """Per layer, the running regression of a step's gradient on the mean before it, clamped to [0, 1]."""
+        return (self.fit[:, 0] / self.fit[:, 1].clamp_min(torch.finfo(self.fit.dtype).tiny)).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def correct(self, d):
         """Subtract beta times the gradient of <mean, path(d)> (d (n,): lam~ - u) from the response parameters'
         .grad: (V d) (.) beta b from W_h's, d (beta b . W_h) per gate from V's, likewise for C and b_h. Call before
         ``observe`` for the same step: the mean must not hold this step's gradient (it depends on d)."""
-        if self.mean is None:
+        if self.mean is None or (not self.corrections and self._judge()):
             return
-        d = d.detach()
-        beta = (self.fit[:, 0] / self.fit[:, 1].clamp_min(torch.finfo(self.fit.dtype).tiny)).clamp(0.0, 1.0)
+        self.corrections += 1
+        d, beta = d.detach(), self.beta()
         for m, (i, n), b in zip(self.layers, self._spans, beta.unbind()):
             mean = self.mean[i]
             if m.weight_hyper.grad is not None:
@@ -78,9 +103,18 @@ class ResponseBaseline:
                     m.hyper_bias.grad.addr_(mean_b * m.bias_hyper * b, d, alpha=-1)
 
     def state_dict(self):
-        return None if self.mean is None else {"mean": [t.clone() for t in self.mean], "fit": self.fit.clone()}
+        if self.stopped:
+            return {"stopped": True}
+        if self.mean is None:
+            return None
+        return {"mean": [t.clone() for t in self.mean], "fit": self.fit.clone(), "seen": self.seen,
+                "corrections": self.corrections}
 
     def load_state_dict(self, st):
-        self.mean = None if st is None else [t.clone() for t in st["mean"]]
-        self.fit = None if st is None else st["fit"].clone()
+        self.stopped = bool(st is not None and st.get("stopped", False))
+        live = st is not None and not self.stopped
+        self.mean = [t.clone() for t in st["mean"]] if live else None
+        self.fit = st["fit"].clone() if live else None
+        self.seen = st.get("seen", 0) if live else 0
+        self.corrections = st.get("corrections", 0) if live else 0
 
