@@ -54,8 +54,10 @@ class ResponseBaseline:
     def observe(self):
         """Fold the elementary weights' gradients (set on .grad) into the mean, and each layer's <g, mean>,
         <mean, mean> into beta's regression; no-op where they have no gradient."""
+        if self.stopped:  # the usual state on real data from the warm-up's end: nothing to gather
+            return
         grads = [p.grad for m in self.layers for p in self._elementary(m)]
-        if self.stopped or any(g is None for g in grads):
+        if any(g is None for g in grads):
             return
         self.seen += 1
         if self.mean is None:
@@ -117,4 +119,3 @@ class ResponseBaseline:
         self.fit = st["fit"].clone() if live else None
         self.seen = st.get("seen", 0) if live else 0
         self.corrections = st.get("corrections", 0) if live else 0
-
