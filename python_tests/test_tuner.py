@@ -246,6 +246,63 @@ def test_a_roll_back_turns_the_response_gain_off_for_the_rest_of_the_run():
     assert fresh.response_gain_max == 1.0
 
 
+def test_the_response_starts_with_rows_of_v_and_c_no_shorter_than_the_floor():
+    """The response's start draws V, C ~ N(0, 1/n) and raises the rows shorter than the floor to that length (a row's
+    response learns at |V_i|^2 times its pace); rows drawn longer keep the draw, and W_h, b_h start at zero."""
+    from stn_ext.tuning import models
+    layer = stn_ext.StnLinear(5, 400, n_hyper=3)
+    torch.manual_seed(1)
+    models.init_response([layer], 0.8)
+    torch.manual_seed(1)
+    drawn_v, drawn_c = torch.randn(400, 3) / 3 ** 0.5, torch.randn(400, 3) / 3 ** 0.5
+    for got, drawn in ((layer.hyper_weight, drawn_v), (layer.hyper_bias, drawn_c)):
+        n, short = got.norm(dim=1), drawn.norm(dim=1) < 0.8
+        assert 0 < short.sum() < 400  # the draw has rows on both sides of the floor
+        assert torch.allclose(n[short], torch.full_like(n[short], 0.8))
+        assert torch.allclose(got[short], drawn[short] * (0.8 / drawn.norm(dim=1)[short])[:, None])
+        assert torch.allclose(got[~short], drawn[~short], rtol=1e-6, atol=0)
+    assert not layer.weight_hyper.any() and not layer.bias_hyper.any()
+    models.init_response([layer])  # no floor: the plain draw
+    assert (layer.hyper_weight.norm(dim=1) < 0.5).any()
+
+
+@pytest.mark.parametrize("method,hypers,floor", [
+    ("delta-stn", ("dropout", "weight_decay"), 1.0),  # delta = lam~ - u: centred
+    ("stn", ("weight_decay",), 1.0),                  # recentred on u: centred
+    ("stn", ("dropout", "weight_decay"), 0.0),        # a rate's input is anchored at its range's centre
+    ("stn", ("dropout",), 0.0)])
+def test_the_floor_applies_where_the_hypernet_input_is_centred(method, hypers, floor):
+    """Where z is centred |V| sets only the response's pace; at STN's fixed anchor it also sets the path's share of the
+    weights' step ((V z)^2), and there the start stays the plain draw."""
+    from stn_ext.tuning import models
+    space = HyperSpace.build(hypers, dropout_slots=["in"])
+    model = torch.nn.Sequential(HyperDropout("in"), torch.nn.Linear(12, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    stn_ext.convert(model, n_hyper=len(space))
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                  method=method, total_steps=10)
+    assert tuner.row_floor == (models.ROW_FLOOR if floor else 0.0)
+    shortest = min(float(m.hyper_weight.norm(dim=1).min()) for m in tuner.layers)
+    assert (shortest >= models.ROW_FLOOR - 1e-6) == bool(floor)
+
+
+def test_a_roll_back_restarts_the_response_at_a_quarter_of_its_pace_per_roll_back():
+    """Restart number r draws the same start and halves its rows of V and C r times (the response learns at |V|^2
+    times its pace): a response restarted at full pace ran away again after each roll-back (docs/trainer.md)."""
+    from stn_ext.tuning import divergence, models
+    model, tuner = _setup("stn", scale_init=0.3)
+    start = [(m.hyper_weight.clone(), m.hyper_bias.clone()) for m in tuner.layers]
+    for r in (1, 2, 3):
+        for m in tuner.layers:
+            m.hyper_weight.data.normal_()
+            m.weight_hyper.data.normal_()
+        divergence.restart(tuner, tuner.sigma_max, tuner.hyper_lr_factor, r)
+        for m, (v, c) in zip(tuner.layers, start):
+            assert torch.allclose(m.hyper_weight, v * 0.5 ** r) and torch.allclose(m.hyper_bias, c * 0.5 ** r)
+            assert not m.weight_hyper.any()
+    models.start_response(tuner.layers, tuner.response_seed)  # pace 1: the start itself
+    assert all(torch.equal(m.hyper_weight, v) for m, (v, _) in zip(tuner.layers, start))
+
+
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])
 def test_the_response_steps_by_the_gain_and_the_rest_as_before(method):
     """Plain SGD, the same draws: with sigma at half its start the response's parameters move 4x as far as with
@@ -579,10 +636,12 @@ def test_the_guard_rolls_back_to_a_healthy_snapshot_and_the_run_goes_on(bad):
                               r", hyperparameters .*\); rolled back to step 10 and halved the perturbation scales"):
                 tuner.weight_step(x, y)
             assert tuner.step == 10 and tuner.rollbacks == 1 and tuner.skipped_steps == 0
-            # the snapshot's weights, and the response (V, C, W_h, b_h) back at its start, which the snapshot was not
+            # the snapshot's weights, and the response (V, C, W_h, b_h) back at its start, which the snapshot was not,
+            # with V and C halved (a quarter of the pace after the first roll-back)
             now = model.state_dict()
             assert response and not any(torch.equal(snap["model"][k], start[k]) for k in response if "hyper_" in k)
-            assert all(torch.equal(now[k], (start if k in response else snap["model"])[k]) for k in now)
+            paced = {k: start[k] * (0.5 if k.endswith(("hyper_weight", "hyper_bias")) else 1) for k in response}
+            assert all(torch.equal(now[k], (paced if k in response else snap["model"])[k]) for k in now)
             # the optimiser's state: the snapshot's, less the response's (it starts afresh with it)
             params = [p for g in tuner.opt_w.param_groups for p in g["params"]]
             ids = {id(p) for p in tuner.response_params}

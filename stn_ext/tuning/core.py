@@ -102,8 +102,6 @@ class Tuner:
         p0 = next(model.parameters())
         dt, device = p0.dtype, p0.device
         self.response_seed = seed + 104729 if response_init == "v" and method in TUNED else None
-        if self.response_seed is not None:
-            models.start_response(self.layers, self.response_seed)
         n = len(space)
         if any(m.n_hyper != n for m in self.layers):
             raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
@@ -141,6 +139,13 @@ class Tuner:
                   for h in space.hypers]
         self.follow = torch.tensor(follow, dtype=dt, device=device)
         self._recentres = method == "stn" and any(follow)
+        # A floor under the rows of V where the input is centred (Delta-STN's delta, STN recentred on every
+        # coordinate): there |V| sets only the response's pace. At STN's fixed anchors (z ~ -2.9 for a rate of 0.05)
+        # it also sets the path's share of the weights' step, (V z)^2 times theirs, and raising it made STN on
+        # Fashion-MNIST worse (docs/trainer.md, "A floor under the response's pace").
+        self.row_floor = models.ROW_FLOOR if method == "delta-stn" or all(follow) else 0.0
+        if self.response_seed is not None:
+            models.start_response(self.layers, self.response_seed, self.row_floor)
         self.anchor = self.u.detach().clone() if hyper_input == "init" else \
             torch.where(self.follow.bool(), self.u.detach(), space.u_centre(dt, device))
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=hyper_lr, betas=(0.9, hyper_beta2))

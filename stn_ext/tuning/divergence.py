@@ -124,15 +124,17 @@ def roll_back(tuner, guard, recoveries, load, where, problem, kept="", give_up=F
 def restart(tuner, sigma_max, hyper_lr_factor, recoveries):
     """After roll-back number ``recoveries``, from the cap and factor before it: halve the scales and their cap
     (perturbations take SGD past its limit) and, from the third on, the hyper learning rate (u heading there); restart
-    the response from its start (``response_init="v"``; the user's optimiser forgets its state for it) and the hyper
-    optimiser's moments. A snapshot's response can be excited already (ridge, per-batch STN from 100x above: |V W_h|
-    40x the slope the data ask for, and with sigma halved alone it diverged again at sigma 0.03-0.06), and Adam's
-    second moment holds that stretch's hypergradients (sqrt 7.9 against 0.25 after it: u moved at 1/30 of its rate,
-    and runs ended 1-4 log units off)."""
+    the response from its start (``response_init="v"``; the user's optimiser forgets its state for it), its rows of V
+    and C halved per roll-back so far (a quarter of the pace each: ridge from 100x above, a response started at full
+    pace ran away again after each roll-back until the third halved the hyper learning rate and left u 1.6-1.9 log
+    units off), and the hyper optimiser's moments. A snapshot's response can be excited already (ridge, per-batch STN
+    from 100x above: |V W_h| 40x the slope the data ask for, and with sigma halved alone it diverged again at sigma
+    0.03-0.06), and Adam's second moment holds that stretch's hypergradients (sqrt 7.9 against 0.25 after it: u moved
+    at 1/30 of its rate, and runs ended 1-4 log units off)."""
     tuner.hyper_lr_factor = hyper_lr_factor / 2 if recoveries >= 3 else hyper_lr_factor
     tuner.scale_perturbation(0.5, sigma_max / 2)
-    if tuner.response_seed is not None:
-        models.start_response(tuner.layers, tuner.response_seed)
+    if tuner.response_seed is not None:  # at a quarter of the pace per roll-back so far: a fast start tipped it over
+        models.start_response(tuner.layers, tuner.response_seed, tuner.row_floor, 0.25 ** recoveries)
         for p in tuner.response_params:  # the user's optimiser starts afresh on them too
             tuner.opt_w.state.pop(p, None)
     tuner.opt_h.state.clear()

@@ -255,31 +255,49 @@ def stn_layers(model):
     return [m for m in model.modules() if isinstance(m, (StnLinear, StnConv2d, StnEmbedding))]
 
 
+ROW_FLOOR = 1.0  # the shortest row of V and C at the start where the hypernet input is centred (Tuner.row_floor)
+
+
 @torch.no_grad()
-def init_response(layers):
-    """Start the hypernet path where it learns at once: W_h = b_h = 0 and V, C ~ N(0, 1/n). The layers'
-    own init (V = C = 0, W_h random) sits on a saddle of the product (V lam) W_h: neither factor gets a
-    gradient while the other is zero, so the response grows from noise only, slowest in the directions
-    where the weights themselves converge slowest. With W_h = 0 the output is still independent of lam at
-    the start, and the gradient on W_h is the response's own least-squares signal. A row's response learns at
-    |V_i|^2 times its pace, which this draw makes random (with one hyperparameter |V| was 0.04-1.9 over seeds
-    0-26); rows of length 1 were tried and are not the default (docs/trainer.md, "The response's start and
-    baseline")."""
+def init_response(layers, floor=0.0):
+    """Start the hypernet path where it learns at once: W_h = b_h = 0 and V, C ~ N(0, 1/n), with rows shorter than
+    ``floor`` raised to that length. The layers' own init (V = C = 0, W_h random) sits on a saddle of the product
+    (V lam) W_h: neither factor gets a gradient while the other is zero, so the response grows from noise only,
+    slowest in the directions where the weights themselves converge slowest. With W_h = 0 the output is still
+    independent of lam at the start, and the gradient on W_h is the response's own least-squares signal. A row's
+    response learns at |V_i|^2 times its pace, which the plain draw makes random (with one hyperparameter |V| was
+    0.04-1.9 over seeds 0-26, and on ridge the slow draws ended 0.3-1.1 log units off); a floor takes out the slow
+    end of that lottery and keeps the fast one (docs/trainer.md, "A floor under the response's pace")."""
     for m in layers:
         n = m.hyper_weight.shape[1]
         m.weight_hyper.zero_()
         m.hyper_weight.normal_(0, n ** -0.5)
+        _raise_short_rows(m.hyper_weight, floor)
         if m.bias_hyper is not None:
             m.bias_hyper.zero_()
             m.hyper_bias.normal_(0, n ** -0.5)
+            _raise_short_rows(m.hyper_bias, floor)
 
 
-def start_response(layers, seed):
-    """``init_response`` drawn from generator seed ``seed``: the same start every time (a roll-back returns to it),
-    the global generator left as it was."""
+def _raise_short_rows(w, floor):
+    if floor > 0:
+        n = w.norm(dim=1, keepdim=True)
+        w.mul_(torch.where(n < floor, floor / n.clamp_min(1e-12), torch.ones_like(n)))
+
+
+@torch.no_grad()
+def start_response(layers, seed, floor=0.0, pace=1.0):
+    """``init_response`` (rows of V and C at least ``floor`` long) drawn from generator seed ``seed``: the same start
+    every time (a roll-back returns to it), the global generator left as it was. ``pace`` < 1 scales those rows by
+    its square root (the response then learns at ``pace`` times the rate; a roll-back's restart slows it so)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        init_response(layers)
+        init_response(layers, floor)
+    if pace != 1.0:
+        for m in layers:
+            m.hyper_weight.mul_(pace ** 0.5)
+            if m.bias_hyper is not None:
+                m.hyper_bias.mul_(pace ** 0.5)
 
 
 def jvp_by_double_backward(fn, delta):
