@@ -157,8 +157,9 @@ def build_parser():
                         "official STN), u itself (recentred after each hyper step, exactly), auto (centre for "
                         f"rates, recentred for the rest) or the initial u (default {d.hyper_input})")
     g.add_argument("--response-init", default=d.response_init, choices=options.RESPONSE_INITS,
-                   help="start of the hypernet path: v (V, C random, W_h, b_h zero: learns at once) or zero "
-                        f"(V, C zero, as the papers) (default {d.response_init})")
+                   help="start of the hypernet path: v (V, C random, W_h, b_h zero: learns at once; where the input "
+                        "is centred, rows of V, C at least 1 long, so that no row learns slowly) or zero (V, C zero, "
+                        f"as the papers) (default {d.response_init})")
     g.add_argument("--perturb", default=d.perturb, choices=options.PERTURBS,
                    help="one perturbation per batch (one fused GEMM per layer) or one per example (the papers'; about "
                         "twice the GEMM work per step); auto is the method's (batch for both; docs/trainer.md says why) "

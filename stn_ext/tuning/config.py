@@ -56,7 +56,8 @@ class TrainConfig:
     warmup_steps: int = -1            # weight steps before the response trains and the first hyper step (-1: steps/10)
     perturb: str = "auto"             # batch (one perturbation per batch) | example (one per example, the papers') |
                                       # auto (the method's, stn_ext.tuning.defaults: batch for both)
-    response_init: str = "v"          # start of the hypernet path: "v" (V, C random; W_h, b_h zero) | "zero" (V, C zero)
+    response_init: str = "v"          # start of the hypernet path: "v" (V, C random, rows >= 1 where z is centred;
+                                      # W_h, b_h zero) | "zero" (V, C zero)
     hyper_input: str = "auto"         # STN hypernet input z = u~ - anchor: "centre" (the range's centre: raw logits),
                                       # "recentred" (u, moved after each hyper step by an exact reparameterisation),
                                       # "auto" (centre for logit-scale hyperparameters, recentred for the others),
