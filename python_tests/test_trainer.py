@@ -480,6 +480,29 @@ def test_resume_compares_a_field_added_later_with_the_value_earlier_runs_had(sma
     assert s["complete"] and s["steps"] == 12
 
 
+@pytest.mark.parametrize("method,hypers,refused", [("stn", ("dropout", "weight_decay"), False),
+                                                    ("delta-stn", ("dropout", "weight_decay"), False),
+                                                    ("delta-stn", ("weight_decay",), True)])
+def test_resume_refuses_a_run_whose_response_fit_the_new_default_would_change(small_digits, tmp_path, method, hypers,
+                                                                              refused):
+    """Runs written before response_fit fitted Delta-STN's response on the gradient; its default 'auto' now takes the
+    difference where every tuned hyperparameter acts smoothly. A run the new default would switch halfway is refused
+    until the old fit is given; one that 'auto' leaves on the gradient resumes as it is."""
+    base = dict(method=method, hypers=hypers, steps=12, warmup_steps=2, hidden=(8,), batch_size=32, quiet=True,
+                plots=False, out=str(tmp_path))
+    Trainer(TrainConfig(stop_after=6, response_fit="gradient", **base), data=small_digits).fit()
+    path = tmp_path / "config.json"
+    old = json.loads(path.read_text())
+    old.pop("response_fit")
+    path.write_text(json.dumps(old))
+    if refused:
+        with pytest.raises(ValueError, match="response_fit was 'gradient', now 'auto'"):
+            Trainer(TrainConfig(resume=True, **base), data=small_digits).fit()
+        base["response_fit"] = "gradient"
+    s = Trainer(TrainConfig(resume=True, **base), data=small_digits).fit()
+    assert s["complete"] and s["steps"] == 12
+
+
 def test_new_run_into_a_used_folder_is_refused_unless_overwrite(small_digits, tmp_path):
     base = dict(method="stn", warmup_steps=2, hidden=(8,), batch_size=32, quiet=True, plots=False, out=str(tmp_path))
     Trainer(TrainConfig(steps=12, **base), data=small_digits).fit()

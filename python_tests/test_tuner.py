@@ -697,3 +697,108 @@ def test_a_roll_back_with_the_layers_own_response_init_keeps_the_snapshots_respo
         tuner.weight_step(NAN_X, train[11][1])
     assert _same(model.state_dict(), snap["model"]) and _same(tuner.opt_w.state_dict(), snap["opt_w"])
     assert not tuner.opt_h.state_dict()["state"]
+
+
+# --- Delta-STN's response by finite difference (response_fit 'difference') ---------------------------------------
+
+def _smooth_setup(hypers, **kw):
+    torch.manual_seed(0)
+    space = HyperSpace.build(hypers)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    stn_ext.convert(model, n_hyper=len(space))
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                  method="delta-stn", total_steps=40, **kw)
+    return model, tuner
+
+
+@pytest.mark.parametrize("method,hypers,kw,fit", [
+    ("delta-stn", ("weight_decay",), {}, "difference"),
+    ("delta-stn", ("weight_decay", "noise"), {}, "difference"),
+    ("delta-stn", ("dropout", "weight_decay"), {}, "gradient"),      # masks: a change of delta flips some
+    ("delta-stn", ("weight_decay",), {"perturb": "example"}, "gradient"),
+    ("delta-stn", ("weight_decay",), {"linearize": True}, "gradient"),
+    ("delta-stn", ("weight_decay",), {"response_rows": 0.5}, "gradient"),
+    ("stn", ("weight_decay",), {}, "gradient"),
+    ("delta-stn", ("dropout",), {"response_fit": "difference"}, "difference"),  # asked for: taken
+])
+def test_the_response_is_fitted_by_difference_where_every_hyperparameter_acts_smoothly(method, hypers, kw, fit):
+    from stn_ext.tuning import defaults
+
+    space = HyperSpace.build(hypers, dropout_slots=["in"])
+    kinds = [h.kind for h in space.hypers]
+    got = defaults.response_fit(kw.get("response_fit", "auto"), method, kw.get("perturb", "batch"), kinds,
+                                kw.get("linearize", False), kw.get("response_rows", 1.0))
+    assert got == fit
+
+
+@pytest.mark.parametrize("kw", [{"method": "stn"}, {"perturb": "example"}, {"linearize": True},
+                                {"response_rows": 0.5}])
+def test_a_difference_fit_where_it_cannot_apply_is_refused_by_name(kw):
+    from stn_ext.tuning import defaults
+
+    args = {"method": "delta-stn", "perturb": "batch", "linearize": False, "response_rows": 1.0, **kw}
+    with pytest.raises(ValueError, match="response_fit='difference' is Delta-STN's"):
+        defaults.response_fit("difference", args["method"], args["perturb"], ["weight_decay"], args["linearize"],
+                              args["response_rows"])
+    with pytest.raises(ValueError, match="response_fit must be one of"):
+        defaults.response_fit("finite", "delta-stn", "batch", ["weight_decay"], False, 1.0)
+
+
+def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_gradient():
+    """One weight step with a response step due: the general step and the response's come from the same weights
+    and the same noise draws, and the response moves by lr * pace * gain / mean(sigma^2) / mean((d / sigma)^2)
+    times (V d) (.) (g(d) - g(0)), g the gradient on the effective weights: computed here apart from the step."""
+    from stn_ext.tuning import defaults, models
+    from stn_ext.tuning.augment import BatchRandom
+
+    model, tuner = _smooth_setup(("weight_decay", "noise"), warmup_steps=0)
+    assert tuner.response_fit == "difference" and tuner.baseline is None
+    with torch.no_grad():  # a response already learned, so that V's gradient is not zero either
+        for m in tuner.layers:
+            m.weight_hyper.normal_(0, 0.1)
+            m.bias_hyper.normal_(0, 0.1)
+    x, y = _batches(1, 3)[0]
+    seen, perturbed = {}, tuner.perturbed
+    tuner.perturbed = lambda u, sigma, rnd: seen.setdefault("u_t", perturbed(u, sigma, rnd))
+    draws, u = tuner.gen.get_state(), tuner.u.detach().clone()
+    before = copy.deepcopy(model.state_dict())
+    tuner.weight_step(x, y)
+    after = copy.deepcopy(model.state_dict())
+    model.load_state_dict(before)
+
+    def grads_at(u_t, z):  # the effective weights' gradient (W_e's, b_e's) at the step's weights and draws
+        tuner.gen.set_state(draws)
+        rnd = BatchRandom(tuner.gen, x.shape[0])
+        vals = tuner.space.to_values(u_t)
+        xr, rates = tuner.regularise(x, vals, rnd)
+        with models.regularisers(rates, rnd, tuner.named(vals)):
+            loss, _ = tuner.loss(xr, y, z, vals)
+        return torch.autograd.grad(loss, [p for m in tuner.layers for p in (m.weight_elem, m.bias_elem)])
+
+    d = (seen["u_t"] - u).detach()
+    g0, gd = grads_at(u, None), grads_at(seen["u_t"], d)
+    sigma = F.softplus(tuner.hscale.detach())
+    gain = tuner.response_every  # sigma at sigma_0: the gain's (sigma_0 / sigma)^2 is 1, times Delta-STN's k
+    scale = defaults.DIFFERENCE_PACE * gain / sigma.square().mean() / (d / sigma).square().mean()
+    for i, (name, m) in enumerate((n, m) for n, m in model.named_modules() if m in tuner.layers):
+        dw, db = gd[2 * i] - g0[2 * i], gd[2 * i + 1] - g0[2 * i + 1]
+        moved = lambda p: before[f"{name}.{p}"] - after[f"{name}.{p}"]  # noqa: E731  lr * its gradient
+        v, c = before[f"{name}.hyper_weight"], before[f"{name}.hyper_bias"]
+        w_h, b_h = before[f"{name}.weight_hyper"], before[f"{name}.bias_hyper"]
+        torch.testing.assert_close(moved("weight_elem"), 0.1 * g0[2 * i])
+        torch.testing.assert_close(moved("weight_hyper"), 0.1 * scale * (v @ d)[:, None] * dw)
+        torch.testing.assert_close(moved("bias_hyper"), 0.1 * scale * (c @ d) * db)
+        torch.testing.assert_close(moved("hyper_weight"), 0.1 * scale * torch.outer((w_h * dw).sum(1), d))
+        torch.testing.assert_close(moved("hyper_bias"), 0.1 * scale * torch.outer(b_h * db, d))
+    assert float(dw.abs().max()) > 0
+
+
+def test_the_difference_fit_takes_no_response_step_in_the_warm_up_and_keeps_the_general_step():
+    model, tuner = _smooth_setup(("weight_decay",), warmup_steps=3)
+    fitted = _smooth_setup(("weight_decay",), warmup_steps=3, response_fit="gradient")[1]
+    for (x, y) in _batches(3, 4):
+        tuner.weight_step(x, y)
+        fitted.weight_step(x, y)
+    for p, q in zip(tuner.params, fitted.params):  # the warm-up: the general steps alone, bit for bit
+        assert torch.equal(p, q)
+    assert tuner.layers[0].weight_hyper.abs().max() == 0

@@ -175,6 +175,13 @@ def build_parser():
                         "below: the response's sign); it stops for good once a step's weight gradient no longer "
                         "follows the mean (on real data by the warm-up's end); 0: off "
                         f"(default {d.response_baseline})")
+    g.add_argument("--response-fit", default=d.response_fit, choices=options.RESPONSE_FITS,
+                   help="delta-stn per batch: fit the response on the training loss's gradient at the perturbed "
+                        "values (gradient, the paper's) or on that gradient less the general step's, at the same "
+                        "weights and noise draws, over the perturbation's square (difference: at half the weights' pace "
+                        "times the gain of --response-gain-max, where the gradient's is sigma^2 times theirs, its "
+                        "noise taken out; not where masks are drawn: dropout, cutout, shift); auto: difference "
+                        f"where every tuned hyperparameter is weight decay, noise, ar or tar (default {d.response_fit})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,
                    help="delta-stn: take its response step on this part of each batch's rows (spread evenly), to save time "
                         "(default 0: all of it)")
@@ -239,7 +246,7 @@ def config_from_args(a):
         scale_init=a.scale_init, scale_max=a.scale_max,
         tau=a.tau, train_per_cycle=a.ttrain, val_per_cycle=a.tval, warmup_steps=a.warmup, perturb=a.perturb,
         response_every=a.response_every, response_rows=a.response_rows, response_gain_max=a.response_gain_max,
-        response_baseline=a.response_baseline,
+        response_baseline=a.response_baseline, response_fit=a.response_fit,
         hyper_input=a.hyper_input, response_init=a.response_init,
         linearize=a.linearize, hidden=a.hidden, channels=a.channels, train_size=a.train_size,
         random_trials=a.trials, seed=a.seed, data_seed=a.data_seed, data_path=a.data_path, eval_every=a.eval_every,

@@ -7,6 +7,7 @@ import torch
 import stn_ext
 from stn_ext.tuning import defaults, options
 from stn_ext.tuning.core import METHODS as STEP_METHODS
+from stn_ext.tuning.space import GROUPS
 
 DEFAULT_HYPERS = ("dropout", "weight_decay")
 # the STN paper's LSTM: locked dropout on the input, between the layers and on the output, embedding dropout,
@@ -15,11 +16,24 @@ LANGUAGE_HYPERS = ("dropout", "embed_dropout", "dropconnect", "ar", "tar")
 SEARCHES = ("random", "tpe")  # searches over fixed runs, each trial steps // random_trials weight steps
 METHODS = STEP_METHODS + SEARCHES  # stn, delta-stn, fixed (the Tuner's), random, tpe
 # fields added with a default other than what runs written before them did: a resume compares with these
-EARLIER_VALUES = {"hyper_plain_every": 0, "response_gain_max": 1.0, "response_baseline": 0.0}
+EARLIER_VALUES = {"hyper_plain_every": 0, "response_gain_max": 1.0, "response_baseline": 0.0, "response_fit": "gradient"}
 # TrainConfig fields passed to the Tuner unchanged; clip is not among them (its -1 is resolved by the data first)
 TUNER_OPTIONS = ("perturb", "hyper_lr_schedule", "hyper_input", "response_init", "hyper_lr", "hyper_beta2",
                  "scale_init", "scale_max", "tau", "hyper_plain_every", "train_per_cycle", "val_per_cycle",
-                 "warmup_steps", "response_gain_max", "response_baseline")
+                 "warmup_steps", "response_gain_max", "response_baseline", "response_fit")
+
+
+def response_fit_of(fields):
+    """The response fit (defaults.response_fit) a config's fields (a dict, as config.json holds them) resolve to;
+    'gradient' for the methods that fit none."""
+    method = fields.get("method")
+    if method != "delta-stn":
+        return "gradient"
+    names = [name.split(".")[0] for name in fields.get("hypers", DEFAULT_HYPERS)]  # "dropout.in": a dropout
+    kinds = [k for name in names for k in GROUPS.get(name, (name,))]
+    perturb = defaults.resolve(method, fields.get("perturb", "auto"))[0]
+    return defaults.response_fit(fields.get("response_fit", "auto"), method, perturb, kinds,
+                                 fields.get("linearize", False), defaults.response_rows(fields.get("response_rows", 0.0)))
 
 
 @dataclass
@@ -71,6 +85,11 @@ class TrainConfig:
     response_baseline: float = 0.9    # per batch, > 0: the response's gradients less those of a running mean (this
                                       # decay) of earlier steps' weight gradients along its path, while the weights
                                       # descend (it stops for good once they do not); 0: off; tuning/response_baseline.py
+    response_fit: str = "auto"        # delta-stn per batch: "gradient" (the paper's) | "difference" (less the general
+                                      # step's gradient along the path, over the perturbation's square: half the
+                                      # weights' pace times the gain) | "auto" (difference where every tuned
+                                      # hyperparameter acts smoothly: weight decay, noise, AR, TAR); docs/trainer.md,
+                                      # "The response by finite difference"
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
     train_size: int = 0               # cap on the training split (0: all): digits examples, or text tokens

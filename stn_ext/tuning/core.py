@@ -38,7 +38,7 @@ from stn_ext.tuning import augment, defaults, models, options, tuner_state
 from stn_ext._messages import count
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.divergence import StepChecks
-from stn_ext.tuning.response_baseline import ResponseBaseline
+from stn_ext.tuning.response_baseline import ResponseBaseline, subtract_along_path
 from stn_ext.tuning.space import LANGUAGE_KINDS
 
 TUNED = ("stn", "delta-stn")
@@ -61,7 +61,7 @@ class Tuner:
     space       a ``stn_ext.tuning.space.HyperSpace`` (``HyperSpace.build(("dropout", "weight_decay"), slots)``).
     optimizer   the weights' optimiser over ``model.parameters()``, any torch.optim optimiser. Delta-STN
                 steps it twice per weight step, each time with the other group's gradients set to None
-                (which torch's optimisers skip).
+                (which torch's optimisers skip); once where its response is fitted by difference.
     loss_fn     loss_fn(output, target): a scalar (the batch mean) or per-example losses (shape (B,)).
     total_steps the run's weight steps: sets the warm-up (a tenth) and the hyper learning-rate schedule;
                 None: no warm-up unless given, a constant hyper learning rate.
@@ -82,7 +82,7 @@ class Tuner:
                  hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
-                 response_rows=0.0, clip=0.0, response_gain_max=4.0, response_baseline=0.9):
+                 response_rows=0.0, clip=0.0, response_gain_max=4.0, response_baseline=0.9, response_fit="auto"):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
@@ -90,7 +90,8 @@ class Tuner:
                       hyper_plain_every=hyper_plain_every,
                       train_per_cycle=train_per_cycle, val_per_cycle=val_per_cycle, warmup_steps=warmup_steps,
                       perturb=perturb, response_init=response_init, hyper_input=hyper_input,
-                      response_gain_max=response_gain_max, response_baseline=response_baseline)
+                      response_gain_max=response_gain_max, response_baseline=response_baseline,
+                      response_fit=response_fit)
         perturb, scale_init, hyper_lr_schedule, hyper_beta2 = defaults.resolve(  # 'auto': stn_ext.tuning.defaults
             method, perturb, scale_init, hyper_lr_schedule, hyper_beta2)
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -106,8 +107,11 @@ class Tuner:
         if any(m.n_hyper != n for m in self.layers):
             raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
                              f"tunes {count(n, 'hyperparameter')} ({space.names})")
-        self.baseline = ResponseBaseline(self.layers, response_baseline) \
-            if method in TUNED and perturb == "batch" and response_baseline > 0 else None  # None: off
+        self.response_fit = defaults.response_fit(response_fit, method, perturb, [h.kind for h in space.hypers],
+                                                  linearize, defaults.response_rows(response_rows))
+        # the running baseline; the finite-difference fit subtracts the same step's gradient instead
+        self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
+            and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off
         self.response_params = []
         for m in self.layers:
             self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
@@ -299,18 +303,21 @@ class Tuner:
         if self.allreduce is not None:
             self.allreduce(tensors)
 
-    def _apply(self, loss, params, what="training loss", spike=True, d=None):
-        """Step the optimiser on loss's gradients; with the checks, not where they find a problem (returned). ``d``:
-        the perturbation u~ - u of a step that trains the response, for its control variate (response_baseline.py)."""
+    def _gradients(self, loss, params, what="training loss", spike=True):
+        """loss's gradients for params (summed over ranks) and, with the checks, the problem they find (or None)."""
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         if self.checks is None:
             self._allreduce(grads)
-        elif problem := self.checks.weight_problem(loss, grads, what, spike):
+            return grads, None
+        return grads, self.checks.weight_problem(loss, grads, what, spike)
+
+    def _apply(self, loss, params, what="training loss", spike=True, d=None):
+        """Step the optimiser on loss's gradients; with the checks, not where they find a problem (returned). ``d``:
+        the perturbation u~ - u of a step that trains the response, for its control variate (response_baseline.py)."""
+        grads, problem = self._gradients(loss, params, what, spike)
+        if problem:
             return problem
-        for p in self.params:
-            p.grad = None
-        for p, g in zip(params, grads):
-            p.grad = g
+        self._set_grads(params, grads)
         if self.baseline is not None:  # corrected by the mean of earlier steps' gradients, then this one joins it
             if d is not None:
                 self.baseline.correct(d)
@@ -323,6 +330,13 @@ class Tuner:
                 p.grad.mul_(gain)
         self.opt_w.step()
         return None
+
+    def _set_grads(self, params, grads):
+        """params' .grad = grads, every other parameter's None (the optimiser steps only params)."""
+        for p in self.params:
+            p.grad = None
+        for p, g in zip(params, grads):
+            p.grad = g
 
     def _eps(self, rnd):
         n = len(self.space)
@@ -367,6 +381,8 @@ class Tuner:
                 loss, report = self.loss(xr, y, self.z(u_t, False), vals)
             on = self.response_on()
             problem = self._apply(loss, self.params if on else self.general_params, d=u_t - u if on else None)
+        elif self.response_fit == "difference":
+            report, problem = self._general_and_difference_step(x, y, u, rnd)
         else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
             vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
             xr, rates = self.regularise(x, vals, rnd)
@@ -395,6 +411,63 @@ class Tuner:
             rloss, _ = self.loss(xr, y, self.z(u_t, True), vals, linearised=self.linearize, norm=norm)
         return self._apply(rloss, self.response_params, "response step's training loss (after its general step, "
                            "which was taken)", spike=False, d=u_t - u)
+
+    def _general_and_difference_step(self, x, y, u, rnd):
+        """Delta-STN's general step and, every response_every-th step, its response fitted by finite difference
+        (response_fit 'difference', docs/trainer.md "The response by finite difference"): the response's gradients
+        at delta = d = sigma eps, taken at the same weights and with the same random draws as the general step's at
+        delta = 0, less the general step's gradient along the path (response_baseline.subtract_along_path), so that
+        what is left is d times the change of the weights' gradient over d: (V d)^2 (H J + d grad / du) to first
+        order, H the training loss's curvature, J = V (.) W_h the response. Divided by (d / sigma)^2 and times
+        DIFFERENCE_PACE times the response's gain over sigma^2, J steps at that pace times the gain relative to the
+        weights, deterministically (a forward-mode step on the weights' own trajectory), where the gradient's
+        steps at sigma^2 times it. One optimiser step for both; (the batch's losses, a problem or None)."""
+        gen = rnd.generator
+        draws = gen.get_state()
+        vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
+        xr, rates = self.regularise(x, vals, rnd)
+        with models.regularisers(rates, rnd, self.named(vals)):
+            loss, report = self.loss(xr, y, None, vals)
+        grads, problem = self._gradients(loss, self.general_params)
+        if problem:
+            return report, problem
+        response = None
+        if self.response_on() and self.step % self.response_every == 0:
+            sigma = F.softplus(self.hscale.detach())
+            u_t = self.perturbed(u, sigma, rnd)
+            after = gen.get_state()
+            gen.set_state(draws)  # the general step's noise draws again, at the perturbed values
+            vals_t = self.space.to_values(u_t)
+            xr, rates = self.regularise(x, vals_t, rnd)
+            with models.regularisers(rates, rnd, self.named(vals_t)), models.side_run(torch.arange(x.shape[0])):
+                rloss, _ = self.loss(xr, y, self.z(u_t, True), vals_t)
+            gen.set_state(after)
+            response, problem = self._gradients(rloss, self.response_params, "response step's training loss (its "
+                                                 "general step was taken)", spike=False)
+            if problem is None:
+                response = self._difference(response, grads, (u_t - u).detach(), sigma)
+        both = response is not None and problem is None
+        params = self.general_params + self.response_params if both else self.general_params
+        self._set_grads(params, list(grads) + list(response) if both else grads)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.general_params, self.clip)
+            if both:
+                torch.nn.utils.clip_grad_norm_(self.response_params, self.clip)
+        self.opt_w.step()
+        return report, problem
+
+    @torch.no_grad()
+    def _difference(self, response, grads, d, sigma):
+        """The response's gradients less the general step's ``grads`` along the path at d, over (d / sigma)^2 and
+        times the pace and gain (``_general_and_difference_step``)."""
+        for p, g in zip(self.response_params, response):
+            p.grad = g
+        by_id = {id(p): g for p, g in zip(self.general_params, grads)}
+        elementary = [by_id[id(t)] for m in self.layers for t in (m.weight_elem, m.bias_elem) if t is not None]
+        subtract_along_path(self.layers, elementary, d, None)
+        spread = (d / sigma).square().mean().clamp_min(torch.finfo(d.dtype).tiny)
+        scale = defaults.DIFFERENCE_PACE * self.response_gain() / sigma.square().mean() / spread
+        return [p.grad.mul_(scale) for p in self.response_params]
 
     def hyper_step(self, x, y, rnd=None):
         """One step on u and the perturbation scales (on a plain step: u alone) on a validation batch; returns its

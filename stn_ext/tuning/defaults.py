@@ -49,6 +49,35 @@ def response_rows(f):
     return f or RESPONSE_ROWS
 
 
+# Delta-STN's response fit, per batch. 'gradient': the training loss's gradient at delta = sigma eps (the paper's),
+# which moves the response J at sigma^2 times the weights' pace, noisily. 'difference': that gradient less the
+# general step's along the response's path, at the same weights and draws, over (delta / sigma)^2: J then steps at
+# DIFFERENCE_PACE times the weights' pace (times the response's gain, Tuner.response_gain), as forward mode does,
+# with its noise taken out (core.Tuner._general_and_difference_step). 'auto' takes it where every tuned
+# hyperparameter acts smoothly on the loss. Ridge families 22-27 (weight decay, per batch, 3 seeds, both sides):
+# Delta-STN's runs within 0.05 of the optimum 280 of 288 against 254, no roll-back; at pace 1 also 280 but 13
+# roll-backs and one run stopped (the response's step at the perturbed weight decay's curvature, far above, beyond
+# the weights' stability limit). Where a rate draws masks (dropout, cutout, shift) a change of delta flips some of
+# them, a jump the difference does not take out: on the Fashion-MNIST MLP's dropout at pace 1 it diverged after the
+# warm-up on both seeds (docs/trainer.md, "The response by finite difference")
+SMOOTH_KINDS = ("weight_decay", "noise", "ar", "tar")
+DIFFERENCE_PACE = 0.5
+
+
+def response_fit(fit, method, perturb, kinds, linearize, rows):
+    """'gradient' or 'difference' for a response fit (options.RESPONSE_FITS), method, perturbation mode, the tuned
+    hyperparameters' kinds, --linearize and the response step's part of the batch."""
+    options.check(response_fit=fit)
+    eligible = method == "delta-stn" and perturb == "batch" and not linearize and rows == 1
+    if fit == "difference" and not eligible:
+        raise ValueError("stn_ext: response_fit='difference' is Delta-STN's, with one perturbation per batch, on the "
+                         f"whole batch and not linearised; got method {method!r}, perturb {perturb!r}, "
+                         f"response_rows {rows}, linearize {linearize}")
+    if fit == "auto":
+        return "difference" if eligible and all(k in SMOOTH_KINDS for k in kinds) else "gradient"
+    return fit
+
+
 # sigma_0, the hyper learning rate's schedule and Adam's beta2 for u and the scales, by perturbation mode
 BY_MODE = {"batch": (0.3, "tail", 0.95), "example": (0.5, "cosine", 0.99)}
 
@@ -63,4 +92,5 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0
             auto_beta2 if beta2 == -1 else beta2)
 
 
-__all__ = ["resolve", "response_every", "response_rows", "RESPONSE_ROWS", "PERTURB", "BY_MODE", "RESPONSE_EVERY"]
+__all__ = ["resolve", "response_every", "response_rows", "response_fit", "RESPONSE_ROWS", "PERTURB", "BY_MODE",
+           "RESPONSE_EVERY", "SMOOTH_KINDS", "DIFFERENCE_PACE"]

@@ -131,7 +131,7 @@ class Trainer:
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
             response_every=cfg.response_every, response_rows=cfg.response_rows, clip=self.settings["clip"],
             response_gain_max=cfg.response_gain_max, response_baseline=cfg.response_baseline,
-            loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce,
+            response_fit=cfg.response_fit, loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce,
             check_finite=False)  # the trainer checks each step itself (_healthy) and rolls back (_recover)
         self.layers, self.params = self.tuner.layers, self.tuner.params
         self.recoveries = 0

@@ -8,6 +8,7 @@ PERTURBS = ("auto", "example", "batch")
 SCHEDULES = ("auto", "cosine", "constant", "tail")
 HYPER_INPUTS = ("auto", "init", "centre", "recentred")
 RESPONSE_INITS = ("v", "zero")
+RESPONSE_FITS = ("auto", "gradient", "difference")
 
 
 def _one_of(choices):
@@ -32,6 +33,7 @@ RULES = {
     "hyper_lr_schedule": _one_of(SCHEDULES),
     "hyper_input": _one_of(HYPER_INPUTS),
     "response_init": _one_of(RESPONSE_INITS),
+    "response_fit": _one_of(RESPONSE_FITS),
     "hyper_lr": _number(lambda v: 0 <= v < math.inf, ">= 0"),
     "hyper_beta2": _number(lambda v: 0 <= v < 1 or v == -1, "in [0, 1) (or -1: the mode's default)"),
     "scale_init": _number(lambda v: 0 < v < math.inf or v == -1, "> 0 (or -1: the method's default)"),
@@ -57,4 +59,4 @@ def check(**options):
             raise ValueError(f"stn_ext: {name} must be {domain}, got {value!r}")
 
 
-__all__ = ["check", "RULES", "PERTURBS", "SCHEDULES", "HYPER_INPUTS", "RESPONSE_INITS"]
+__all__ = ["check", "RULES", "PERTURBS", "SCHEDULES", "HYPER_INPUTS", "RESPONSE_INITS", "RESPONSE_FITS"]

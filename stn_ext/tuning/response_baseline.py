@@ -31,6 +31,31 @@ DEFAULT_DECAY = 0.9  # about the last ten steps: the weights' gradient moves lit
 STOP_BELOW = 0.5  # every layer's beta below it: the weights' descent is over, and the baseline stops for good
 
 
+@torch.no_grad()
+def subtract_along_path(layers, grads, d, beta=None):
+    """Subtract the gradient of <g, path(d)> from the response parameters' .grad, g the elementary weights'
+    gradients ``grads`` (flat: weight[, bias] per layer of ``layers``), scaled per layer by ``beta`` ((layers,);
+    None: 1): (V d) (.) g from W_h's, d (g . W_h) per gate from V's, likewise for C and b_h. Linear in d and, for a
+    g that does not depend on d, of zero mean: a control variate for the response's gradients."""
+    d, i = d.detach(), 0
+    for k, m in enumerate(layers):
+        b = 1.0 if beta is None else beta[k]
+        g = grads[i]
+        if m.weight_hyper.grad is not None:
+            m.weight_hyper.grad.addcmul_(m.gate(d).mul_(b), g, value=-1)
+        if m.hyper_weight.grad is not None:
+            per_gate = m.gate_rows(g * m.weight_hyper).sum(1)
+            m.hyper_weight.grad.addr_(per_gate.mul_(b), d, alpha=-1)
+        i += 1
+        if m.bias_elem is not None:  # a layer with b_e has b_h and C too
+            g_b = grads[i]
+            if m.bias_hyper.grad is not None:
+                m.bias_hyper.grad.addcmul_((m.hyper_bias @ d).mul_(b), g_b, value=-1)
+            if m.hyper_bias.grad is not None:
+                m.hyper_bias.grad.addr_(g_b * m.bias_hyper * b, d, alpha=-1)
+            i += 1
+
+
 class ResponseBaseline:
     """Running mean (decay ``decay``) of the elementary weights' gradients of ``layers`` (STN layers), and the
     correction it makes to their response parameters' gradients."""
@@ -84,25 +109,12 @@ class ResponseBaseline:
     @torch.no_grad()
     def correct(self, d):
         """Subtract beta times the gradient of <mean, path(d)> (d (n,): lam~ - u) from the response parameters'
-        .grad: (V d) (.) beta b from W_h's, d (beta b . W_h) per gate from V's, likewise for C and b_h. Call before
-        ``observe`` for the same step: the mean must not hold this step's gradient (it depends on d)."""
+        .grad (``subtract_along_path``). Call before ``observe`` for the same step: the mean must not hold this
+        step's gradient (it depends on d)."""
         if self.mean is None or (not self.corrections and self._judge()):
             return
         self.corrections += 1
-        d, beta = d.detach(), self.beta()
-        for m, (i, n), b in zip(self.layers, self._spans, beta.unbind()):
-            mean = self.mean[i]
-            if m.weight_hyper.grad is not None:
-                m.weight_hyper.grad.addcmul_(m.gate(d).mul_(b), mean, value=-1)
-            if m.hyper_weight.grad is not None:
-                per_gate = m.gate_rows(mean * m.weight_hyper).sum(1)
-                m.hyper_weight.grad.addr_(per_gate.mul_(b), d, alpha=-1)
-            if n > 1:  # a layer with b_e has b_h and C too
-                mean_b = self.mean[i + 1]
-                if m.bias_hyper.grad is not None:
-                    m.bias_hyper.grad.addcmul_((m.hyper_bias @ d).mul_(b), mean_b, value=-1)
-                if m.hyper_bias.grad is not None:
-                    m.hyper_bias.grad.addr_(mean_b * m.bias_hyper * b, d, alpha=-1)
+        subtract_along_path(self.layers, self.mean, d, self.beta())
 
     def state_dict(self):
         if self.stopped:

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import asdict
 
 from stn_ext import checkpoint
-from stn_ext.tuning.config import EARLIER_VALUES, SEARCHES
+from stn_ext.tuning.config import EARLIER_VALUES, SEARCHES, response_fit_of
 from stn_ext.tuning.plots import PLOT_FILES, read_jsonl
 
 # Fields that may differ between a run and its resumption (device: see Trainer._restore_generator).
@@ -45,6 +45,8 @@ def check_same_config(cfg):
     # a field added since the folder's run was written is compared as its default, which that run had (or, for
     # the fields of EARLIER_VALUES, as the value it had)
     old = {**_jsonable(asdict(type(cfg)())), **EARLIER_VALUES, **old}
+    if old.get("response_fit") != new["response_fit"] and response_fit_of(old) == response_fit_of(new):
+        old["response_fit"] = new["response_fit"]  # an 'auto' that resolves to the fit the run had is that fit
     diff = sorted(k for k in new if k not in RESUME_FREE and old.get(k) != new[k])
     if diff:
         raise ValueError("stn_ext: cannot resume " + cfg.out + " with a different configuration: " +
