@@ -482,10 +482,11 @@ def test_resume_compares_a_field_added_later_with_the_value_earlier_runs_had(sma
 
 @pytest.mark.parametrize("method,hypers,refused", [("stn", ("dropout", "weight_decay"), False),
                                                     ("delta-stn", ("dropout", "weight_decay"), False),
-                                                    ("delta-stn", ("weight_decay",), True)])
+                                                    ("delta-stn", ("weight_decay",), True),
+                                                    ("stn", ("weight_decay",), True)])
 def test_resume_refuses_a_run_whose_response_fit_the_new_default_would_change(small_digits, tmp_path, method, hypers,
                                                                               refused):
-    """Runs written before response_fit fitted Delta-STN's response on the gradient; its default 'auto' now takes the
+    """Runs written before response_fit fitted the response on the gradient; its default 'auto' now takes the
     difference where every tuned hyperparameter acts smoothly. A run the new default would switch halfway is refused
     until the old fit is given; one that 'auto' leaves on the gradient resumes as it is."""
     base = dict(method=method, hypers=hypers, steps=12, warmup_steps=2, hidden=(8,), batch_size=32, quiet=True,

@@ -701,13 +701,13 @@ def test_a_roll_back_with_the_layers_own_response_init_keeps_the_snapshots_respo
 
 # --- Delta-STN's response by finite difference (response_fit 'difference') ---------------------------------------
 
-def _smooth_setup(hypers, **kw):
+def _smooth_setup(hypers, method="delta-stn", **kw):
     torch.manual_seed(0)
     space = HyperSpace.build(hypers)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     stn_ext.convert(model, n_hyper=len(space))
     tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
-                  method="delta-stn", total_steps=40, **kw)
+                  method=method, total_steps=40, **kw)
     return model, tuner
 
 
@@ -718,7 +718,9 @@ def _smooth_setup(hypers, **kw):
     ("delta-stn", ("weight_decay",), {"perturb": "example"}, "gradient"),
     ("delta-stn", ("weight_decay",), {"linearize": True}, "gradient"),
     ("delta-stn", ("weight_decay",), {"response_rows": 0.5}, "gradient"),
-    ("stn", ("weight_decay",), {}, "gradient"),
+    ("stn", ("weight_decay",), {}, "difference"),                  # recentred on u: z = 0 there
+    ("stn", ("weight_decay",), {"centred": False}, "gradient"),     # a fixed anchor: z is not 0 at u
+    ("stn", ("dropout", "weight_decay"), {}, "gradient"),
     ("delta-stn", ("dropout",), {"response_fit": "difference"}, "difference"),  # asked for: taken
 ])
 def test_the_response_is_fitted_by_difference_where_every_hyperparameter_acts_smoothly(method, hypers, kw, fit):
@@ -727,31 +729,33 @@ def test_the_response_is_fitted_by_difference_where_every_hyperparameter_acts_sm
     space = HyperSpace.build(hypers, dropout_slots=["in"])
     kinds = [h.kind for h in space.hypers]
     got = defaults.response_fit(kw.get("response_fit", "auto"), method, kw.get("perturb", "batch"), kinds,
-                                kw.get("linearize", False), kw.get("response_rows", 1.0))
+                                kw.get("linearize", False), kw.get("response_rows", 1.0), kw.get("centred", True))
     assert got == fit
 
 
-@pytest.mark.parametrize("kw", [{"method": "stn"}, {"perturb": "example"}, {"linearize": True},
-                                {"response_rows": 0.5}])
+@pytest.mark.parametrize("kw", [{"method": "stn", "centred": False}, {"perturb": "example"}, {"linearize": True},
+                                {"response_rows": 0.5}, {"method": "stn", "perturb": "example"}])
 def test_a_difference_fit_where_it_cannot_apply_is_refused_by_name(kw):
     from stn_ext.tuning import defaults
 
-    args = {"method": "delta-stn", "perturb": "batch", "linearize": False, "response_rows": 1.0, **kw}
-    with pytest.raises(ValueError, match="response_fit='difference' is Delta-STN's"):
+    args = {"method": "delta-stn", "perturb": "batch", "linearize": False, "response_rows": 1.0, "centred": True, **kw}
+    with pytest.raises(ValueError, match="response_fit='difference' takes one perturbation per batch"):
         defaults.response_fit("difference", args["method"], args["perturb"], ["weight_decay"], args["linearize"],
-                              args["response_rows"])
+                              args["response_rows"], args["centred"])
     with pytest.raises(ValueError, match="response_fit must be one of"):
         defaults.response_fit("finite", "delta-stn", "batch", ["weight_decay"], False, 1.0)
 
 
-def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_gradient():
-    """One weight step with a response step due: the general step and the response's come from the same weights
-    and the same noise draws, and the response moves by lr * pace * gain / mean(sigma^2) / mean((d / sigma)^2)
-    times (V d) (.) (g(d) - g(0)), g the gradient on the effective weights: computed here apart from the step."""
+@pytest.mark.parametrize("method", ["delta-stn", "stn"])
+def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_gradient(method):
+    """One weight step with a response step due: the response's gradient at d and the one at u come from the same
+    weights and the same noise draws, and the response moves by lr * pace * gain / mean(sigma^2) / mean((d / sigma)^2)
+    times (V d) (.) (g(d) - g(0)), g the gradient on the effective weights: computed here apart from the step. The
+    elementary weights move as the method's step has them: Delta-STN's on g(0), STN's on g(d)."""
     from stn_ext.tuning import defaults, models
     from stn_ext.tuning.augment import BatchRandom
 
-    model, tuner = _smooth_setup(("weight_decay", "noise"), warmup_steps=0)
+    model, tuner = _smooth_setup(("weight_decay", "noise"), warmup_steps=0, method=method)
     assert tuner.response_fit == "difference" and tuner.baseline is None
     with torch.no_grad():  # a response already learned, so that V's gradient is not zero either
         for m in tuner.layers:
@@ -759,12 +763,20 @@ def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_grad
             m.bias_hyper.normal_(0, 0.1)
     x, y = _batches(1, 3)[0]
     seen, perturbed = {}, tuner.perturbed
-    tuner.perturbed = lambda u, sigma, rnd: seen.setdefault("u_t", perturbed(u, sigma, rnd))
-    draws, u = tuner.gen.get_state(), tuner.u.detach().clone()
+
+    def spy(u, sigma, rnd):
+        seen["u_t"] = perturbed(u, sigma, rnd)
+        seen["after eps"] = tuner.gen.get_state()
+        return seen["u_t"]
+
+    tuner.perturbed = spy
+    start, u = tuner.gen.get_state(), tuner.u.detach().clone()
     before = copy.deepcopy(model.state_dict())
     tuner.weight_step(x, y)
     after = copy.deepcopy(model.state_dict())
     model.load_state_dict(before)
+    # Delta-STN's general step draws its noise first (then eps); STN draws eps, then its noise
+    draws = start if method == "delta-stn" else seen["after eps"]
 
     def grads_at(u_t, z):  # the effective weights' gradient (W_e's, b_e's) at the step's weights and draws
         tuner.gen.set_state(draws)
@@ -778,14 +790,14 @@ def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_grad
     d = (seen["u_t"] - u).detach()
     g0, gd = grads_at(u, None), grads_at(seen["u_t"], d)
     sigma = F.softplus(tuner.hscale.detach())
-    gain = tuner.response_every  # sigma at sigma_0: the gain's (sigma_0 / sigma)^2 is 1, times Delta-STN's k
+    gain = tuner.response_every if method == "delta-stn" else 1  # sigma at sigma_0: (sigma_0 / sigma)^2 = 1
     scale = defaults.DIFFERENCE_PACE * gain / sigma.square().mean() / (d / sigma).square().mean()
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules() if m in tuner.layers):
         dw, db = gd[2 * i] - g0[2 * i], gd[2 * i + 1] - g0[2 * i + 1]
         moved = lambda p: before[f"{name}.{p}"] - after[f"{name}.{p}"]  # noqa: E731  lr * its gradient
         v, c = before[f"{name}.hyper_weight"], before[f"{name}.hyper_bias"]
         w_h, b_h = before[f"{name}.weight_hyper"], before[f"{name}.bias_hyper"]
-        torch.testing.assert_close(moved("weight_elem"), 0.1 * g0[2 * i])
+        torch.testing.assert_close(moved("weight_elem"), 0.1 * (g0 if method == "delta-stn" else gd)[2 * i])
         torch.testing.assert_close(moved("weight_hyper"), 0.1 * scale * (v @ d)[:, None] * dw)
         torch.testing.assert_close(moved("bias_hyper"), 0.1 * scale * (c @ d) * db)
         torch.testing.assert_close(moved("hyper_weight"), 0.1 * scale * torch.outer((w_h * dw).sum(1), d))
@@ -793,9 +805,10 @@ def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_grad
     assert float(dw.abs().max()) > 0
 
 
-def test_the_difference_fit_takes_no_response_step_in_the_warm_up_and_keeps_the_general_step():
-    model, tuner = _smooth_setup(("weight_decay",), warmup_steps=3)
-    fitted = _smooth_setup(("weight_decay",), warmup_steps=3, response_fit="gradient")[1]
+@pytest.mark.parametrize("method", ["delta-stn", "stn"])
+def test_the_difference_fit_takes_no_response_step_in_the_warm_up_and_keeps_the_general_step(method):
+    model, tuner = _smooth_setup(("weight_decay",), method, warmup_steps=3)
+    fitted = _smooth_setup(("weight_decay",), method, warmup_steps=3, response_fit="gradient")[1]
     for (x, y) in _batches(3, 4):
         tuner.weight_step(x, y)
         fitted.weight_step(x, y)

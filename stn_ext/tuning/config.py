@@ -7,7 +7,7 @@ import torch
 import stn_ext
 from stn_ext.tuning import defaults, options
 from stn_ext.tuning.core import METHODS as STEP_METHODS
-from stn_ext.tuning.space import GROUPS
+from stn_ext.tuning.space import BUILTINS, GROUPS
 
 DEFAULT_HYPERS = ("dropout", "weight_decay")
 # the STN paper's LSTM: locked dropout on the input, between the layers and on the output, embedding dropout,
@@ -27,13 +27,17 @@ def response_fit_of(fields):
     """The response fit (defaults.response_fit) a config's fields (a dict, as config.json holds them) resolve to;
     'gradient' for the methods that fit none."""
     method = fields.get("method")
-    if method != "delta-stn":
+    if method not in ("stn", "delta-stn"):
         return "gradient"
     names = [name.split(".")[0] for name in fields.get("hypers", DEFAULT_HYPERS)]  # "dropout.in": a dropout
     kinds = [k for name in names for k in GROUPS.get(name, (name,))]
+    hyper_input = fields.get("hyper_input", "auto")
+    centred = hyper_input == "recentred" or hyper_input == "auto" and all(
+        k in BUILTINS and BUILTINS[k][3] != "logit" for k in kinds)
     perturb = defaults.resolve(method, fields.get("perturb", "auto"))[0]
     return defaults.response_fit(fields.get("response_fit", "auto"), method, perturb, kinds,
-                                 fields.get("linearize", False), defaults.response_rows(fields.get("response_rows", 0.0)))
+                                 fields.get("linearize", False), defaults.response_rows(fields.get("response_rows", 0.0)),
+                                 centred)
 
 
 @dataclass

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import stn_ext
-from stn_ext.tuning import augment, defaults, models, options, tuner_state
+from stn_ext.tuning import augment, defaults, models, options, response_steps, tuner_state
 from stn_ext._messages import count
 from stn_ext.tuning.augment import BatchRandom
 from stn_ext.tuning.divergence import StepChecks
-from stn_ext.tuning.response_baseline import ResponseBaseline, subtract_along_path
+from stn_ext.tuning.response_baseline import ResponseBaseline
 from stn_ext.tuning.space import LANGUAGE_KINDS
 
 TUNED = ("stn", "delta-stn")
@@ -107,11 +107,6 @@ class Tuner:
         if any(m.n_hyper != n for m in self.layers):
             raise ValueError(f"stn_ext: the model's STN layers have n_hyper={self.layers[0].n_hyper} but the space "
                              f"tunes {count(n, 'hyperparameter')} ({space.names})")
-        self.response_fit = defaults.response_fit(response_fit, method, perturb, [h.kind for h in space.hypers],
-                                                  linearize, defaults.response_rows(response_rows))
-        # the running baseline; the finite-difference fit subtracts the same step's gradient instead
-        self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
-            and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off
         self.response_params = []
         for m in self.layers:
             self.response_params += [p for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias) if p is not None]
@@ -143,6 +138,12 @@ class Tuner:
                   for h in space.hypers]
         self.follow = torch.tensor(follow, dtype=dt, device=device)
         self._recentres = method == "stn" and any(follow)
+        self.response_fit = defaults.response_fit(response_fit, method, perturb, [h.kind for h in space.hypers],
+                                                  linearize, defaults.response_rows(response_rows), all(follow))
+        # the running baseline; the finite-difference fit subtracts the same batch's gradient at u instead
+        self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
+            and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off
+        self._elementary = [t for m in self.layers for t in (m.weight_elem, m.bias_elem) if t is not None]
         # A floor under the rows of V where the input is centred (Delta-STN's delta, STN recentred on every
         # coordinate): there |V| sets only the response's pace. At STN's fixed anchors (z ~ -2.9 for a rate of 0.05)
         # it also sets the path's share of the weights' step, (V z)^2 times theirs, and raising it made STN on
@@ -373,6 +374,8 @@ class Tuner:
                 loss, report = self.loss(xr, y, None, vals)
             # the elementary network: the hypernet's parameters have no gradient (the optimiser skips them)
             problem = self._apply(loss, self.general_params)
+        elif self.method == "stn" and self.response_fit == "difference" and self.response_on():
+            report, problem = response_steps.stn_by_difference(self, x, y, u, rnd)
         elif self.method == "stn":
             u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
             vals = self.space.to_values(u_t)
@@ -382,7 +385,7 @@ class Tuner:
             on = self.response_on()
             problem = self._apply(loss, self.params if on else self.general_params, d=u_t - u if on else None)
         elif self.response_fit == "difference":
-            report, problem = self._general_and_difference_step(x, y, u, rnd)
+            report, problem = response_steps.general_and_difference(self, x, y, u, rnd)
         else:  # delta-stn: general step at delta = 0, then response step at delta = sigma eps
             vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
             xr, rates = self.regularise(x, vals, rnd)
@@ -397,77 +400,8 @@ class Tuner:
         return report
 
     def _response_step(self, x, y, u, rnd):
-        """Delta-STN's response step at delta = sigma eps, on ``response_rows`` of the batch's rows, spread evenly
-        (their random draws, the loss normalised over them); a problem found, or None."""
-        rows, whole = torch.arange(x.shape[0]), rnd.global_batch
-        if self.response_rows < 1:
-            rows, rnd = rnd.pick(self.response_rows)
-            x, y = x[rows.to(x.device)], y[rows.to(y.device)]
-        norm = self.loss_norm * rnd.global_batch / whole if self.loss_norm else None
-        u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
-        vals = self.space.to_values(u_t)
-        xr, rates = self.regularise(x, vals, rnd)
-        with models.regularisers(rates, rnd, self.named(vals)), models.side_run(rows):
-            rloss, _ = self.loss(xr, y, self.z(u_t, True), vals, linearised=self.linearize, norm=norm)
-        return self._apply(rloss, self.response_params, "response step's training loss (after its general step, "
-                           "which was taken)", spike=False, d=u_t - u)
-
-    def _general_and_difference_step(self, x, y, u, rnd):
-        """Delta-STN's general step and, every response_every-th step, its response fitted by finite difference
-        (response_fit 'difference', docs/trainer.md "The response by finite difference"): the response's gradients
-        at delta = d = sigma eps, taken at the same weights and with the same random draws as the general step's at
-        delta = 0, less the general step's gradient along the path (response_baseline.subtract_along_path), so that
-        what is left is d times the change of the weights' gradient over d: (V d)^2 (H J + d grad / du) to first
-        order, H the training loss's curvature, J = V (.) W_h the response. Divided by (d / sigma)^2 and times
-        DIFFERENCE_PACE times the response's gain over sigma^2, J steps at that pace times the gain relative to the
-        weights, deterministically (a forward-mode step on the weights' own trajectory), where the gradient's
-        steps at sigma^2 times it. One optimiser step for both; (the batch's losses, a problem or None)."""
-        gen = rnd.generator
-        draws = gen.get_state()
-        vals = self._while_unchanged("u values", self.u, lambda: self.space.to_values(u))
-        xr, rates = self.regularise(x, vals, rnd)
-        with models.regularisers(rates, rnd, self.named(vals)):
-            loss, report = self.loss(xr, y, None, vals)
-        grads, problem = self._gradients(loss, self.general_params)
-        if problem:
-            return report, problem
-        response = None
-        if self.response_on() and self.step % self.response_every == 0:
-            sigma = F.softplus(self.hscale.detach())
-            u_t = self.perturbed(u, sigma, rnd)
-            after = gen.get_state()
-            gen.set_state(draws)  # the general step's noise draws again, at the perturbed values
-            vals_t = self.space.to_values(u_t)
-            xr, rates = self.regularise(x, vals_t, rnd)
-            with models.regularisers(rates, rnd, self.named(vals_t)), models.side_run(torch.arange(x.shape[0])):
-                rloss, _ = self.loss(xr, y, self.z(u_t, True), vals_t)
-            gen.set_state(after)
-            response, problem = self._gradients(rloss, self.response_params, "response step's training loss (its "
-                                                 "general step was taken)", spike=False)
-            if problem is None:
-                response = self._difference(response, grads, (u_t - u).detach(), sigma)
-        both = response is not None and problem is None
-        params = self.general_params + self.response_params if both else self.general_params
-        self._set_grads(params, list(grads) + list(response) if both else grads)
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.general_params, self.clip)
-            if both:
-                torch.nn.utils.clip_grad_norm_(self.response_params, self.clip)
-        self.opt_w.step()
-        return report, problem
-
-    @torch.no_grad()
-    def _difference(self, response, grads, d, sigma):
-        """The response's gradients less the general step's ``grads`` along the path at d, over (d / sigma)^2 and
-        times the pace and gain (``_general_and_difference_step``)."""
-        for p, g in zip(self.response_params, response):
-            p.grad = g
-        by_id = {id(p): g for p, g in zip(self.general_params, grads)}
-        elementary = [by_id[id(t)] for m in self.layers for t in (m.weight_elem, m.bias_elem) if t is not None]
-        subtract_along_path(self.layers, elementary, d, None)
-        spread = (d / sigma).square().mean().clamp_min(torch.finfo(d.dtype).tiny)
-        scale = defaults.DIFFERENCE_PACE * self.response_gain() / sigma.square().mean() / spread
-        return [p.grad.mul_(scale) for p in self.response_params]
+        """Delta-STN's response step by the gradient (response_steps.by_gradient); a problem found, or None."""
+        return response_steps.by_gradient(self, x, y, u, rnd)
 
     def hyper_step(self, x, y, rnd=None):
         """One step on u and the perturbation scales (on a plain step: u alone) on a validation batch; returns its

@@ -53,7 +53,7 @@ def response_rows(f):
 # which moves the response J at sigma^2 times the weights' pace, noisily. 'difference': that gradient less the
 # general step's along the response's path, at the same weights and draws, over (delta / sigma)^2: J then steps at
 # DIFFERENCE_PACE times the weights' pace (times the response's gain, Tuner.response_gain), as forward mode does,
-# with its noise taken out (core.Tuner._general_and_difference_step). 'auto' takes it where every tuned
+# with its noise taken out (response_steps.general_and_difference). 'auto' takes it where every tuned
 # hyperparameter acts smoothly on the loss. Ridge families 22-27 (weight decay, per batch, 3 seeds, both sides):
 # Delta-STN's runs within 0.05 of the optimum 280 of 288 against 254, no roll-back; at pace 1 also 280 but 13
 # roll-backs and one run stopped (the response's step at the perturbed weight decay's curvature, far above, beyond
@@ -64,15 +64,18 @@ SMOOTH_KINDS = ("weight_decay", "noise", "ar", "tar")
 DIFFERENCE_PACE = 0.5
 
 
-def response_fit(fit, method, perturb, kinds, linearize, rows):
+def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
     """'gradient' or 'difference' for a response fit (options.RESPONSE_FITS), method, perturbation mode, the tuned
-    hyperparameters' kinds, --linearize and the response step's part of the batch."""
+    hyperparameters' kinds, --linearize, the response step's part of the batch (Delta-STN) and whether STN's input
+    is recentred on every coordinate (z = 0 at u, where its difference is taken)."""
     options.check(response_fit=fit)
-    eligible = method == "delta-stn" and perturb == "batch" and not linearize and rows == 1
+    eligible = perturb == "batch" and (method == "delta-stn" and not linearize and rows == 1 or
+                                       method == "stn" and centred)
     if fit == "difference" and not eligible:
-        raise ValueError("stn_ext: response_fit='difference' is Delta-STN's, with one perturbation per batch, on the "
-                         f"whole batch and not linearised; got method {method!r}, perturb {perturb!r}, "
-                         f"response_rows {rows}, linearize {linearize}")
+        raise ValueError("stn_ext: response_fit='difference' takes one perturbation per batch: Delta-STN's on the "
+                         "whole batch and not linearised, or STN's with its input recentred on every coordinate; got "
+                         f"method {method!r}, perturb {perturb!r}, response_rows {rows}, linearize {linearize}, "
+                         f"recentred {centred}")
     if fit == "auto":
         return "difference" if eligible and all(k in SMOOTH_KINDS for k in kinds) else "gradient"
     return fit

@@ -1,0 +1,126 @@
+"""The response's steps (Delta-STN's, and STN's fitted by difference), taken for a Tuner ``t``: by the gradient at
+delta = sigma eps (the papers'), or by finite difference (response_fit 'difference', docs/trainer.md "The response by
+finite difference"): the gradient at delta = d less the gradient at delta = 0 along the path, at the same weights and
+noise draws, over (d / sigma)^2."""
+import torch
+import torch.nn.functional as F
+
+from stn_ext.tuning import defaults, models
+from stn_ext.tuning.response_baseline import subtract_along_path
+
+
+def by_gradient(t, x, y, u, rnd):
+    """Delta-STN's response step at delta = sigma eps, on ``response_rows`` of the batch's rows, spread evenly
+    (their random draws, the loss normalised over them); a problem found, or None."""
+    rows, whole = torch.arange(x.shape[0]), rnd.global_batch
+    if t.response_rows < 1:
+        rows, rnd = rnd.pick(t.response_rows)
+        x, y = x[rows.to(x.device)], y[rows.to(y.device)]
+    norm = t.loss_norm * rnd.global_batch / whole if t.loss_norm else None
+    u_t = t.perturbed(u, F.softplus(t.hscale.detach()), rnd)
+    vals = t.space.to_values(u_t)
+    xr, rates = t.regularise(x, vals, rnd)
+    with models.regularisers(rates, rnd, t.named(vals)), models.side_run(rows):
+        rloss, _ = t.loss(xr, y, t.z(u_t, True), vals, linearised=t.linearize, norm=norm)
+    return t._apply(rloss, t.response_params, "response step's training loss (after its general step, which was "
+                    "taken)", spike=False, d=u_t - u)
+
+
+def general_and_difference(t, x, y, u, rnd):
+    """Delta-STN's general step and, every response_every-th step, its response fitted by finite difference
+    (response_fit 'difference', docs/trainer.md "The response by finite difference"): the response's gradients
+    at delta = d = sigma eps, taken at the same weights and with the same random draws as the general step's at
+    delta = 0, less the general step's gradient along the path (response_baseline.subtract_along_path), so that
+    what is left is d times the change of the weights' gradient over d: (V d)^2 (H J + d grad / du) to first
+    order, H the training loss's curvature, J = V (.) W_h the response. Divided by (d / sigma)^2 and times
+    DIFFERENCE_PACE times the response's gain over sigma^2, J steps at that pace times the gain relative to the
+    weights, deterministically (a forward-mode step on the weights' own trajectory), where the gradient's
+    steps at sigma^2 times it. One optimiser step for both; (the batch's losses, a problem or None)."""
+    gen = rnd.generator
+    draws = gen.get_state()
+    vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
+    xr, rates = t.regularise(x, vals, rnd)
+    with models.regularisers(rates, rnd, t.named(vals)):
+        loss, report = t.loss(xr, y, None, vals)
+    grads, problem = t._gradients(loss, t.general_params)
+    if problem:
+        return report, problem
+    response = None
+    if t.response_on() and t.step % t.response_every == 0:
+        sigma = F.softplus(t.hscale.detach())
+        u_t = t.perturbed(u, sigma, rnd)
+        after = gen.get_state()
+        gen.set_state(draws)  # the general step's noise draws again, at the perturbed values
+        vals_t = t.space.to_values(u_t)
+        xr, rates = t.regularise(x, vals_t, rnd)
+        with models.regularisers(rates, rnd, t.named(vals_t)), models.side_run(torch.arange(x.shape[0])):
+            rloss, _ = t.loss(xr, y, t.z(u_t, True), vals_t)
+        gen.set_state(after)
+        response, problem = t._gradients(rloss, t.response_params, "response step's training loss (its general "
+                                         "step was taken)", spike=False)
+        if problem is None:
+            by_id = {id(p): g for p, g in zip(t.general_params, grads)}
+            response = difference(t, response, [by_id[id(e)] for e in t._elementary], (u_t - u).detach(), sigma)
+    both = response is not None and problem is None
+    params = t.general_params + t.response_params if both else t.general_params
+    t._set_grads(params, list(grads) + list(response) if both else grads)
+    if t.clip:
+        torch.nn.utils.clip_grad_norm_(t.general_params, t.clip)
+        if both:
+            torch.nn.utils.clip_grad_norm_(t.response_params, t.clip)
+    t.opt_w.step()
+    return report, problem
+
+
+def stn_by_difference(t, x, y, u, rnd):
+    """STN's weight step with its response fitted by difference (response_fit 'difference': one perturbation per
+    batch, the input recentred on every coordinate, so z = 0 at u). Every weight's gradient at u~ = u + d, as
+    STN's step takes them, then one more pass at u with the same draws, whose gradient on W_e and b_e is what
+    the response's is taken the difference from (``difference``): about twice the work of STN's step. One
+    optimiser step; (the batch's losses, a problem or None)."""
+    gen = rnd.generator
+    sigma = F.softplus(t.hscale.detach())
+    u_t = t.perturbed(u, sigma, rnd)
+    draws = gen.get_state()
+    vals = t.space.to_values(u_t)
+    xr, rates = t.regularise(x, vals, rnd)
+    with models.regularisers(rates, rnd, t.named(vals)):
+        loss, report = t.loss(xr, y, t.z(u_t, False), vals)
+    grads, problem = t._gradients(loss, t.params)
+    if problem:
+        return report, problem
+    after = gen.get_state()
+    gen.set_state(draws)  # the perturbed pass's noise draws again, at u
+    vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
+    xr, rates = t.regularise(x, vals, rnd)
+    with models.regularisers(rates, rnd, t.named(vals)), models.side_run(torch.arange(x.shape[0])):
+        loss0, _ = t.loss(xr, y, t.z(u, False), vals)
+    gen.set_state(after)
+    at_u, problem = t._gradients(loss0, t._elementary, "training loss at u (STN's response by difference)",
+                                 spike=False)
+    if problem:
+        return report, problem
+    by_id = {id(p): g for p, g in zip(t.params, grads)}
+    response = difference(t, [by_id[id(p)] for p in t.response_params], at_u, (u_t - u).detach(), sigma)
+    general = [by_id[id(p)] for p in t.general_params]
+    t._set_grads(t.general_params + t.response_params, general + response)
+    if t.clip:
+        torch.nn.utils.clip_grad_norm_(t.general_params, t.clip)
+        torch.nn.utils.clip_grad_norm_(t.response_params, t.clip)
+    t.opt_w.step()
+    return report, None
+
+
+@torch.no_grad()
+def difference(t, response, elementary, d, sigma):
+    """The response's gradients at d less the gradient ``elementary`` (W_e's, b_e's at delta = 0, flat) along
+    the path at d, over (d / sigma)^2 and times the pace and gain (``general_and_difference``)."""
+    for p, g in zip(t.response_params, response):
+        p.grad = g
+    subtract_along_path(t.layers, elementary, d, None)
+    spread = (d / sigma).square().mean().clamp_min(torch.finfo(d.dtype).tiny)
+    scale = defaults.DIFFERENCE_PACE * t.response_gain() / sigma.square().mean() / spread
+    return [p.grad.mul_(scale) for p in t.response_params]
+
+
+__all__ = ["by_gradient", "general_and_difference", "stn_by_difference", "difference"]
