@@ -36,8 +36,8 @@ def general_and_difference(t, x, y, u, rnd):
     DIFFERENCE_PACE times the response's gain over sigma^2, J steps at that pace times the gain relative to the
     weights, deterministically (a forward-mode step on the weights' own trajectory), where the gradient's
     steps at sigma^2 times it. One optimiser step for both; (the batch's losses, a problem or None)."""
-    gen = rnd.generator
-    draws = gen.get_state()
+    due = t.response_on() and t.step % t.response_every == 0
+    draws = rnd.generator.get_state() if due else None
     vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
     xr, rates = t.regularise(x, vals, rnd)
     with models.regularisers(rates, rnd, t.named(vals)):
@@ -46,29 +46,16 @@ def general_and_difference(t, x, y, u, rnd):
     if problem:
         return report, problem
     response = None
-    if t.response_on() and t.step % t.response_every == 0:
+    if due:
         sigma = F.softplus(t.hscale.detach())
         u_t = t.perturbed(u, sigma, rnd)
-        after = gen.get_state()
-        gen.set_state(draws)  # the general step's noise draws again, at the perturbed values
-        vals_t = t.space.to_values(u_t)
-        xr, rates = t.regularise(x, vals_t, rnd)
-        with models.regularisers(rates, rnd, t.named(vals_t)), models.side_run(torch.arange(x.shape[0])):
-            rloss, _ = t.loss(xr, y, t.z(u_t, True), vals_t)
-        gen.set_state(after)
-        response, problem = t._gradients(rloss, t.response_params, "response step's training loss (its general "
-                                         "step was taken)", spike=False)
+        rloss = _replayed_loss(t, x, y, u_t, t.z(u_t, True), rnd, draws)  # the general step's draws, at u~
+        at_d, problem = t._gradients(rloss, t.response_params, "response step's training loss (its general step "
+                                     "was taken)", spike=False)
         if problem is None:
             by_id = {id(p): g for p, g in zip(t.general_params, grads)}
-            response = difference(t, response, [by_id[id(e)] for e in t._elementary], (u_t - u).detach(), sigma)
-    both = response is not None and problem is None
-    params = t.general_params + t.response_params if both else t.general_params
-    t._set_grads(params, list(grads) + list(response) if both else grads)
-    if t.clip:
-        torch.nn.utils.clip_grad_norm_(t.general_params, t.clip)
-        if both:
-            torch.nn.utils.clip_grad_norm_(t.response_params, t.clip)
-    t.opt_w.step()
+            response = difference(t, at_d, [by_id[id(e)] for e in t._elementary], (u_t - u).detach(), sigma)
+    _step(t, grads, response)
     return report, problem
 
 
@@ -78,10 +65,9 @@ def stn_by_difference(t, x, y, u, rnd):
     STN's step takes them, then one more pass at u with the same draws, whose gradient on W_e and b_e is what
     the response's is taken the difference from (``difference``): about twice the work of STN's step. One
     optimiser step; (the batch's losses, a problem or None)."""
-    gen = rnd.generator
     sigma = F.softplus(t.hscale.detach())
     u_t = t.perturbed(u, sigma, rnd)
-    draws = gen.get_state()
+    draws = rnd.generator.get_state()
     vals = t.space.to_values(u_t)
     xr, rates = t.regularise(x, vals, rnd)
     with models.regularisers(rates, rnd, t.named(vals)):
@@ -89,26 +75,42 @@ def stn_by_difference(t, x, y, u, rnd):
     grads, problem = t._gradients(loss, t.params)
     if problem:
         return report, problem
-    after = gen.get_state()
-    gen.set_state(draws)  # the perturbed pass's noise draws again, at u
-    vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
-    xr, rates = t.regularise(x, vals, rnd)
-    with models.regularisers(rates, rnd, t.named(vals)), models.side_run(torch.arange(x.shape[0])):
-        loss0, _ = t.loss(xr, y, t.z(u, False), vals)
-    gen.set_state(after)
+    loss0 = _replayed_loss(t, x, y, u, t.z(u, False), rnd, draws)  # the perturbed pass's draws, at u
     at_u, problem = t._gradients(loss0, t._elementary, "training loss at u (STN's response by difference)",
                                  spike=False)
     if problem:
         return report, problem
     by_id = {id(p): g for p, g in zip(t.params, grads)}
     response = difference(t, [by_id[id(p)] for p in t.response_params], at_u, (u_t - u).detach(), sigma)
-    general = [by_id[id(p)] for p in t.general_params]
-    t._set_grads(t.general_params + t.response_params, general + response)
+    _step(t, [by_id[id(p)] for p in t.general_params], response)
+    return report, None
+
+
+def _replayed_loss(t, x, y, u_at, z, rnd, draws):
+    """The training loss at u_at (hypernet input z) with the random draws the generator gave from state ``draws``
+    (the noise of the step's other pass), run beside the step's own (models.side_run); the generator is left where
+    it was."""
+    gen = rnd.generator
+    after = gen.get_state()
+    gen.set_state(draws)
+    vals = t.space.to_values(u_at)
+    xr, rates = t.regularise(x, vals, rnd)
+    with models.regularisers(rates, rnd, t.named(vals)), models.side_run(torch.arange(x.shape[0])):
+        loss, _ = t.loss(xr, y, z, vals)
+    gen.set_state(after)
+    return loss
+
+
+def _step(t, general, response=None):
+    """One optimiser step: the general parameters on ``general``, the response's on ``response`` (None: they do
+    not step), each group clipped on its own."""
+    params = t.general_params + (t.response_params if response is not None else [])
+    t._set_grads(params, list(general) + list(response if response is not None else []))
     if t.clip:
         torch.nn.utils.clip_grad_norm_(t.general_params, t.clip)
-        torch.nn.utils.clip_grad_norm_(t.response_params, t.clip)
+        if response is not None:
+            torch.nn.utils.clip_grad_norm_(t.response_params, t.clip)
     t.opt_w.step()
-    return report, None
 
 
 @torch.no_grad()
