@@ -484,7 +484,8 @@ def run_provenance(methods, modes):
     try:
         from stn_ext.tuning import defaults
         auto = {m: defaults.resolve(m)[0] for m in methods}
-        modes_resolved = {p: defaults.resolve(methods[0], p)[1:] for p in modes}
+        fits = {p: defaults.response_fit("auto", methods[0], p, ["weight_decay"], False, 1.0) for p in modes}
+        modes_resolved = {p: defaults.resolve(methods[0], p, fit=fits[p])[1:] + (fits[p],) for p in modes}
     except (ImportError, AttributeError, KeyError, ValueError):
         auto, modes_resolved = {}, {}
     import hashlib
@@ -499,7 +500,8 @@ def run_provenance(methods, modes):
             digest.update(f.encode() + b"\0-")
     return {"commit": _git("log", "-1", "--format=%h").strip(), "dirty": dirty,
             "dirty_sha1": digest.hexdigest()[:10] if dirty else "", "auto_perturb": auto,
-            "mode_defaults": {p: {"sigma_0": v[0], "schedule": v[1]} for p, v in modes_resolved.items()},
+            "mode_defaults": {p: {"sigma_0": v[0], "schedule": v[1], "beta2": v[2], "fit": v[3]}
+                              for p, v in modes_resolved.items()},
             "config_perturb": TrainConfig().perturb}
 
 
@@ -526,8 +528,9 @@ def ridge_family_table(instances, rejected, rows, steps, prov, family_seed):
                                                        if prov["dirty"] else "") + "; TrainConfig perturb "
            f"{prov['config_perturb']!r}, resolved per method (auto): "
            + ", ".join(f"{m} {p}" for m, p in prov["auto_perturb"].items()) + "; per mode: "
-           + ", ".join(f"{p} sigma_0 {v['sigma_0']} schedule {v['schedule']}" for p, v in prov["mode_defaults"].items())
-           + " (the runs set the mode explicitly; sigma_0 and schedule are the mode's).", "",
+           + ", ".join(f"{p} sigma_0 {v['sigma_0']} schedule {v['schedule']} beta2 {v.get('beta2', '?')} response fit "
+                       f"{v.get('fit', '?')}" for p, v in prov["mode_defaults"].items())
+           + " (the runs set the mode explicitly; the rest is the mode's, for a weight decay).", "",
            "| instance | d | n_train | noise | signal | data seed | log wd* | wd* | stability | val curvature |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for q in instances:

@@ -1,6 +1,7 @@
 """stn_ext.tuning.Tuner in a user's own loop: any optimiser, any loss, DataLoader batches, autocast,
 state_dict for the user's checkpoints; and the example that shows it."""
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -715,7 +716,9 @@ def _smooth_setup(hypers, method="delta-stn", **kw):
     ("delta-stn", ("weight_decay",), {}, "difference"),
     ("delta-stn", ("weight_decay", "noise"), {}, "difference"),
     ("delta-stn", ("dropout", "weight_decay"), {}, "gradient"),      # masks: a change of delta flips some
-    ("delta-stn", ("weight_decay",), {"perturb": "example"}, "gradient"),
+    ("delta-stn", ("weight_decay", "noise"), {"perturb": "example"}, "difference"),
+    ("stn", ("weight_decay",), {"perturb": "example"}, "difference"),
+    ("delta-stn", ("ar",), {"perturb": "example"}, "gradient"),   # a model's own penalty: not in its control variate
     ("delta-stn", ("weight_decay",), {"linearize": True}, "gradient"),
     ("delta-stn", ("weight_decay",), {"response_rows": 0.5}, "gradient"),
     ("stn", ("weight_decay",), {}, "difference"),                  # recentred on u: z = 0 there
@@ -733,15 +736,49 @@ def test_the_response_is_fitted_by_difference_where_every_hyperparameter_acts_sm
     assert got == fit
 
 
-@pytest.mark.parametrize("kw", [{"method": "stn", "centred": False}, {"perturb": "example"}, {"linearize": True},
-                                {"response_rows": 0.5}, {"method": "stn", "perturb": "example"}])
+@pytest.mark.parametrize("hypers,kw,schedule,beta2", [
+    (("weight_decay",), {"perturb": "example"}, "tail", 0.95),             # by difference: the per-batch ones
+    (("dropout", "weight_decay"), {"perturb": "example"}, "cosine", 0.99),  # by the gradient: the mode's own
+    (("weight_decay",), {"perturb": "example", "hyper_lr_schedule": "cosine", "hyper_beta2": 0.9}, "cosine", 0.9),
+    (("weight_decay",), {"perturb": "example", "response_fit": "gradient"}, "cosine", 0.99),
+    (("weight_decay",), {}, "tail", 0.95),
+])
+def test_the_difference_fit_takes_the_per_batch_hyper_optimiser_unless_asked_otherwise(hypers, kw, schedule, beta2):
+    space = HyperSpace.build(hypers, dropout_slots=["in"])
+    model = torch.nn.Sequential(HyperDropout("in"), torch.nn.Linear(12, 3))
+    stn_ext.convert(model, n_hyper=len(space))
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                  method="delta-stn", total_steps=40, **kw)
+    assert tuner.hyper_lr_schedule == schedule and tuner.opt_h.param_groups[0]["betas"] == (0.9, beta2)
+
+
+def test_a_state_loads_only_into_a_tuner_that_fits_the_response_as_it_did():
+    """A per-example state from before the difference fit (no record of it) was fitted on the gradient: the default
+    tuner, which now fits by difference, refuses it by name; one that asks for the gradient takes it."""
+    _, tuner = _smooth_setup(("weight_decay",), perturb="example", response_fit="gradient")
+    old = tuner.state_dict()
+    old.pop("response_fit")
+    new = _smooth_setup(("weight_decay",), perturb="example")[1]
+    assert new.response_fit == "difference"
+    with pytest.raises(ValueError, match="fitted the response by 'gradient', this tuner by 'difference'"):
+        new.load_state_dict(old)
+    _smooth_setup(("weight_decay",), perturb="example", response_fit="gradient")[1].load_state_dict(old)
+    with pytest.raises(ValueError, match="--response-fit difference"):  # a recorded fit, the other way round
+        _smooth_setup(("weight_decay",), perturb="example", response_fit="gradient")[1].load_state_dict(
+            new.state_dict())
+
+
+@pytest.mark.parametrize("kw", [{"method": "stn", "centred": False}, {"linearize": True}, {"response_rows": 0.5},
+                                {"method": "stn", "perturb": "example", "centred": False}])
 def test_a_difference_fit_where_it_cannot_apply_is_refused_by_name(kw):
     from stn_ext.tuning import defaults
 
     args = {"method": "delta-stn", "perturb": "batch", "linearize": False, "response_rows": 1.0, "centred": True, **kw}
-    with pytest.raises(ValueError, match="response_fit='difference' takes one perturbation per batch"):
+    with pytest.raises(ValueError, match="response_fit='difference' takes Delta-STN's response on the whole batch"):
         defaults.response_fit("difference", args["method"], args["perturb"], ["weight_decay"], args["linearize"],
                               args["response_rows"], args["centred"])
+    with pytest.raises(ValueError, match="with one perturbation per example takes weight_decay, noise only"):
+        defaults.response_fit("difference", "delta-stn", "example", ["weight_decay", "tar"], False, 1.0)
     with pytest.raises(ValueError, match="response_fit must be one of"):
         defaults.response_fit("finite", "delta-stn", "batch", ["weight_decay"], False, 1.0)
 
@@ -803,6 +840,77 @@ def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_grad
         torch.testing.assert_close(moved("hyper_weight"), 0.1 * scale * torch.outer((w_h * dw).sum(1), d))
         torch.testing.assert_close(moved("hyper_bias"), 0.1 * scale * torch.outer(b_h * db, d))
     assert float(dw.abs().max()) > 0
+
+
+@pytest.mark.parametrize("method", ["delta-stn", "stn"])
+def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_its_own_path(method):
+    """Per example: the response's gradient at d_i (one per example) less sum_i <g_i(0), path(d_i)>'s, g_i example
+    i's gradient at delta = 0 (weight decay's share included), computed here one example at a time, with the noise
+    the step drew after eps; the elementary weights step as the method has them: Delta-STN's on the batch's gradient
+    at delta = 0, STN's at d."""
+    from stn_ext.tuning import defaults
+    from stn_ext.tuning.augment import BatchRandom
+
+    model, tuner = _smooth_setup(("weight_decay", "noise"), method, warmup_steps=0, perturb="example",
+                                 response_fit="difference")
+    assert tuner.response_fit == "difference"
+    with torch.no_grad():
+        for m in tuner.layers:
+            m.weight_hyper.normal_(0, 0.1)
+            m.bias_hyper.normal_(0, 0.1)
+        tuner.u[0] = math.log(5e-3)  # a weight decay whose share of the gradient is not lost in the tolerance
+        tuner.anchor[0] = tuner.u[0]  # STN's input recentred on u (Delta-STN's is u~ - u anyway)
+    x, y = _batches(1, 3)[0]
+    seen, perturbed = {}, tuner.perturbed
+
+    def spy(u, sigma, rnd):
+        seen["u_t"] = perturbed(u, sigma, rnd)
+        seen["after eps"] = tuner.gen.get_state()
+        return seen["u_t"]
+
+    tuner.perturbed = spy
+    u = tuner.u.detach().clone()
+    before = copy.deepcopy(model.state_dict())
+    tuner.weight_step(x, y)
+    after = copy.deepcopy(model.state_dict())
+    model.load_state_dict(before)
+    d = (seen["u_t"] - u).detach()
+    assert d.shape == (x.shape[0], 2) and float((d[0] - d[1]).abs().min()) > 0  # one perturbation per example
+    resp = [p for m in tuner.layers for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias)]
+    elem = [p for m in tuner.layers for p in (m.weight_elem, m.bias_elem)]
+
+    def inputs(u_at):  # the step's noise draws
+        tuner.gen.set_state(seen["after eps"])
+        rnd = BatchRandom(tuner.gen, x.shape[0])
+        vals = tuner.space.to_values(u_at)
+        return tuner.regularise(x, vals, rnd)[0], vals
+
+    xr, vals = inputs(seen["u_t"])
+    at_d = torch.autograd.grad(tuner.loss(xr, y, d, vals)[0], resp + elem)
+    at_d, gd = at_d[:len(resp)], at_d[len(resp):]
+    xr0, vals0 = inputs(u)
+    g0 = torch.autograd.grad(tuner.loss(xr0, y, None, vals0)[0], elem)
+    cv = [torch.zeros_like(p) for p in resp]
+    for i in range(x.shape[0]):  # example i's share of the loss at delta = 0: its loss and the penalty, over B
+        with stn_ext.elementary():
+            li = torch.nn.functional.cross_entropy(model(xr0[i:i + 1]), y[i:i + 1])
+        li = (li + 0.5 * vals0[0] * tuner.l2(None)) / x.shape[0]
+        gi = torch.autograd.grad(li, elem)
+        for k, m in enumerate(tuner.layers):
+            gw, gb = gi[2 * k], gi[2 * k + 1]
+            cv[4 * k] += (m.hyper_weight @ d[i])[:, None] * gw
+            cv[4 * k + 1] += torch.outer((m.weight_hyper * gw).sum(1), d[i]).detach()
+            cv[4 * k + 2] += (m.hyper_bias @ d[i]) * gb
+            cv[4 * k + 3] += torch.outer(m.bias_hyper * gb, d[i]).detach()
+    sigma = F.softplus(tuner.hscale.detach())
+    scale = defaults.DIFFERENCE_PACE / sigma.square().mean() / (d / sigma).square().mean()
+    names = {p: n for n, p in model.named_parameters()}
+    for p, a, c in zip(resp, at_d, cv):
+        moved = before[names[p]] - after[names[p]]
+        torch.testing.assert_close(moved, 0.1 * scale * (a - c.detach()))
+    for p, g in zip(elem, g0 if method == "delta-stn" else gd):
+        torch.testing.assert_close(before[names[p]] - after[names[p]], 0.1 * g)
+    assert float((at_d[0] - cv[0]).detach().abs().max()) > 1e-3 * float(at_d[0].abs().max())  # the difference is not empty
 
 
 @pytest.mark.parametrize("method", ["delta-stn", "stn"])

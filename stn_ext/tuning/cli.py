@@ -133,11 +133,12 @@ def build_parser():
     g.add_argument("--hyper-beta2", type=float, default=d.hyper_beta2,
                    help="Adam's second-moment decay for the hyperparameters: shorter than Adam's usual 0.999, so a "
                         "far start's large hypergradients do not slow the arrival (docs/trainer.md, \"The ridge "
-                        f"family's misses\"); -1: 0.95 per batch, 0.99 per example (default {d.hyper_beta2})")
+                        f"family's misses\"); -1: 0.95, and 0.99 per example where the response is fitted on the gradient "
+                        f"(default {d.hyper_beta2})")
     g.add_argument("--hyper-lr-schedule", default=d.hyper_lr_schedule, choices=options.SCHEDULES,
                    help="decay of the hyper learning rate: cosine settles the hyperparameters, tail keeps it constant "
-                        "for the first half; auto is cosine with per-example and tail with per-batch perturbation "
-                        f"(default {d.hyper_lr_schedule})")
+                        "for the first half; auto is tail, and cosine with per-example perturbation where the response "
+                        f"is fitted on the gradient (--response-fit) (default {d.hyper_lr_schedule})")
     g.add_argument("--hyper-plain-every", type=int, default=d.hyper_plain_every,
                    help="take every k-th hyper step at the hyperparameters themselves, unperturbed, stepping them "
                         "and not the perturbation scales: its gradient carries no perturbation noise (0: none; 1: "
@@ -176,12 +177,15 @@ def build_parser():
                         "follows the mean (on real data by the warm-up's end); 0: off "
                         f"(default {d.response_baseline})")
     g.add_argument("--response-fit", default=d.response_fit, choices=options.RESPONSE_FITS,
-                   help="delta-stn per batch: fit the response on the training loss's gradient at the perturbed "
-                        "values (gradient, the paper's) or on that gradient less the general step's, at the same "
+                   help="fit the response on the training loss's gradient at the perturbed values (gradient, the "
+                        "paper's) or on that gradient less the one at u along the response's path, at the same "
                         "weights and noise draws, over the perturbation's square (difference: at half the weights' pace "
                         "times the gain of --response-gain-max, where the gradient's is sigma^2 times theirs, its "
-                        "noise taken out; not where masks are drawn: dropout, cutout, shift); auto: difference "
-                        f"where every tuned hyperparameter is weight decay, noise, ar or tar (default {d.response_fit})")
+                        "noise taken out; not where masks are drawn: dropout, cutout, shift; per example, each "
+                        "example's gradient at u through the tangent of its path, for weight decay and noise only; "
+                        "the hyper lr schedule's auto is tail with it); auto: difference where every tuned "
+                        "hyperparameter is weight decay, noise, ar or tar (per example: weight decay or noise) "
+                        f"(default {d.response_fit})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,
                    help="delta-stn: take its response step on this part of each batch's rows (spread evenly), to save time "
                         "(default 0: all of it)")

@@ -58,11 +58,12 @@ class TrainConfig:
     clip: float = -1.0                # gradient norm clipping (-1: none; on language data 0.25; 0: none)
     bptt: int = 0                     # language data: tokens per window of truncated backpropagation (0: 35)
     hyper_lr: float = 0.02            # Adam for u and the perturbation scales
-    hyper_beta2: float = -1.0         # Adam's second-moment decay for u and the scales (-1: 0.95 per batch, 0.99 per
-                                      # example; 0.999 until December 5, then 0.99 in both modes until late that day:
-                                      # they kept a far start's large hypergradients; docs/trainer.md, "Defaults")
+    hyper_beta2: float = -1.0         # Adam's second-moment decay for u and the scales (-1: 0.95; 0.99 per example
+                                      # with the gradient's response fit; 0.999 until December 5, then 0.99 in both
+                                      # modes until late that day: they kept a far start's large hypergradients;
+                                      # docs/trainer.md, "Defaults")
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
-                                      # auto (cosine with per-example perturbation, tail per batch)
+                                      # auto (tail; cosine per example with the gradient's response fit)
     scale_init: float = -1.0          # initial sigma in unconstrained units (-1: 0.5 with per-example perturbation,
                                       # 0.3 per batch)
     scale_max: float = 0.0            # cap on sigma (0: scale_init, so the entropy term cannot grow it)
@@ -89,11 +90,11 @@ class TrainConfig:
     response_baseline: float = 0.9    # per batch, > 0: the response's gradients less those of a running mean (this
                                       # decay) of earlier steps' weight gradients along its path, while the weights
                                       # descend (it stops for good once they do not); 0: off; tuning/response_baseline.py
-    response_fit: str = "auto"        # delta-stn per batch: "gradient" (the paper's) | "difference" (less the general
-                                      # step's gradient along the path, over the perturbation's square: half the
-                                      # weights' pace times the gain) | "auto" (difference where every tuned
-                                      # hyperparameter acts smoothly: weight decay, noise, AR, TAR); docs/trainer.md,
-                                      # "The response by finite difference"
+    response_fit: str = "auto"        # "gradient" (the paper's) | "difference" (less the gradient at u along the
+                                      # path, over the perturbation's square: half the weights' pace times the gain;
+                                      # hyper_lr_schedule's auto is then tail) | "auto" (difference where every tuned
+                                      # hyperparameter acts smoothly: weight decay, noise, AR, TAR; per example weight
+                                      # decay and noise); docs/trainer.md, "The response by finite difference"
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
     train_size: int = 0               # cap on the training split (0: all): digits examples, or text tokens

@@ -92,8 +92,8 @@ class Tuner:
                       perturb=perturb, response_init=response_init, hyper_input=hyper_input,
                       response_gain_max=response_gain_max, response_baseline=response_baseline,
                       response_fit=response_fit)
-        perturb, scale_init, hyper_lr_schedule, hyper_beta2 = defaults.resolve(  # 'auto': stn_ext.tuning.defaults
-            method, perturb, scale_init, hyper_lr_schedule, hyper_beta2)
+        asked = (hyper_lr_schedule, hyper_beta2)  # resolved once the response's fit is
+        perturb, scale_init = defaults.resolve(method, perturb, scale_init)[:2]  # 'auto': stn_ext.tuning.defaults
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"stn_ext: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.space, self.opt_w, self.loss_fn, self.method = model, space, optimizer, loss_fn, method
@@ -123,7 +123,7 @@ class Tuner:
         self.hscale = nn.Parameter(torch.full((n,), inv_softplus(scale_init), dtype=dt, device=device))
         self.scale_init, self.sigma_max = scale_init, scale_max or scale_init
         self.sigma_max0 = self.sigma_max  # where the cap grows back to after a roll-back
-        self.hyper_lr, self.hyper_lr_schedule, self.plain_every = hyper_lr, hyper_lr_schedule, hyper_plain_every
+        self.hyper_lr, self.plain_every = hyper_lr, hyper_plain_every
         self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
         self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = train_per_cycle, val_per_cycle, perturb, linearize
         self.response_every = defaults.response_every(response_every)
@@ -140,6 +140,8 @@ class Tuner:
         self._recentres = method == "stn" and any(follow)
         self.response_fit = defaults.response_fit(response_fit, method, perturb, [h.kind for h in space.hypers],
                                                   linearize, defaults.response_rows(response_rows), all(follow))
+        self.hyper_lr_schedule, hyper_beta2 = defaults.resolve(method, perturb, scale_init, *asked,
+                                                               fit=self.response_fit)[2:]
         # the running baseline; the finite-difference fit subtracts the same batch's gradient at u instead
         self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
             and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off
@@ -271,13 +273,7 @@ class Tuner:
         if not linearised:
             with self.input_context(z):
                 return self.model(x)
-        if hasattr(self.model, "forward_linearised"):
-            y0, ydot = self.model.forward_linearised(x, z)
-        else:
-            def fn(lam):
-                with stn_ext.hyper_input(lam):
-                    return self.model(x)
-            y0, ydot = models.jvp_by_double_backward(fn, z)
+        y0, ydot = models.linearised(self.model, x, z)
         return y0 if ydot is None else y0 + ydot
 
     def _reduce(self, out, y, norm):
@@ -287,10 +283,11 @@ class Tuner:
             return ell, ell.detach()
         return ell.sum() / (norm or ell.shape[0]), ell.detach()
 
-    def loss(self, x, y, z, vals, linearised=False, norm=None):
-        """(training loss with the tuned weight decay, over ``norm``: loss_norm or the batch size; the report)."""
+    def loss(self, x, y, z, vals, linearised=False, norm=None, out=None):
+        """(training loss with the tuned weight decay, over ``norm``: loss_norm or the batch size; the report).
+        ``out``: the model's output for x at z, where the caller ran it."""
         norm = norm or self.loss_norm
-        out = self.forward(x, z, linearised)
+        out = self.forward(x, z, linearised) if out is None else out
         loss, report = self._reduce(out, y, norm)
         penalties = models.take_penalties()  # the model's own (a language model's AR and TAR)
         if self.i_wd:

@@ -62,6 +62,9 @@ def response_rows(f):
 # warm-up on both seeds (docs/trainer.md, "The response by finite difference")
 SMOOTH_KINDS = ("weight_decay", "noise", "ar", "tar")
 DIFFERENCE_PACE = 0.5
+# per example, the kinds whose share of each example's gradient the control variate carries (a model's own
+# penalties, AR and TAR, are not linearised: response_steps._at_u_with_tangent)
+EXAMPLE_SMOOTH_KINDS = ("weight_decay", "noise")
 
 
 def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
@@ -69,11 +72,15 @@ def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
     hyperparameters' kinds, --linearize, the response step's part of the batch (Delta-STN) and whether STN's input
     is recentred on every coordinate (z = 0 at u, where its difference is taken)."""
     options.check(response_fit=fit)
-    eligible = perturb == "batch" and (method == "delta-stn" and not linearize and rows == 1 or
-                                       method == "stn" and centred)
+    eligible = method == "delta-stn" and not linearize and rows == 1 or method == "stn" and centred
+    if perturb == "example" and not all(k in EXAMPLE_SMOOTH_KINDS for k in kinds):
+        if fit == "difference":
+            raise ValueError("stn_ext: response_fit='difference' with one perturbation per example takes "
+                             f"{', '.join(EXAMPLE_SMOOTH_KINDS)} only (what its control variate covers); got {kinds}")
+        eligible = False
     if fit == "difference" and not eligible:
-        raise ValueError("stn_ext: response_fit='difference' takes one perturbation per batch: Delta-STN's on the "
-                         "whole batch and not linearised, or STN's with its input recentred on every coordinate; got "
+        raise ValueError("stn_ext: response_fit='difference' takes Delta-STN's response on the whole batch and not "
+                         "linearised, or STN's with its input recentred on every coordinate; got "
                          f"method {method!r}, perturb {perturb!r}, response_rows {rows}, linearize {linearize}, "
                          f"recentred {centred}")
     if fit == "auto":
@@ -81,19 +88,27 @@ def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
     return fit
 
 
-# sigma_0, the hyper learning rate's schedule and Adam's beta2 for u and the scales, by perturbation mode
+# sigma_0, the hyper learning rate's schedule and Adam's beta2 for u and the scales, by perturbation mode. With the
+# response fitted by difference the schedule and beta2 are the per-batch ones in either mode: per example, that fit
+# keeps the response's pace, and the cosine schedule and beta2 0.99 chosen for the gradient's fit left u short of the
+# optimum from far above (Adam's memory of the large hypergradients there; ridge families 22-27, docs/trainer.md
+# "The response by finite difference, per example")
 BY_MODE = {"batch": (0.3, "tail", 0.95), "example": (0.5, "cosine", 0.99)}
 
 
-def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0):
-    """(perturb, sigma_0, schedule, beta2) with each 'auto' (-1 for the numbers) replaced by the method's default."""
+def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0, fit="gradient"):
+    """(perturb, sigma_0, schedule, beta2) with each 'auto' (-1 for the numbers) replaced by the method's default;
+    ``fit``: the response fit resolved (``response_fit``)."""
     options.check(perturb=perturb)
     if perturb == "auto":
         perturb = PERTURB[method]
     sigma_0, auto_schedule, auto_beta2 = BY_MODE[perturb]
+    if fit == "difference":
+        auto_schedule, auto_beta2 = BY_MODE["batch"][1:]
     return (perturb, sigma_0 if scale_init == -1 else scale_init, auto_schedule if schedule == "auto" else schedule,
             auto_beta2 if beta2 == -1 else beta2)
 
 
 __all__ = ["resolve", "response_every", "response_rows", "response_fit", "RESPONSE_ROWS", "PERTURB", "BY_MODE",
-           "RESPONSE_EVERY", "SMOOTH_KINDS", "DIFFERENCE_PACE"]
+           "RESPONSE_EVERY", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
+           "DIFFERENCE_PACE"]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import stn_ext
 from stn_ext.tuning.augment import dropout_mask
 from stn_ext.nn import StnConv2d, StnEmbedding, StnLinear
 
@@ -298,6 +299,17 @@ def start_response(layers, seed, floor=0.0, pace=1.0):
             m.hyper_weight.mul_(pace ** 0.5)
             if m.bias_hyper is not None:
                 m.hyper_bias.mul_(pace ** 0.5)
+
+
+def linearised(model, x, delta):
+    """(f(x; W_e), J_w f . (Phi delta)): the model's own ``forward_linearised``, else the double-backward JVP."""
+    if hasattr(model, "forward_linearised"):
+        return model.forward_linearised(x, delta)
+
+    def fn(lam):
+        with stn_ext.hyper_input(lam):
+            return model(x)
+    return jvp_by_double_backward(fn, delta)
 
 
 def jvp_by_double_backward(fn, delta):

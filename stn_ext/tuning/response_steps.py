@@ -2,6 +2,8 @@
 delta = sigma eps (the papers'), or by finite difference (response_fit 'difference', docs/trainer.md "The response by
 finite difference"): the gradient at delta = d less the gradient at delta = 0 along the path, at the same weights and
 noise draws, over (d / sigma)^2."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,8 @@ def general_and_difference(t, x, y, u, rnd):
     weights, deterministically (a forward-mode step on the weights' own trajectory), where the gradient's
     steps at sigma^2 times it. One optimiser step for both; (the batch's losses, a problem or None)."""
     due = t.response_on() and t.step % t.response_every == 0
+    if due and t.perturb == "example":
+        return _general_and_difference_per_example(t, x, y, u, rnd)
     draws = rnd.generator.get_state() if due else None
     vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
     xr, rates = t.regularise(x, vals, rnd)
@@ -59,6 +63,56 @@ def general_and_difference(t, x, y, u, rnd):
     return report, problem
 
 
+def _general_and_difference_per_example(t, x, y, u, rnd):
+    """``general_and_difference`` with one perturbation d_i per example: the general step's pass at delta = 0
+    carries the tangent along each example's path (``_at_u_with_tangent``), whose control variate's gradient is
+    subtracted from the response's at delta = d."""
+    sigma = F.softplus(t.hscale.detach())
+    u_t = t.perturbed(u, sigma, rnd)
+    d = (u_t - u).detach()
+    draws = rnd.generator.get_state()
+    loss, report, cv = _at_u_with_tangent(t, x, y, u, d, rnd)
+    grads, problem = t._gradients(loss, t.general_params)
+    if problem:
+        return report, problem
+    rloss = _replayed_loss(t, x, y, u_t, t.z(u_t, True), rnd, draws)  # the general pass's draws, at u~
+    at_d, problem = t._gradients(rloss, t.response_params, "response step's training loss (its general step was "
+                                 "taken)", spike=False)
+    _step(t, grads, None if problem else _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma))
+    return report, problem
+
+
+def _at_u_with_tangent(t, x, y, u, d, rnd, draws=None):
+    """(the training loss at u on the elementary weights, its report, the control variate's gradients): the pass
+    carries the tangent along each example's path (V d_i) (.) W_h (models.linearised), and the control variate
+    sum_i <g_i(0), path(d_i)>, g_i example i's gradient at delta = 0, is that tangent against the output's gradient
+    plus the weight decay's linear part. Its gradients on the response's parameters are sum_i (V d_i) (.) g_i(0) on
+    W_h, and so on: what the response's gradient at d has, less the change of the gradient over d. Examples must not
+    interact (no batch statistics). ``draws``: a generator state to replay (the noise of the step's other pass)."""
+    with _replaying(rnd, draws, x.shape[0]):
+        vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
+        xr, rates = t.regularise(x, vals, rnd)
+        with models.regularisers(rates, rnd, t.named(vals)):
+            out, tangent = models.linearised(t.model, xr, d)
+            loss, report = t.loss(xr, y, None, vals, out=out)
+    (d_out,) = torch.autograd.grad(loss, out, retain_graph=True)
+    along = (d_out * tangent).sum()
+    if t.i_wd:  # d/da of the penalty 0.5 wd ||W(a d_i)||^2 per example at a = 0, over the loss's norm
+        along = along + 0.5 * vals[t.i_wd[0]] * _l2_linear_part(t, d) / (t.loss_norm or x.shape[0])
+    cv = torch.autograd.grad(along, t.response_params, retain_graph=True, allow_unused=True, materialize_grads=True)
+    t._allreduce(cv)
+    return loss, report, cv
+
+
+def _l2_linear_part(t, d):
+    """sum over examples of d/da ||W(a d_i)||^2 at a = 0: 2 s_i . <W_e, W_h> row by row (Tuner.l2), s_i = V d_i."""
+    total = 0
+    for m in t.layers:
+        b = (m.gate_rows(m.weight_elem).detach() * m.gate_rows(m.weight_hyper)).sum(1)
+        total = total + 2 * ((d @ m.hyper_weight.t()) * b).sum()
+    return total
+
+
 def stn_by_difference(t, x, y, u, rnd):
     """STN's weight step with its response fitted by difference (response_fit 'difference': one perturbation per
     batch, the input recentred on every coordinate, so z = 0 at u). Every weight's gradient at u~ = u + d, as
@@ -75,13 +129,18 @@ def stn_by_difference(t, x, y, u, rnd):
     grads, problem = t._gradients(loss, t.params)
     if problem:
         return report, problem
-    loss0 = _replayed_loss(t, x, y, u, t.z(u, False), rnd, draws)  # the perturbed pass's draws, at u
-    at_u, problem = t._gradients(loss0, t._elementary, "training loss at u (STN's response by difference)",
-                                 spike=False)
-    if problem:
-        return report, problem
     by_id = {id(p): g for p, g in zip(t.params, grads)}
-    response = difference(t, [by_id[id(p)] for p in t.response_params], at_u, (u_t - u).detach(), sigma)
+    at_d, d = [by_id[id(p)] for p in t.response_params], (u_t - u).detach()
+    if t.perturb == "example":  # the pass at u with the perturbed pass's draws, carrying each example's tangent
+        cv = _at_u_with_tangent(t, x, y, u, d, rnd, draws)[2]
+        response = _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma)
+    else:
+        loss0 = _replayed_loss(t, x, y, u, t.z(u, False), rnd, draws)  # the perturbed pass's draws, at u
+        at_u, problem = t._gradients(loss0, t._elementary, "training loss at u (STN's response by difference)",
+                                     spike=False)
+        if problem:
+            return report, problem
+        response = difference(t, at_d, at_u, d, sigma)
     _step(t, [by_id[id(p)] for p in t.general_params], response)
     return report, None
 
@@ -90,15 +149,29 @@ def _replayed_loss(t, x, y, u_at, z, rnd, draws):
     """The training loss at u_at (hypernet input z) with the random draws the generator gave from state ``draws``
     (the noise of the step's other pass), run beside the step's own (models.side_run); the generator is left where
     it was."""
+    with _replaying(rnd, draws, x.shape[0]):
+        vals = t.space.to_values(u_at)
+        xr, rates = t.regularise(x, vals, rnd)
+        with models.regularisers(rates, rnd, t.named(vals)):
+            loss, _ = t.loss(xr, y, z, vals)
+    return loss
+
+
+@contextlib.contextmanager
+def _replaying(rnd, draws, rows):
+    """A run beside the step's own (models.side_run) with the random draws the generator gave from state ``draws``
+    (None: the step's own run, as it is), on ``rows`` rows; the generator is left where it was."""
+    if draws is None:
+        yield
+        return
     gen = rnd.generator
     after = gen.get_state()
     gen.set_state(draws)
-    vals = t.space.to_values(u_at)
-    xr, rates = t.regularise(x, vals, rnd)
-    with models.regularisers(rates, rnd, t.named(vals)), models.side_run(torch.arange(x.shape[0])):
-        loss, _ = t.loss(xr, y, z, vals)
-    gen.set_state(after)
-    return loss
+    try:
+        with models.side_run(torch.arange(rows)):
+            yield
+    finally:
+        gen.set_state(after)
 
 
 def _step(t, general, response=None):
@@ -120,9 +193,14 @@ def difference(t, response, elementary, d, sigma):
     for p, g in zip(t.response_params, response):
         p.grad = g
     subtract_along_path(t.layers, elementary, d, None)
+    return _scaled(t, [p.grad for p in t.response_params], d, sigma)
+
+
+def _scaled(t, diffs, d, sigma):
+    """The response's differences (in place) over (d / sigma)^2, times the pace and gain over sigma^2."""
     spread = (d / sigma).square().mean().clamp_min(torch.finfo(d.dtype).tiny)
     scale = defaults.DIFFERENCE_PACE * t.response_gain() / sigma.square().mean() / spread
-    return [p.grad.mul_(scale) for p in t.response_params]
+    return [g.mul_(scale) for g in diffs]
 
 
 __all__ = ["by_gradient", "general_and_difference", "stn_by_difference", "difference"]

@@ -9,7 +9,8 @@ def capture(tuner):
             "gen": t.gen.get_state(), "gen_device": t.gen.device.type, "step": t.step, "hstep": t.hstep,
             "anchor": t.anchor.clone(), "sigma_max": t.sigma_max, "hyper_lr_factor": t.hyper_lr_factor,
             "space": t.space.names, "method": t.method, "response_gain_max": t.response_gain_max,
-            "response_baseline": t.baseline.state_dict() if t.baseline is not None else None}
+            "response_baseline": t.baseline.state_dict() if t.baseline is not None else None,
+            "response_fit": t.response_fit}
 
 
 def restore(tuner, st, generator=True):
@@ -19,6 +20,12 @@ def restore(tuner, st, generator=True):
     if st["space"] != t.space.names or st["method"] != t.method:
         raise ValueError(f"stn_ext: the state (checkpoint) is of method {st['method']!r} with hyperparameters "
                          f"{st['space']}; this run is {t.method!r} with {t.space.names}")
+    # a state from before the fit was recorded: per example, every response was fitted on the gradient then
+    fit = st.get("response_fit", "gradient" if t.perturb == "example" else t.response_fit)
+    if fit != t.response_fit:
+        raise ValueError(f"stn_ext: the state (checkpoint) fitted the response by {fit!r}, this tuner by "
+                         f"{t.response_fit!r} (the default 'auto' chooses by difference where it can since December "
+                         f"2026); to go on as it ran, pass response_fit={fit!r} (--response-fit {fit})")
     with torch.no_grad():
         t.u.copy_(st["u"])
         t.hscale.copy_(st["hscale"])
