@@ -783,6 +783,19 @@ def test_a_difference_fit_where_it_cannot_apply_is_refused_by_name(kw):
         defaults.response_fit("finite", "delta-stn", "batch", ["weight_decay"], False, 1.0)
 
 
+def _watch_perturbations(tuner):
+    """A dict that each weight step's perturbed u~ ("u_t") and the generator's state after eps ("after eps") go to."""
+    seen, perturbed = {}, tuner.perturbed
+
+    def spy(u, sigma, rnd):
+        seen["u_t"] = perturbed(u, sigma, rnd)
+        seen["after eps"] = tuner.gen.get_state()
+        return seen["u_t"]
+
+    tuner.perturbed = spy
+    return seen
+
+
 @pytest.mark.parametrize("method", ["delta-stn", "stn"])
 def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_gradient(method):
     """One weight step with a response step due: the response's gradient at d and the one at u come from the same
@@ -799,14 +812,7 @@ def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_grad
             m.weight_hyper.normal_(0, 0.1)
             m.bias_hyper.normal_(0, 0.1)
     x, y = _batches(1, 3)[0]
-    seen, perturbed = {}, tuner.perturbed
-
-    def spy(u, sigma, rnd):
-        seen["u_t"] = perturbed(u, sigma, rnd)
-        seen["after eps"] = tuner.gen.get_state()
-        return seen["u_t"]
-
-    tuner.perturbed = spy
+    seen = _watch_perturbations(tuner)
     start, u = tuner.gen.get_state(), tuner.u.detach().clone()
     before = copy.deepcopy(model.state_dict())
     tuner.weight_step(x, y)
@@ -861,14 +867,7 @@ def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_i
         tuner.u[0] = math.log(5e-3)  # a weight decay whose share of the gradient is not lost in the tolerance
         tuner.anchor[0] = tuner.u[0]  # STN's input recentred on u (Delta-STN's is u~ - u anyway)
     x, y = _batches(1, 3)[0]
-    seen, perturbed = {}, tuner.perturbed
-
-    def spy(u, sigma, rnd):
-        seen["u_t"] = perturbed(u, sigma, rnd)
-        seen["after eps"] = tuner.gen.get_state()
-        return seen["u_t"]
-
-    tuner.perturbed = spy
+    seen = _watch_perturbations(tuner)
     u = tuner.u.detach().clone()
     before = copy.deepcopy(model.state_dict())
     tuner.weight_step(x, y)
