@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
     dict(method="delta-stn", perturb="example", response_rows=0.5, response_every=1, hypers=("dropout", "noise")),
     dict(method="stn", perturb="batch", hypers=("noise", "weight_decay")),  # the response by difference
     dict(method="delta-stn", perturb="batch", hypers=("noise", "weight_decay")),
+    dict(method="stn", perturb="example", hypers=("noise", "weight_decay")),  # by difference, each rank its rows
+    dict(method="delta-stn", perturb="example", hypers=("noise", "weight_decay")),
 ])
 def test_two_processes_equal_one(tmp_path, kw):
     _two_equal_one(tmp_path, TrainConfig(steps=24, warmup_steps=6, batch_size=32, hidden=(16,), channels=(4, 8),

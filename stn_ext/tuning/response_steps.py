@@ -197,8 +197,15 @@ def difference(t, response, elementary, d, sigma):
 
 
 def _scaled(t, diffs, d, sigma):
-    """The response's differences (in place) over (d / sigma)^2, times the pace and gain over sigma^2."""
-    spread = (d / sigma).square().mean().clamp_min(torch.finfo(d.dtype).tiny)
+    """The response's differences (in place) over (d / sigma)^2, times the pace and gain over sigma^2. Per example
+    (d of shape (B, n)) its mean over the global batch: the ranks of a data-parallel run hold other rows, and each
+    must scale the summed gradients alike."""
+    spread = (d / sigma).square().mean()
+    if d.dim() == 2 and t.allreduce is not None:
+        sums = torch.stack([spread * d.numel(), torch.tensor(float(d.numel()), dtype=d.dtype, device=d.device)])
+        t._allreduce([sums])
+        spread = sums[0] / sums[1]
+    spread = spread.clamp_min(torch.finfo(d.dtype).tiny)
     scale = defaults.DIFFERENCE_PACE * t.response_gain() / sigma.square().mean() / spread
     return [g.mul_(scale) for g in diffs]
 
