@@ -200,9 +200,10 @@ def _scaled(t, diffs, d, sigma):
     """The response's differences (in place) over (d / sigma)^2, times the pace and gain over sigma^2. Per example
     (d of shape (B, n)) its mean over the global batch: the ranks of a data-parallel run hold other rows, and each
     must scale the summed gradients alike."""
-    spread = (d / sigma).square().mean()
+    sq = (d / sigma).square()
+    spread = sq.mean()
     if d.dim() == 2 and t.allreduce is not None:
-        sums = torch.stack([spread * d.numel(), torch.tensor(float(d.numel()), dtype=d.dtype, device=d.device)])
+        sums = torch.stack([sq.sum(), sq.new_tensor(float(sq.numel()))])
         t._allreduce([sums])
         spread = sums[0] / sums[1]
     spread = spread.clamp_min(torch.finfo(d.dtype).tiny)
