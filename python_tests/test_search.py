@@ -164,10 +164,11 @@ def test_failing_trial_is_recorded_as_fail(small_digits, tmp_path):
 
 def test_ctrl_c_stops_the_workers_cleanly_then_resume(tmp_path):
     """Ctrl-C (SIGINT to the process group) once a trial finished: exit 130, no trial left RUNNING (the
-    stopped one is failed as interrupted), and --resume completes the study. Trials are long enough (~4 s
-    here) that the third is still running when the signal comes; at 600 steps it once finished first on CI."""
+    stopped one is failed as interrupted), and --resume completes the study. Trials are long enough (8000
+    steps, ~10 s here) that the third is still running when the signal comes; at 600 steps it once finished first on
+    CI, and at 2500 (~4 s) twice on December 6 ("stopped with 3 of 3 trials finished")."""
     out = tmp_path / "study"
-    args = ["train", "--method", "random", "--trials", "3", "--trial-steps", "2500", "--workers", "2", "--hidden",
+    args = ["train", "--method", "random", "--trials", "3", "--trial-steps", "8000", "--workers", "2", "--hidden",
             "16", "--train-size", "128", "--no-plots", "--quiet", "--out", str(out)]
     p = _cli(*args, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 90
