@@ -913,6 +913,25 @@ def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_i
 
 
 @pytest.mark.parametrize("method", ["delta-stn", "stn"])
+def test_a_non_finite_tangent_at_u_skips_the_per_example_difference_step(method, monkeypatch):
+    """The pass at u that carries each example's tangent is checked too: STN's step has no other check of it (its
+    loss at u~ is finite here), and Delta-STN's general step shares it."""
+    from stn_ext.tuning import models
+
+    model, tuner = _smooth_setup(("weight_decay", "noise"), method, warmup_steps=0, perturb="example",
+                                 response_fit="difference")
+    linearised = models.linearised
+    monkeypatch.setattr(models, "linearised", lambda *a: (lambda o, t: (o, t * float("nan")))(*linearised(*a)))
+    before = _state(model, tuner)
+    with pytest.warns(UserWarning, match=r"weight step 1: training loss at u with its tangent \(the response by "
+                                         r"difference\) nan; skipped it"):
+        tuner.weight_step(*_batches(1, 3)[0])
+    assert tuner.skipped_steps == 1
+    assert _same(_without_counters(_state(model, tuner)), _without_counters(before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["delta-stn", "stn"])
 def test_the_difference_fit_takes_no_response_step_in_the_warm_up_and_keeps_the_general_step(method):
     model, tuner = _smooth_setup(("weight_decay",), method, warmup_steps=3)
     fitted = _smooth_setup(("weight_decay",), method, warmup_steps=3, response_fit="gradient")[1]

@@ -248,9 +248,10 @@ class Tuner:
         rates = {slot: col(i) for slot, i in self.drop.items()}
         return x, rates
 
-    def l2(self, z):
+    def l2(self, z, linear=False):
         """Squared norm of the effective weights W(z) of every STN layer: (B,) for z (B, n), else scalar.
-        Row r of W(z) is W_e,r + s_r W_h,r with s = z V^T, so ||W||^2 = sum_r A_r + 2 s_r B_r + s_r^2 C_r."""
+        Row r of W(z) is W_e,r + s_r W_h,r with s = z V^T, so ||W||^2 = sum_r A_r + 2 s_r B_r + s_r^2 C_r.
+        ``linear``: its part linear in z alone, sum_r 2 s_r B_r (d/da ||W(a z)||^2 at a = 0)."""
         total = 0
         for m in self.layers:
             we, wh = m.gate_rows(m.weight_elem), m.gate_rows(m.weight_hyper)
@@ -258,9 +259,8 @@ class Tuner:
             if z is None:  # the elementary weights (s = 0: the same sum, bit for bit)
                 total = total + a.sum(-1)
                 continue
-            b, c = (we * wh).sum(1), (wh * wh).sum(1)
-            s = z @ m.hyper_weight.t()
-            total = total + (a + 2 * s * b + s * s * c).sum(-1)
+            b, s = (we * wh).sum(1), z @ m.hyper_weight.t()
+            total = total + (2 * s * b if linear else a + 2 * s * b + s * s * (wh * wh).sum(1)).sum(-1)
         return total
 
     @staticmethod
@@ -301,9 +301,9 @@ class Tuner:
         if self.allreduce is not None:
             self.allreduce(tensors)
 
-    def _gradients(self, loss, params, what="training loss", spike=True):
+    def _gradients(self, loss, params, what="training loss", spike=True, retain_graph=None):
         """loss's gradients for params (summed over ranks) and, with the checks, the problem they find (or None)."""
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
         if self.checks is None:
             self._allreduce(grads)
             return grads, None

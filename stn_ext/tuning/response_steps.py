@@ -71,7 +71,9 @@ def _general_and_difference_per_example(t, x, y, u, rnd):
     u_t = t.perturbed(u, sigma, rnd)
     d = (u_t - u).detach()
     draws = rnd.generator.get_state()
-    loss, report, cv = _at_u_with_tangent(t, x, y, u, d, rnd)
+    loss, report, cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd)
+    if problem:
+        return report, problem
     grads, problem = t._gradients(loss, t.general_params)
     if problem:
         return report, problem
@@ -83,7 +85,8 @@ def _general_and_difference_per_example(t, x, y, u, rnd):
 
 
 def _at_u_with_tangent(t, x, y, u, d, rnd, draws=None):
-    """(the training loss at u on the elementary weights, its report, the control variate's gradients): the pass
+    """(the training loss at u on the elementary weights, its report, the control variate's gradients, a problem the
+    checks find in the loss or the control variate, or None): the pass
     carries the tangent along each example's path (V d_i) (.) W_h (models.linearised), and the control variate
     sum_i <g_i(0), path(d_i)>, g_i example i's gradient at delta = 0, is that tangent against the output's gradient
     plus the weight decay's linear part. Its gradients on the response's parameters are sum_i (V d_i) (.) g_i(0) on
@@ -98,19 +101,11 @@ def _at_u_with_tangent(t, x, y, u, d, rnd, draws=None):
     (d_out,) = torch.autograd.grad(loss, out, retain_graph=True)
     along = (d_out * tangent).sum()
     if t.i_wd:  # d/da of the penalty 0.5 wd ||W(a d_i)||^2 per example at a = 0, over the loss's norm
-        along = along + 0.5 * vals[t.i_wd[0]] * _l2_linear_part(t, d) / (t.loss_norm or x.shape[0])
-    cv = torch.autograd.grad(along, t.response_params, retain_graph=True, allow_unused=True, materialize_grads=True)
-    t._allreduce(cv)
-    return loss, report, cv
-
-
-def _l2_linear_part(t, d):
-    """sum over examples of d/da ||W(a d_i)||^2 at a = 0: 2 s_i . <W_e, W_h> row by row (Tuner.l2), s_i = V d_i."""
-    total = 0
-    for m in t.layers:
-        b = (m.gate_rows(m.weight_elem).detach() * m.gate_rows(m.weight_hyper)).sum(1)
-        total = total + 2 * ((d @ m.hyper_weight.t()) * b).sum()
-    return total
+        along = along + 0.5 * vals[t.i_wd[0]] * t.l2(d, linear=True).sum() / (t.loss_norm or x.shape[0])
+    # checked with the loss at u, which STN's step has no other check of (its gradients are the control variate's)
+    cv, problem = t._gradients(loss.detach() + along, t.response_params, "training loss at u with its tangent (the "
+                               "response by difference)", spike=False, retain_graph=True)
+    return loss, report, cv, problem
 
 
 def stn_by_difference(t, x, y, u, rnd):
@@ -132,7 +127,9 @@ def stn_by_difference(t, x, y, u, rnd):
     by_id = {id(p): g for p, g in zip(t.params, grads)}
     at_d, d = [by_id[id(p)] for p in t.response_params], (u_t - u).detach()
     if t.perturb == "example":  # the pass at u with the perturbed pass's draws, carrying each example's tangent
-        cv = _at_u_with_tangent(t, x, y, u, d, rnd, draws)[2]
+        cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd, draws)[2:]
+        if problem:
+            return report, problem
         response = _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma)
     else:
         loss0 = _replayed_loss(t, x, y, u, t.z(u, False), rnd, draws)  # the perturbed pass's draws, at u
