@@ -11,6 +11,7 @@ bench/results/tuning-<protocol>-step-time-<date>[-<tag>].md.
     python bench/bench_step_time.py --protocol cnn --perturb batch --steps 300 --rounds 5
     python bench/bench_step_time.py --protocol lm --perturb batch --steps 200 --rounds 5   # ~10 minutes
     python bench/bench_step_time.py --perturb batch --set response_every=2 --tag response-every-2
+    python bench/bench_step_time.py --protocol digits-smooth --perturb example --rounds 6
 """
 import argparse
 import dataclasses
@@ -30,6 +31,11 @@ METHODS = ("fixed", "stn", "delta-stn")
 def _digits():
     return digits_protocol(), lambda: digits_mlp(3), lambda m, seed, steps, perturb: digits_config(
         m, seed, steps, perturb=perturb)
+
+
+def _digits_smooth():
+    return digits_protocol(), lambda: digits_mlp(2), lambda m, seed, steps, perturb: digits_config(
+        m, seed, steps, perturb=perturb, hypers=("weight_decay", "noise"))
 
 
 def _fashion():
@@ -60,6 +66,8 @@ def _lm():
 # name: (what the table says of it, a function giving (data, model factory, run config))
 PROTOCOLS = {
     "digits": ("Digits: MLP 64-256-256-10, three dropout rates, batch 100", _digits),
+    "digits-smooth": ("Digits: MLP 64-256-256-10, weight decay and input noise (the response fitted by difference), "
+                      "batch 100", _digits_smooth),
     "fashion": ("Fashion-MNIST (10k training images): MLP 784-256-256-10, three dropout rates, batch 100", _fashion),
     "cnn": (f"Fashion-MNIST CNN protocol ({CNN_SIZES['train_size']} training images): conv 16 - conv 32 - FC "
             f"{CNN_SIZES['hidden']} - 10, four dropout rates and cutout, batch {CNN_SIZES['batch_size']}", _cnn),

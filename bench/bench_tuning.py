@@ -118,9 +118,9 @@ def ridge_run(problem, u_star, method, perturb, side, seed, steps, details=False
 
 
 def digits_config(method, seed, steps, **settings):
-    """The digits protocol's TrainConfig: three dropout rates, batch 100, ~60 evaluations a run."""
-    return config(method=method, hypers=("dropout",), steps=steps, batch_size=100, seed=seed, quiet=True,
-                  eval_every=max(10, steps // 60), **settings)
+    """The digits protocol's TrainConfig: three dropout rates, batch 100, ~60 evaluations a run; ``settings`` on top."""
+    return config(**{"method": method, "hypers": ("dropout",), "steps": steps, "batch_size": 100, "seed": seed,
+                     "quiet": True, "eval_every": max(10, steps // 60), **settings})
 
 
 def write_results(name, lines):

@@ -218,6 +218,9 @@ def test_linearised_forward_matches_double_backward_jvp(kind, shared):
     h = 1e-5
     fd = (fn(h * delta) - fn(-h * delta)) / (2 * h)
     assert torch.allclose(ydot, fd, atol=1e-6)
+    # the primal's graph holds W_e alone: a loss's backward does not run through W_h's GEMM
+    hyper = [layer.weight_hyper for layer in models.stn_layers(m)]
+    assert all(g is None for g in torch.autograd.grad(y0.sum(), hyper, allow_unused=True))
 
 
 def test_effective_weight_l2():

@@ -129,14 +129,13 @@ class HyperDropout(nn.Module):
 
 
 def _dual_stn(layer, x, xdot, delta):
-    """Primal at lam = 0 and tangent along delta of an STN layer (weights W_e + (V delta) (.) W_h)."""
-    out = layer.weight_elem.shape[0]
+    """Primal at lam = 0 and tangent along delta of an STN layer (weights W_e + (V delta) (.) W_h). W_e and W_h go
+    through GEMMs of their own: the primal then depends on W_e alone, so a loss's backward does not run through
+    W_h's GEMM, nor a tangent's backward to the response through the primal's."""
     s = delta @ layer.hyper_weight.t()  # (out,) or (B, out)
     t = delta @ layer.hyper_bias.t() if layer.hyper_bias is not None else None
-    w2 = torch.cat([layer.weight_elem, layer.weight_hyper])
     if isinstance(layer, StnLinear):
-        o = F.linear(x, w2)
-        e, h = o[..., :out], o[..., out:]
+        e, h = F.linear(x, layer.weight_elem), F.linear(x, layer.weight_hyper)
         y = e if layer.bias_elem is None else e + layer.bias_elem
         ydot = s * h if xdot is None else F.linear(xdot, layer.weight_elem) + s * h
         if t is not None:
@@ -145,8 +144,7 @@ def _dual_stn(layer, x, xdot, delta):
     if layer.padding_mode != "zeros" or layer.groups != 1:
         raise NotImplementedError("stn_ext: the linearised forward supports StnConv2d with groups=1, zero padding")
     conv = lambda inp, w: F.conv2d(inp, w, None, layer.stride, layer.padding, layer.dilation)  # noqa: E731
-    o = conv(x, w2)
-    e, h = o[:, :out], o[:, out:]
+    e, h = conv(x, layer.weight_elem), conv(x, layer.weight_hyper)
     y = e if layer.bias_elem is None else e + layer.bias_elem[:, None, None]
     sv = s[..., None, None] if s.dim() == 2 else s[:, None, None]
     ydot = sv * h if xdot is None else conv(xdot, layer.weight_elem) + sv * h
