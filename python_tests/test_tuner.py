@@ -797,6 +797,34 @@ def _watch_perturbations(tuner):
 
 
 @pytest.mark.parametrize("method", ["delta-stn", "stn"])
+@pytest.mark.parametrize("perturb", ["batch", "example"])
+def test_by_difference_the_response_steps_after_every_kth_weight_step_alone(method, perturb):
+    """Fitted by difference, the response steps (and the step takes the second pass that fit needs) after every k-th
+    weight step, the weights after each, and per batch response_gain carries the factor k; STN's per example steps
+    after every one (after every 2nd at twice the pace, it ran a ridge run to NaN: docs/trainer.md)."""
+    model, tuner = _smooth_setup(("weight_decay", "noise"), method, warmup_steps=0, perturb=perturb,
+                                 response_fit="difference")
+    assert tuner.response_every == 2
+    with torch.no_grad():
+        for m in tuner.layers:
+            m.weight_hyper.normal_(0, 0.1)
+    passes = []
+    model.register_forward_hook(lambda *a: passes.append(1))
+    for i, (x, y) in enumerate(_batches(4, 5)):
+        resp = [p.detach().clone() for p in tuner.response_params]
+        general = [p.detach().clone() for p in tuner.general_params]
+        passes.clear()
+        tuner.weight_step(x, y)
+        due = i % 2 == 0 or (method, perturb) == ("stn", "example")
+        assert any(not torch.equal(a, b) for a, b in zip(resp, tuner.response_params)) == due
+        assert all(not torch.equal(a, b) for a, b in zip(general, tuner.general_params) if b.dim() == 2)
+        assert len(passes) == (2 if due else 1)
+    _set_sigma(tuner, tuner.scale_init)
+    pace = 2.0 if perturb == "batch" else 1.0
+    assert tuner.response_gain().item() == pytest.approx(pace, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["delta-stn", "stn"])
 def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_gradient(method):
     """One weight step with a response step due: the response's gradient at d and the one at u come from the same
     weights and the same noise draws, and the response moves by lr * pace * gain / mean(sigma^2) / mean((d / sigma)^2)
@@ -833,7 +861,7 @@ def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_grad
     d = (seen["u_t"] - u).detach()
     g0, gd = grads_at(u, None), grads_at(seen["u_t"], d)
     sigma = F.softplus(tuner.hscale.detach())
-    gain = tuner.response_every if method == "delta-stn" else 1  # sigma at sigma_0: (sigma_0 / sigma)^2 = 1
+    gain = tuner.response_every  # stepped after every k-th weight step; sigma at sigma_0: (sigma_0 / sigma)^2 = 1
     scale = defaults.DIFFERENCE_PACE * gain / sigma.square().mean() / (d / sigma).square().mean()
     for i, (name, m) in enumerate((n, m) for n, m in model.named_modules() if m in tuner.layers):
         dw, db = gd[2 * i] - g0[2 * i], gd[2 * i + 1] - g0[2 * i + 1]

@@ -201,6 +201,11 @@ class Tuner:
         couples it to W_e) it learns a wrong direction that then decays only at sigma^2 times the weights' pace."""
         return self.step >= self.warmup
 
+    def response_due(self):
+        """A step that trains the response: every k-th, STN's per example every one (response_gain; docs/trainer.md)."""
+        every = 1 if self.method == "stn" and self.perturb == "example" else self.response_every
+        return self.response_on() and self.step % every == 0
+
     def current_hyper_lr(self):
         T, lr = self.total_hyper_steps, self.hyper_lr * self.hyper_lr_factor
         schedule = self.hyper_lr_schedule
@@ -214,9 +219,9 @@ class Tuner:
     def response_gain(self):
         """Factor on the response's gradients (0-d): sigma_0^2 / mean(sigma^2) in [1, response_gain_max] (sigma_0
         halved by a roll-back), as it learns at sigma^2 times the weights' pace (docs/trainer.md); per batch, times k
-        for Delta-STN's, stepped after every k-th general step: the pace per weight step of one stepped after each."""
+        where it steps after every k-th weight step (Delta-STN's, STN's by difference): their pace per weight step."""
         ref = self.scale_init * (self.sigma_max / self.sigma_max0 if math.isfinite(self.sigma_max0) else 1.0)
-        pace = self.response_every if self.method == "delta-stn" and self.perturb == "batch" else 1
+        pace = self.response_every if self.perturb == "batch" and (self.method == "delta-stn" or self.response_fit == "difference") else 1
         return (ref * ref / F.softplus(self.hscale.detach()).square().mean()).clamp(1.0, self.response_gain_max) * pace
 
     @property
@@ -371,7 +376,7 @@ class Tuner:
                 loss, report = self.loss(xr, y, None, vals)
             # the elementary network: the hypernet's parameters have no gradient (the optimiser skips them)
             problem = self._apply(loss, self.general_params)
-        elif self.method == "stn" and self.response_fit == "difference" and self.response_on():
+        elif self.method == "stn" and self.response_fit == "difference" and self.response_due():
             report, problem = response_steps.stn_by_difference(self, x, y, u, rnd)
         elif self.method == "stn":
             u_t = self.perturbed(u, F.softplus(self.hscale.detach()), rnd)
@@ -379,7 +384,7 @@ class Tuner:
             xr, rates = self.regularise(x, vals, rnd)
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, self.z(u_t, False), vals)
-            on = self.response_on()
+            on = self.response_on() and self.response_fit != "difference"  # by difference: on due steps alone
             problem = self._apply(loss, self.params if on else self.general_params, d=u_t - u if on else None)
         elif self.response_fit == "difference":
             report, problem = response_steps.general_and_difference(self, x, y, u, rnd)
@@ -389,7 +394,7 @@ class Tuner:
             with models.regularisers(rates, rnd, self.named(vals)):
                 loss, report = self.loss(xr, y, None, vals)
             problem = self._apply(loss, self.general_params)
-            if problem is None and self.response_on() and self.step % self.response_every == 0:
+            if problem is None and self.response_due():
                 problem = self._response_step(x, y, u, rnd)
         self.step += 1
         if self.checks:

@@ -38,7 +38,7 @@ def general_and_difference(t, x, y, u, rnd):
     DIFFERENCE_PACE times the response's gain over sigma^2, J steps at that pace times the gain relative to the
     weights, deterministically (a forward-mode step on the weights' own trajectory), where the gradient's
     steps at sigma^2 times it. One optimiser step for both; (the batch's losses, a problem or None)."""
-    due = t.response_on() and t.step % t.response_every == 0
+    due = t.response_due()
     if due and t.perturb == "example":
         return _general_and_difference_per_example(t, x, y, u, rnd)
     draws = rnd.generator.get_state() if due else None
