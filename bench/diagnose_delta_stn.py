@@ -24,7 +24,9 @@ anchor     STN on the same MLP with its default hypernet input (raw logits: z = 
            (positive: shrinking that part of the weights lowers the validation loss).
 ridge      one run of the ridge family (bench_tuning.py --only ridge-family): the hyper steps' gradient and
            Adam's normaliser sqrt(m2) in windows of 30, and at the end the hypergradient through the learned slope
-           V W_h split into its parts along and across the closed-form dw*/du, against the closed form.
+           V W_h split into its parts along and across the closed-form dw*/du, against the closed form. --every N:
+           every N weight steps, the validation gradient at W_e or w*(u) against V W_h or dw*/du (which of the
+           weights and the response sets the hypergradient's error), with W_e's and V W_h's errors.
 
     python bench/diagnose_delta_stn.py toy
     python bench/diagnose_delta_stn.py hypergrad --method delta-stn --set perturb=example --set scale_init=1.0
@@ -34,6 +36,7 @@ ridge      one run of the ridge family (bench_tuning.py --only ridge-family): th
     python bench/diagnose_delta_stn.py forward --steps 4000 [--fixed 0.05]
     python bench/diagnose_delta_stn.py anchor --seed 0
     python bench/diagnose_delta_stn.py ridge --family-seed 23 --instance i1 --side above --steps 3000
+    python bench/diagnose_delta_stn.py ridge --family-seed 22 --instance i5 --method stn --seed 2 --every 100
 """
 import argparse
 import ast
@@ -370,19 +373,32 @@ def ridge(a, sets):
         rec.append((float(tu.u.detach()) - u_star, float(tu.u.grad), root_m2))
 
     after_hyper_steps(tu, record)
-    tr.fit()
     print(f"family {a.family_seed} {a.instance} ({inst['d']} features, {inst['n_train']} examples), {a.method} from "
           f"{a.side}, {a.steps} steps {sets or ''}")
+    if a.every:
+        print("  step   u - u*  g(W_e).J  g(w*).J*  g(W_e).J*  g(w*).J  |W_e-w*|/|w*|  cos(J, J*)  |J|/|J*|  (g: the "
+              "validation gradient, J = V W_h, J* = dw*/du, w* = w*(u))")
+        stepping = tu.weight_step
+
+        def weight_step(*args, **kw):
+            out = stepping(*args, **kw)
+            if tu.step % a.every == 0:
+                w_e, slope, true, u = _ridge_state(prob, tu)
+                w_s = prob.weights(math.exp(u))
+                g_e, g_s = _val_gradient(prob, w_e), _val_gradient(prob, w_s)
+                print(f"  {tu.step:5d} {u - u_star:+.3f}  {float(g_e @ slope):+.3f}  {float(g_s @ true):+.3f}  "
+                      f"{float(g_e @ true):+.3f}  {float(g_s @ slope):+.3f}  {float((w_e - w_s).norm() / w_s.norm()):.4f}"
+                      f"  {float(slope @ true / (slope.norm() * true.norm() + 1e-30)):+.3f}  "
+                      f"{float(slope.norm() / true.norm()):.3f}", flush=True)
+            return out
+        tu.weight_step = weight_step
+    tr.fit()
     for i in range(0, len(rec), 30):
         g = torch.tensor([r[1] for r in rec[i:i + 30]])
         print(f"  hyper steps {i}-{i + len(g)}: u - u* {rec[i][0]:+.3f}, gradient mean {float(g.mean()):+.2e} sd "
               f"{float(g.std()):.2e}, sqrt(m2) {rec[i + len(g) - 1][2]:.2e}")
-    u, h = float(tu.u.detach()), 1e-5
-    layer = tu.layers[0]
-    w_e = layer.weight_elem.detach().double().reshape(-1)
-    slope = (layer.hyper_weight[:, 0:1] * layer.weight_hyper).detach().double().reshape(-1)
-    true = (prob.weights(math.exp(u + h)) - prob.weights(math.exp(u - h))) / (2 * h)
-    grad = 2 * prob.xv.T @ (prob.xv @ w_e - prob.yv) / prob.n_val  # d (mean squared validation error) / dw
+    w_e, slope, true, u = _ridge_state(prob, tu)
+    grad = _val_gradient(prob, w_e)
     along = (slope @ true) / (true @ true) * true
     print(f"end: u - u* {u - u_star:+.3f}; W_e against w*(u): relative error "
           f"{float((w_e - prob.weights(math.exp(u))).norm() / prob.weights(math.exp(u)).norm()):.4f}; V W_h against "
@@ -392,6 +408,20 @@ def ridge(a, sets):
           f"{float(grad @ slope):+.4f} = along {float(grad @ along):+.4f} + across {float(grad @ (slope - along)):+.4f} "
           f"(the part across: {float((slope - along).norm() / true.norm()):.3f} of |dw*/du|; |validation gradient| "
           f"{float(grad.norm()):.3f}, cosine to dw*/du {float(grad @ true / (grad.norm() * true.norm())):+.3f})")
+
+
+def _ridge_state(prob, tu, h=1e-5):
+    """(W_e, the learned slope V W_h, the closed form dw*/du by central difference, u) of a ridge run's tuner."""
+    u, layer = float(tu.u.detach()), tu.layers[0]
+    w_e = layer.weight_elem.detach().double().reshape(-1)
+    slope = (layer.hyper_weight[:, 0:1] * layer.weight_hyper).detach().double().reshape(-1)
+    true = (prob.weights(math.exp(u + h)) - prob.weights(math.exp(u - h))) / (2 * h)
+    return w_e, slope, true, u
+
+
+def _val_gradient(prob, w):
+    """d (mean squared validation error) / dw at w."""
+    return 2 * prob.xv.T @ (prob.xv @ w - prob.yv) / prob.n_val
 
 
 def main(argv=None):
@@ -405,6 +435,7 @@ def main(argv=None):
                    help="weight steps (toy 3000, hypergrad 4000, lookahead 2000, forward 4000, anchor 4000, "
                         "ridge 3000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every", type=int, default=0, help="ridge: the hypergradient's parts every N weight steps")
     p.add_argument("--K", type=int, nargs="+", default=[100, 500, 1500], help="lookahead: steps of plain training")
     p.add_argument("--h", type=float, default=0.5,
                    help="lookahead, forward --check: the step in u of the finite difference")
