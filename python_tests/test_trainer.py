@@ -229,6 +229,7 @@ def test_effective_weight_l2():
     for layer in tr.layers:
         with torch.no_grad():
             layer.hyper_weight.normal_()
+            layer.weight_hyper.normal_()  # the response's init has W_h = 0, where the cross term 2 s <W_e, W_h> is 0
     z = torch.randn(3, 2)
     got = tr.tuner.l2(z)
     for b in range(3):
@@ -237,6 +238,11 @@ def test_effective_weight_l2():
                        for l in tr.layers)
         assert got[b].item() == pytest.approx(want, rel=1e-5)
     assert tr.tuner.l2(z[0]).item() == pytest.approx(got[0].item(), rel=1e-5)
+    # its part linear in z: d/da l2(a z) at a = 0, by central difference (l2 is quadratic in a, so exact)
+    a = 1e-2
+    slope = (tr.tuner.l2(a * z) - tr.tuner.l2(-a * z)) / (2 * a)
+    assert torch.allclose(tr.tuner.l2(z, linear=True), slope, rtol=1e-3, atol=1e-5)
+    assert tr.tuner.l2(None).item() == pytest.approx(tr.tuner.l2(0 * z[0]).item(), rel=1e-6)
 
 
 # --- training ---------------------------------------------------------------------------------------------

@@ -260,12 +260,12 @@ class Tuner:
         total = 0
         for m in self.layers:
             we, wh = m.gate_rows(m.weight_elem), m.gate_rows(m.weight_hyper)
-            a = (we * we).sum(1)
             if z is None:  # the elementary weights (s = 0: the same sum, bit for bit)
-                total = total + a.sum(-1)
+                total = total + (we * we).sum(1).sum(-1)
                 continue
             b, s = (we * wh).sum(1), z @ m.hyper_weight.t()
-            total = total + (2 * s * b if linear else a + 2 * s * b + s * s * (wh * wh).sum(1)).sum(-1)
+            part = 2 * s * b if linear else (we * we).sum(1) + 2 * s * b + s * s * (wh * wh).sum(1)
+            total = total + part.sum(-1)
         return total
 
     @staticmethod
