@@ -362,7 +362,7 @@ def ridge(a, sets):
     if inst is None:
         raise SystemExit(f"no instance {a.instance!r} in family {a.family_seed}: {[i['name'] for i in instances]}")
     prob, u_star = bt.family_problem(inst), inst["log_opt"]
-    cfg = bt.ridge_config(prob, u_star, a.method, "batch", 1 if a.side == "above" else -1, a.seed, a.steps, **sets)
+    cfg = bt.ridge_config(prob, u_star, a.method, a.perturb, 1 if a.side == "above" else -1, a.seed, a.steps, **sets)
     torch.manual_seed(a.seed)
     tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
     tu, rec = tr.tuner, []
@@ -373,8 +373,8 @@ def ridge(a, sets):
         rec.append((float(tu.u.detach()) - u_star, float(tu.u.grad), root_m2))
 
     after_hyper_steps(tu, record)
-    print(f"family {a.family_seed} {a.instance} ({inst['d']} features, {inst['n_train']} examples), {a.method} from "
-          f"{a.side}, {a.steps} steps {sets or ''}")
+    print(f"family {a.family_seed} {a.instance} ({inst['d']} features, {inst['n_train']} examples), {a.method} per "
+          f"{a.perturb} from {a.side}, {a.steps} steps {sets or ''}")
     if a.every:
         print("  step   u - u*  g(W_e).J  g(w*).J*  g(W_e).J*  g(w*).J  |W_e-w*|/|w*|  cos(J, J*)  |J|/|J*|  (g: the "
               "validation gradient, J = V W_h, J* = dw*/du, w* = w*(u))")
@@ -431,6 +431,7 @@ def main(argv=None):
     p.add_argument("--family-seed", type=int, default=22, help="ridge: the family (bench_tuning.py --family-seed)")
     p.add_argument("--instance", default="i5", help="ridge: the instance's name (i0 ... i7)")
     p.add_argument("--side", default="above", choices=["above", "below"], help="ridge: the start, 100x off")
+    p.add_argument("--perturb", default="batch", choices=["batch", "example"], help="ridge: the perturbation mode")
     p.add_argument("--steps", type=int, default=None,
                    help="weight steps (toy 3000, hypergrad 4000, lookahead 2000, forward 4000, anchor 4000, "
                         "ridge 3000)")

@@ -702,12 +702,12 @@ def test_a_roll_back_with_the_layers_own_response_init_keeps_the_snapshots_respo
 
 # --- Delta-STN's response by finite difference (response_fit 'difference') ---------------------------------------
 
-def _smooth_setup(hypers, method="delta-stn", **kw):
+def _smooth_setup(hypers, method="delta-stn", reduction="mean", **kw):
     torch.manual_seed(0)
     space = HyperSpace.build(hypers)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     stn_ext.convert(model, n_hyper=len(space))
-    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(reduction=reduction),
                   method=method, total_steps=40, **kw)
     return model, tuner
 
@@ -876,16 +876,19 @@ def test_the_difference_fit_steps_the_response_on_the_change_of_the_weights_grad
     assert float(dw.abs().max()) > 0
 
 
-@pytest.mark.parametrize("method", ["delta-stn", "stn"])
-def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_its_own_path(method):
+@pytest.mark.parametrize("method,reduction", [("delta-stn", "mean"), ("delta-stn", "none"), ("stn", "mean"),
+                                              ("stn", "none")])
+def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_its_own_path(method, reduction):
     """Per example: the response's gradient at d_i (one per example) less sum_i <g_i(0), path(d_i)>'s, g_i example
     i's gradient at delta = 0 (weight decay's share included), computed here one example at a time, with the noise
     the step drew after eps; the elementary weights step as the method has them: Delta-STN's on the batch's gradient
-    at delta = 0, STN's at d."""
+    at delta = 0, STN's at d. Delta-STN with per-example losses (reduction 'none') weighs example i's share of both
+    by 1 / mean_k (d_ik / sigma_k)^2 (floored), and the scale divides by the weighted squares' mean; a batch mean, or
+    STN (whose gradient at d is its weight step's), leaves them at 1."""
     from stn_ext.tuning import defaults
     from stn_ext.tuning.augment import BatchRandom
 
-    model, tuner = _smooth_setup(("weight_decay", "noise"), method, warmup_steps=0, perturb="example",
+    model, tuner = _smooth_setup(("weight_decay", "noise"), method, reduction, warmup_steps=0, perturb="example",
                                  response_fit="difference")
     assert tuner.response_fit == "difference"
     with torch.no_grad():
@@ -912,25 +915,36 @@ def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_i
         vals = tuner.space.to_values(u_at)
         return tuner.regularise(x, vals, rnd)[0], vals
 
+    sigma = F.softplus(tuner.hscale.detach())
+    sq = (d / sigma).square().mean(1)
+    weighed = method == "delta-stn" and reduction == "none"
+    w = 1 / sq.clamp_min(defaults.EXAMPLE_SPREAD_FLOOR) if weighed else torch.ones_like(sq)
     xr, vals = inputs(seen["u_t"])
-    at_d = torch.autograd.grad(tuner.loss(xr, y, d, vals)[0], resp + elem)
+    B = x.shape[0]
+    at_d = [torch.zeros_like(p) for p in resp + elem]
+    for i in range(B):  # example i's loss at d_i, with its penalty, over B, times its weight
+        with stn_ext.hyper_input(d[i:i + 1]):
+            li = torch.nn.functional.cross_entropy(model(xr[i:i + 1]), y[i:i + 1])
+        li = (li + 0.5 * vals[i, 0] * tuner.l2(d[i])) / B
+        for a, g in zip(at_d, torch.autograd.grad(li, resp + elem)):
+            a += w[i] * g
     at_d, gd = at_d[:len(resp)], at_d[len(resp):]
     xr0, vals0 = inputs(u)
     g0 = torch.autograd.grad(tuner.loss(xr0, y, None, vals0)[0], elem)
     cv = [torch.zeros_like(p) for p in resp]
-    for i in range(x.shape[0]):  # example i's share of the loss at delta = 0: its loss and the penalty, over B
+    for i in range(B):  # example i's share of the loss at delta = 0: its loss and the penalty, over B
         with stn_ext.elementary():
             li = torch.nn.functional.cross_entropy(model(xr0[i:i + 1]), y[i:i + 1])
-        li = (li + 0.5 * vals0[0] * tuner.l2(None)) / x.shape[0]
+        li = (li + 0.5 * vals0[0] * tuner.l2(None)) / B
         gi = torch.autograd.grad(li, elem)
         for k, m in enumerate(tuner.layers):
-            gw, gb = gi[2 * k], gi[2 * k + 1]
+            gw, gb = w[i] * gi[2 * k], w[i] * gi[2 * k + 1]
             cv[4 * k] += (m.hyper_weight @ d[i])[:, None] * gw
             cv[4 * k + 1] += torch.outer((m.weight_hyper * gw).sum(1), d[i]).detach()
             cv[4 * k + 2] += (m.hyper_bias @ d[i]) * gb
             cv[4 * k + 3] += torch.outer(m.bias_hyper * gb, d[i]).detach()
-    sigma = F.softplus(tuner.hscale.detach())
-    scale = defaults.DIFFERENCE_PACE / sigma.square().mean() / (d / sigma).square().mean()
+    scale = defaults.DIFFERENCE_PACE / sigma.square().mean() / (w * sq).mean()
+    assert not weighed or float((w - 1).abs().max()) > 0.1  # the weights are not all 1 here
     names = {p: n for n, p in model.named_parameters()}
     for p, a, c in zip(resp, at_d, cv):
         moved = before[names[p]] - after[names[p]]

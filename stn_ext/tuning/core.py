@@ -281,24 +281,24 @@ class Tuner:
         y0, ydot = models.linearised(self.model, x, z)
         return y0 if ydot is None else y0 + ydot
 
-    def _reduce(self, out, y, norm):
+    def _reduce(self, out, y, norm, weights=None):
         """(scalar loss to differentiate, what to report: per-example losses or the scalar, detached)."""
         ell = self.loss_fn(out, y)
         if ell.dim() == 0:
             return ell, ell.detach()
-        return ell.sum() / (norm or ell.shape[0]), ell.detach()
+        return (ell if weights is None else ell * weights).sum() / (norm or ell.shape[0]), ell.detach()
 
-    def loss(self, x, y, z, vals, linearised=False, norm=None, out=None):
+    def loss(self, x, y, z, vals, linearised=False, norm=None, out=None, weights=None):
         """(training loss with the tuned weight decay, over ``norm``: loss_norm or the batch size; the report).
-        ``out``: the model's output for x at z, where the caller ran it."""
+        ``out``: the model's output for x at z, where the caller ran it; ``weights`` (B,): each example's weight."""
         norm = norm or self.loss_norm
         out = self.forward(x, z, linearised) if out is None else out
-        loss, report = self._reduce(out, y, norm)
+        loss, report = self._reduce(out, y, norm, weights)
         penalties = models.take_penalties()  # the model's own (a language model's AR and TAR)
         if self.i_wd:
-            wd = vals[..., self.i_wd[0]]
-            penalties.append(0.5 * wd * self.l2(z))
+            penalties.append(0.5 * vals[..., self.i_wd[0]] * self.l2(z))
         for pen in penalties:  # (B,) per example, or one for the batch
+            pen = pen if weights is None or not pen.dim() else pen * weights
             loss = loss + (pen.sum() if pen.dim() else pen * x.shape[0]) / (norm or x.shape[0])
         return loss, report
 

@@ -65,6 +65,10 @@ DIFFERENCE_PACE = 0.5
 # per example, the kinds whose share of each example's gradient the control variate carries (a model's own
 # penalties, AR and TAR, are not linearised: response_steps._at_u_with_tangent)
 EXAMPLE_SMOOTH_KINDS = ("weight_decay", "noise")
+# per example by difference, Delta-STN's response and control-variate passes weigh example i by 1 / (d_i / sigma)^2,
+# the square floored here (response_steps.example_weights; docs/trainer.md, "Each example's difference at its own
+# scale")
+EXAMPLE_SPREAD_FLOOR = 0.01
 
 
 def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
@@ -111,4 +115,4 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0
 
 __all__ = ["resolve", "response_every", "response_rows", "response_fit", "RESPONSE_ROWS", "PERTURB", "BY_MODE",
            "RESPONSE_EVERY", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
-           "DIFFERENCE_PACE"]
+           "DIFFERENCE_PACE", "EXAMPLE_SPREAD_FLOOR"]

@@ -66,46 +66,60 @@ def general_and_difference(t, x, y, u, rnd):
 def _general_and_difference_per_example(t, x, y, u, rnd):
     """``general_and_difference`` with one perturbation d_i per example: the general step's pass at delta = 0
     carries the tangent along each example's path (``_at_u_with_tangent``), whose control variate's gradient is
-    subtracted from the response's at delta = d."""
+    subtracted from the response's at delta = d. Both count example i at ``example_weights``' 1 / (d_i / sigma)^2,
+    so that each example's difference, about (V d_i)^2 (H_i J + d g_i / du), enters at the same weight whatever its
+    draw: on a full batch the response then steps on the batch's curvature, as per batch, where weighted by the
+    draws' squares (their mean divided out) it stepped on a noisy mix of the examples' (docs/trainer.md, "Each
+    example's difference at its own scale")."""
     sigma = F.softplus(t.hscale.detach())
     u_t = t.perturbed(u, sigma, rnd)
     d = (u_t - u).detach()
     draws = rnd.generator.get_state()
-    loss, report, cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd)
+    loss, report, cv, problem, w = _at_u_with_tangent(t, x, y, u, d, rnd, sigma=sigma)
     if problem:
         return report, problem
     grads, problem = t._gradients(loss, t.general_params)
     if problem:
         return report, problem
-    rloss = _replayed_loss(t, x, y, u_t, t.z(u_t, True), rnd, draws)  # the general pass's draws, at u~
+    rloss = _replayed_loss(t, x, y, u_t, t.z(u_t, True), rnd, draws, w)  # the general pass's draws, at u~
     at_d, problem = t._gradients(rloss, t.response_params, "response step's training loss (its general step was "
                                  "taken)", spike=False)
-    _step(t, grads, None if problem else _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma))
+    _step(t, grads, None if problem else _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma, w))
     return report, problem
 
 
-def _at_u_with_tangent(t, x, y, u, d, rnd, draws=None):
+def example_weights(d, sigma):
+    """Each example's weight in the per-example difference: 1 / (d_i / sigma)^2 (its mean over the hyperparameters),
+    the square floored at EXAMPLE_SPREAD_FLOOR so that a draw near 0 does not magnify the float error of its
+    difference."""
+    return (d / sigma).square().mean(-1).clamp_min(defaults.EXAMPLE_SPREAD_FLOOR).reciprocal()
+
+
+def _at_u_with_tangent(t, x, y, u, d, rnd, draws=None, sigma=None):
     """(the training loss at u on the elementary weights, its report, the control variate's gradients, a problem the
-    checks find in the loss or the control variate, or None): the pass
+    checks find in the loss or the control variate, or None, the examples' weights or None): the pass
     carries the tangent along each example's path (V d_i) (.) W_h (models.linearised), and the control variate
     sum_i <g_i(0), path(d_i)>, g_i example i's gradient at delta = 0, is that tangent against the output's gradient
     plus the weight decay's linear part. Its gradients on the response's parameters are sum_i (V d_i) (.) g_i(0) on
     W_h, and so on: what the response's gradient at d has, less the change of the gradient over d. Examples must not
-    interact (no batch statistics). ``draws``: a generator state to replay (the noise of the step's other pass)."""
+    interact (no batch statistics). ``draws``: a generator state to replay (the noise of the step's other pass).
+    ``sigma``: example i's share weighted by ``example_weights`` (where the loss is per example; else None)."""
     with _replaying(rnd, draws, x.shape[0]):
         vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
         xr, rates = t.regularise(x, vals, rnd)
         with models.regularisers(rates, rnd, t.named(vals)):
             out, tangent = models.linearised(t.model, xr, d)
             loss, report = t.loss(xr, y, None, vals, out=out)
+    w = example_weights(d, sigma) if sigma is not None and report.dim() else None
     (d_out,) = torch.autograd.grad(loss, out, retain_graph=True)
-    along = (d_out * tangent).sum()
+    along = (d_out * tangent if w is None else d_out * tangent * w.view(-1, *[1] * (out.dim() - 1))).sum()
     if t.i_wd:  # d/da of the penalty 0.5 wd ||W(a d_i)||^2 per example at a = 0, over the loss's norm
-        along = along + 0.5 * vals[t.i_wd[0]] * t.l2(d, linear=True).sum() / (t.loss_norm or x.shape[0])
+        lin = t.l2(d, linear=True) * (1 if w is None else w)
+        along = along + 0.5 * vals[t.i_wd[0]] * lin.sum() / (t.loss_norm or x.shape[0])
     # checked with the loss at u, which STN's step has no other check of (its gradients are the control variate's)
     cv, problem = t._gradients(loss.detach() + along, t.response_params, "training loss at u with its tangent (the "
                                "response by difference)", spike=False, retain_graph=True)
-    return loss, report, cv, problem
+    return loss, report, cv, problem, w
 
 
 def stn_by_difference(t, x, y, u, rnd):
@@ -127,7 +141,7 @@ def stn_by_difference(t, x, y, u, rnd):
     by_id = {id(p): g for p, g in zip(t.params, grads)}
     at_d, d = [by_id[id(p)] for p in t.response_params], (u_t - u).detach()
     if t.perturb == "example":  # the pass at u with the perturbed pass's draws, carrying each example's tangent
-        cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd, draws)[2:]
+        cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd, draws)[2:4]
         if problem:
             return report, problem
         response = _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma)
@@ -142,15 +156,15 @@ def stn_by_difference(t, x, y, u, rnd):
     return report, None
 
 
-def _replayed_loss(t, x, y, u_at, z, rnd, draws):
+def _replayed_loss(t, x, y, u_at, z, rnd, draws, weights=None):
     """The training loss at u_at (hypernet input z) with the random draws the generator gave from state ``draws``
     (the noise of the step's other pass), run beside the step's own (models.side_run); the generator is left where
-    it was."""
+    it was. ``weights``: the examples' (Tuner.loss)."""
     with _replaying(rnd, draws, x.shape[0]):
         vals = t.space.to_values(u_at)
         xr, rates = t.regularise(x, vals, rnd)
         with models.regularisers(rates, rnd, t.named(vals)):
-            loss, _ = t.loss(xr, y, z, vals)
+            loss, _ = t.loss(xr, y, z, vals, weights=weights)
     return loss
 
 
@@ -193,11 +207,14 @@ def difference(t, response, elementary, d, sigma):
     return _scaled(t, [p.grad for p in t.response_params], d, sigma)
 
 
-def _scaled(t, diffs, d, sigma):
+def _scaled(t, diffs, d, sigma, weights=None):
     """The response's differences (in place) over (d / sigma)^2, times the pace and gain over sigma^2. Per example
     (d of shape (B, n)) its mean over the global batch: the ranks of a data-parallel run hold other rows, and each
-    must scale the summed gradients alike."""
+    must scale the summed gradients alike. ``weights``: the examples' (``example_weights``), each example's square
+    times its weight (1 unless floored)."""
     sq = (d / sigma).square()
+    if weights is not None:
+        sq = sq.mean(-1) * weights
     spread = sq.mean()
     if d.dim() == 2 and t.allreduce is not None:
         sums = torch.stack([sq.sum(), sq.new_tensor(float(sq.numel()))])
@@ -208,4 +225,4 @@ def _scaled(t, diffs, d, sigma):
     return [g.mul_(scale) for g in diffs]
 
 
-__all__ = ["by_gradient", "general_and_difference", "stn_by_difference", "difference"]
+__all__ = ["by_gradient", "general_and_difference", "stn_by_difference", "difference", "example_weights"]
