@@ -62,7 +62,8 @@ class Tuner:
     optimizer   the weights' optimiser over ``model.parameters()``, any torch.optim optimiser. Delta-STN
                 steps it twice per weight step, each time with the other group's gradients set to None
                 (which torch's optimisers skip); once where its response is fitted by difference.
-    loss_fn     loss_fn(output, target): a scalar (the batch mean) or per-example losses (shape (B,)).
+    loss_fn     loss_fn(output, target): a scalar (the batch mean) or per-example losses (shape (B,): needed to weigh
+                examples in Delta-STN's per-example difference, response_steps.example_weights).
     total_steps the run's weight steps: sets the warm-up (a tenth) and the hyper learning-rate schedule;
                 None: no warm-up unless given, a constant hyper learning rate.
 
@@ -87,11 +88,10 @@ class Tuner:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
                       hyper_beta2=hyper_beta2, scale_init=scale_init, scale_max=scale_max, tau=tau, clip=clip,
-                      hyper_plain_every=hyper_plain_every,
-                      train_per_cycle=train_per_cycle, val_per_cycle=val_per_cycle, warmup_steps=warmup_steps,
-                      perturb=perturb, response_init=response_init, hyper_input=hyper_input,
-                      response_gain_max=response_gain_max, response_baseline=response_baseline,
-                      response_fit=response_fit)
+                      hyper_plain_every=hyper_plain_every, train_per_cycle=train_per_cycle,
+                      val_per_cycle=val_per_cycle, warmup_steps=warmup_steps, perturb=perturb,
+                      response_init=response_init, hyper_input=hyper_input, response_gain_max=response_gain_max,
+                      response_baseline=response_baseline, response_fit=response_fit)
         asked = (hyper_lr_schedule, hyper_beta2)  # resolved once the response's fit is
         perturb, scale_init = defaults.resolve(method, perturb, scale_init)[:2]  # 'auto': stn_ext.tuning.defaults
         if not isinstance(optimizer, torch.optim.Optimizer):
