@@ -126,7 +126,6 @@ class Tuner:
         self.hyper_lr, self.plain_every = hyper_lr, hyper_plain_every
         self.hyper_lr_factor = 1.0  # halved by recoveries from a divergence (stn_ext.trainer)
         self.train_per_cycle, self.val_per_cycle, self.perturb, self.linearize = train_per_cycle, val_per_cycle, perturb, linearize
-        self.response_every = defaults.response_every(response_every)
         self.response_rows = defaults.response_rows(response_rows)
         self.total_steps, self.clip, self.response_gain_max = total_steps, clip, response_gain_max
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
@@ -142,6 +141,7 @@ class Tuner:
                                                   linearize, defaults.response_rows(response_rows), all(follow))
         self.hyper_lr_schedule, hyper_beta2 = defaults.resolve(method, perturb, scale_init, *asked,
                                                                fit=self.response_fit)[2:]
+        self.response_every = defaults.response_every(response_every, method, perturb, self.response_fit)
         # the running baseline; the finite-difference fit subtracts the same batch's gradient at u instead
         self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
             and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off

@@ -28,13 +28,20 @@ PERTURB = {"stn": "batch", "delta-stn": "batch", "fixed": "batch"}
 # 0.018 of the optimum, 3 seeds from both sides). Per batch its gradients count twice on those steps
 # (Tuner.response_gain), so that it learns at the pace per weight step of a response stepped after each
 RESPONSE_EVERY = 2
+# ... except Delta-STN's per batch by difference, after every general step: its response pass then samples the
+# difference every step, where every 2nd step at twice the pace left runs from far above short or past the optimum
+# (ridge families: docs/trainer.md, "Delta-STN's response by difference after every step")
+RESPONSE_EVERY_DIFFERENCE = 1
 
 
-def response_every(k):
-    """Delta-STN's response step after every k-th general step; 0 is the default."""
+def response_every(k, method="delta-stn", perturb="batch", fit="gradient"):
+    """Delta-STN's response step (per batch, STN's by difference too) after every k-th weight step; 0 is the
+    default: RESPONSE_EVERY, or RESPONSE_EVERY_DIFFERENCE for Delta-STN's per batch by difference."""
     if k < 0:
-        raise ValueError(f"stn_ext: response_every must be >= 1 (or 0: the default, {RESPONSE_EVERY}), got {k}")
-    return k or RESPONSE_EVERY
+        raise ValueError(f"stn_ext: response_every must be >= 1 (or 0: the default), got {k}")
+    if k:
+        return k
+    return RESPONSE_EVERY_DIFFERENCE if (method, perturb, fit) == ("delta-stn", "batch", "difference") else RESPONSE_EVERY
 
 
 # Delta-STN's response step on this part of the batch's rows (spread evenly): 1.0, the whole batch (see
@@ -114,5 +121,5 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0
 
 
 __all__ = ["resolve", "response_every", "response_rows", "response_fit", "RESPONSE_ROWS", "PERTURB", "BY_MODE",
-           "RESPONSE_EVERY", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
+           "RESPONSE_EVERY", "RESPONSE_EVERY_DIFFERENCE", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
            "DIFFERENCE_PACE", "EXAMPLE_SPREAD_FLOOR"]
