@@ -752,6 +752,26 @@ def test_the_difference_fit_takes_the_per_batch_hyper_optimiser_unless_asked_oth
     assert tuner.hyper_lr_schedule == schedule and tuner.opt_h.param_groups[0]["betas"] == (0.9, beta2)
 
 
+@pytest.mark.parametrize("method,hypers,kw,sigma_0", [
+    ("stn", ("weight_decay",), {"perturb": "example"}, 0.3),      # STN per example by difference: its own
+    ("delta-stn", ("weight_decay",), {"perturb": "example"}, 0.5),
+    ("stn", ("dropout", "weight_decay"), {"perturb": "example"}, 0.5),  # by the gradient: the mode's
+    ("stn", ("weight_decay",), {"perturb": "example", "response_fit": "gradient"}, 0.5),
+    ("stn", ("weight_decay",), {"perturb": "example", "scale_init": 0.7}, 0.7),  # asked for: taken
+    ("stn", ("weight_decay",), {}, 0.2),                          # and per batch
+    ("delta-stn", ("weight_decay",), {}, 0.3),
+    ("stn", ("dropout", "weight_decay"), {}, 0.3),
+])
+def test_sigma_0_is_the_modes_except_stns_by_difference(method, hypers, kw, sigma_0):
+    space = HyperSpace.build(hypers, dropout_slots=["in"])
+    model = torch.nn.Sequential(HyperDropout("in"), torch.nn.Linear(12, 3))
+    stn_ext.convert(model, n_hyper=len(space))
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                  method=method, total_steps=40, **kw)
+    assert tuner.scale_init == pytest.approx(sigma_0) and tuner.sigma_max == pytest.approx(sigma_0)
+    torch.testing.assert_close(F.softplus(tuner.hscale.detach()), torch.full((len(space),), sigma_0))
+
+
 def test_a_state_loads_only_into_a_tuner_that_fits_the_response_as_it_did():
     """A per-example state from before the difference fit (no record of it) was fitted on the gradient: the default
     tuner, which now fits by difference, refuses it by name; one that asks for the gradient takes it."""
@@ -800,12 +820,12 @@ def _watch_perturbations(tuner):
 @pytest.mark.parametrize("perturb", ["batch", "example"])
 def test_by_difference_the_response_steps_after_every_kth_weight_step_alone(method, perturb):
     """Fitted by difference, the response steps (and the step takes the second pass that fit needs) after every k-th
-    weight step (by default every 2nd; Delta-STN's per batch every one), the weights after each, and per batch
+    weight step (by default every 2nd; per batch every one), the weights after each, and per batch
     response_gain carries the factor k; STN's per example steps after every one (after every 2nd at twice the pace,
     it ran a ridge run to NaN: docs/trainer.md)."""
     model, tuner = _smooth_setup(("weight_decay", "noise"), method, warmup_steps=0, perturb=perturb,
                                  response_fit="difference")
-    every = 1 if (method, perturb) == ("delta-stn", "batch") else 2
+    every = 1 if perturb == "batch" else 2
     assert tuner.response_every == every
     if every == 1:  # the same rules at k = 2, asked for
         model, tuner = _smooth_setup(("weight_decay", "noise"), method, warmup_steps=0, perturb=perturb,
@@ -887,9 +907,9 @@ def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_i
     """Per example: the response's gradient at d_i (one per example) less sum_i <g_i(0), path(d_i)>'s, g_i example
     i's gradient at delta = 0 (weight decay's share included), computed here one example at a time, with the noise
     the step drew after eps; the elementary weights step as the method has them: Delta-STN's on the batch's gradient
-    at delta = 0, STN's at d. Delta-STN with per-example losses (reduction 'none') weighs example i's share of both
-    by 1 / mean_k (d_ik / sigma_k)^2 (floored), and the scale divides by the weighted squares' mean; a batch mean, or
-    STN (whose gradient at d is its weight step's), leaves them at 1."""
+    at delta = 0, STN's at d (unweighed). With per-example losses (reduction 'none') both methods weigh example i's
+    share of the response's gradient at d and of the control variate by 1 / mean_k (d_ik / sigma_k)^2 (floored), and
+    the scale divides by the weighted squares' mean; a batch mean leaves them at 1."""
     from stn_ext.tuning import defaults
     from stn_ext.tuning.augment import BatchRandom
 
@@ -922,17 +942,17 @@ def test_the_difference_fit_per_example_subtracts_each_examples_gradient_along_i
 
     sigma = F.softplus(tuner.hscale.detach())
     sq = (d / sigma).square().mean(1)
-    weighed = method == "delta-stn" and reduction == "none"
+    weighed = reduction == "none"
     w = 1 / sq.clamp_min(defaults.EXAMPLE_SPREAD_FLOOR) if weighed else torch.ones_like(sq)
     xr, vals = inputs(seen["u_t"])
     B = x.shape[0]
     at_d = [torch.zeros_like(p) for p in resp + elem]
-    for i in range(B):  # example i's loss at d_i, with its penalty, over B, times its weight
+    for i in range(B):  # example i's loss at d_i, with its penalty, over B; the response's share times its weight
         with stn_ext.hyper_input(d[i:i + 1]):
             li = torch.nn.functional.cross_entropy(model(xr[i:i + 1]), y[i:i + 1])
         li = (li + 0.5 * vals[i, 0] * tuner.l2(d[i])) / B
-        for a, g in zip(at_d, torch.autograd.grad(li, resp + elem)):
-            a += w[i] * g
+        for k, (a, g) in enumerate(zip(at_d, torch.autograd.grad(li, resp + elem))):
+            a += (w[i] if k < len(resp) else 1) * g
     at_d, gd = at_d[:len(resp)], at_d[len(resp):]
     xr0, vals0 = inputs(u)
     g0 = torch.autograd.grad(tuner.loss(xr0, y, None, vals0)[0], elem)
@@ -980,8 +1000,8 @@ def test_a_non_finite_tangent_at_u_skips_the_per_example_difference_step(method,
 
 @pytest.mark.parametrize("method", ["delta-stn", "stn"])
 def test_the_difference_fit_takes_no_response_step_in_the_warm_up_and_keeps_the_general_step(method):
-    model, tuner = _smooth_setup(("weight_decay",), method, warmup_steps=3)
-    fitted = _smooth_setup(("weight_decay",), method, warmup_steps=3, response_fit="gradient")[1]
+    model, tuner = _smooth_setup(("weight_decay",), method, warmup_steps=3, scale_init=0.3)  # STN's sigma_0 by fit
+    fitted = _smooth_setup(("weight_decay",), method, warmup_steps=3, scale_init=0.3, response_fit="gradient")[1]
     for (x, y) in _batches(3, 4):
         tuner.weight_step(x, y)
         fitted.weight_step(x, y)

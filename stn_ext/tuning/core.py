@@ -92,8 +92,8 @@ class Tuner:
                       val_per_cycle=val_per_cycle, warmup_steps=warmup_steps, perturb=perturb,
                       response_init=response_init, hyper_input=hyper_input, response_gain_max=response_gain_max,
                       response_baseline=response_baseline, response_fit=response_fit)
-        asked = (hyper_lr_schedule, hyper_beta2)  # resolved once the response's fit is
-        perturb, scale_init = defaults.resolve(method, perturb, scale_init)[:2]  # 'auto': stn_ext.tuning.defaults
+        asked = (hyper_lr_schedule, hyper_beta2)  # resolved with scale_init once the response's fit is
+        perturb = defaults.resolve(method, perturb)[0]  # 'auto': stn_ext.tuning.defaults
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"stn_ext: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.space, self.opt_w, self.loss_fn, self.method = model, space, optimizer, loss_fn, method
@@ -119,6 +119,14 @@ class Tuner:
             raise ValueError(f"stn_ext: the optimizer does not hold {count(len(missing), 'parameter')} of the model; "
                              "build it over model.parameters() after stn_ext.convert")
 
+        # STN input z = u~ - anchor. Which coordinates of the anchor follow u (recentred after each hyper step);
+        # the others stay where they start: u itself ("init") or the centre of the range in u
+        follow = [hyper_input == "recentred" or (hyper_input == "auto" and h.transform != "logit")
+                  for h in space.hypers]
+        self.response_fit = defaults.response_fit(response_fit, method, perturb, [h.kind for h in space.hypers],
+                                                  linearize, defaults.response_rows(response_rows), all(follow))
+        scale_init, self.hyper_lr_schedule, hyper_beta2 = defaults.resolve(method, perturb, scale_init, *asked,
+                                                                           fit=self.response_fit)[1:]
         self.u = nn.Parameter(space.init_unconstrained(dt, device))
         self.hscale = nn.Parameter(torch.full((n,), inv_softplus(scale_init), dtype=dt, device=device))
         self.scale_init, self.sigma_max = scale_init, scale_max or scale_init
@@ -131,16 +139,8 @@ class Tuner:
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
         self.tau = tau if tau >= 0 else 1e-2  # -1: the 'auto' of older configs
         self.u_lo, self.u_hi = space.u_limits(dt, device)
-        # STN input z = u~ - anchor. Which coordinates of the anchor follow u (recentred after each hyper step);
-        # the others stay where they start: u itself ("init") or the centre of the range in u
-        follow = [hyper_input == "recentred" or (hyper_input == "auto" and h.transform != "logit")
-                  for h in space.hypers]
         self.follow = torch.tensor(follow, dtype=dt, device=device)
         self._recentres = method == "stn" and any(follow)
-        self.response_fit = defaults.response_fit(response_fit, method, perturb, [h.kind for h in space.hypers],
-                                                  linearize, defaults.response_rows(response_rows), all(follow))
-        self.hyper_lr_schedule, hyper_beta2 = defaults.resolve(method, perturb, scale_init, *asked,
-                                                               fit=self.response_fit)[2:]
         self.response_every = defaults.response_every(response_every, method, perturb, self.response_fit)
         # the running baseline; the finite-difference fit subtracts the same batch's gradient at u instead
         self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \

@@ -28,20 +28,20 @@ PERTURB = {"stn": "batch", "delta-stn": "batch", "fixed": "batch"}
 # 0.018 of the optimum, 3 seeds from both sides). Per batch its gradients count twice on those steps
 # (Tuner.response_gain), so that it learns at the pace per weight step of a response stepped after each
 RESPONSE_EVERY = 2
-# ... except Delta-STN's per batch by difference, after every general step: its response pass then samples the
+# ... except per batch by difference (both methods), after every general step: the response pass then samples the
 # difference every step, where every 2nd step at twice the pace left runs from far above short or past the optimum
-# (ridge families: docs/trainer.md, "Delta-STN's response by difference after every step")
+# (ridge families: docs/trainer.md, "Delta-STN's response by difference after every step", "STN by difference")
 RESPONSE_EVERY_DIFFERENCE = 1
 
 
 def response_every(k, method="delta-stn", perturb="batch", fit="gradient"):
     """Delta-STN's response step (per batch, STN's by difference too) after every k-th weight step; 0 is the
-    default: RESPONSE_EVERY, or RESPONSE_EVERY_DIFFERENCE for Delta-STN's per batch by difference."""
+    default: RESPONSE_EVERY, or RESPONSE_EVERY_DIFFERENCE per batch by difference."""
     if k < 0:
         raise ValueError(f"stn_ext: response_every must be >= 1 (or 0: the default), got {k}")
     if k:
         return k
-    return RESPONSE_EVERY_DIFFERENCE if (method, perturb, fit) == ("delta-stn", "batch", "difference") else RESPONSE_EVERY
+    return RESPONSE_EVERY_DIFFERENCE if (perturb, fit) == ("batch", "difference") else RESPONSE_EVERY
 
 
 # Delta-STN's response step on this part of the batch's rows (spread evenly): 1.0, the whole batch (see
@@ -105,6 +105,12 @@ def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
 # optimum from far above (Adam's memory of the large hypergradients there; ridge families 22-27, docs/trainer.md
 # "The response by finite difference, per example")
 BY_MODE = {"batch": (0.3, "tail", 0.95), "example": (0.5, "cosine", 0.99)}
+# ... and STN's sigma_0 by difference, by mode. STN trains W_e at u + d, so W_e fits the mean of a curved best
+# response over the perturbation, off its value at u by about sigma^2 / 2 times the curvature: with the difference's
+# noise gone (per example each example's weighed, response_steps._stn_per_example_weighted; per batch a response step
+# after every general step) that bias showed on ridge families, runs from both sides settling at the same point off
+# the optimum (docs/trainer.md, "STN by difference: a smaller sigma_0")
+STN_DIFFERENCE_SCALE = {"batch": 0.2, "example": 0.3}
 
 
 def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0, fit="gradient"):
@@ -116,10 +122,12 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0
     sigma_0, auto_schedule, auto_beta2 = BY_MODE[perturb]
     if fit == "difference":
         auto_schedule, auto_beta2 = BY_MODE["batch"][1:]
+        if method == "stn":
+            sigma_0 = STN_DIFFERENCE_SCALE[perturb]
     return (perturb, sigma_0 if scale_init == -1 else scale_init, auto_schedule if schedule == "auto" else schedule,
             auto_beta2 if beta2 == -1 else beta2)
 
 
 __all__ = ["resolve", "response_every", "response_rows", "response_fit", "RESPONSE_ROWS", "PERTURB", "BY_MODE",
            "RESPONSE_EVERY", "RESPONSE_EVERY_DIFFERENCE", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
-           "DIFFERENCE_PACE", "EXAMPLE_SPREAD_FLOOR"]
+           "DIFFERENCE_PACE", "EXAMPLE_SPREAD_FLOOR", "STN_DIFFERENCE_SCALE"]

@@ -130,16 +130,20 @@ def stn_by_difference(t, x, y, u, rnd):
     optimiser step; (the batch's losses, a problem or None)."""
     sigma = F.softplus(t.hscale.detach())
     u_t = t.perturbed(u, sigma, rnd)
+    z, d = t.z(u_t, False), (u_t - u).detach()
     draws = rnd.generator.get_state()
     vals = t.space.to_values(u_t)
     xr, rates = t.regularise(x, vals, rnd)
     with models.regularisers(rates, rnd, t.named(vals)):
-        loss, report = t.loss(xr, y, t.z(u_t, False), vals)
+        out = t.forward(xr, z)
+        loss, report = t.loss(xr, y, z, vals, out=out)
+    if t.perturb == "example" and report.dim():
+        return report, _stn_per_example_weighted(t, (x, y, xr, z, vals, out), loss, u, d, sigma, rnd, draws)
     grads, problem = t._gradients(loss, t.params)
     if problem:
         return report, problem
     by_id = {id(p): g for p, g in zip(t.params, grads)}
-    at_d, d = [by_id[id(p)] for p in t.response_params], (u_t - u).detach()
+    at_d = [by_id[id(p)] for p in t.response_params]
     if t.perturb == "example":  # the pass at u with the perturbed pass's draws, carrying each example's tangent
         cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd, draws)[2:4]
         if problem:
@@ -154,6 +158,29 @@ def stn_by_difference(t, x, y, u, rnd):
         response = difference(t, at_d, at_u, d, sigma)
     _step(t, [by_id[id(p)] for p in t.general_params], response)
     return report, None
+
+
+def _stn_per_example_weighted(t, batch, loss, u, d, sigma, rnd, draws):
+    """STN's step per example by difference with per-example losses: the general parameters on the batch's loss at
+    u + d_i as STN's, the response on each example's difference weighed by ``example_weights`` (as Delta-STN's,
+    ``_general_and_difference_per_example``). STN's response gradient is its weight step's, so the weighted one
+    takes a second backward through the step's graph. ``batch``: (x, y, its regularised input, z, values, the
+    model's output at u~). A problem found, or None."""
+    x, y, xr, z, vals, out = batch
+    general, problem = t._gradients(loss, t.general_params, retain_graph=True)
+    if problem:
+        return problem
+    w = example_weights(d, sigma)
+    at_d, problem = t._gradients(t.loss(xr, y, z, vals, out=out, weights=w)[0], t.response_params,
+                                 "training loss at u~, each example weighed (STN's response by difference)",
+                                 spike=False)
+    if problem:
+        return problem
+    cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd, draws, sigma=sigma)[2:4]
+    if problem:
+        return problem
+    _step(t, general, _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma, w))
+    return None
 
 
 def _replayed_loss(t, x, y, u_at, z, rnd, draws, weights=None):
