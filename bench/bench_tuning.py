@@ -484,8 +484,10 @@ def run_provenance(methods, modes):
     try:
         from stn_ext.tuning import defaults
         auto = {m: defaults.resolve(m)[0] for m in methods}
-        fits = {p: defaults.response_fit("auto", methods[0], p, ["weight_decay"], False, 1.0) for p in modes}
-        modes_resolved = {p: defaults.resolve(methods[0], p, fit=fits[p])[1:] + (fits[p],) for p in modes}
+        modes_resolved = {}  # by method and mode: sigma_0 and the rest depend on both, and on the response's fit
+        for m, p in ((m, p) for m in methods if m in ("stn", "delta-stn") for p in modes):
+            fit = defaults.response_fit("auto", m, p, ["weight_decay"], False, 1.0)
+            modes_resolved[f"{m} {p}"] = defaults.resolve(m, p, fit=fit)[1:] + (fit, defaults.response_every(0, m, p, fit))
     except (ImportError, AttributeError, KeyError, ValueError):
         auto, modes_resolved = {}, {}
     import hashlib
@@ -500,8 +502,8 @@ def run_provenance(methods, modes):
             digest.update(f.encode() + b"\0-")
     return {"commit": _git("log", "-1", "--format=%h").strip(), "dirty": dirty,
             "dirty_sha1": digest.hexdigest()[:10] if dirty else "", "auto_perturb": auto,
-            "mode_defaults": {p: {"sigma_0": v[0], "schedule": v[1], "beta2": v[2], "fit": v[3]}
-                              for p, v in modes_resolved.items()},
+            "mode_defaults": {k: {"sigma_0": v[0], "schedule": v[1], "beta2": v[2], "fit": v[3], "response_every": v[4]}
+                              for k, v in modes_resolved.items()},
             "config_perturb": TrainConfig().perturb}
 
 
@@ -527,9 +529,10 @@ def ridge_family_table(instances, rejected, rows, steps, prov, family_seed):
                                                        f"(their contents' sha1 {prov['dirty_sha1']})"
                                                        if prov["dirty"] else "") + "; TrainConfig perturb "
            f"{prov['config_perturb']!r}, resolved per method (auto): "
-           + ", ".join(f"{m} {p}" for m, p in prov["auto_perturb"].items()) + "; per mode: "
-           + ", ".join(f"{p} sigma_0 {v['sigma_0']} schedule {v['schedule']} beta2 {v.get('beta2', '?')} response fit "
-                       f"{v.get('fit', '?')}" for p, v in prov["mode_defaults"].items())
+           + ", ".join(f"{m} {p}" for m, p in prov["auto_perturb"].items()) + "; per method and mode: "
+           + ", ".join(f"{k} sigma_0 {v['sigma_0']} schedule {v['schedule']} beta2 {v.get('beta2', '?')} response fit "
+                       f"{v.get('fit', '?')} every {v.get('response_every', '?')}"
+                       for k, v in prov["mode_defaults"].items())
            + " (the runs set the mode explicitly; the rest is the mode's, for a weight decay).", "",
            "| instance | d | n_train | noise | signal | data seed | log wd* | wd* | stability | val curvature |",
            "|---|---|---|---|---|---|---|---|---|---|"]
