@@ -16,7 +16,8 @@ weight at once (a weight decay by e^(sigma eps)), so momentum SGD goes unstable 
 per example the batch averages the perturbations and 0.5 learns the response faster. A noisier per-example
 hypergradient needs the earlier decay and the longer memory to settle; per batch, a far start's hypergradient
 shrinks as u arrives, and Adam's second moment must follow it down (ridge families: 214 of 256 runs within 0.05
-with 0.95 against 190 with 0.99).
+with 0.95 against 190 with 0.99). With the response fitted by difference, the schedule and beta2 are the per-batch
+ones in either mode, and STN's sigma_0 is smaller (STN_DIFFERENCE_SCALE).
 """
 from stn_ext.tuning import options
 
@@ -109,7 +110,7 @@ BY_MODE = {"batch": (0.3, "tail", 0.95), "example": (0.5, "cosine", 0.99)}
 # response over the perturbation, off its value at u by about sigma^2 / 2 times the curvature: with the difference's
 # noise gone (per example each example's weighed, response_steps._stn_per_example_weighted; per batch a response step
 # after every general step) that bias showed on ridge families, runs from both sides settling at the same point off
-# the optimum (docs/trainer.md, "STN by difference: a smaller sigma_0")
+# the optimum (docs/trainer.md, "STN by difference")
 STN_DIFFERENCE_SCALE = {"batch": 0.2, "example": 0.3}
 
 

@@ -126,8 +126,9 @@ def stn_by_difference(t, x, y, u, rnd):
     """STN's weight step with its response fitted by difference (response_fit 'difference': one perturbation per
     batch, the input recentred on every coordinate, so z = 0 at u). Every weight's gradient at u~ = u + d, as
     STN's step takes them, then one more pass at u with the same draws, whose gradient on W_e and b_e is what
-    the response's is taken the difference from (``difference``): about twice the work of STN's step. One
-    optimiser step; (the batch's losses, a problem or None)."""
+    the response's is taken the difference from (``difference``): about twice the work of STN's step. Per example
+    with per-example losses, each example's difference weighed (``_stn_per_example_weighted``). One optimiser
+    step; (the batch's losses, a problem or None)."""
     sigma = F.softplus(t.hscale.detach())
     u_t = t.perturbed(u, sigma, rnd)
     z, d = t.z(u_t, False), (u_t - u).detach()
