@@ -145,8 +145,8 @@ def build_parser():
                         f"the scales are never tuned) (default {d.hyper_plain_every})")
     g.add_argument("--scale-init", type=float, default=d.scale_init,
                    help="initial perturbation scale sigma, in unconstrained units (default -1: 0.5 with per-example "
-                        "perturbation, 0.3 per batch; STN with its response fitted by difference 0.3 and 0.2, as its "
-                        "weights train at the perturbed values)")
+                        "perturbation, 0.3 per batch; STN per example with its response fitted by difference 0.3, as "
+                        "its weights train at the perturbed values)")
     g.add_argument("--scale-max", type=float, default=d.scale_max,
                    help="cap on sigma (0: the initial scale, so the entropy term cannot grow it) (default 0)")
     g.add_argument("--tau", type=float, default=d.tau, help=f"entropy weight on the perturbation scales (default {d.tau})")
@@ -193,8 +193,7 @@ def build_parser():
     g.add_argument("--response-every", type=int, default=d.response_every,
                    help="delta-stn: take its response step after every k-th general step, to save time "
                         "(default 0: every 2nd, 1.83x fixed's time per step against 2.37x, quality inside the seed "
-                        "spread; per batch by difference every one, for both methods, which ridge runs from far "
-                        "above need); per "
+                        "spread; per batch by difference every one, which ridge runs from far above need); per "
                         "batch, STN's response fitted by difference steps (and takes that fit's second pass) after "
                         "every k-th weight step too")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")

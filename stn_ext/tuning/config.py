@@ -65,7 +65,7 @@ class TrainConfig:
     hyper_lr_schedule: str = "auto"   # cosine | constant | tail (constant, then cosine over the last half) |
                                       # auto (tail; cosine per example with the gradient's response fit)
     scale_init: float = -1.0          # initial sigma in unconstrained units (-1: 0.5 with per-example perturbation,
-                                      # 0.3 per batch; STN by difference 0.3 and 0.2: defaults.STN_DIFFERENCE_SCALE)
+                                      # 0.3 per batch; STN per example by difference 0.3: defaults.STN_EXAMPLE_DIFFERENCE_SCALE)
     scale_max: float = 0.0            # cap on sigma (0: scale_init, so the entropy term cannot grow it)
     tau: float = 1e-2                 # entropy weight on the perturbation scales (-1, from older configs: 1e-2)
     hyper_plain_every: int = 2        # every k-th hyper step at u itself, stepping u alone (0: none; 1: sigma never
@@ -84,7 +84,7 @@ class TrainConfig:
     linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
     response_every: int = 0           # delta-stn: a response step after every k-th general step; per batch, STN's
                                       # response fitted by difference steps after every k-th step too (0: 2;
-                                      # per batch by difference 1)
+                                      # Delta-STN's per batch by difference 1)
     response_rows: float = 0.0        # delta-stn: the response step on this part of the batch (0: 1.0, all of it)
     response_gain_max: float = 4.0    # the response's gradients x (sigma_0 / sigma)^2, at most this, so its pace does
                                       # not fall as sigma shrinks; 1 after a roll-back (1: off, the rule until December
