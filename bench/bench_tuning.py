@@ -56,7 +56,7 @@ import torch
 from stn_ext.checkpoint import atomic_write_text
 from stn_ext.tuning.problems import (CNN_HYPERS, CNN_INITS, CNN_RANGES, CNN_SIZES, Ridge, digits_mlp, digits_protocol,
                                      fashion_cnn, fashion_cnn_protocol)
-from stn_ext.tuning import TrainConfig, Trainer, train
+from stn_ext.tuning import TUNED, TrainConfig, Trainer, train
 
 DIGITS_METHODS = ("fixed", "random", "stn (no hyper steps)", "stn", "delta-stn")
 FASHION_METHODS = ("fixed", "random", "tpe", "stn", "delta-stn")
@@ -485,7 +485,7 @@ def run_provenance(methods, modes):
         from stn_ext.tuning import defaults
         auto = {m: defaults.resolve(m)[0] for m in methods}
         modes_resolved = {}  # by method and mode: sigma_0 and the rest depend on both, and on the response's fit
-        for m, p in ((m, p) for m in methods if m in ("stn", "delta-stn") for p in modes):
+        for m, p in ((m, p) for m in methods if m in TUNED for p in modes):
             fit = defaults.response_fit("auto", m, p, ["weight_decay"], False, 1.0)
             modes_resolved[f"{m} {p}"] = defaults.resolve(m, p, fit=fit)[1:] + (fit, defaults.response_every(0, m, p, fit))
     except (ImportError, AttributeError, KeyError, ValueError):

@@ -171,13 +171,12 @@ def _stn_per_example_weighted(t, batch, loss, u, d, sigma, rnd, draws):
     general, problem = t._gradients(loss, t.general_params, retain_graph=True)
     if problem:
         return problem
-    w = example_weights(d, sigma)
+    _, _, cv, problem, w = _at_u_with_tangent(t, x, y, u, d, rnd, draws, sigma=sigma)  # w: example_weights'
+    if problem:
+        return problem
     at_d, problem = t._gradients(t.loss(xr, y, z, vals, out=out, weights=w)[0], t.response_params,
                                  "training loss at u~, each example weighed (STN's response by difference)",
                                  spike=False)
-    if problem:
-        return problem
-    cv, problem = _at_u_with_tangent(t, x, y, u, d, rnd, draws, sigma=sigma)[2:4]
     if problem:
         return problem
     _step(t, general, _scaled(t, [a - c for a, c in zip(at_d, cv)], d, sigma, w))
