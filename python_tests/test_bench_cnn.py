@@ -53,3 +53,16 @@ def test_bench_tuning_cnn_quick(tmp_path):
     assert "Fashion-MNIST CNN" in md and "| delta-stn | 0 |" in md
     assert json.loads((tmp_path / "tuning-quick.json").read_text())["cnn_protocol"]["train_size"] == 512
     assert (tmp_path / "tuning-quick-cnn.png").stat().st_size > 0
+
+
+def test_the_fashion_table_reports_best_validation_and_takes_a_subset_of_methods():
+    """The fashion protocol's table carries the best validation loss (what issue 22 compares) beside the final one, and
+    renders with the methods that ran (--fashion-methods delta-stn: no fixed row, so no time ratio)."""
+    bench = bench_scripts.load("bench_tuning")
+    row = lambda m, seed, best: {"method": m, "seed": seed, "test_loss": 0.4, "test_acc": 0.85, "best_val_loss": best,  # noqa: E731
+                                 "val_loss": 0.37, "s_per_step": 0.01, "hypers": {"dropout.in": 0.05}}
+    md = bench.fashion_table([row("fixed", 0, 0.35), row("delta-stn", 0, 0.3421), row("delta-stn", 1, 0.3401)], 4000)
+    assert "| best val loss | final val loss |" in md
+    assert "| delta-stn | 0.4000 | 0.4000, 0.4000 | 0.850 | 0.3411 | 0.3700 | 1.00x | 0.05 |" in md
+    alone = bench.fashion_table([row("delta-stn", 0, 0.3421)], 4000)
+    assert "| delta-stn |" in alone and "| fixed |" not in alone and "nanx" in alone
