@@ -26,7 +26,11 @@ ridge      one run of the ridge family (bench_tuning.py --only ridge-family): th
            Adam's normaliser sqrt(m2) in windows of 30, and at the end the hypergradient through the learned slope
            V W_h split into its parts along and across the closed-form dw*/du, against the closed form. --every N:
            every N weight steps, the validation gradient at W_e or w*(u) against V W_h or dw*/du (which of the
-           weights and the response sets the hypergradient's error), with W_e's and V W_h's errors.
+           weights and the response sets the hypergradient's error), with W_e's and V W_h's errors. --hold OFF: u
+           held at u* + OFF (the hyper learning rate 0, so the scales stay too): the mean of u's gradient over the
+           plain and the perturbed hyper steps of the run's last two thirds, against the closed form through the
+           learned slope and through dw*/du at the same moments (whether the hyper step's gradient is biased
+           while the weights train, or only noisy).
 
     python bench/diagnose_delta_stn.py toy
     python bench/diagnose_delta_stn.py hypergrad --method delta-stn --set perturb=example --set scale_init=1.0
@@ -37,6 +41,7 @@ ridge      one run of the ridge family (bench_tuning.py --only ridge-family): th
     python bench/diagnose_delta_stn.py anchor --seed 0
     python bench/diagnose_delta_stn.py ridge --family-seed 23 --instance i1 --side above --steps 3000
     python bench/diagnose_delta_stn.py ridge --family-seed 22 --instance i5 --method stn --seed 2 --every 100
+    python bench/diagnose_delta_stn.py ridge --family-seed 26 --instance i4 --method stn --seed 1 --hold 0.05 --steps 6000
 """
 import argparse
 import ast
@@ -362,10 +367,16 @@ def ridge(a, sets):
     if inst is None:
         raise SystemExit(f"no instance {a.instance!r} in family {a.family_seed}: {[i['name'] for i in instances]}")
     prob, u_star = bt.family_problem(inst), inst["log_opt"]
+    if a.hold is not None:
+        sets = dict(sets, hyper_lr=0.0)
     cfg = bt.ridge_config(prob, u_star, a.method, a.perturb, 1 if a.side == "above" else -1, a.seed, a.steps, **sets)
+    if a.hold is not None:
+        cfg.inits = {"weight_decay": math.exp(u_star + a.hold)}
     torch.manual_seed(a.seed)
     tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
     tu, rec = tr.tuner, []
+    if a.hold is not None:
+        return _held(a, prob, u_star, tr)
 
     def record():
         state = tu.opt_h.state.get(tu.u, {})
@@ -410,6 +421,33 @@ def ridge(a, sets):
           f"{float(grad.norm()):.3f}, cosine to dw*/du {float(grad @ true / (grad.norm() * true.norm())):+.3f})")
 
 
+def _held(a, prob, u_star, tr):
+    """ridge --hold: u held at u* + a.hold; u's gradient on plain and perturbed hyper steps against the closed form."""
+    tu, rec = tr.tuner, []
+
+    def record():
+        w_e, slope, true, u = _ridge_state(prob, tu)
+        g_s = _val_gradient(prob, prob.weights(math.exp(u)))
+        rec.append((tu.step, tu.hstep - 1, float(tu.u.grad), float(_val_gradient(prob, w_e) @ slope), float(g_s @ true)))
+
+    after_hyper_steps(tu, record)
+    tr.fit()
+    print(f"family {a.family_seed} {a.instance}, {a.method} per {a.perturb}, u held at u* {a.hold:+.3f} "
+          f"({float(tu.u.detach()) - u_star:+.3f} at the end), {a.steps} steps; hyper steps after step {a.steps // 3}:")
+    kept, out = [r for r in rec if r[0] > a.steps // 3], {"u_minus_opt": float(tu.u.detach()) - u_star}
+    for name, plain in (("plain", True), ("perturbed", False)):
+        rows = torch.tensor([r[2:] for r in kept if bool(tu.plain_every and r[1] % tu.plain_every == 0) == plain])
+        if len(rows) < 2:
+            continue
+        sd = float(rows[:, 0].std())
+        out[name] = {"n": len(rows), "mean": float(rows[:, 0].mean()), "se": sd / math.sqrt(len(rows)),
+                     "through_response": float(rows[:, 1].mean()), "closed_form": float(rows[:, 2].mean())}
+        print(f"  {name} ({len(rows)}): u's gradient mean {out[name]['mean']:+.5f} (standard error "
+              f"{out[name]['se']:.5f}, spread {sd:.4f}); closed form through V W_h {out[name]['through_response']:+.5f}, "
+              f"through dw*/du {out[name]['closed_form']:+.5f}")
+    return out
+
+
 def _ridge_state(prob, tu, h=1e-5):
     """(W_e, the learned slope V W_h, the closed form dw*/du by central difference, u) of a ridge run's tuner."""
     u, layer = float(tu.u.detach()), tu.layers[0]
@@ -437,6 +475,8 @@ def main(argv=None):
                         "ridge 3000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=0, help="ridge: the hypergradient's parts every N weight steps")
+    p.add_argument("--hold", type=float, default=None,
+                   help="ridge: u held at u* + HOLD (log units): u's gradient against the closed form")
     p.add_argument("--K", type=int, nargs="+", default=[100, 500, 1500], help="lookahead: steps of plain training")
     p.add_argument("--h", type=float, default=0.5,
                    help="lookahead, forward --check: the step in u of the finite difference")
@@ -462,8 +502,8 @@ def main(argv=None):
         except (ValueError, SyntaxError):
             sets[name] = value
     torch.set_num_threads(1)
-    {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead, "forward": forward, "anchor": anchor,
-     "ridge": ridge}[a.what](a, sets)
+    return {"toy": toy, "hypergrad": hypergrad, "lookahead": lookahead, "forward": forward, "anchor": anchor,
+            "ridge": ridge}[a.what](a, sets)
 
 
 if __name__ == "__main__":

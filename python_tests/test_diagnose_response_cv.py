@@ -58,3 +58,18 @@ def test_response_cv_is_only_for_delta_stn_hypergrad():
     diag = bench_scripts.load("diagnose_delta_stn")
     with pytest.raises(SystemExit):
         diag.main(["ridge", "--response-cv"])
+
+
+def test_ridge_hold_keeps_u_and_its_plain_gradient_is_the_one_through_the_learned_response(monkeypatch):
+    """diagnose_delta_stn.py ridge --hold (bench/results/tuning-2026-12-06-s22-where-issue-22-stands.md): u stays at
+    u* + HOLD, and on plain hyper steps (at u) u's gradient is the validation batch's slope through the learned response,
+    whose mean over batches is the whole validation set's at the same weights: the means agree within the noise."""
+    monkeypatch.syspath_prepend(bench_scripts.BENCH)  # the script imports bench_tuning as its neighbour
+    res = bench_scripts.load("diagnose_delta_stn").main(
+        ["ridge", "--method", "stn", "--family-seed", "26", "--instance", "i4", "--seed", "1", "--hold", "0.05",
+         "--steps", "1500"])
+    assert res["u_minus_opt"] == pytest.approx(0.05, abs=1e-6)
+    plain, perturbed = res["plain"], res["perturbed"]
+    assert plain["n"] >= 90 and perturbed["n"] >= 90
+    assert abs(plain["mean"] - plain["through_response"]) < 4 * plain["se"]
+    assert plain["closed_form"] == pytest.approx(0.0030, abs=3e-4)  # the instance's slope at +0.05: flat
