@@ -485,9 +485,10 @@ def run_provenance(methods, modes):
         from stn_ext.tuning import defaults
         auto = {m: defaults.resolve(m)[0] for m in methods}
         modes_resolved = {}  # by method and mode: sigma_0 and the rest depend on both, and on the response's fit
-        for m, p in ((m, p) for m in methods if m in TUNED for p in modes):
-            fit = defaults.response_fit("auto", m, p, ["weight_decay"], False, 1.0)
-            modes_resolved[f"{m} {p}"] = defaults.resolve(m, p, fit=fit)[1:] + (fit, defaults.response_every(0, m, p, fit))
+        for m in (m for m in methods if m in TUNED):
+            for p in modes:
+                fit = defaults.response_fit("auto", m, p, ["weight_decay"], False, 1.0)
+                modes_resolved[f"{m} {p}"] = defaults.resolve(m, p, fit=fit)[1:] + (fit, defaults.response_every(0, m, p, fit))
     except (ImportError, AttributeError, KeyError, ValueError):
         auto, modes_resolved = {}, {}
     import hashlib

@@ -374,9 +374,9 @@ def ridge(a, sets):
         cfg.inits = {"weight_decay": math.exp(u_star + a.hold)}
     torch.manual_seed(a.seed)
     tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
-    tu, rec = tr.tuner, []
     if a.hold is not None:
         return _held(a, prob, u_star, tr)
+    tu, rec = tr.tuner, []
 
     def record():
         state = tu.opt_h.state.get(tu.u, {})
@@ -425,18 +425,20 @@ def _held(a, prob, u_star, tr):
     """ridge --hold: u held at u* + a.hold; u's gradient on plain and perturbed hyper steps against the closed form."""
     tu, rec = tr.tuner, []
 
-    def record():
+    def record():  # a plain hyper step leaves the scales without a gradient (Tuner.hyper_step)
         w_e, slope, true, u = _ridge_state(prob, tu)
         g_s = _val_gradient(prob, prob.weights(math.exp(u)))
-        rec.append((tu.step, tu.hstep - 1, float(tu.u.grad), float(_val_gradient(prob, w_e) @ slope), float(g_s @ true)))
+        rec.append((tu.step, tu.hscale.grad is None, float(tu.u.grad), float(_val_gradient(prob, w_e) @ slope),
+                    float(g_s @ true)))
 
     after_hyper_steps(tu, record)
     tr.fit()
+    out = {"u_minus_opt": float(tu.u.detach()) - u_star}
     print(f"family {a.family_seed} {a.instance}, {a.method} per {a.perturb}, u held at u* {a.hold:+.3f} "
-          f"({float(tu.u.detach()) - u_star:+.3f} at the end), {a.steps} steps; hyper steps after step {a.steps // 3}:")
-    kept, out = [r for r in rec if r[0] > a.steps // 3], {"u_minus_opt": float(tu.u.detach()) - u_star}
+          f"({out['u_minus_opt']:+.3f} at the end), {a.steps} steps; hyper steps after step {a.steps // 3}:")
+    kept = [r for r in rec if r[0] > a.steps // 3]
     for name, plain in (("plain", True), ("perturbed", False)):
-        rows = torch.tensor([r[2:] for r in kept if bool(tu.plain_every and r[1] % tu.plain_every == 0) == plain])
+        rows = torch.tensor([r[2:] for r in kept if r[1] == plain])
         if len(rows) < 2:
             continue
         sd = float(rows[:, 0].std())
