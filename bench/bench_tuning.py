@@ -687,6 +687,8 @@ def main(argv=None):
     p.add_argument("--only", choices=["ridge", "ridge-family", "digits", "fashion", "cnn"], help="run one problem")
     p.add_argument("--family-size", type=int, default=8, help="ridge-family: instances (default 8)")
     p.add_argument("--family-seed", type=int, default=FAMILY_SEED, help="ridge-family: the generator's seed")
+    p.add_argument("--instances", type=lambda s: s.split(","),
+                   help="ridge-family: these of the family's instances only, e.g. i3,i5 (default all)")
     p.add_argument("--fashion-steps", type=int, default=4000)
     p.add_argument("--fashion-seeds", type=int, default=2)
     p.add_argument("--fashion-methods", type=lambda s: s.split(","),
@@ -735,6 +737,10 @@ def main(argv=None):
         text.append(ridge_table(rows, a.ridge_steps))
     if a.only == "ridge-family":
         instances, rejected = ridge_family(a.family_size, a.family_seed)
+        unknown = set(a.instances or ()) - {q["name"] for q in instances}
+        if unknown:
+            p.error(f"--instances: no {', '.join(sorted(unknown))} among the family's {', '.join(q['name'] for q in instances)}")
+        instances = [q for q in instances if not a.instances or q["name"] in a.instances]
         methods, modes = a.methods or ("stn", "delta-stn"), a.perturb or ("batch", "example")
         prov = run_provenance(methods, modes)
         rows = []

@@ -68,6 +68,19 @@ def test_recentring_is_an_exact_reparameterisation():
     assert torch.allclose(before, after, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch_size,val_rows", [(30, 50), (29, 29), (10, 10)])
+def test_full_batch_training_takes_its_hyper_steps_on_the_whole_validation_set(batch_size, val_rows):
+    # 30 training and 50 validation examples: a batch holding the whole training split takes hyper steps on all 50
+    # validation rows (not on 30 of them, a hypergradient noisier than the weights' gradient); a minibatch keeps
+    # the training batch's size for both
+    p = Ridge(d=20, n_train=30, n_val=50)
+    tr = _ridge_trainer(p, 1.0, batch_size=batch_size)
+    assert tr.val_batch == val_rows
+    for k in range(3):  # every hyper step's batch: val_rows distinct validation rows
+        x, y, _ = tr._batch(tr.data.val, "val", k, tr.val_batch)
+        assert len(x) == val_rows and len({tuple(r.tolist()) for r in x}) == val_rows
+
+
 def test_trainer_recentres_the_stn_anchor_to_u(ridge):
     p, u_star = ridge
     tr = _ridge_trainer(p, math.exp(u_star + 3), steps=200, warmup_steps=20)

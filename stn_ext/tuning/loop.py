@@ -117,8 +117,7 @@ class Trainer:
         dt = next(self.model.parameters()).dtype
         self.data = self.data.to(self.device, dtype=dt)  # inputs in the model's precision (e.g. a .double() model)
         self.n_train_batches = len(self.data.train) // cfg.batch_size
-        # language data: the validation split is cut into batch_size streams too (language.stream_split)
-        self.val_batch = min(cfg.batch_size, len(self.data.val) // self.world * self.world)
+        self.val_batch = self._val_batch_size(cfg.batch_size)
         self.streams = {"train": language.Stream(), "val": language.Stream()}  # carried hidden states (text)
         self.tuner = Tuner(
             self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=self.settings["lr"],
@@ -184,6 +183,16 @@ class Trainer:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 2 + (which == "val"))
             self._perm_cache[key] = torch.randperm(n, generator=g).to(self.device)
         return self._perm_cache[key]
+
+    def _val_batch_size(self, batch_size):
+        """Validation rows per hyper step: the training batch's size, or the whole validation split where one batch
+        holds the whole training split, so that full-batch training gets full-batch hyper steps (ridge with 36
+        training and 50 validation examples: a hyper step on 36 of the 50 was most of its hypergradient's noise,
+        docs/trainer.md). Language data: the validation split is cut into batch_size streams (language.stream_split)."""
+        whole = len(self.data.val) // self.world * self.world
+        if not self.language and batch_size == len(self.data.train):
+            return whole
+        return min(batch_size, whole)
 
     def _batch(self, split, which, k, B):
         """Local rows of global batch number k of a split (epochs reshuffle, last partial batch dropped)."""
