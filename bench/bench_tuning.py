@@ -5,7 +5,8 @@ ridge   one StnLinear(40, 1, bias=False) with its weight decay tuned (range 1e-4
         method (stn, delta-stn) and perturbation mode (batch, example), 3 seeds; reports |u - u*| in
         log units after --ridge-steps weight steps, and whether any run ended non-finite.
 ridge-family (only with --only ridge-family) the ridge targets on a family of instances instead of one: --family-size
-        (8) Ridge instances drawn from a fixed generator (--family-seed 22): d in 20..80, n_train in d..2d, noise
+        (8) Ridge instances drawn from a fixed generator (--family-seed 22; --instances i3,i5 runs some of them):
+        d in 20..80, n_train in d..2d, noise
         and signal/noise log-uniform, so the optimum moves through the weight-decay range. A draw is rejected and
         redrawn (deterministically, the next draw of the same generator) where its optimum is not interior, a start
         lies within one log unit of the range's ends, or the 100x-above start is not well inside momentum SGD's
@@ -512,9 +513,12 @@ def _within(r):
     return r["finite"] and not r["error"] and abs(r["u_minus_opt"]) <= RIDGE_TOL[r["perturb"]]
 
 
-def ridge_family_table(instances, rejected, rows, steps, prov, family_seed):
+def ridge_family_table(instances, rejected, rows, steps, prov, family_seed, drawn=None):
+    """The family's tables; ``drawn``: the family's size where ``instances`` holds some of it (--instances)."""
     seeds = sorted({r["seed"] for r in rows})
-    out = [f"Ridge family: {len(instances)} instances drawn from random.Random({family_seed}) (d 20..80, n_train d..2d, "
+    which = (f"{len(instances)} instances" if drawn in (None, len(instances))
+             else f"instances {', '.join(q['name'] for q in instances)} of {drawn}")
+    out = [f"Ridge family: {which} drawn from random.Random({family_seed}) (d 20..80, n_train d..2d, "
            "n_val 50, noise and signal/noise log-uniform in [0.25, 4] and [0.9, 7], a data seed), weight decay tuned in "
            f"[1e-4, 1e4] from 100x above and 100x below the closed-form optimum wd*; {steps} weight steps, full batch, "
            f"TrainConfig defaults except what ridge_run sets; seeds {', '.join(map(str, seeds))}. Tolerance |u - u*| "
@@ -740,6 +744,7 @@ def main(argv=None):
         unknown = set(a.instances or ()) - {q["name"] for q in instances}
         if unknown:
             p.error(f"--instances: no {', '.join(sorted(unknown))} among the family's {', '.join(q['name'] for q in instances)}")
+        drawn = len(instances)
         instances = [q for q in instances if not a.instances or q["name"] in a.instances]
         methods, modes = a.methods or ("stn", "delta-stn"), a.perturb or ("batch", "example")
         prov = run_provenance(methods, modes)
@@ -760,7 +765,7 @@ def main(argv=None):
         res["ridge_family"] = {"instances": instances, "rejected": rejected, "rows": rows, "provenance": prov,
                                "family_seed": a.family_seed, "steps": a.ridge_steps, "tolerance": RIDGE_TOL,
                                "within": sum(_within(r) for r in rows), "wall_s": time.perf_counter() - t0}
-        text.append(ridge_family_table(instances, rejected, rows, a.ridge_steps, prov, a.family_seed))
+        text.append(ridge_family_table(instances, rejected, rows, a.ridge_steps, prov, a.family_seed, drawn))
     if a.only in (None, "digits"):
         data = digits_protocol()
         rows = []

@@ -49,6 +49,15 @@ def test_ridge_family_quick(bench, tmp_path):
     assert (tmp_path / f"{name}-ridge-family.png").stat().st_size > 0
 
 
+def test_ridge_family_runs_the_instances_asked_for(bench, tmp_path):
+    res = bench.main(["--only", "ridge-family", "--instances", "i2", "--ridge-steps", "20", "--methods", "stn",
+                      "--perturb", "batch", "--seeds", "1", "--out", str(tmp_path), "--tag", "ri"])
+    assert {r["instance"] for r in res["ridge_family"]["rows"]} == {"i2"}
+    assert "Ridge family: instances i2 of 8 drawn" in (tmp_path / f"tuning-{res['date']}-ri.md").read_text()
+    with pytest.raises(SystemExit):  # a name the family does not have
+        bench.main(["--only", "ridge-family", "--instances", "i9", "--out", ""])
+
+
 def test_ridge_runs_the_seeds_and_sides_asked_for(bench, tmp_path):
     """--first-seed and --sides (the roll-back check of issue 22: seeds 7-26, from above only)."""
     res = bench.main(["--only", "ridge", "--ridge-steps", "40", "--methods", "stn", "--perturb", "batch", "--sides",
