@@ -218,7 +218,8 @@ def _image_cells(rs, fixed_time, time_key="s_per_step", best_val=False):
     return ([f"{_mean([r['test_loss'] for r in rs]):.4f}", ", ".join("%.4f" % r["test_loss"] for r in rs),
              f"{_mean([r['test_acc'] for r in rs]):.3f}"]
             + ([f"{_mean([r['best_val_loss'] for r in rs]):.4f}"] if best_val else [])
-            + [f"{_mean([r['val_loss'] for r in rs]):.4f}", f"{_mean([r[time_key] for r in rs]) / fixed_time:.2f}x"])
+            + [f"{_mean([r['val_loss'] for r in rs]):.4f}",
+               "-" if math.isnan(fixed_time) else f"{_mean([r[time_key] for r in rs]) / fixed_time:.2f}x"])
 
 
 def _fixed_time(rows, key):
