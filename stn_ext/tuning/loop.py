@@ -124,17 +124,15 @@ class Trainer:
                                                     momentum=self.settings["momentum"]),
             self._per_example_loss, cfg.method, cfg.steps, hyper_lr=cfg.hyper_lr, hyper_lr_schedule=cfg.hyper_lr_schedule,
             hyper_beta2=cfg.hyper_beta2, scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau,
-            hyper_plain_every=cfg.hyper_plain_every,
-            train_per_cycle=cfg.train_per_cycle, val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps,
-            perturb=cfg.perturb,
+            hyper_plain_every=cfg.hyper_plain_every, train_per_cycle=cfg.train_per_cycle,
+            val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
             response_every=cfg.response_every, response_rows=cfg.response_rows, clip=self.settings["clip"],
             response_gain_max=cfg.response_gain_max, response_baseline=cfg.response_baseline,
             response_fit=cfg.response_fit, loss_norm=cfg.batch_size, val_norm=self.val_batch, world=self.world, allreduce=self._allreduce,
             check_finite=False)  # the trainer checks each step itself (_healthy) and rolls back (_recover)
         self.layers, self.params = self.tuner.layers, self.tuner.params
-        self.recoveries = 0
-        self.guard = Guard()
+        self.recoveries, self.guard = 0, Guard()
         if self.world > 1:  # identical start on every rank
             with torch.no_grad():
                 for t in self.params + [self.u, self.hscale]:
@@ -177,22 +175,17 @@ class Trainer:
     def _perm(self, which, epoch, n):
         if self.language:  # windows in order: batch k continues batch k - 1 in every stream
             return torch.arange(n, device=self.device)
-        key = (which, epoch)
-        if key not in self._perm_cache:
+        if (key := (which, epoch)) not in self._perm_cache:
             self._perm_cache.clear() if len(self._perm_cache) > 4 else None
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 2 + (which == "val"))
             self._perm_cache[key] = torch.randperm(n, generator=g).to(self.device)
         return self._perm_cache[key]
 
     def _val_batch_size(self, batch_size):
-        """Validation rows per hyper step: the training batch's size, or the whole validation split where one batch
-        holds the whole training split, so that full-batch training gets full-batch hyper steps (ridge with 36
-        training and 50 validation examples: a hyper step on 36 of the 50 was most of its hypergradient's noise,
-        docs/trainer.md). Language data: the validation split is cut into batch_size streams (language.stream_split)."""
+        """Validation rows per hyper step: the batch's, or all where the batch is the whole training split (full
+        batch, docs/trainer.md). Text: the split is cut into batch_size streams (language.stream_split)."""
         whole = len(self.data.val) // self.world * self.world
-        if not self.language and batch_size == len(self.data.train):
-            return whole
-        return min(batch_size, whole)
+        return whole if not self.language and batch_size == len(self.data.train) else min(batch_size, whole)
 
     def _batch(self, split, which, k, B):
         """Local rows of global batch number k of a split (epochs reshuffle, last partial batch dropped)."""
