@@ -745,7 +745,6 @@ def main(argv=None):
         unknown = set(a.instances or ()) - {q["name"] for q in instances}
         if unknown:
             p.error(f"--instances: no {', '.join(sorted(unknown))} among the family's {', '.join(q['name'] for q in instances)}")
-        drawn = len(instances)
         instances = [q for q in instances if not a.instances or q["name"] in a.instances]
         methods, modes = a.methods or ("stn", "delta-stn"), a.perturb or ("batch", "example")
         prov = run_provenance(methods, modes)
@@ -766,7 +765,7 @@ def main(argv=None):
         res["ridge_family"] = {"instances": instances, "rejected": rejected, "rows": rows, "provenance": prov,
                                "family_seed": a.family_seed, "steps": a.ridge_steps, "tolerance": RIDGE_TOL,
                                "within": sum(_within(r) for r in rows), "wall_s": time.perf_counter() - t0}
-        text.append(ridge_family_table(instances, rejected, rows, a.ridge_steps, prov, a.family_seed, drawn))
+        text.append(ridge_family_table(instances, rejected, rows, a.ridge_steps, prov, a.family_seed, a.family_size))
     if a.only in (None, "digits"):
         data = digits_protocol()
         rows = []

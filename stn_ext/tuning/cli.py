@@ -118,9 +118,9 @@ def build_parser():
     g.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1500, help="weight steps (random search, tpe: in total) (default 1500)")
-    g.add_argument("--batch-size", type=int, default=64, help="global mini-batch (all processes) (default 64); the hyper steps' "
-                        "validation batches have its size, or hold the whole validation split where it equals the "
-                        "training split's size (full batch)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="global mini-batch (all processes) (default 64); the hyper steps' validation batches have its "
+                        "size, or hold the whole validation split where it equals the training split's size (full batch)")
     g.add_argument("--lr", type=float, default=0.0,
                    help="weight SGD learning rate (default 0: 0.01; for text 20, AWD-LSTM's plain SGD)")
     g.add_argument("--momentum", type=float, default=-1.0, help="weight SGD momentum (default -1: 0.9; for text 0)")
