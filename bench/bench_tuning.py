@@ -58,6 +58,8 @@ from stn_ext.checkpoint import atomic_write_text
 from stn_ext.tuning.problems import (CNN_HYPERS, CNN_INITS, CNN_RANGES, CNN_SIZES, Ridge, digits_mlp, digits_protocol,
                                      fashion_cnn, fashion_cnn_protocol)
 from stn_ext.tuning import TUNED, TrainConfig, Trainer, train
+from stn_ext.tuning.models import HyperDropout
+from stn_ext.tuning.space import HyperSpace
 
 DIGITS_METHODS = ("fixed", "random", "stn (no hyper steps)", "stn", "delta-stn")
 FASHION_METHODS = ("fixed", "random", "tpe", "stn", "delta-stn")
@@ -246,15 +248,27 @@ def fashion_table(rows, steps):
         ", ".join(f"{v:.2f}" for v in rs[0]["hypers"].values())]))
 
 
+def cnn_space():
+    """The cnn protocol's hyperparameters as its runs are configured (--set inits and ranges merged in)."""
+    cfg = config(**cnn_settings())
+    slots = [d.slot for d in cnn_model().modules() if isinstance(d, HyperDropout)]
+    return HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits)
+
+
+def _starts_and_ranges(space):
+    """'in 0.05 [0, 0.9], ..., length 4 [2, 24], holes 1 [0, 5]': each hyperparameter's start and range."""
+    return ", ".join(f"{_short(h.name)} {_hyper_value(h.name, h.init)} [{h.low:g}, {h.high:g}]" for h in space.hypers)
+
+
 def cnn_table(rows, steps, sizes):
     """The cnn protocol's results, then every run's final hyperparameters (and the perturbation scales)."""
-    fixed = _fixed_time(rows, "train_s_per_step")
+    fixed, space = _fixed_time(rows, "train_s_per_step"), cnn_space()
     n_test = sizes["test_size"] or 10000
     out = [f"Fashion-MNIST CNN (the Delta-STN code's experiment, sized for one core): {sizes['train_size']} training and "
            f"{sizes['val_size']} validation images from the training set, {n_test} official test images; conv 3x3 16 - "
            f"conv 3x3 32 - FC {sizes['hidden']} - 10 (max-pool 2 after each conv), dropout on the input, after each conv "
-           "stage and after the FC layer (from 0.05, range [0, 0.9]), cutout length (from 4, range [2, 24]) and holes "
-           f"(from 1, range [0, 5]); {steps} weight steps, batch {sizes['batch_size']}, {len({r['seed'] for r in rows})} "
+           f"stage and after the FC layer, cutout length and holes (start [range]: {_starts_and_ranges(space)}); "
+           f"{steps} weight steps, batch {sizes['batch_size']}, {len({r['seed'] for r in rows})} "
            f"seed(s); random, tpe: 4 trials of {steps // 4} steps, the trial with the best final validation loss is "
            "reported (its best val: the lowest final validation loss of a trial). Time per step: the weight and hyper "
            "steps alone (evaluations excluded), against fixed's.", "",
@@ -263,11 +277,12 @@ def cnn_table(rows, steps, sizes):
     out += _method_rows(rows, CNN_METHODS, lambda rs: _image_cells(rs, fixed, "train_s_per_step", best_val=True) + [
         ", ".join(f"{_short(n)} {_hyper_value(n, v)}" for n, v in rs[0]["hypers"].items())])
     names = list(rows[0]["hypers"])
-    out += ["", "Final hyperparameters per run (start: " + ", ".join(
-        f"{_short(n)} {_hyper_value(n, {**{k: 0.05 for k in names}, **CNN_INITS}[n])}" for n in names)
-        + "); sigma: the perturbation scales at the end (unconstrained units), in the order of the columns.", "",
-        "| method | seed | " + " | ".join(_short(n) for n in names) + " | sigma | recoveries |",
-        "|---" * (len(names) + 4) + "|"]
+    starts = {h.name: h.init for h in space.hypers}
+    out += ["", "Final hyperparameters per run (start: "
+            + ", ".join(f"{_short(n)} {_hyper_value(n, starts[n])}" for n in names)
+            + "); sigma: the perturbation scales at the end (unconstrained units), in the order of the columns.", "",
+            "| method | seed | " + " | ".join(_short(n) for n in names) + " | sigma | recoveries |",
+            "|---" * (len(names) + 4) + "|"]
     for m in CNN_METHODS:
         for r in sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"]):
             sig = ", ".join(f"{r['sigmas'][n]:.2f}" for n in names) if r.get("sigmas") else ""

@@ -66,3 +66,24 @@ def test_the_fashion_table_reports_best_validation_and_takes_a_subset_of_methods
     assert "| delta-stn | 0.4000 | 0.4000, 0.4000 | 0.850 | 0.3411 | 0.3700 | 1.00x | 0.05 |" in md
     alone = bench.fashion_table([row("delta-stn", 0, 0.3421)], 4000)
     assert "| delta-stn | 0.4000 | 0.4000 | 0.850 | 0.3421 | 0.3700 | - | 0.05 |" in alone and "| fixed |" not in alone
+
+
+def test_the_cnn_table_states_the_starts_and_ranges_its_runs_had():
+    """--set inits=... (or ranges=...) on the cnn protocol shows in its table's text and its start line; they printed
+    the protocol's own starts (cutout length 4, holes 1) whatever the runs had started from."""
+    bench = bench_scripts.load("bench_tuning")
+    names = ["dropout.in", "dropout.c1", "dropout.c2", "dropout.h1", "cutout_length", "cutout_holes"]
+    row = {"method": "fixed", "seed": 0, "test_loss": 0.5, "test_acc": 0.84, "best_val_loss": 0.42, "val_loss": 0.46,
+           "train_s_per_step": 0.05, "hypers": dict(zip(names, [0.05] * 4 + [8.0, 2.0])), "sigmas": None}
+    bench.OVERRIDES.update(bench._parse_sets(["inits={'cutout_length': 8.0, 'cutout_holes': 2.0}",
+                                              "ranges={'cutout_holes': (0.0, 3.0)}"]))
+    try:
+        md = bench.cnn_table([row], 2000, bench.CNN_SIZES)
+    finally:
+        bench.OVERRIDES.clear()
+    assert ("in 0.05 [0, 0.9], c1 0.05 [0, 0.9], c2 0.05 [0, 0.9], h1 0.05 [0, 0.9], length 8 [2, 24], holes 2 [0, 3]"
+            in md)
+    assert "(start: in 0.05, c1 0.05, c2 0.05, h1 0.05, length 8, holes 2)" in md
+    protocol = bench.cnn_table([row], 2000, bench.CNN_SIZES)
+    assert "length 4 [2, 24], holes 1 [0, 5]" in protocol
+    assert "(start: in 0.05, c1 0.05, c2 0.05, h1 0.05, length 4, holes 1)" in protocol
