@@ -74,6 +74,39 @@ def test_discrete_hyperparameters_stay_integral():
         assert all(float(s[h.name]).is_integer() for h in space.hypers if h.discrete)
 
 
+def test_a_range_of_one_value_holds_the_hyperparameter_there():
+    """low == high: the value for any u, u 0 and unperturbed (its limits), drawn as itself by the searches."""
+    space = HyperSpace.build(["dropout", "weight_decay", "cutout_length"], ("in", "h1"),
+                             ranges={"dropout.h1": (0.3, 0.3), "weight_decay": (1e-3, 1e-3), "cutout_length": (8, 8)})
+    held = [h.held for h in space.hypers]
+    assert held == [False, True, True, True]
+    u = space.init_unconstrained()
+    assert u[1:].tolist() == [0.0, 0.0, 0.0]
+    for shift in (-5.0, 0.0, 5.0):
+        assert space.to_values(u + shift)[1:].tolist() == pytest.approx([0.3, 1e-3, 8.0])
+    lo, hi = space.u_limits()
+    assert lo[1:].tolist() == hi[1:].tolist() == [0.0, 0.0, 0.0] and lo[0] == -math.inf
+    draws = [space.sample(torch.Generator().manual_seed(k)) for k in range(5)]
+    assert {d["dropout.h1"] for d in draws} == {0.3} and len({d["dropout.in"] for d in draws}) == 5
+    with pytest.raises(ValueError, match="outside"):  # a start away from the held value is refused
+        HyperSpace.build("weight_decay", ranges={"weight_decay": (1e-3, 1e-3)}, inits={"weight_decay": 1e-2})
+
+
+@pytest.mark.parametrize("method,perturb", [("stn", "batch"), ("stn", "example"), ("delta-stn", "batch"),
+                                            ("delta-stn", "example")])
+def test_a_held_hyperparameter_stays_while_the_others_are_tuned(method, perturb):
+    cfg = TrainConfig(method=method, perturb=perturb, hypers=("dropout", "weight_decay"), steps=80, warmup_steps=10,
+                      hidden=(16, 16), train_size=200, ranges={"dropout.h1": (0.3, 0.3)}, quiet=True, plots=False)
+    tr = Trainer(cfg)
+    tr.fit()
+    tu = tr.tuner
+    i = tu.space.names.index("dropout.h1")
+    values = tu.hyperparameters()
+    assert values["dropout.h1"] == pytest.approx(0.3) and float(tu.u.detach()[i]) == 0.0
+    assert values["dropout.in"] != pytest.approx(0.05) and values["dropout.h2"] != pytest.approx(0.05)
+    assert torch.isfinite(tu.u).all()
+
+
 def test_space_expands_groups_and_applies_ranges():
     space = HyperSpace.build(["dropout", "weight_decay", "cutout"], dropout_slots=["in", "h1"],
                              ranges={"dropout": (0.1, 0.6), "weight_decay": (1e-5, 1e-2)}, inits={"dropout.h1": 0.3})
@@ -97,7 +130,7 @@ def test_unknown_hyperparameter_name():
 
 def test_empty_range_and_bad_init():
     with pytest.raises(ValueError, match="empty range"):
-        HyperSpace.build("weight_decay", ranges={"weight_decay": (1e-2, 1e-2)})
+        HyperSpace.build("weight_decay", ranges={"weight_decay": (1e-2, 1e-3)})
     with pytest.raises(ValueError, match="empty range"):
         Hyper("d", "dropout", 0.5, 0.1, 0.3)
     with pytest.raises(ValueError, match="log transform needs low > 0"):
@@ -679,7 +712,7 @@ def test_cli_train_run_and_errors(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 30
     r = _cli("train", "--hypers", "dropout,bogus", "--steps", "5", "--quiet")
     assert r.returncode == 2 and "unknown hyperparameter 'bogus'" in r.stderr
-    r = _cli("train", "--range", "weight_decay=0.1:0.1", "--steps", "5", "--quiet")
+    r = _cli("train", "--range", "weight_decay=0.1:0.01", "--steps", "5", "--quiet")
     assert r.returncode == 2 and "empty range" in r.stderr
 
 

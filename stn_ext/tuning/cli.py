@@ -106,7 +106,8 @@ def build_parser():
                    help="folder of Fashion-MNIST's four IDX files or of PTB's text files (default: found as --data says)")
     g.add_argument("--hypers", default=",".join(DEFAULT_HYPERS), help=HYPER_HELP)
     g.add_argument("--range", action="append", metavar="NAME=LOW:HIGH",
-                   help="search range of a hyperparameter or group, e.g. weight_decay=1e-5:1e-1 (repeatable)")
+                   help="search range of a hyperparameter or group, e.g. weight_decay=1e-5:1e-1; equal ends hold it "
+                        "there, applied but not tuned, e.g. cutout_length=8:8 (repeatable)")
     g.add_argument("--init", action="append", metavar="NAME=VALUE",
                    help="initial value (the value used by --method fixed), e.g. dropout=0.2 (repeatable)")
     g.add_argument("--hidden", type=_ints, default=(128, 128), help="hidden widths, e.g. 128,128 (mlp; cnn uses the first; lstm: the LSTM layers)")

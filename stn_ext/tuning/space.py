@@ -13,7 +13,9 @@ range by the same fraction of itself. (u = value would leave a 22-pixel cutout l
 rounded, its value would change in few steps, and a hyper step of 0.02 would need 1000 steps to cross it.)
 
 A discrete hyperparameter (``discrete=True``, e.g. the number of cutout holes) is rounded to the
-nearest integer after the transform. The trainer feeds the hypernet unconstrained values shifted by
+nearest integer after the transform. A range of one value (low == high) holds the hyperparameter there: it is
+applied, but its u stays 0 and is never perturbed, so nothing tunes it (e.g. an augmentation the user trusts
+beside rates that are tuned). The trainer feeds the hypernet unconstrained values shifted by
 a constant (STN: z = u - u_init; Delta-STN: z = u~ - stopgrad(u)), so log-scale hyperparameters such
 as weight decay (u about -9) do not feed a large constant into every layer.
 
@@ -70,23 +72,30 @@ class Hyper:
                              f"expected one of {TRANSFORMS}")
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise ValueError(f"stn_ext: hyperparameter {self.name!r}: range [{self.low}, {self.high}] must be finite")
-        if not self.low < self.high:
+        if not self.low <= self.high:
             raise ValueError(f"stn_ext: hyperparameter {self.name!r}: empty range [{self.low}, {self.high}]; "
-                             "low must be < high")
+                             "low must be <= high (equal: held at that value)")
         if self.transform == "log" and self.low <= 0:
             raise ValueError(f"stn_ext: hyperparameter {self.name!r}: a log transform needs low > 0, got {self.low}")
         if not self.low <= self.init <= self.high:
             raise ValueError(f"stn_ext: hyperparameter {self.name!r}: initial value {self.init} is outside "
                              f"[{self.low}, {self.high}]")
-        if self.transform == "logit" and not self.low < self.init < self.high:
+        if self.transform == "logit" and not self.held and not self.low < self.init < self.high:
             raise ValueError(f"stn_ext: hyperparameter {self.name!r}: with a logit transform the initial value "
                              f"{self.init} must lie strictly inside ({self.low}, {self.high})")
+
+    @property
+    def held(self):
+        """A range of one value: applied at that value, never tuned (u stays 0, unperturbed)."""
+        return self.low == self.high
 
     # --- unconstrained <-> value -------------------------------------------------------------------
 
     def to_value(self, u):
         """Value(s) of the hyperparameter for unconstrained ``u`` (tensor), rounded if discrete."""
-        if self.transform == "logit":
+        if self.held:
+            v = torch.full_like(u, self.low)
+        elif self.transform == "logit":
             v = self.low + (self.high - self.low) * torch.sigmoid(u)
         elif self.transform == "log":
             v = torch.exp(u.clamp(math.log(self.low), math.log(self.high)))
@@ -99,6 +108,8 @@ class Hyper:
     def to_unconstrained(self, value):
         """Inverse of ``to_value`` (a float or tensor) on the open range."""
         v = torch.as_tensor(value, dtype=torch.float64)
+        if self.held:
+            return torch.zeros_like(v)
         if self.transform == "logit":
             # Discrete values on the boundary map slightly inside so they round back to themselves.
             p = ((v - self.low) / (self.high - self.low)).clamp(1e-6, 1 - 1e-6)
@@ -110,7 +121,9 @@ class Hyper:
     def u_bounds(self):
         """The interval of u that maps onto the range (log, linear), or onto its middle 96% (logit: (-4, 4),
         as the range's ends lie at u = -inf, +inf). The trainer does not use it (random search draws
-        values: ``sample_value``)."""
+        values: ``sample_value``). Held: (0, 0)."""
+        if self.held:
+            return (0.0, 0.0)
         if self.transform == "logit":
             return (-4.0, 4.0)
         if self.transform == "log":
@@ -119,7 +132,9 @@ class Hyper:
 
     def sample_value(self, gen):
         """One value drawn uniformly (log-uniformly for log, uniform integers if discrete)."""
-        r = torch.rand((), generator=gen, dtype=torch.float64).item()
+        r = torch.rand((), generator=gen, dtype=torch.float64).item()  # drawn even when held: the same stream
+        if self.held:
+            return self.low
         if self.discrete:
             lo, hi = math.ceil(self.low), math.floor(self.high)
             return float(min(hi, lo + int(r * (hi - lo + 1))))
@@ -247,8 +262,9 @@ class HyperSpace:
         return {h.name: float(v[i]) for i, h in enumerate(self.hypers)}
 
     def u_limits(self, dtype=torch.float32, device=None):
-        """(lo, hi) vectors of u beyond which the value no longer moves (log, linear: the clamp; logit: none)."""
-        lim = [(-math.inf, math.inf) if h.transform == "logit" else h.u_bounds() for h in self.hypers]
+        """(lo, hi) vectors of u beyond which the value no longer moves (log, linear: the clamp; logit: none; held:
+        0, so its perturbed u~ and its u stay 0)."""
+        lim = [(-math.inf, math.inf) if h.transform == "logit" and not h.held else h.u_bounds() for h in self.hypers]
         return tuple(torch.tensor([b[k] for b in lim], dtype=dtype, device=device) for k in (0, 1))
 
     def u_centre(self, dtype=torch.float32, device=None):
