@@ -107,6 +107,21 @@ def test_a_held_hyperparameter_stays_while_the_others_are_tuned(method, perturb)
     assert torch.isfinite(tu.u).all()
 
 
+def test_the_response_gain_ignores_held_hyperparameters():
+    """The response's gain is sigma_0^2 over the mean square of the tuned scales: a held one (never perturbed, its
+    scale left at its cap) does not dilute it."""
+    from stn_ext.tuning.core import inv_softplus
+
+    cfg = TrainConfig(method="delta-stn", hypers=("dropout",), steps=20, hidden=(16, 16), train_size=200,
+                      ranges={"dropout.h1": (0.3, 0.3)}, quiet=True, plots=False)
+    tu = Trainer(cfg).tuner
+    assert tu.tuned.tolist() == [True, False, True]
+    pace = float(tu.response_gain())  # every scale at sigma_0: gain 1, times the response's pace
+    with torch.no_grad():
+        tu.hscale[tu.tuned] = inv_softplus(tu.scale_init / 1.5)
+    assert float(tu.response_gain()) == pytest.approx(1.5 ** 2 * pace)  # diluted by the held: 1.59 x pace
+
+
 def test_space_expands_groups_and_applies_ranges():
     space = HyperSpace.build(["dropout", "weight_decay", "cutout"], dropout_slots=["in", "h1"],
                              ranges={"dropout": (0.1, 0.6), "weight_decay": (1e-5, 1e-2)}, inits={"dropout.h1": 0.3})

@@ -139,17 +139,16 @@ class Tuner:
         self.warmup = warmup_steps if warmup_steps >= 0 else (total_steps // 10 if total_steps else 0)
         self.tau = tau if tau >= 0 else 1e-2  # -1: the 'auto' of older configs
         self.u_lo, self.u_hi = space.u_limits(dt, device)
-        self.follow = torch.tensor(follow, dtype=dt, device=device)
+        self.follow, self.tuned = torch.tensor(follow, dtype=dt, device=device), self.u_lo < self.u_hi
         self._recentres = method == "stn" and any(follow)
         self.response_every = defaults.response_every(response_every, method, perturb, self.response_fit)
         # the running baseline; the finite-difference fit subtracts the same batch's gradient at u instead
         self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
             and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off
         self._elementary = [t for m in self.layers for t in (m.weight_elem, m.bias_elem) if t is not None]
-        # A floor under the rows of V where the input is centred (Delta-STN's delta, STN recentred on every
-        # coordinate): there |V| sets only the response's pace. At STN's fixed anchors (z ~ -2.9 for a rate of 0.05)
-        # it also sets the path's share of the weights' step, (V z)^2 times theirs, and raising it made STN on
-        # Fashion-MNIST worse (docs/trainer.md, "A floor under the response's pace").
+        # A floor under the rows of V where the input is centred (Delta-STN's delta, STN recentred on every coordinate):
+        # there |V| sets only the response's pace. At STN's fixed anchors (z ~ -2.9 for a rate of 0.05) it also sets the
+        # path's share of the weights' step, (V z)^2 times theirs; raising it made STN on Fashion-MNIST worse ("A floor").
         self.row_floor = models.ROW_FLOOR if method == "delta-stn" or all(follow) else 0.0
         if self.response_seed is not None:
             models.start_response(self.layers, self.response_seed, self.row_floor)
@@ -217,12 +216,13 @@ class Tuner:
         return lr * 0.5 * (1 + math.cos(math.pi * min(self.hstep, T) / T))
 
     def response_gain(self):
-        """Factor on the response's gradients (0-d): sigma_0^2 / mean(sigma^2) in [1, response_gain_max] (sigma_0
-        halved by a roll-back), as it learns at sigma^2 times the weights' pace (docs/trainer.md); per batch, times k
-        where it steps after every k-th weight step (Delta-STN's, STN's by difference): their pace per weight step."""
+        """Factor on the response's gradients (0-d): sigma_0^2 / mean(sigma^2) of the tuned (not the held) in [1,
+        response_gain_max] (sigma_0 halved by a roll-back), as it learns at sigma^2 times the weights' pace; per batch,
+        times k where it steps after every k-th weight step (Delta-STN's, STN's by difference): its pace per weight step."""
         ref = self.scale_init * (self.sigma_max / self.sigma_max0 if math.isfinite(self.sigma_max0) else 1.0)
         pace = self.response_every if self.perturb == "batch" and (self.method == "delta-stn" or self.response_fit == "difference") else 1
-        return (ref * ref / F.softplus(self.hscale.detach()).square().mean()).clamp(1.0, self.response_gain_max) * pace
+        sq = F.softplus(self.hscale.detach()).square()[self.tuned if self.tuned.any() else slice(None)]
+        return (ref * ref / sq.mean()).clamp(1.0, self.response_gain_max) * pace
 
     @property
     def h_max(self):
