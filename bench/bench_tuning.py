@@ -54,11 +54,11 @@ import warnings
 
 import torch
 
+import stn_ext
 from stn_ext.checkpoint import atomic_write_text
 from stn_ext.tuning.problems import (CNN_HYPERS, CNN_INITS, CNN_RANGES, CNN_SIZES, Ridge, digits_mlp, digits_protocol,
                                      fashion_cnn, fashion_cnn_protocol)
 from stn_ext.tuning import TUNED, TrainConfig, Trainer, train
-from stn_ext.tuning.models import HyperDropout
 from stn_ext.tuning.space import HyperSpace
 
 DIGITS_METHODS = ("fixed", "random", "stn (no hyper steps)", "stn", "delta-stn")
@@ -251,8 +251,7 @@ def fashion_table(rows, steps):
 def cnn_space():
     """The cnn protocol's hyperparameters as its runs are configured (--set inits and ranges merged in)."""
     cfg = config(**cnn_settings())
-    slots = [d.slot for d in cnn_model().modules() if isinstance(d, HyperDropout)]
-    return HyperSpace.build(cfg.hypers, slots, cfg.ranges, cfg.inits)
+    return HyperSpace.build(cfg.hypers, stn_ext.dropout_slots(cnn_model()), cfg.ranges, cfg.inits)
 
 
 def _starts_and_ranges(space):

@@ -111,7 +111,7 @@ class Trainer:
                     (1 if self.data.train.y.dim() == 1 else self.data.train.y.shape[1])
                 model = models.build(cfg.model, self.data.input_shape, n_out, len(self.space), cfg.hidden, cfg.channels)
             else:
-                slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
+                slots = stn_ext.dropout_slots(model)
                 self.space = space or HyperSpace.build(hypers, slots, cfg.ranges, cfg.inits, self.data.is_image)
         self.model = model.to(self.device)
         dt = next(self.model.parameters()).dtype
