@@ -504,7 +504,8 @@ def run_provenance(methods, modes):
         for m in (m for m in methods if m in TUNED):
             for p in modes:
                 fit = defaults.response_fit("auto", m, p, ["weight_decay"], False, 1.0)
-                modes_resolved[f"{m} {p}"] = defaults.resolve(m, p, fit=fit)[1:] + (fit, defaults.response_every(0, m, p, fit))
+                every = defaults.response_every(0, m, p, fit, full_batch=True)  # ridge: full batches
+                modes_resolved[f"{m} {p}"] = defaults.resolve(m, p, fit=fit)[1:] + (fit, every)
     except (ImportError, AttributeError, KeyError, ValueError):
         auto, modes_resolved = {}, {}
     import hashlib

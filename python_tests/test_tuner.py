@@ -827,6 +827,8 @@ def test_by_difference_the_response_steps_after_every_kth_weight_step_alone(meth
                                  response_fit="difference")
     every = 1 if (method, perturb) == ("delta-stn", "batch") else 2
     assert tuner.response_every == every
+    full = _smooth_setup(("weight_decay", "noise"), method, perturb=perturb, response_fit="difference", full_batch=True)[1]
+    assert full.response_every == (1 if perturb == "batch" else 2)  # each batch the whole split: STN's every step too
     if every == 1:  # the same rules at k = 2, asked for
         model, tuner = _smooth_setup(("weight_decay", "noise"), method, warmup_steps=0, perturb=perturb,
                                      response_fit="difference", response_every=2)

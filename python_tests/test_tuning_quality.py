@@ -81,6 +81,18 @@ def test_full_batch_training_takes_its_hyper_steps_on_the_whole_validation_set(b
         assert len(x) == val_rows and len({tuple(r.tolist()) for r in x}) == val_rows
 
 
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])
+@pytest.mark.parametrize("batch_size", [30, 10])
+def test_full_batch_steps_the_response_by_difference_after_every_weight_step(method, batch_size):
+    # per batch by difference (weight decay): Delta-STN's response steps after every weight step, and STN's too where
+    # each batch is the whole training split; STN's on minibatches after every 2nd, at twice the pace; as asked
+    p = Ridge(d=20, n_train=30, n_val=50)
+    tr = _ridge_trainer(p, 1.0, method=method, batch_size=batch_size)
+    assert tr.full_batch == (batch_size == 30) and tr.tuner.response_fit == "difference"
+    assert tr.tuner.response_every == (2 if (method, batch_size) == ("stn", 10) else 1)
+    assert _ridge_trainer(p, 1.0, method=method, batch_size=batch_size, response_every=3).tuner.response_every == 3
+
+
 def test_trainer_recentres_the_stn_anchor_to_u(ridge):
     p, u_star = ridge
     tr = _ridge_trainer(p, math.exp(u_star + 3), steps=200, warmup_steps=20)

@@ -198,7 +198,8 @@ def build_parser():
                         "(default 0: every 2nd, 1.83x fixed's time per step against 2.37x, quality inside the seed "
                         "spread; per batch by difference every one, which ridge runs from far above need); per "
                         "batch, STN's response fitted by difference steps (and takes that fit's second pass) after "
-                        "every k-th weight step too")
+                        "every k-th weight step too (default: every 2nd; every one where each batch is the whole "
+                        "training split)")
     g.add_argument("--linearize", action="store_true", help="delta-stn: linearised response (forward-mode JVP)")
     g.add_argument("--trials", type=int, default=4, help="trials of random search and tpe (default 4)")
     g.add_argument("--trial-steps", type=int, default=0,

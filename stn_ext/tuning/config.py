@@ -84,7 +84,7 @@ class TrainConfig:
     linearize: bool = False           # Delta-STN: response and hyper steps on the linearised network
     response_every: int = 0           # delta-stn: a response step after every k-th general step; per batch, STN's
                                       # response fitted by difference steps after every k-th step too (0: 2;
-                                      # Delta-STN's per batch by difference 1)
+                                      # per batch by difference, Delta-STN's 1, and STN's at full batch)
     response_rows: float = 0.0        # delta-stn: the response step on this part of the batch (0: 1.0, all of it)
     response_gain_max: float = 4.0    # the response's gradients x (sigma_0 / sigma)^2, at most this, so its pace does
                                       # not fall as sigma shrinks; 1 after a roll-back (1: off, the rule until December

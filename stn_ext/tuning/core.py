@@ -76,14 +76,16 @@ class Tuner:
                 ``skipped_hyper_steps``); ``max_skipped`` in a row raise ``Diverged``. False: no check, no read.
     guard       ``divergence.Guard()``: snapshots every ``guard.every`` weight steps; an unhealthy step rolls back to
                 one, halves the scales, restarts the response, as the trainer does (``divergence.StepChecks``).
-    clip        > 0: clip each optimiser step's gradients to this total norm (a language model's 0.25); 0: none."""
+    clip        > 0: clip each optimiser step's gradients to this total norm (a language model's 0.25); 0: none.
+    full_batch  each batch is the whole training split (the trainer's full-batch runs): ``defaults.response_every``."""
 
     def __init__(self, model, space, optimizer, loss_fn, method="stn", total_steps=None, *, hyper_lr=0.02,
                  hyper_lr_schedule="auto", hyper_beta2=-1.0, scale_init=-1.0, scale_max=0.0, tau=1e-2,
                  hyper_plain_every=2, train_per_cycle=5, val_per_cycle=1, warmup_steps=-1, perturb="auto",
                  response_init="v", hyper_input="auto", linearize=False, seed=0, loss_norm=None, val_norm=None, world=1,
                  allreduce=None, generator=None, check_finite=True, max_skipped=10, guard=None, response_every=0,
-                 response_rows=0.0, clip=0.0, response_gain_max=4.0, response_baseline=0.9, response_fit="auto"):
+                 response_rows=0.0, clip=0.0, response_gain_max=4.0, response_baseline=0.9, response_fit="auto",
+                 full_batch=False):
         if method not in METHODS:
             raise ValueError(f"stn_ext: unknown method {method!r}; expected one of {METHODS}")
         options.check(total_steps=total_steps, hyper_lr=hyper_lr, hyper_lr_schedule=hyper_lr_schedule,
@@ -100,8 +102,7 @@ class Tuner:
         self.layers = models.stn_layers(model)
         if not self.layers:
             raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
-        p0 = next(model.parameters())
-        dt, device = p0.dtype, p0.device
+        dt, device = next(model.parameters()).dtype, next(model.parameters()).device
         self.response_seed = seed + 104729 if response_init == "v" and method in TUNED else None
         n = len(space)
         if any(m.n_hyper != n for m in self.layers):
@@ -141,7 +142,7 @@ class Tuner:
         self.u_lo, self.u_hi = space.u_limits(dt, device)
         self.follow, self.tuned = torch.tensor(follow, dtype=dt, device=device), self.u_lo < self.u_hi
         self._recentres = method == "stn" and any(follow)
-        self.response_every = defaults.response_every(response_every, method, perturb, self.response_fit)
+        self.response_every = defaults.response_every(response_every, method, perturb, self.response_fit, full_batch)
         # the running baseline; the finite-difference fit subtracts the same batch's gradient at u instead
         self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
             and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off
@@ -497,10 +498,9 @@ class Tuner:
         return dict(self._while_unchanged("values", self.u, lambda: self.space.as_dict(self.u)))
 
     def sigmas(self):
-        def compute():
-            s = F.softplus(self.hscale.detach()).cpu()
-            return {name: float(s[i]) for i, name in enumerate(self.space.names)}
-        return dict(self._while_unchanged("sigmas", self.hscale, compute))
+        """The current perturbation scales, {name: float}."""
+        return dict(self._while_unchanged("sigmas", self.hscale, lambda: dict(
+            zip(self.space.names, F.softplus(self.hscale.detach()).cpu().tolist()))))
 
     def scalars(self):
         """{"hyper/<name>": value, "sigma/<name>": scale} for a logger (e.g. SummaryWriter.add_scalar per item)."""

@@ -29,22 +29,25 @@ PERTURB = {"stn": "batch", "delta-stn": "batch", "fixed": "batch"}
 # 0.018 of the optimum, 3 seeds from both sides). Per batch its gradients count twice on those steps
 # (Tuner.response_gain), so that it learns at the pace per weight step of a response stepped after each
 RESPONSE_EVERY = 2
-# ... except Delta-STN's per batch by difference, after every general step: its response pass then samples the
-# difference every step, where every 2nd step at twice the pace left runs from far above short or past the optimum
-# (ridge families: docs/trainer.md, "Delta-STN's response by difference after every step"; STN's every step, with
-# its second pass, met the ridge target too but was worse on Fashion-MNIST with weight decay and noise on 4 of 4
-# seeds: "STN by difference")
+# ... except per batch by difference, after every weight step for Delta-STN, and for STN where the batch is the whole
+# training split: the response pass then samples the difference every step, where every 2nd step at twice the pace
+# left runs from far above short or past the optimum, its direction stale (ridge families: docs/trainer.md,
+# "Delta-STN's response by difference after every step" and "STN's response by difference after every full batch").
+# On minibatches STN keeps every 2nd: with its second pass every step cost 3.18x fixed's time per step against 2.42x
+# and was worse on Fashion-MNIST with weight decay and noise on 6 of 10 seeds ("Where issue 22 stands")
 RESPONSE_EVERY_DIFFERENCE = 1
 
 
-def response_every(k, method="delta-stn", perturb="batch", fit="gradient"):
+def response_every(k, method="delta-stn", perturb="batch", fit="gradient", full_batch=False):
     """Delta-STN's response step (per batch, STN's by difference too) after every k-th weight step; 0 is the
-    default: RESPONSE_EVERY, or RESPONSE_EVERY_DIFFERENCE for Delta-STN's per batch by difference."""
+    default: RESPONSE_EVERY, or RESPONSE_EVERY_DIFFERENCE per batch by difference for Delta-STN, and for STN where
+    ``full_batch`` (each batch the whole training split)."""
     if k < 0:
         raise ValueError(f"stn_ext: response_every must be >= 1 (or 0: the default), got {k}")
     if k:
         return k
-    return RESPONSE_EVERY_DIFFERENCE if (method, perturb, fit) == ("delta-stn", "batch", "difference") else RESPONSE_EVERY
+    every_step = perturb == "batch" and fit == "difference" and (method == "delta-stn" or full_batch)
+    return RESPONSE_EVERY_DIFFERENCE if every_step else RESPONSE_EVERY
 
 
 # Delta-STN's response step on this part of the batch's rows (spread evenly): 1.0, the whole batch (see

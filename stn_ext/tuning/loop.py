@@ -117,14 +117,18 @@ class Trainer:
         dt = next(self.model.parameters()).dtype
         self.data = self.data.to(self.device, dtype=dt)  # inputs in the model's precision (e.g. a .double() model)
         self.n_train_batches = len(self.data.train) // cfg.batch_size
-        self.val_batch = self._val_batch_size(cfg.batch_size)
+        # Validation rows per hyper step: the batch's, or all where each batch is the whole training split (full batch,
+        # docs/trainer.md). Text: the split is cut into batch_size streams (language.stream_split).
+        self.full_batch = not self.language and cfg.batch_size == len(self.data.train)
+        whole = len(self.data.val) // self.world * self.world
+        self.val_batch = whole if self.full_batch else min(cfg.batch_size, whole)
         self.streams = {"train": language.Stream(), "val": language.Stream()}  # carried hidden states (text)
         self.tuner = Tuner(
             self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=self.settings["lr"],
                                                     momentum=self.settings["momentum"]),
             self._per_example_loss, cfg.method, cfg.steps, hyper_lr=cfg.hyper_lr, hyper_lr_schedule=cfg.hyper_lr_schedule,
             hyper_beta2=cfg.hyper_beta2, scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau,
-            hyper_plain_every=cfg.hyper_plain_every, train_per_cycle=cfg.train_per_cycle,
+            hyper_plain_every=cfg.hyper_plain_every, train_per_cycle=cfg.train_per_cycle, full_batch=self.full_batch,
             val_per_cycle=cfg.val_per_cycle, warmup_steps=cfg.warmup_steps, perturb=cfg.perturb,
             response_init=cfg.response_init, hyper_input=cfg.hyper_input, linearize=cfg.linearize, seed=cfg.seed,
             response_every=cfg.response_every, response_rows=cfg.response_rows, clip=self.settings["clip"],
@@ -180,12 +184,6 @@ class Trainer:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 2 + (which == "val"))
             self._perm_cache[key] = torch.randperm(n, generator=g).to(self.device)
         return self._perm_cache[key]
-
-    def _val_batch_size(self, batch_size):
-        """Validation rows per hyper step: the batch's, or all where the batch is the whole training split (full
-        batch, docs/trainer.md). Text: the split is cut into batch_size streams (language.stream_split)."""
-        whole = len(self.data.val) // self.world * self.world
-        return whole if not self.language and batch_size == len(self.data.train) else min(batch_size, whole)
 
     def _batch(self, split, which, k, B):
         """Local rows of global batch number k of a split (epochs reshuffle, last partial batch dropped)."""
