@@ -102,7 +102,8 @@ class Tuner:
         self.layers = models.stn_layers(model)
         if not self.layers:
             raise ValueError("stn_ext: the model has no StnLinear/StnConv2d layers (use stn_ext.convert)")
-        dt, device = next(model.parameters()).dtype, next(model.parameters()).device
+        p0 = next(model.parameters())
+        dt, device = p0.dtype, p0.device
         self.response_seed = seed + 104729 if response_init == "v" and method in TUNED else None
         n = len(space)
         if any(m.n_hyper != n for m in self.layers):
@@ -159,11 +160,10 @@ class Tuner:
         self._cache = {}  # _while_unchanged
         self.gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + 7919)
         self.loss_norm, self.val_norm, self.world, self.allreduce = loss_norm, val_norm, world, allreduce
-        self.i_wd = space.index("weight_decay")
-        self.i_noise, self.i_shift = space.index("noise"), space.index("shift")
+        self.i_wd, self.i_noise, self.i_shift = space.index("weight_decay"), space.index("noise"), space.index("shift")
         self.i_cut_len, self.i_cut_holes = space.index("cutout_length"), space.index("cutout_holes")
         self.drop = {h.slot: i for i, h in enumerate(space.hypers) if h.kind == "dropout"}
-        slots = [m.slot for m in model.modules() if isinstance(m, models.HyperDropout)]
+        slots = stn_ext.dropout_slots(model)
         if unused := [s for s in self.drop if s not in slots]:
             raise ValueError(f"stn_ext: the model has no dropout slot {unused}; its slots: {slots}")
         consumed = getattr(model, "hyper_kinds", ())

@@ -163,7 +163,7 @@ class StnSequential(nn.Module):
 
     @property
     def dropout_slots(self):
-        return [m.slot for m in self.modules() if isinstance(m, HyperDropout)]
+        return stn_ext.dropout_slots(self)
 
     def forward(self, x):
         for m in self.layers:
