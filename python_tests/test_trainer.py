@@ -107,6 +107,29 @@ def test_a_held_hyperparameter_stays_while_the_others_are_tuned(method, perturb)
     assert torch.isfinite(tu.u).all()
 
 
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])
+def test_held_rates_leave_the_response_fit_to_the_tuned_hyperparameters(method):
+    """A held rate draws the same masks at any u~ and its hypernet input is 0, so with the rest smooth (weight decay)
+    'auto' fits the response by difference, as without the rates; one tuned rate keeps the gradient. A resume
+    (config.response_fit_of) resolves a held hyperparameter the same way."""
+    from stn_ext.tuning.config import response_fit_of
+
+    held = {f"dropout.{s}": (0.1, 0.1) for s in ("in", "h1", "h2")}
+
+    def trainer(ranges):
+        return Trainer(TrainConfig(method=method, hypers=("dropout", "weight_decay"), steps=40, warmup_steps=10,
+                                   hidden=(16, 16), train_size=200, ranges=ranges, quiet=True, plots=False))
+
+    tr = trainer(held)
+    assert tr.tuner.space.tuned_kinds() == ["weight_decay"] and tr.tuner.response_fit == "difference"
+    tr.fit()
+    assert torch.isfinite(tr.tuner.u).all() and tr.tuner.hyperparameters()["dropout.h1"] == pytest.approx(0.1)
+    assert trainer({**held, "dropout.h1": (0.0, 0.5)}).tuner.response_fit == "gradient"
+    fields = {"method": method, "hypers": ["weight_decay", "noise", "cutout_length"]}
+    assert response_fit_of(fields) == "gradient"
+    assert response_fit_of({**fields, "ranges": {"cutout_length": [8, 8]}}) == "difference"
+
+
 def test_the_response_gain_ignores_held_hyperparameters():
     """The response's gain is sigma_0^2 over the mean square of the tuned scales: a held one (never perturbed, its
     scale left at its cap) does not dilute it."""

@@ -29,7 +29,8 @@ def response_fit_of(fields):
     method = fields.get("method")
     if method not in ("stn", "delta-stn"):
         return "gradient"
-    names = [name.split(".")[0] for name in fields.get("hypers", DEFAULT_HYPERS)]  # "dropout.in": a dropout
+    held = {name for name, r in (fields.get("ranges") or {}).items() if r[0] == r[1]}  # as the Tuner, held skipped
+    names = [name.split(".")[0] for name in fields.get("hypers", DEFAULT_HYPERS) if name not in held]  # "dropout.in"
     kinds = [k for name in names for k in GROUPS.get(name, (name,))]
     hyper_input = fields.get("hyper_input", "auto")
     centred = hyper_input == "recentred" or hyper_input == "auto" and all(

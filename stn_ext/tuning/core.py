@@ -121,12 +121,12 @@ class Tuner:
             raise ValueError(f"stn_ext: the optimizer does not hold {count(len(missing), 'parameter')} of the model; "
                              "build it over model.parameters() after stn_ext.convert")
 
-        # STN input z = u~ - anchor. Which coordinates of the anchor follow u (recentred after each hyper step);
-        # the others stay where they start: u itself ("init") or the centre of the range in u
-        follow = [hyper_input == "recentred" or (hyper_input == "auto" and h.transform != "logit")
+        # STN input z = u~ - anchor. Which coordinates follow u (recentred after each hyper step); the others stay at
+        # u itself ("init") or the range's centre in u. A held one's z is 0 either way; the fit's rule skips it
+        follow = [h.held or hyper_input == "recentred" or (hyper_input == "auto" and h.transform != "logit")
                   for h in space.hypers]
-        self.response_fit = defaults.response_fit(response_fit, method, perturb, [h.kind for h in space.hypers],
-                                                  linearize, defaults.response_rows(response_rows), all(follow))
+        self.response_fit = defaults.response_fit(response_fit, method, perturb, space.tuned_kinds(), linearize,
+                                                  defaults.response_rows(response_rows), all(follow))
         scale_init, self.hyper_lr_schedule, hyper_beta2 = defaults.resolve(method, perturb, scale_init, *asked,
                                                                            fit=self.response_fit)[1:]
         self.u = nn.Parameter(space.init_unconstrained(dt, device))

@@ -275,6 +275,10 @@ class HyperSpace:
         """{name: value} drawn at random from the space (random search)."""
         return {h.name: h.sample_value(gen) for h in self.hypers}
 
+    def tuned_kinds(self):
+        """The kinds of the hyperparameters tuned (not held): a held rate draws the same masks at any u."""
+        return [h.kind for h in self.hypers if not h.held]
+
     def index(self, kind):
         return [i for i, h in enumerate(self.hypers) if h.kind == kind]
 
