@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_tuning import RESULTS, digits_config  # noqa: E402
+from bench_tuning import OVERRIDES, RESULTS, _parse_sets, digits_config  # noqa: E402
 
 from stn_ext.data import Dataset, Split  # noqa: E402
 from stn_ext.tuning import Trainer  # noqa: E402
@@ -58,38 +58,45 @@ def run(full, inst, method, seed, steps):
             tr.log.epochs), "test_loss": s["test_loss"], "hypers": s["hypers"], "wall_s": time.perf_counter() - t0}
 
 
-def table(family, rows, steps, seeds, family_seed):
+def table(family, rows, steps, seeds, family_seed, sets=None):
+    """Per instance, each method's mean (and per-seed) best validation and test loss; then each method against fixed,
+    and STN against its frozen parameterisation, where both ran."""
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    fmt = lambda v: f"{mean(v):.4f} ({', '.join(f'{x:.4f}' for x in v)})"  # noqa: E731
+    ran = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    tuned = [m for m in ran if m in ("stn", "delta-stn")]
     out = [f"# Digits family: the defaults on instances they were not chosen on ({datetime.date.today()}, torch "
            f"{torch.__version__}, one torch thread)", "",
            f"{len(family)} instances drawn from random.Random({family_seed}) before any run (training size 150-1000: the "
            "first n of the digits protocol's 1000, its 400 validation and 397 test digits; two hidden layers of one "
            "width, 32-256 log-uniform; SGD lr 0.003-0.05 log-uniform, momentum 0.9; batch min(100, n/2)); three dropout "
-           f"rates from 0.05; {steps} weight steps; seeds {', '.join(map(str, seeds))}; TrainConfig defaults otherwise. "
-           "Cells: mean over seeds (per seed); best validation loss, then final test loss.", "",
-           "| instance | n_train | width | lr | " + " | ".join(f"{m} best val" for m in METHODS) + " | " +
-           " | ".join(f"{m} test" for m in METHODS) + " | final rates (seed 0): stn; delta-stn |",
-           "|---|---|---|---|" + "---|" * (2 * len(METHODS) + 1)]
-    pairs = [(m, "fixed") for m in METHODS[1:]] + [("stn", "stn (no hyper steps)")]  # the last: the tuning's own part
+           f"rates from 0.05; {steps} weight steps; seeds {', '.join(map(str, seeds))}; TrainConfig defaults otherwise"
+           + (f", and {', '.join(f'{k}={v!r}' for k, v in sets.items())}" if sets else "") +
+           ". Cells: mean over seeds (per seed); best validation loss, then final test loss.", "",
+           "| instance | n_train | width | lr | " + " | ".join(f"{m} best val" for m in ran) + " | " +
+           " | ".join(f"{m} test" for m in ran) + f" | final rates (seed 0): {'; '.join(tuned)} |",
+           "|---|---|---|---|" + "---|" * (2 * len(ran) + 1)]
+    pairs = [(m, "fixed") for m in ran[1:] if ran[0] == "fixed"] + \
+        [("stn", "stn (no hyper steps)")] * ("stn" in ran and "stn (no hyper steps)" in ran)  # the tuning's own part
     diffs = {pair: {"best_val_loss": [], "test_loss": []} for pair in pairs}
     for inst in family:
-        got = {m: [r for r in rows if r["instance"] == inst["name"] and r["method"] == m] for m in METHODS}
+        got = {m: [r for r in rows if r["instance"] == inst["name"] and r["method"] == m] for m in ran}
         if not all(got.values()):
             continue
-        cell = {m: {k: [r[k] for r in got[m]] for k in ("best_val_loss", "test_loss")} for m in METHODS}
-        fmt = lambda v: f"{mean(v):.4f} ({', '.join(f'{x:.4f}' for x in v)})"  # noqa: E731
-        for (m, base), d in ((pair, diffs[pair]) for pair in pairs):
+        cell = {m: {k: [r[k] for r in got[m]] for k in ("best_val_loss", "test_loss")} for m in ran}
+        for (m, base), d in diffs.items():
             for k in d:
                 d[k].append(mean(cell[m][k]) - mean(cell[base][k]))
-        rates = "; ".join(", ".join(f"{v:.2f}" for v in got[m][0]["hypers"].values()) for m in METHODS[2:])
+        rates = "; ".join(", ".join(f"{v:.2f}" for v in got[m][0]["hypers"].values()) for m in tuned)
         out.append(f"| {inst['name']} | {inst['n_train']} | {inst['width']} | {inst['lr']} | " +
-                   " | ".join(fmt(cell[m]["best_val_loss"]) for m in METHODS) + " | " +
-                   " | ".join(fmt(cell[m]["test_loss"]) for m in METHODS) + f" | {rates} |")
-    out += ["", "| method against | best val: instances below, mean difference | test: instances below, mean difference |",
-            "|---|---|---|"]
-    for (m, base), d in diffs.items():
-        out.append(f"| {m} against {base} | " + " | ".join(
-            f"{sum(x < 0 for x in v)} of {len(v)}, {mean(v):+.4f}" if v else "-" for v in d.values()) + " |")
+                   " | ".join(fmt(cell[m]["best_val_loss"]) for m in ran) + " | " +
+                   " | ".join(fmt(cell[m]["test_loss"]) for m in ran) + f" | {rates} |")
+    if diffs:
+        out += ["", "| method against | best val: instances below, mean difference | test: instances below, mean "
+                "difference |", "|---|---|---|"]
+        for (m, base), d in diffs.items():
+            out.append(f"| {m} against {base} | " + " | ".join(
+                f"{sum(x < 0 for x in v)} of {len(v)}, {mean(v):+.4f}" if v else "-" for v in d.values()) + " |")
     return "\n".join(out)
 
 
@@ -101,23 +108,31 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--part", default="1/1", help="K/N: the K-th of N interleaved shares of the runs (default all)")
     p.add_argument("--merge", nargs="+", default=None, help="JSON files of parts: write one table from them")
+    p.add_argument("--methods", default=",".join(METHODS), help="these methods only, comma-separated (default all)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a TrainConfig field for every run (a Python literal, as bench_tuning's --set); repeatable")
     p.add_argument("--tag", default="digits-family", help="results file names tuning-<date>-<tag>.*")
     p.add_argument("--out", default=RESULTS, help="folder for the table and JSON ('' for none)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    OVERRIDES.clear()
+    OVERRIDES.update(_parse_sets(a.set))
+    methods = a.methods.split(",")
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"bench_digits_family: unknown methods {unknown}; choose from {', '.join(METHODS)}")
     family, seeds = draw_family(a.family_size, a.family_seed), list(range(a.seeds))
     if a.merge:
         rows = [r for f in a.merge for r in json.load(open(f))["rows"]]
     else:
         k, n = map(int, a.part.split("/"))
         full, rows = digits_protocol(), []
-        jobs = [(inst, m, s) for inst in family for s in seeds for m in METHODS]
+        jobs = [(inst, m, s) for inst in family for s in seeds for m in methods]
         for inst, m, s in jobs[k - 1::n]:
             rows.append(run(full, inst, m, s, a.steps))
             r = rows[-1]
             print(f"{inst['name']} {m} seed {s}: best val {r['best_val_loss']:.4f}, test {r['test_loss']:.4f}, "
                   f"{r['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    text = table(family, rows, a.steps, seeds, a.family_seed)
+    text = table(family, rows, a.steps, seeds, a.family_seed, dict(OVERRIDES))
     print(text)
     if a.out:
         stem = f"tuning-{datetime.date.today().isoformat()}-{a.tag}" + ("" if a.merge or a.part == "1/1" else
@@ -125,7 +140,7 @@ def main(argv=None):
         with open(os.path.join(a.out, stem + ".md"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(a.out, stem + ".json"), "w") as f:
-            json.dump({"family": family, "steps": a.steps, "seeds": seeds, "rows": rows}, f, indent=1)
+            json.dump({"family": family, "steps": a.steps, "seeds": seeds, "set": dict(OVERRIDES), "rows": rows}, f, indent=1)
     return rows
 
 

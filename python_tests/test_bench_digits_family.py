@@ -44,3 +44,14 @@ def test_parts_run_every_method_and_merge_into_one_table(bench, tmp_path):
     assert "| i0 |" in table and len(rows) == len(bench.METHODS)
     assert re.search(r"\| stn against stn \(no hyper steps\) \| [01] of 1, [+-]\d\.\d{4} \|", table)
     assert json.loads(next(tmp_path.glob("*-f.json")).read_text())["family"] == bench.draw_family(1, 26)
+
+
+def test_a_subset_of_methods_with_settings(bench, tmp_path):
+    rows = bench.main(["--family-size", "1", "--seeds", "1", "--steps", "20", "--methods", "delta-stn", "--set",
+                       "perturb=example", "--out", str(tmp_path), "--tag", "v"])
+    assert [r["method"] for r in rows] == ["delta-stn"]
+    assert json.loads(next(tmp_path.glob("*-v.json")).read_text())["set"] == {"perturb": "example"}
+    table = next(tmp_path.glob("*-v.md")).read_text()
+    assert "perturb='example'" in table and "| delta-stn best val | delta-stn test |" in table
+    with pytest.raises(SystemExit, match="unknown methods"):
+        bench.main(["--methods", "stn,bogus", "--out", ""])
