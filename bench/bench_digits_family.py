@@ -16,16 +16,15 @@ import math
 import os
 import random
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_tuning import OVERRIDES, RESULTS, _parse_sets, digits_config  # noqa: E402
+from bench_tuning import OVERRIDES, RESULTS, _parse_sets, digits_run  # noqa: E402
 
+from stn_ext.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from stn_ext.data import Dataset, Split  # noqa: E402
-from stn_ext.tuning import Trainer  # noqa: E402
-from stn_ext.tuning.problems import digits_mlp, digits_protocol  # noqa: E402
+from stn_ext.tuning.problems import digits_protocol  # noqa: E402
 
 # "stn (no hyper steps)": STN's parameterisation with the rates frozen at their start (bench_tuning's digits
 # control): what STN's hypernet gate alone does to the weights' step, apart from the schedule
@@ -47,15 +46,10 @@ def instance_data(full, n_train):
 
 
 def run(full, inst, method, seed, steps):
-    frozen = method == "stn (no hyper steps)"
-    cfg = digits_config("stn" if frozen else method, seed, steps, lr=inst["lr"], batch_size=min(100, inst["n_train"] // 2),
-                        **({"hyper_lr": 0.0} if frozen else {}))
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    tr = Trainer(cfg, data=instance_data(full, inst["n_train"]), model=digits_mlp(3, (inst["width"],) * 2))
-    s = tr.fit()
-    return {"instance": inst["name"], "method": method, "seed": seed, "best_val_loss": min(e["val_loss"] for e in
-            tr.log.epochs), "test_loss": s["test_loss"], "hypers": s["hypers"], "wall_s": time.perf_counter() - t0}
+    """One run of bench_tuning's digits protocol on the instance: its training digits, width, lr and batch."""
+    row = digits_run(instance_data(full, inst["n_train"]), method, seed, steps, hidden=(inst["width"],) * 2,
+                     lr=inst["lr"], batch_size=min(100, inst["n_train"] // 2))
+    return {**row, "instance": inst["name"], "wall_s": row["s_per_step"] * steps}
 
 
 def table(family, rows, steps, seeds, family_seed, sets=None):
@@ -137,10 +131,9 @@ def main(argv=None):
     if a.out:
         stem = f"tuning-{datetime.date.today().isoformat()}-{a.tag}" + ("" if a.merge or a.part == "1/1" else
                                                                        "-part" + a.part.replace("/", "of"))
-        with open(os.path.join(a.out, stem + ".md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(a.out, stem + ".json"), "w") as f:
-            json.dump({"family": family, "steps": a.steps, "seeds": seeds, "set": dict(OVERRIDES), "rows": rows}, f, indent=1)
+        atomic_write_text(os.path.join(a.out, stem + ".md"), text + "\n")
+        atomic_write_json(os.path.join(a.out, stem + ".json"),
+                          {"family": family, "steps": a.steps, "seeds": seeds, "set": dict(OVERRIDES), "rows": rows})
     return rows
 
 

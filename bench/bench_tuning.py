@@ -133,19 +133,20 @@ def write_results(name, lines):
     print("wrote", path)
 
 
-def digits_run(data, method, seed, steps, inits=None):
+def digits_run(data, method, seed, steps, inits=None, hidden=(256, 256), **settings):
     # "stn (no hyper steps)": STN's parameterisation with the hyperparameters frozen at their start, the
-    # control that separates what the schedule earns from what the hypernet's extra gate does
+    # control that separates what the schedule earns from what the hypernet's extra gate does. ``hidden``: the
+    # MLP's widths; ``settings``: TrainConfig fields on top of the protocol's (bench_digits_family's lr, batch_size)
     frozen = method == "stn (no hyper steps)"
     cfg = digits_config("stn" if frozen else method, seed, steps, inits=dict(inits or {}),
-                        **({"hyper_lr": 0.0} if frozen else {}))
+                        **({"hyper_lr": 0.0} if frozen else {}), **settings)
     torch.manual_seed(seed)
     t = time.perf_counter()
     if method == "random":
-        s = train(cfg, data=data, model=lambda: digits_mlp(3))
+        s = train(cfg, data=data, model=lambda: digits_mlp(3, hidden))
         best = min(s["trial_val_losses"])
     else:
-        tr = Trainer(cfg, data=data, model=digits_mlp(3))
+        tr = Trainer(cfg, data=data, model=digits_mlp(3, hidden))
         s = tr.fit()
         best = min(e["val_loss"] for e in tr.log.epochs)
     wall = time.perf_counter() - t
