@@ -163,7 +163,7 @@ def test_failing_trial_is_recorded_as_fail(small_digits, tmp_path):
 
 
 def test_ctrl_c_stops_the_workers_cleanly_then_resume(tmp_path):
-    """Ctrl-C (SIGINT to the process group) once a trial finished: exit 130, no trial left RUNNING (the
+    """Ctrl-C (SIGINT to the process group) once the third trial started: exit 130, no trial left RUNNING (the
     stopped one is failed as interrupted), and --resume completes the study. Trials are long enough (8000
     steps, ~10 s here) that the third is still running when the signal comes; at 600 steps it once finished first on
     CI, and at 2500 (~4 s) twice on December 6 ("stopped with 3 of 3 trials finished")."""
@@ -171,8 +171,10 @@ def test_ctrl_c_stops_the_workers_cleanly_then_resume(tmp_path):
     args = ["train", "--method", "random", "--trials", "3", "--trial-steps", "8000", "--workers", "2", "--hidden",
             "16", "--train-size", "128", "--no-plots", "--quiet", "--out", str(out)]
     p = _cli(*args, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # trial 2 is asked once trial 0 or 1 finished; waiting for the first summary instead let both first trials
+    # finish before the signal (they start together, at equal lengths), leaving no trial to stop (CI, December 7)
     deadline = time.time() + 90
-    while time.time() < deadline and p.poll() is None and not list(out.glob("trial_*/summary.json")):
+    while time.time() < deadline and p.poll() is None and not (out / "trial_2").exists():
         time.sleep(0.2)
     if p.poll() is None:
         os.killpg(p.pid, signal.SIGINT)
@@ -187,6 +189,32 @@ def test_ctrl_c_stops_the_workers_cleanly_then_resume(tmp_path):
     _, err = r.communicate(timeout=120)
     assert r.returncode == 0, err
     assert len([t for t in _counted(_study(out)) if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+
+
+def test_a_signal_while_a_trial_is_built_stops_that_trial(small_digits, tmp_path, monkeypatch):
+    """A worker's Ctrl-C that comes after the study asked a trial but before its loop took the signals over
+    stops the trial at its first step (it would otherwise train to the end), failed as interrupted."""
+    from stn_ext.tuning import models, study
+
+    monkeypatch.setattr(study, "_STOP", [False])
+    monkeypatch.setattr(study, "_TRAINER", [None])
+
+    calls = []
+
+    def model_fn():  # called first for the search's space, then while the trial is built
+        calls.append(1)
+        if len(calls) == 2:
+            study._on_signal(signal.SIGINT, None)
+        return models.mlp(64, 10, 3, hidden=(16,))
+
+    cfg = TrainConfig(method="random", random_trials=2, trial_steps=500, hidden=(16,), quiet=True, plots=False,
+                      out=str(tmp_path), storage=f"sqlite:///{tmp_path}/study.db")
+    assert study.work(cfg, data=small_digits, model_fn=model_fn) is False
+    (t,) = _study(tmp_path).get_trials()
+    assert t.state == optuna.trial.TrialState.FAIL and t.system_attrs.get(INTERRUPTED)
+    s = json.loads((tmp_path / "trial_0" / "summary.json").read_text())
+    assert s["steps"] == 1 and not s["complete"]
+    assert study._TRAINER[0] is None
 
 
 def test_overwrite_starts_a_new_study(small_digits, tmp_path):

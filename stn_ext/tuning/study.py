@@ -184,6 +184,8 @@ def run_trial(cfg, study, trial, per, space, data=None, model_fn=None):
                               overwrite=bool(out), inits=dict(values), ranges=_ranges_of(space),
                               hypers=tuple(space.names), workers=1, pruner="none", storage="", trial_steps=0)
         tr = ReportingTrainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
+        _TRAINER[0] = tr  # a signal from here on stops this trial at its first step boundary
+        tr._stop_flag = _STOP[0]  # one that came while the trial was asked and built
         tr.trial = trial
         tr.progress_label = f"{cfg.method} trial {trial.number} seed {cfg.seed}"
         s = tr.fit()
@@ -204,6 +206,8 @@ def run_trial(cfg, study, trial, per, space, data=None, model_fn=None):
         study._storage.set_trial_system_attr(trial._trial_id, INTERRUPTED, True)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return False
+    finally:
+        _TRAINER[0] = None
     s["trial"] = trial.number
     if not s["complete"]:  # Ctrl-C / SIGTERM: the loop stopped at a step boundary
         study._storage.set_trial_system_attr(trial._trial_id, INTERRUPTED, True)
@@ -244,11 +248,16 @@ def work(cfg, index=0, data=None, model_fn=None, pruner=None, storage=None):
     return True
 
 
-_STOP = [False]  # set by Ctrl-C / SIGTERM in a worker process: no new trial (the running one stops itself)
+_STOP = [False]  # set by Ctrl-C / SIGTERM in a worker process: no new trial
+_TRAINER = [None]  # the trial being built or trained in this process
 
 
 def _on_signal(signum, frame):
+    # between trials, and while a trial is built (before its loop takes the signals over), which would otherwise
+    # train the whole trial before the worker saw the flag
     _STOP[0] = True
+    if _TRAINER[0] is not None:
+        _TRAINER[0]._stop_flag = True
 
 
 def _worker_main(cfg_dict, index, data, model_fn, pruner):
