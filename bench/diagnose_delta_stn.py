@@ -217,7 +217,8 @@ class PlainTangentRun:
     epochs in a random order) at the rates sigmoid(u), carrying Z = d theta / d u (one column per rate) by
     forward mode."""
 
-    def __init__(self, data, seed, fd_step, lr=0.01, momentum=0.9, batch=100):
+    def __init__(self, data, seed, fd_step, lr=0.01, momentum=0.9, batch=100, horizon=0, tangent="exact", pace=1.0,
+                 v_init="ones"):
         torch.manual_seed(seed)
         self.model = mlp(784, 10, 3, (256, 256))
         self.theta = {n: p.detach().clone() for n, p in self.model.named_parameters()
@@ -226,7 +227,19 @@ class PlainTangentRun:
         self.Z = {n: torch.zeros(t.shape + (3,)) for n, t in self.theta.items()}
         self.Zvel = {n: torch.zeros_like(z) for n, z in self.Z.items()}
         self.data, self.fd_step, self.lr, self.momentum, self.batch = data, fd_step, lr, momentum, batch
+        self.keep = 1.0 - 1.0 / horizon if horizon else 1.0  # Z's memory: the last ~horizon steps
+        self.tangent, self.pace = tangent, pace  # pace: Z's step against the weights' (a response's pace)
         self.gen = torch.Generator().manual_seed(1000 + seed)  # batches and mask draws
+        self.dirs = torch.Generator().manual_seed(2000 + seed)  # the random tangent's directions
+        if tangent.startswith("rows"):  # Z's column k = V[:, k] (.)row W_h, the STN layers' response (W_h from 0, V near 1)
+            self.Wh = {n: torch.zeros_like(t) for n, t in self.theta.items()}
+            # ones: V near 1, the rates' responses alike at the start; normal: V ~ N(0, 1/3), the trainer's
+            # (models.init_response), each row's rates mixed at random signs
+            self.V = {n: (1 + 0.1 * torch.randn(t.shape[0], 3, generator=self.dirs) if v_init == "ones" else
+                          torch.randn(t.shape[0], 3, generator=self.dirs) / math.sqrt(3))
+                      for n, t in self.theta.items()}
+            self.Whvel = {n: torch.zeros_like(t) for n, t in self.Wh.items()}
+            self.Vvel = {n: torch.zeros_like(t) for n, t in self.V.items()}
         self.step = 0
 
     def _grad(self, theta, x, y, u, state):
@@ -252,13 +265,35 @@ class PlainTangentRun:
         g = self._grad(self.theta, x, y, u, state)
         if tangents:
             h = self.fd_step
-            for k in range(3):
-                gk = self._grad({n: t + h * self.Z[n][..., k] for n, t in self.theta.items()}, x, y,
-                                u + h * torch.eye(3)[k], state)
+            if self.tangent in ("exact", "cycle"):
+                # cycle: one column's velocity a step (k = step mod 3), every velocity applied every step: the same
+                # pace from one pass instead of three
+                cols = range(3) if self.tangent == "exact" else [self.step % 3]
+                for k in cols:
+                    gk = self._grad({n: t + h * self.Z[n][..., k] for n, t in self.theta.items()}, x, y,
+                                    u + h * torch.eye(3)[k], state)
+                    for n in self.theta:
+                        self.Zvel[n][..., k].mul_(self.momentum).add_((gk[n] - g[n]) / h)
+            elif self.tangent.startswith("rows"):  # the same step's gradient, taken by V and W_h through Z
+                # rows-cycle: d = sqrt(3) e_k in turn, so that d d^T averages I as a Gaussian d's does
+                d = (torch.randn(3, generator=self.dirs) if self.tangent == "rows" else
+                     math.sqrt(3) * torch.eye(3)[self.step % 3])
+                gd = self._grad({n: t + h * self.Z[n] @ d for n, t in self.theta.items()}, x, y, u + h * d, state)
+                for n, t in self.theta.items():
+                    D, Vd = (gd[n] - g[n]) / h, self.V[n] @ d
+                    rows = Vd.view(-1, *[1] * (t.dim() - 1))
+                    self.Whvel[n].mul_(self.momentum).add_(rows * D)
+                    self.Vvel[n].mul_(self.momentum).add_((D * self.Wh[n]).reshape(len(Vd), -1).sum(1)[:, None] * d)
+                    self.Wh[n].sub_(self.pace * self.lr * self.Whvel[n])
+                    self.V[n].sub_(self.pace * self.lr * self.Vvel[n])
+                    self.Z[n] = self.Wh[n][..., None] * self.V[n].view(len(Vd), *[1] * (t.dim() - 1), 3)
+            else:  # one direction d ~ N(0, I): E[(H Z d + G d) d^T] = H Z + G, one pass instead of three
+                d = torch.randn(3, generator=self.dirs)
+                gd = self._grad({n: t + h * self.Z[n] @ d for n, t in self.theta.items()}, x, y, u + h * d, state)
                 for n in self.theta:
-                    self.Zvel[n][..., k].mul_(self.momentum).add_((gk[n] - g[n]) / h)
-            for n in self.theta:
-                self.Z[n].sub_(self.lr * self.Zvel[n])
+                    self.Zvel[n].mul_(self.momentum).add_(((gd[n] - g[n]) / h)[..., None] * d)
+            for n in self.theta if not self.tangent.startswith("rows") else ():
+                self.Z[n].mul_(self.keep).sub_(self.pace * self.lr * self.Zvel[n])
         for n, t in self.theta.items():
             self.vel[n].mul_(self.momentum).add_(g[n])
             t.sub_(self.lr * self.vel[n])
@@ -299,7 +334,8 @@ def forward(a, sets):
         print(f"training from scratch at u +- {a.h}, central difference: {[round(v, 5) for v in fd]}")
         return
     steps, warmup = a.steps, a.steps // 10
-    run, u = PlainTangentRun(data, a.seed, a.fd_step), u0.clone()
+    run, u = PlainTangentRun(data, a.seed, a.fd_step, horizon=a.horizon, tangent=a.tangent,
+                                          pace=a.pace, v_init=a.v_init), u0.clone()
     # Adam as the trainer's hyper step had it when the recorded runs were made (beta2 0.999; its default is 0.99
     # since), with its per-batch schedule: constant, then cosine over the last half
     opt = torch.optim.Adam([u], lr=a.hyper_lr, betas=(0.9, 0.999))
@@ -321,7 +357,10 @@ def forward(a, sets):
                 print(f"  step {step}: val {curve[-1]:.4f} rates {[round(v, 3) for v in torch.sigmoid(u).tolist()]} "
                       f"hypergradient (last 100) mean {[round(float(v), 4) for v in w.mean(0)]}", flush=True)
     test = run.val_loss(data.test.x, data.test.y)
-    print(f"{'fixed ' + str(a.fixed) if a.fixed else 'forward mode'} seed {a.seed}: test {test:.4f} final val "
+    label = f"fixed {a.fixed}" if a.fixed else (f"forward mode ({a.tangent}, horizon {a.horizon or 'whole run'}, "
+                                                f"pace {a.pace}, hyper lr {a.hyper_lr}"
+                                                + (f", V {a.v_init})" if a.tangent.startswith("rows") else ")"))
+    print(f"{label} seed {a.seed}: test {test:.4f} final val "
           f"{curve[-1]:.4f} best val {min(curve):.4f} rates {[round(v, 3) for v in torch.sigmoid(u).tolist()]}")
 
 
@@ -488,6 +527,21 @@ def main(argv=None):
     p.add_argument("--fd-step", type=float, default=0.3,
                    help="forward: the finite difference's step along (Z e_k, e_k)")
     p.add_argument("--hyper-lr", type=float, default=0.02, help="forward: Adam's step on u")
+    p.add_argument("--horizon", type=int, default=0,
+                   help="forward: Z forgets 1/HORIZON of itself each step (its memory: the last ~HORIZON steps; "
+                        "0: the whole run)")
+    p.add_argument("--pace", type=float, default=1.0,
+                   help="forward: Z's step as a part of the weights' (Delta-STN's response learns at about sigma^2 "
+                        "of the weights' pace)")
+    p.add_argument("--v-init", default="ones", choices=["ones", "normal"],
+                   help="forward --tangent rows*: V's start (ones: 1 + N(0, 0.01); normal: N(0, 1/3), the trainer's)")
+    p.add_argument("--tangent", default="exact", choices=["exact", "cycle", "random", "rows", "rows-cycle"],
+                   help="forward: Z's step by one pass per rate (exact), or by one pass along a random direction "
+                        "d ~ N(0, I) of the rates, times d^T (random: Delta-STN's per-batch response step with "
+                        "a whole response matrix per rate, at the weights' pace, with common random numbers; cycle: one "
+                        "rate's velocity a step, in turn, all applied every step; rows: "
+                        "the same step taken by Z = V (.)row W_h, the STN layers' response, one W_h for all rates; "
+                        "rows-cycle: that along sqrt(3) e_k in turn)")
     p.add_argument("--response-cv", action="store_true",
                    help="hypergrad, delta-stn: the response step with common random numbers and a control variate")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a TrainConfig field (repeatable)")
