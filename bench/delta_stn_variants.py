@@ -10,6 +10,9 @@ docs/trainer.md "Forward mode's lessons for Delta-STN's response"): measurements
                    sign (E[eps eps^T] = I, as for a Gaussian eps), instead of a Gaussian draw on every coordinate
 --difference-pace  defaults.DIFFERENCE_PACE (0.5): the pace of the response fitted by difference (response_fit
                    'difference'), relative to the weights'
+--delta-stn-difference
+                   response_fit 'auto' takes the difference for Delta-STN per batch whatever it tunes (the defaults
+                   take it where every tuned hyperparameter acts smoothly), so that a bench's other methods keep theirs
 
 SCRIPT is a file in bench/ (or a path) run as __main__ with ARGS, in this process, e.g.
 
@@ -70,12 +73,23 @@ def v_near_one():
     models.init_response = init_response  # start_response calls it by its module name
 
 
+def delta_stn_difference():
+    fit = defaults.response_fit
+
+    def response_fit(f, method, perturb, kinds, linearize, rows, centred=True):
+        if f == "auto" and method == "delta-stn" and perturb == "batch" and not linearize and rows == 1:
+            return "difference"
+        return fit(f, method, perturb, kinds, linearize, rows, centred)
+    defaults.response_fit = response_fit  # the Tuner and config.response_fit_of call it by its module name
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--v-near-one", action="store_true")
     p.add_argument("--coordinate", action="store_true")
     p.add_argument("--difference-pace", type=float, default=None)
+    p.add_argument("--delta-stn-difference", action="store_true")
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
@@ -83,10 +97,12 @@ def main():
         coordinate_response_draws()
     if a.v_near_one:
         v_near_one()
+    if a.delta_stn_difference:
+        delta_stn_difference()
     if a.difference_pace is not None:
         defaults.DIFFERENCE_PACE = a.difference_pace
     print(f"delta_stn_variants: v_near_one={a.v_near_one} coordinate={a.coordinate} "
-          f"DIFFERENCE_PACE={defaults.DIFFERENCE_PACE}", file=sys.stderr, flush=True)
+          f"DIFFERENCE_PACE={defaults.DIFFERENCE_PACE} delta_stn_difference={a.delta_stn_difference}", file=sys.stderr, flush=True)
     script = a.script if os.path.sep in a.script else os.path.join(HERE, a.script)
     sys.argv = [script] + a.args
     runpy.run_path(script, run_name="__main__")

@@ -3,7 +3,7 @@
 bench/results/delta-stn-*.md and stn-anchor-*.md).
 
 toy        input dropout on linear regression (stn_ext.tuning.problems.DropoutRegression): the rate a method
-           reaches from 0.05 against the closed-form optimum, and its learned response V W_h against the closed
+           reaches from 0.05 (--init) against the closed-form optimum, and its learned response V W_h against the closed
            form dw/du (cosine, length ratio) over the run.
 hypergrad  Fashion-MNIST MLP 784-256-256-10, three dropout rates: the hypergradient of u at every hyper step,
            summarised over six windows (mean, spread, fraction negative). --response-cv: Delta-STN's response step
@@ -16,7 +16,9 @@ forward    the long-horizon hypergradient of the same MLP trained plainly: forwa
            the gradient along (Z e_k, e_k) with the step's batch and mask draws). --check K: after K steps at
            constant rates, Z^T grad L_val against central finite differences of training from scratch at u +- h;
            otherwise online (u takes an Adam step along Z^T grad L_val, 5:1, after steps / 10), and --fixed RATE:
-           plain training at a constant rate, with the same batches.
+           plain training at a constant rate, with the same batches. What the response differs from it in, one at
+           a time: --horizon (Z forgets), --pace (Z's step a part of the weights'), --tangent (one rate a step in
+           turn, one random direction, the STN layers' row-scaled response), --v-init (that response's start).
 anchor     STN on the same MLP with its default hypernet input (raw logits: z = u~ minus the range's centre) and
            with the anchor mirrored about the start (z's sign flipped, its size kept): rates and test loss, and
            each quarter the derivative of the validation loss (all images, eval mode) along the scale of the
@@ -38,6 +40,8 @@ ridge      one run of the ridge family (bench_tuning.py --only ridge-family): th
     python bench/diagnose_delta_stn.py lookahead --steps 2000 --K 100 500 1500
     python bench/diagnose_delta_stn.py forward --check 2000
     python bench/diagnose_delta_stn.py forward --steps 4000 [--fixed 0.05]
+    python bench/diagnose_delta_stn.py forward --tangent rows-cycle --pace 0.1 [--v-init normal]
+    python bench/diagnose_delta_stn.py toy --only --init 0.6 --seed 1
     python bench/diagnose_delta_stn.py anchor --seed 0
     python bench/diagnose_delta_stn.py ridge --family-seed 23 --instance i1 --side above --steps 3000
     python bench/diagnose_delta_stn.py ridge --family-seed 22 --instance i5 --method stn --seed 2 --every 100
@@ -62,30 +66,30 @@ from stn_ext.tuning.problems import DropoutRegression
 
 def toy(a, sets):
     prob = DropoutRegression()
-    print(f"closed-form optimal rate {prob.optimum():.3f}; from 0.05, {a.steps} steps, full batch")
-    for method in ("delta-stn", "stn"):
-        for perturb in ("batch", "example"):
-            cfg = TrainConfig(method=method, hypers=("dropout",), inits={"dropout": 0.05}, steps=a.steps,
-                              batch_size=prob.n_train, perturb=perturb, seed=a.seed, quiet=True, **sets)
-            torch.manual_seed(a.seed)
-            tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
-            layer = tr.tuner.layers[0]
-            rows = []
-            for chunk in range(10):
-                tr.cfg.steps = (chunk + 1) * a.steps // 10  # fit() runs to cfg.steps; continue chunk by chunk
-                try:
-                    tr.fit()
-                except Diverged as e:
-                    print(f"{method} per {perturb}: {e}")
-                    break
-                u = float(tr.u.detach())
-                learned = (layer.hyper_weight[:, 0:1] * layer.weight_hyper).detach().double().reshape(-1)
-                true = prob.response_jacobian(u)
-                cos = float(learned @ true / (learned.norm() * true.norm() + 1e-30))
-                rows.append((tr.step, prob.rate(u), cos, float(learned.norm() / true.norm())))
-            if len(rows) > 1:
-                print(f"{method} per {perturb}: " + "; ".join(f"step {s} rate {p:.3f} cos {c:.2f} ratio {r:.2f}"
-                                                             for s, p, c, r in rows[1::3]))
+    print(f"closed-form optimal rate {prob.optimum():.3f}; from {a.init}, {a.steps} steps, full batch")
+    runs = [(a.method, a.perturb)] if a.only else [(m, q) for m in ("delta-stn", "stn") for q in ("batch", "example")]
+    for method, perturb in runs:
+        cfg = TrainConfig(method=method, hypers=("dropout",), inits={"dropout": a.init}, steps=a.steps,
+                          batch_size=prob.n_train, perturb=perturb, seed=a.seed, quiet=True, **sets)
+        torch.manual_seed(a.seed)
+        tr = Trainer(cfg, data=prob.dataset(), model=prob.model())
+        layer = tr.tuner.layers[0]
+        rows = []
+        for chunk in range(10):
+            tr.cfg.steps = (chunk + 1) * a.steps // 10  # fit() runs to cfg.steps; continue chunk by chunk
+            try:
+                tr.fit()
+            except Diverged as e:
+                print(f"{method} per {perturb}: {e}")
+                break
+            u = float(tr.u.detach())
+            learned = (layer.hyper_weight[:, 0:1] * layer.weight_hyper).detach().double().reshape(-1)
+            true = prob.response_jacobian(u)
+            cos = float(learned @ true / (learned.norm() * true.norm() + 1e-30))
+            rows.append((tr.step, prob.rate(u), cos, float(learned.norm() / true.norm())))
+        if len(rows) > 1:
+            print(f"{method} per {perturb}: " + "; ".join(f"step {s} rate {p:.3f} cos {c:.2f} ratio {r:.2f}"
+                                                         for s, p, c, r in rows[1::3] + rows[-1:]))
 
 
 def fashion_trainer(a, sets, eval_every):
@@ -510,7 +514,8 @@ def main(argv=None):
     p.add_argument("--family-seed", type=int, default=22, help="ridge: the family (bench_tuning.py --family-seed)")
     p.add_argument("--instance", default="i5", help="ridge: the instance's name (i0 ... i7)")
     p.add_argument("--side", default="above", choices=["above", "below"], help="ridge: the start, 100x off")
-    p.add_argument("--perturb", default="batch", choices=["batch", "example"], help="ridge: the perturbation mode")
+    p.add_argument("--perturb", default="batch", choices=["batch", "example"],
+                   help="ridge, toy --only: the perturbation mode")
     p.add_argument("--steps", type=int, default=None,
                    help="weight steps (toy 3000, hypergrad 4000, lookahead 2000, forward 4000, anchor 4000, "
                         "ridge 3000)")
@@ -518,6 +523,9 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=0, help="ridge: the hypergradient's parts every N weight steps")
     p.add_argument("--hold", type=float, default=None,
                    help="ridge: u held at u* + HOLD (log units): u's gradient against the closed form")
+    p.add_argument("--init", type=float, default=0.05, help="toy: the dropout rate's start")
+    p.add_argument("--only", action="store_true", help="toy: --method per --perturb alone (default: both methods, both "
+                   "modes)")
     p.add_argument("--K", type=int, nargs="+", default=[100, 500, 1500], help="lookahead: steps of plain training")
     p.add_argument("--h", type=float, default=0.5,
                    help="lookahead, forward --check: the step in u of the finite difference")
