@@ -278,30 +278,37 @@ class PlainTangentRun:
                                     u + h * torch.eye(3)[k], state)
                     for n in self.theta:
                         self.Zvel[n][..., k].mul_(self.momentum).add_((gk[n] - g[n]) / h)
-            elif self.tangent.startswith("rows"):  # the same step's gradient, taken by V and W_h through Z
-                # rows-cycle: d = sqrt(3) e_k in turn, so that d d^T averages I as a Gaussian d's does
-                d = (torch.randn(3, generator=self.dirs) if self.tangent == "rows" else
-                     math.sqrt(3) * torch.eye(3)[self.step % 3])
+            else:  # one pass along a direction d of the rates
+                # random, rows: d ~ N(0, I), E[(H Z d + G d) d^T] = H Z + G, one pass instead of three; rows-cycle:
+                # d = sqrt(3) e_k in turn, so that d d^T averages I as a Gaussian d's does
+                d = (math.sqrt(3) * torch.eye(3)[self.step % 3] if self.tangent == "rows-cycle" else
+                     torch.randn(3, generator=self.dirs))
                 gd = self._grad({n: t + h * self.Z[n] @ d for n, t in self.theta.items()}, x, y, u + h * d, state)
-                for n, t in self.theta.items():
-                    D, Vd = (gd[n] - g[n]) / h, self.V[n] @ d
-                    rows = Vd.view(-1, *[1] * (t.dim() - 1))
-                    self.Whvel[n].mul_(self.momentum).add_(rows * D)
-                    self.Vvel[n].mul_(self.momentum).add_((D * self.Wh[n]).reshape(len(Vd), -1).sum(1)[:, None] * d)
-                    self.Wh[n].sub_(self.pace * self.lr * self.Whvel[n])
-                    self.V[n].sub_(self.pace * self.lr * self.Vvel[n])
-                    self.Z[n] = self.Wh[n][..., None] * self.V[n].view(len(Vd), *[1] * (t.dim() - 1), 3)
-            else:  # one direction d ~ N(0, I): E[(H Z d + G d) d^T] = H Z + G, one pass instead of three
-                d = torch.randn(3, generator=self.dirs)
-                gd = self._grad({n: t + h * self.Z[n] @ d for n, t in self.theta.items()}, x, y, u + h * d, state)
+                if self.tangent == "random":
+                    for n in self.theta:
+                        self.Zvel[n].mul_(self.momentum).add_(((gd[n] - g[n]) / h)[..., None] * d)
+                else:
+                    self._step_rows(g, gd, d)
+            if not self.tangent.startswith("rows"):  # the row-scaled Z is V and W_h's product, stepped above
                 for n in self.theta:
-                    self.Zvel[n].mul_(self.momentum).add_(((gd[n] - g[n]) / h)[..., None] * d)
-            for n in self.theta if not self.tangent.startswith("rows") else ():
-                self.Z[n].mul_(self.keep).sub_(self.pace * self.lr * self.Zvel[n])
+                    self.Z[n].mul_(self.keep).sub_(self.pace * self.lr * self.Zvel[n])
         for n, t in self.theta.items():
             self.vel[n].mul_(self.momentum).add_(g[n])
             t.sub_(self.lr * self.vel[n])
         self.step += 1
+
+    def _step_rows(self, g, gd, d):
+        """The step along d taken by V and W_h through Z = V (.)row W_h: each gets the gradient of <Z d, D>, D the
+        change of the weights' gradient along (h Z d, h d) over h."""
+        h = self.fd_step
+        for n, t in self.theta.items():
+            D, Vd = (gd[n] - g[n]) / h, self.V[n] @ d
+            rows = Vd.view(-1, *[1] * (t.dim() - 1))
+            self.Whvel[n].mul_(self.momentum).add_(rows * D)
+            self.Vvel[n].mul_(self.momentum).add_((D * self.Wh[n]).reshape(len(Vd), -1).sum(1)[:, None] * d)
+            self.Wh[n].sub_(self.pace * self.lr * self.Whvel[n])
+            self.V[n].sub_(self.pace * self.lr * self.Vvel[n])
+            self.Z[n] = self.Wh[n][..., None] * self.V[n].view(len(Vd), *[1] * (t.dim() - 1), 3)
 
     def val_loss(self, x, y, grad=False):
         """The validation loss of the plain network (no dropout) on (x, y); with ``grad``, also Z^T grad."""
@@ -338,8 +345,8 @@ def forward(a, sets):
         print(f"training from scratch at u +- {a.h}, central difference: {[round(v, 5) for v in fd]}")
         return
     steps, warmup = a.steps, a.steps // 10
-    run, u = PlainTangentRun(data, a.seed, a.fd_step, horizon=a.horizon, tangent=a.tangent,
-                                          pace=a.pace, v_init=a.v_init), u0.clone()
+    run = PlainTangentRun(data, a.seed, a.fd_step, horizon=a.horizon, tangent=a.tangent, pace=a.pace, v_init=a.v_init)
+    u = u0.clone()
     # Adam as the trainer's hyper step had it when the recorded runs were made (beta2 0.999; its default is 0.99
     # since), with its per-batch schedule: constant, then cosine over the last half
     opt = torch.optim.Adam([u], lr=a.hyper_lr, betas=(0.9, 0.999))
@@ -554,6 +561,8 @@ def main(argv=None):
                    help="hypergrad, delta-stn: the response step with common random numbers and a control variate")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a TrainConfig field (repeatable)")
     a = p.parse_args(argv)
+    if a.horizon and a.tangent.startswith("rows"):
+        p.error("--horizon forgets Z's own steps; the rows tangents step V and W_h instead")
     if a.response_cv and (a.what != "hypergrad" or a.method != "delta-stn"):
         p.error("--response-cv is for hypergrad with --method delta-stn")
     a.steps = a.steps or {"toy": 3000, "hypergrad": 4000, "lookahead": 2000, "forward": 4000, "anchor": 4000,
