@@ -118,7 +118,10 @@ def response_with_control_variate(tu):
     draws: the same masks, flipped only where the perturbed rate crosses a draw) and a control variate: minus the
     general step's gradient along the response's path, <G_We, (V delta) (.) W_h> + <G_be, (C delta) (.) b_h>, linear
     in delta and so zero in expectation. The response's expected gradient stays; most of its noise goes. The tuner's
-    own response step runs; these wrap the pieces it calls."""
+    own response step runs; these wrap the pieces it calls, those of the response fitted by the gradient."""
+    if tu.response_fit != "gradient":
+        raise ValueError("diagnose_delta_stn: the control variate wraps the response fitted by the gradient; got "
+                         f"response_fit {tu.response_fit!r} (add --set response_fit=gradient)")
     run, grads = {}, []
     step, apply, response, perturbed = tu.weight_step, tu._apply, tu._response_step, tu.perturbed
 
@@ -162,6 +165,8 @@ def response_with_control_variate(tu):
 
 
 def hypergrad(a, sets):
+    if a.response_cv:  # the control variate wraps the gradient's fit (Delta-STN's default per batch was, until Dec 7)
+        sets = {"response_fit": "gradient", **sets}
     tr = fashion_trainer(a, sets, max(10, a.steps // 40))
     if a.response_cv:
         response_with_control_variate(tr.tuner)

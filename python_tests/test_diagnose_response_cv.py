@@ -23,7 +23,7 @@ def _response_grads(control_variate, sigma):
     model = mlp(20, 5, 3, (32, 32))
     space = HyperSpace.build(("dropout",), dropout_slots=["in", "h1", "h2"], inits={"dropout": 0.3})
     tu = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.01), F.cross_entropy, method="delta-stn",
-               total_steps=100, warmup_steps=0, scale_init=sigma, response_every=1)
+               total_steps=100, warmup_steps=0, scale_init=sigma, response_every=1, response_fit="gradient")
     with torch.no_grad():  # a response that is not zero, so that the path's gradient is
         for m in tu.layers:
             m.weight_hyper.normal_(0, 0.1)

@@ -110,8 +110,9 @@ def test_a_held_hyperparameter_stays_while_the_others_are_tuned(method, perturb)
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])
 def test_held_rates_leave_the_response_fit_to_the_tuned_hyperparameters(method):
     """A held rate draws the same masks at any u~ and its hypernet input is 0, so with the rest smooth (weight decay)
-    'auto' fits the response by difference, as without the rates; one tuned rate keeps the gradient. A resume
-    (config.response_fit_of) resolves a held hyperparameter the same way."""
+    'auto' fits the response by difference with the smooth settings, as without the rates; one tuned rate keeps STN
+    on the gradient and gives Delta-STN the settings where masks are drawn. A resume (config.response_fit_of)
+    resolves a held hyperparameter the same way."""
     from stn_ext.tuning.config import response_fit_of
 
     held = {f"dropout.{s}": (0.1, 0.1) for s in ("in", "h1", "h2")}
@@ -122,11 +123,14 @@ def test_held_rates_leave_the_response_fit_to_the_tuned_hyperparameters(method):
 
     tr = trainer(held)
     assert tr.tuner.space.tuned_kinds() == ["weight_decay"] and tr.tuner.response_fit == "difference"
+    assert not tr.tuner.near_one and tr.tuner.path_cap == 0
     tr.fit()
     assert torch.isfinite(tr.tuner.u).all() and tr.tuner.hyperparameters()["dropout.h1"] == pytest.approx(0.1)
-    assert trainer({**held, "dropout.h1": (0.0, 0.5)}).tuner.response_fit == "gradient"
+    tuned = trainer({**held, "dropout.h1": (0.0, 0.5)}).tuner
+    masked = method == "delta-stn"
+    assert tuned.response_fit == ("difference" if masked else "gradient") and tuned.near_one == masked
     fields = {"method": method, "hypers": ["weight_decay", "noise", "cutout_length"]}
-    assert response_fit_of(fields) == "gradient"
+    assert response_fit_of(fields) == ("difference" if masked else "gradient")
     assert response_fit_of({**fields, "ranges": {"cutout_length": [8, 8]}}) == "difference"
 
 
@@ -561,14 +565,15 @@ def test_resume_compares_a_field_added_later_with_the_value_earlier_runs_had(sma
 
 
 @pytest.mark.parametrize("method,hypers,refused", [("stn", ("dropout", "weight_decay"), False),
-                                                    ("delta-stn", ("dropout", "weight_decay"), False),
+                                                    ("delta-stn", ("dropout", "weight_decay"), True),  # Dec 7 on
                                                     ("delta-stn", ("weight_decay",), True),
                                                     ("stn", ("weight_decay",), True)])
 def test_resume_refuses_a_run_whose_response_fit_the_new_default_would_change(small_digits, tmp_path, method, hypers,
                                                                               refused):
     """Runs written before response_fit fitted the response on the gradient; its default 'auto' now takes the
-    difference where every tuned hyperparameter acts smoothly. A run the new default would switch halfway is refused
-    until the old fit is given; one that 'auto' leaves on the gradient resumes as it is."""
+    difference where every tuned hyperparameter acts smoothly, and for Delta-STN per batch whatever it tunes. A run
+    the new default would switch halfway is refused until the old fit is given; one that 'auto' leaves on the
+    gradient resumes as it is."""
     base = dict(method=method, hypers=hypers, steps=12, warmup_steps=2, hidden=(8,), batch_size=32, quiet=True,
                 plots=False, out=str(tmp_path))
     Trainer(TrainConfig(stop_after=6, response_fit="gradient", **base), data=small_digits).fit()

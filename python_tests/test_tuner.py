@@ -221,9 +221,10 @@ def test_response_gain_follows_the_scales_shrinking():
 def test_delta_stns_response_gain_keeps_the_pace_per_weight_step():
     """Per batch, Delta-STN's response, stepped after every k-th general step, is stepped k times as far: the pace
     per weight step of one stepped after each (the scales' factor on top). Per example it is not (there it weakened
-    the learned response: docs/trainer.md, "A shorter memory per batch")."""
+    the learned response: docs/trainer.md, "A shorter memory per batch"). Fitted by the gradient: by difference the
+    default is every step."""
     for every, sigma, gain in ((0, 0.3, 2.0), (2, 0.15, 8.0), (3, 0.3, 3.0), (1, 0.3, 1.0)):
-        tuner = _setup("delta-stn", scale_init=0.3, response_every=every)[1]
+        tuner = _setup("delta-stn", scale_init=0.3, response_every=every, response_fit="gradient")[1]
         _set_sigma(tuner, sigma)
         assert tuner.response_gain().item() == pytest.approx(gain, rel=1e-5)
     tuner = _setup("delta-stn", scale_init=0.3, perturb="example")[1]
@@ -286,11 +287,12 @@ def test_the_floor_applies_where_the_hypernet_input_is_centred(method, hypers, f
     assert (shortest >= models.ROW_FLOOR - 1e-6) == bool(floor)
 
 
-def test_a_roll_back_restarts_the_response_at_a_quarter_of_its_pace_per_roll_back():
+@pytest.mark.parametrize("method", ["stn", "delta-stn"])  # Delta-STN's here starts near V = 1 (masks are drawn)
+def test_a_roll_back_restarts_the_response_at_a_quarter_of_its_pace_per_roll_back(method):
     """Restart number r draws the same start and halves its rows of V and C r times (the response learns at |V|^2
     times its pace): a response restarted at full pace ran away again after each roll-back (docs/trainer.md)."""
     from stn_ext.tuning import divergence, models
-    model, tuner = _setup("stn", scale_init=0.3)
+    model, tuner = _setup(method, scale_init=0.3)
     start = [(m.hyper_weight.clone(), m.hyper_bias.clone()) for m in tuner.layers]
     for r in (1, 2, 3):
         for m in tuner.layers:
@@ -300,18 +302,19 @@ def test_a_roll_back_restarts_the_response_at_a_quarter_of_its_pace_per_roll_bac
         for m, (v, c) in zip(tuner.layers, start):
             assert torch.allclose(m.hyper_weight, v * 0.5 ** r) and torch.allclose(m.hyper_bias, c * 0.5 ** r)
             assert not m.weight_hyper.any()
-    models.start_response(tuner.layers, tuner.response_seed)  # pace 1: the start itself
+    models.start_response(tuner.layers, tuner.response_seed, near_one=tuner.near_one)  # pace 1: the start itself
     assert all(torch.equal(m.hyper_weight, v) for m, (v, _) in zip(tuner.layers, start))
 
 
 @pytest.mark.parametrize("method", ["stn", "delta-stn"])
 def test_the_response_steps_by_the_gain_and_the_rest_as_before(method):
     """Plain SGD, the same draws: with sigma at half its start the response's parameters move 4x as far as with
-    response_gain_max=1 (Delta-STN's, stepped after every 2nd general step, 8x); every other parameter the same."""
+    response_gain_max=1 (Delta-STN's by the gradient, stepped after every 2nd general step, 8x); every other
+    parameter the same."""
     moves = []
     for gain_max in (1.0, 4.0):
         model, tuner = _setup(method, opt=torch.optim.SGD, warmup_steps=0, scale_init=0.3, response_gain_max=gain_max,
-                              generator=torch.Generator().manual_seed(3))
+                              generator=torch.Generator().manual_seed(3), response_fit="gradient")
         torch.manual_seed(0)
         for p in model.parameters():
             p.data = torch.randn_like(p) * 0.3
@@ -366,7 +369,7 @@ def test_the_baseline_holds_earlier_steps_weight_gradients_per_batch_only(method
     """Per batch, the baseline is the running mean (decay 0.9) of the elementary weights' gradients of the steps so far,
     each taken in after its own step was corrected; per example, and at response_baseline=0, there is none (per batch
     the default is 0.9)."""
-    model, tuner = _setup(method, opt=torch.optim.SGD, warmup_steps=0, response_baseline=0.9)
+    model, tuner = _setup(method, opt=torch.optim.SGD, warmup_steps=0, response_baseline=0.9, response_fit="gradient")
     layer, seen, step = tuner.layers[0], [], tuner.opt_w.step  # one batch over and over: beta ~1, it does not stop
 
     def recording_step(*a, **kw):  # Delta-STN's response step leaves W_e's gradient None
@@ -386,7 +389,9 @@ def test_the_baseline_holds_earlier_steps_weight_gradients_per_batch_only(method
     torch.testing.assert_close(tuner.baseline.fit[0], fit)
     assert _setup(method, perturb="example", response_baseline=0.9)[1].baseline is None
     assert _setup(method, response_baseline=0)[1].baseline is None
-    assert _setup(method)[1].baseline.decay == 0.9  # the default, per batch
+    assert _setup(method, response_fit="gradient")[1].baseline.decay == 0.9  # the default, per batch by the gradient
+    if method == "delta-stn":  # by difference it subtracts the batch's own gradient at u
+        assert _setup(method, response_fit="difference")[1].baseline is None
 
 
 def test_the_baseline_stops_for_good_once_every_layers_weight_gradient_is_noise():
@@ -511,7 +516,9 @@ def test_a_nan_training_batch_is_skipped_with_a_warning(method):
     assert torch.isfinite(tuner.u).all() and torch.isfinite(tuner.hscale).all()
 
 
-def test_a_nan_in_the_delta_stn_response_step_skips_only_that_part():
+@pytest.mark.parametrize("fit,what", [("gradient", r"\(after its general step, which was taken\)"),
+                                      ("difference", r"\(its general step was taken\)")])
+def test_a_nan_in_the_delta_stn_response_step_skips_only_that_part(fit, what):
     calls = []
 
     def loss(out, y):  # the 2nd loss of the weight step (the response step's) is NaN
@@ -519,11 +526,10 @@ def test_a_nan_in_the_delta_stn_response_step_skips_only_that_part():
         ell = F.cross_entropy(out, y)
         return ell * float("nan") if len(calls) == 2 else ell
 
-    model, tuner = _setup("delta-stn", loss=loss, warmup_steps=0)
+    model, tuner = _setup("delta-stn", loss=loss, warmup_steps=0, response_fit=fit)
     resp = [p.detach().clone() for p in tuner.response_params]
     gen = [p.detach().clone() for p in tuner.general_params]
-    with pytest.warns(UserWarning, match=r"weight step 1: response step's training loss \(after its general step, "
-                                         r"which was taken\) nan; skipped it"):
+    with pytest.warns(UserWarning, match=r"weight step 1: response step's training loss " + what + " nan; skipped it"):
         tuner.weight_step(*_batches(1, 1)[0])
     assert all(torch.equal(a, b) for a, b in zip(resp, tuner.response_params))
     assert not all(torch.equal(a, b) for a, b in zip(gen, tuner.general_params))
@@ -715,7 +721,8 @@ def _smooth_setup(hypers, method="delta-stn", reduction="mean", **kw):
 @pytest.mark.parametrize("method,hypers,kw,fit", [
     ("delta-stn", ("weight_decay",), {}, "difference"),
     ("delta-stn", ("weight_decay", "noise"), {}, "difference"),
-    ("delta-stn", ("dropout", "weight_decay"), {}, "gradient"),      # masks: a change of delta flips some
+    ("delta-stn", ("dropout", "weight_decay"), {}, "difference"),    # masks too, per batch (difference_settings)
+    ("delta-stn", ("dropout",), {"perturb": "example"}, "gradient"),  # masks per example: not in its control variate
     ("delta-stn", ("weight_decay", "noise"), {"perturb": "example"}, "difference"),
     ("stn", ("weight_decay",), {"perturb": "example"}, "difference"),
     ("delta-stn", ("ar",), {"perturb": "example"}, "gradient"),   # a model's own penalty: not in its control variate
@@ -726,7 +733,7 @@ def _smooth_setup(hypers, method="delta-stn", reduction="mean", **kw):
     ("stn", ("dropout", "weight_decay"), {}, "gradient"),
     ("delta-stn", ("dropout",), {"response_fit": "difference"}, "difference"),  # asked for: taken
 ])
-def test_the_response_is_fitted_by_difference_where_every_hyperparameter_acts_smoothly(method, hypers, kw, fit):
+def test_the_response_is_fitted_by_difference_where_it_can(method, hypers, kw, fit):
     from stn_ext.tuning import defaults
 
     space = HyperSpace.build(hypers, dropout_slots=["in"])
@@ -734,6 +741,76 @@ def test_the_response_is_fitted_by_difference_where_every_hyperparameter_acts_sm
     got = defaults.response_fit(kw.get("response_fit", "auto"), method, kw.get("perturb", "batch"), kinds,
                                 kw.get("linearize", False), kw.get("response_rows", 1.0), kw.get("centred", True))
     assert got == fit
+
+
+@pytest.mark.parametrize("method,hypers,kw,want", [
+    ("delta-stn", ("dropout",), {}, (0.1, True, 0.5)),                   # masks, per batch: the masked settings
+    ("delta-stn", ("dropout", "weight_decay"), {}, (0.1, True, 0.5)),
+    ("delta-stn", ("weight_decay", "noise"), {}, (0.5, False, 0.0)),     # smooth: as before
+    ("delta-stn", ("dropout",), {"perturb": "example"}, (0.5, False, 0.0)),  # by the gradient there
+    ("delta-stn", ("dropout",), {"response_fit": "gradient"}, (0.5, False, 0.0)),
+    ("stn", ("weight_decay",), {}, (0.5, False, 0.0)),
+])
+def test_delta_stn_by_difference_where_masks_are_drawn_takes_its_own_pace_start_and_cap(method, hypers, kw, want):
+    from stn_ext.tuning import defaults
+    space = HyperSpace.build(hypers, dropout_slots=["in"])
+    model = torch.nn.Sequential(HyperDropout("in"), torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    stn_ext.convert(model, n_hyper=len(space))
+    tuner = Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                  method=method, total_steps=40, **kw)
+    assert (tuner.difference_pace, tuner.near_one, tuner.path_cap) == want
+    assert want[0] in (defaults.DIFFERENCE_PACE, defaults.MASKED_DIFFERENCE_PACE)
+    v = torch.cat([m.hyper_weight.reshape(-1) for m in tuner.layers])
+    assert ((v - 1).abs().max() < 0.6) == want[1]  # near 1, or N(0, 1/n) rows raised to length 1 (signs at random)
+    assert not any(m.weight_hyper.any() for m in tuner.layers)
+
+
+def test_a_state_fitted_by_difference_at_other_settings_is_refused():
+    """A checkpoint of Delta-STN by difference where masks are drawn, written before its settings (pace 0.5 from
+    V ~ N(0, 1/n), uncapped: a state without the field) or at others, is refused with what each ran at; one at the
+    same settings loads."""
+    from stn_ext.tuning import tuner_state
+    _, tuner = _setup("delta-stn")
+    st = tuner_state.capture(tuner)
+    tuner_state.restore(tuner, st)
+    for old in ({k: v for k, v in st.items() if k != "difference"}, {**st, "difference": [0.3, True, 0.5]}):
+        with pytest.raises(ValueError, match=r"by difference at pace 0\.[35], .*this tuner at 0\.1, True, 0\.5"):
+            tuner_state.restore(tuner, old)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_cap_path_shortens_the_rows_over_the_cap_to_it_and_leaves_the_rest(kind):
+    from stn_ext.tuning import models
+    torch.manual_seed(0)
+    layer = stn_ext.StnLinear(6, 5, 2) if kind == "linear" else stn_ext.StnConv2d(2, 5, 3, 2)
+    with torch.no_grad():
+        layer.hyper_weight.normal_()
+        layer.weight_hyper.normal_()
+        layer.weight_hyper[:2].mul_(100)  # rows 0 and 1 far over the cap
+        layer.weight_hyper[2:].mul_(1e-3)  # the rest far under it
+    sigma = torch.tensor([0.3, 0.2])
+    before = layer.weight_hyper.detach().clone()
+    models.cap_path([layer], sigma, 0.5)
+
+    def path(m):
+        return (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
+    limit = 0.5 * layer.gate_rows(layer.weight_elem).norm(dim=1)
+    torch.testing.assert_close(path(layer)[:2], limit[:2].detach())
+    assert torch.equal(layer.weight_hyper[2:], before[2:])
+    cos = F.cosine_similarity(layer.weight_hyper[:2].flatten(1), before[:2].flatten(1))
+    torch.testing.assert_close(cos, torch.ones(2))  # shortened, not turned
+
+
+def test_delta_stns_step_where_masks_are_drawn_caps_the_path():
+    model, tuner = _setup("delta-stn", warmup_steps=0, opt=torch.optim.SGD)
+    with torch.no_grad():
+        for m in tuner.layers:
+            m.weight_hyper.normal_().mul_(50)
+    tuner.weight_step(*_batches(1, 0)[0])
+    sigma = F.softplus(tuner.hscale.detach())
+    for m in tuner.layers:
+        path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
+        assert (path <= tuner.path_cap * m.gate_rows(m.weight_elem).norm(dim=1) * (1 + 1e-5)).all()
 
 
 @pytest.mark.parametrize("hypers,kw,schedule,beta2", [

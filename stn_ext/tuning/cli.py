@@ -185,11 +185,12 @@ def build_parser():
                         "paper's) or on that gradient less the one at u along the response's path, at the same "
                         "weights and noise draws, over the perturbation's square (difference: at half the weights' pace "
                         "times the gain of --response-gain-max, where the gradient's is sigma^2 times theirs, its "
-                        "noise taken out; not where masks are drawn: dropout, cutout, shift; per example, each "
+                        "noise taken out; delta-stn per batch where masks are drawn (dropout, cutout, shift) at a "
+                        "tenth, started near V = 1, each gate's path capped at half its weights; per example, each "
                         "example's gradient at u through the tangent of its path, for weight decay and noise only; "
-                        "the hyper lr schedule's auto is tail with it); auto: difference where every tuned "
-                        "hyperparameter is weight decay, noise, ar or tar (per example: weight decay or noise) "
-                        f"(default {d.response_fit})")
+                        "the hyper lr schedule's auto is tail with it); auto: difference for delta-stn per batch, and "
+                        "where every tuned hyperparameter is weight decay, noise, ar or tar (per example: weight decay "
+                        f"or noise) (default {d.response_fit})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,
                    help="delta-stn: take its response step on this part of each batch's rows (spread evenly), to save time "
                         "(default 0: all of it)")

@@ -95,9 +95,11 @@ class TrainConfig:
                                       # descend (it stops for good once they do not); 0: off; tuning/response_baseline.py
     response_fit: str = "auto"        # "gradient" (the paper's) | "difference" (less the gradient at u along the
                                       # path, over the perturbation's square: half the weights' pace times the gain;
-                                      # hyper_lr_schedule's auto is then tail) | "auto" (difference where every tuned
-                                      # hyperparameter acts smoothly: weight decay, noise, AR, TAR; per example weight
-                                      # decay and noise); docs/trainer.md, "The response by finite difference"
+                                      # hyper_lr_schedule's auto is then tail) | "auto" (difference for Delta-STN per
+                                      # batch, where masks are drawn at a tenth of the pace, started near V = 1 and
+                                      # capped; else where every tuned hyperparameter acts smoothly: weight decay,
+                                      # noise, AR, TAR; per example weight decay and noise); docs/trainer.md, "The
+                                      # response by finite difference", "Delta-STN's response where masks are drawn"
     hidden: tuple = (128, 128)
     channels: tuple = (16, 32)
     train_size: int = 0               # cap on the training split (0: all): digits examples, or text tokens

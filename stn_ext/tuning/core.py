@@ -129,6 +129,8 @@ class Tuner:
                                                   defaults.response_rows(response_rows), all(follow))
         scale_init, self.hyper_lr_schedule, hyper_beta2 = defaults.resolve(method, perturb, scale_init, *asked,
                                                                            fit=self.response_fit)[1:]
+        self.difference_pace, self.near_one, self.path_cap = defaults.difference_settings(
+            method, perturb, self.response_fit, space.tuned_kinds())
         self.u = nn.Parameter(space.init_unconstrained(dt, device))
         self.hscale = nn.Parameter(torch.full((n,), inv_softplus(scale_init), dtype=dt, device=device))
         self.scale_init, self.sigma_max = scale_init, scale_max or scale_init
@@ -148,12 +150,11 @@ class Tuner:
         self.baseline = ResponseBaseline(self.layers, response_baseline) if method in TUNED and perturb == "batch" \
             and response_baseline > 0 and self.response_fit == "gradient" else None  # None: off
         self._elementary = [t for m in self.layers for t in (m.weight_elem, m.bias_elem) if t is not None]
-        # A floor under the rows of V where the input is centred (Delta-STN's delta, STN recentred on every coordinate):
-        # there |V| sets only the response's pace. At STN's fixed anchors (z ~ -2.9 for a rate of 0.05) it also sets the
-        # path's share of the weights' step, (V z)^2 times theirs; raising it made STN on Fashion-MNIST worse ("A floor").
+        # A floor under V's rows where the input is centred (Delta-STN, STN recentred on every coordinate): |V| sets the
+        # response's pace alone there; at STN's fixed anchors also the path's share of the step ("A floor", trainer.md).
         self.row_floor = models.ROW_FLOOR if method == "delta-stn" or all(follow) else 0.0
         if self.response_seed is not None:
-            models.start_response(self.layers, self.response_seed, self.row_floor)
+            models.start_response(self.layers, self.response_seed, self.row_floor, near_one=self.near_one)
         self.anchor = self.u.detach().clone() if hyper_input == "init" else \
             torch.where(self.follow.bool(), self.u.detach(), space.u_centre(dt, device))
         self.opt_h = torch.optim.Adam([self.u, self.hscale], lr=hyper_lr, betas=(0.9, hyper_beta2))
@@ -181,9 +182,7 @@ class Tuner:
     skipped_steps = property(lambda self: self.checks.skipped["weight"] if self.checks else 0)
     skipped_hyper_steps = property(lambda self: self.checks.skipped["hyper"] if self.checks else 0)
     rollbacks = property(lambda self: self.checks.rollbacks if self.checks else 0)
-
     # --- schedule -------------------------------------------------------------------------------------
-
     tunes = property(lambda self: self.method in TUNED)
 
     def _hyper_steps_after(self, t):

@@ -67,14 +67,24 @@ def response_rows(f):
 # general step's along the response's path, at the same weights and draws, over (delta / sigma)^2: J then steps at
 # DIFFERENCE_PACE times the weights' pace (times the response's gain, Tuner.response_gain), as forward mode does,
 # with its noise taken out (response_steps.general_and_difference). 'auto' takes it where every tuned
-# hyperparameter acts smoothly on the loss. Ridge families 22-27 (weight decay, per batch, 3 seeds, both sides):
-# Delta-STN's runs within 0.05 of the optimum 280 of 288 against 254, no roll-back; at pace 1 also 280 but 13
-# roll-backs and one run stopped (the response's step at the perturbed weight decay's curvature, far above, beyond
-# the weights' stability limit). Where a rate draws masks (dropout, cutout, shift) a change of delta flips some of
-# them, a jump the difference does not take out: on the Fashion-MNIST MLP's dropout at pace 1 it diverged after the
-# warm-up on both seeds (docs/trainer.md, "The response by finite difference")
+# hyperparameter acts smoothly on the loss (and for Delta-STN per batch whatever it tunes: below). Ridge families
+# 22-27 (weight decay, per batch, 3 seeds, both sides): Delta-STN's runs within 0.05 of the optimum 280 of 288 against
+# 254, no roll-back; at pace 1 also 280 but 13 roll-backs and one run stopped (the response's step at the perturbed
+# weight decay's curvature, far above, beyond the weights' stability limit). Where a rate draws masks (dropout,
+# cutout, shift) a change of delta flips some of them, a jump the difference does not take out: on the Fashion-MNIST
+# MLP's dropout at pace 1 it diverged after the warm-up on both seeds (docs/trainer.md, "The response by finite
+# difference")
 SMOOTH_KINDS = ("weight_decay", "noise", "ar", "tar")
 DIFFERENCE_PACE = 0.5
+# ... and Delta-STN per batch takes it where a tuned rate draws masks too, with the response started near V = 1 (every
+# rate's response alike: W_h = b_h = 0, V, C = 1 + N(0, 0.01)), at a fifth of that pace, and each gate's path at one
+# sigma kept within PATH_CAP of its weights' row (models.cap_path). Fashion-MNIST MLP test loss 0.3998 over 8 seeds
+# (fixed 0.4221, STN 0.3921; by the gradient 0.4172 over 4), the CNN protocol 0.5482 (fixed 0.5612, by the gradient
+# 0.6023; 3 seeds), the dropout regression's optimum from both sides; without the cap every CNN run rolled back right
+# after a short warm-up, V and W_h running away together. Its runs are chaotic: a start changed by one rounding step
+# moves a Fashion-MNIST seed by up to 0.03 (docs/trainer.md, "Delta-STN's response where masks are drawn")
+MASKED_DIFFERENCE_PACE = 0.1
+PATH_CAP = 0.5
 # per example, the kinds whose share of each example's gradient the control variate carries (a model's own
 # penalties, AR and TAR, are not linearised: response_steps._at_u_with_tangent)
 EXAMPLE_SMOOTH_KINDS = ("weight_decay", "noise")
@@ -101,8 +111,18 @@ def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
                          f"method {method!r}, perturb {perturb!r}, response_rows {rows}, linearize {linearize}, "
                          f"recentred {centred}")
     if fit == "auto":
-        return "difference" if eligible and all(k in SMOOTH_KINDS for k in kinds) else "gradient"
+        smooth = all(k in SMOOTH_KINDS for k in kinds)
+        return "difference" if eligible and (smooth or (method, perturb) == ("delta-stn", "batch")) else "gradient"
     return fit
+
+
+def difference_settings(method, perturb, fit, kinds):
+    """(the response's pace by difference, whether it starts near V = 1, the cap on its path or 0): Delta-STN's per
+    batch by difference where a tuned rate draws masks (MASKED_DIFFERENCE_PACE, near 1, PATH_CAP), else
+    (DIFFERENCE_PACE, False, 0.0)."""
+    if (method, perturb, fit) == ("delta-stn", "batch", "difference") and not all(k in SMOOTH_KINDS for k in kinds):
+        return MASKED_DIFFERENCE_PACE, True, PATH_CAP
+    return DIFFERENCE_PACE, False, 0.0
 
 
 # sigma_0, the hyper learning rate's schedule and Adam's beta2 for u and the scales, by perturbation mode. With the
@@ -133,6 +153,7 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0
             auto_beta2 if beta2 == -1 else beta2)
 
 
-__all__ = ["resolve", "response_every", "response_rows", "response_fit", "RESPONSE_ROWS", "PERTURB", "BY_MODE",
-           "RESPONSE_EVERY", "RESPONSE_EVERY_DIFFERENCE", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
-           "DIFFERENCE_PACE", "EXAMPLE_SPREAD_FLOOR", "STN_EXAMPLE_DIFFERENCE_SCALE"]
+__all__ = ["resolve", "response_every", "response_rows", "response_fit", "difference_settings", "RESPONSE_ROWS",
+           "PERTURB", "BY_MODE", "RESPONSE_EVERY", "RESPONSE_EVERY_DIFFERENCE", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
+           "DIFFERENCE_PACE", "MASKED_DIFFERENCE_PACE", "PATH_CAP", "EXAMPLE_SPREAD_FLOOR",
+           "STN_EXAMPLE_DIFFERENCE_SCALE"]

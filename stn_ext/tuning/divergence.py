@@ -134,7 +134,7 @@ def restart(tuner, sigma_max, hyper_lr_factor, recoveries):
     tuner.hyper_lr_factor = hyper_lr_factor / 2 if recoveries >= 3 else hyper_lr_factor
     tuner.scale_perturbation(0.5, sigma_max / 2)
     if tuner.response_seed is not None:  # at a quarter of the pace per roll-back so far: a fast start tipped it over
-        models.start_response(tuner.layers, tuner.response_seed, tuner.row_floor, 0.25 ** recoveries)
+        models.start_response(tuner.layers, tuner.response_seed, tuner.row_floor, 0.25 ** recoveries, tuner.near_one)
         for p in tuner.response_params:  # the user's optimiser starts afresh on them too
             tuner.opt_w.state.pop(p, None)
     tuner.opt_h.state.clear()

@@ -258,7 +258,7 @@ ROW_FLOOR = 1.0  # the shortest row of V and C at the start where the hypernet i
 
 
 @torch.no_grad()
-def init_response(layers, floor=0.0):
+def init_response(layers, floor=0.0, near_one=False):
     """Start the hypernet path where it learns at once: W_h = b_h = 0 and V, C ~ N(0, 1/n), with rows shorter than
     ``floor`` raised to that length. The layers' own init (V = C = 0, W_h random) sits on a saddle of the product
     (V lam) W_h: neither factor gets a gradient while the other is zero, so the response grows from noise only,
@@ -266,16 +266,20 @@ def init_response(layers, floor=0.0):
     independent of lam at the start, and the gradient on W_h is the response's own least-squares signal. A row's
     response learns at |V_i|^2 times its pace, which the plain draw makes random (with one hyperparameter |V| was
     0.04-1.9 over seeds 0-26, and on ridge the slow draws ended 0.3-1.1 log units off); a floor takes out the slow
-    end of that lottery and keeps the fast one (docs/trainer.md, "A floor under the response's pace")."""
+    end of that lottery and keeps the fast one (docs/trainer.md, "A floor under the response's pace").
+    ``near_one``: V, C = 1 + N(0, 0.01) instead, every rate's response alike at the start (Delta-STN's where masks
+    are drawn, defaults.difference_settings)."""
     for m in layers:
-        n = m.hyper_weight.shape[1]
+        rows = (m.hyper_weight,) if m.bias_hyper is None else (m.hyper_weight, m.hyper_bias)
         m.weight_hyper.zero_()
-        m.hyper_weight.normal_(0, n ** -0.5)
-        _raise_short_rows(m.hyper_weight, floor)
         if m.bias_hyper is not None:
             m.bias_hyper.zero_()
-            m.hyper_bias.normal_(0, n ** -0.5)
-            _raise_short_rows(m.hyper_bias, floor)
+        for v in rows:
+            if near_one:
+                v.copy_(1 + 0.1 * torch.randn_like(v))
+            else:
+                v.normal_(0, v.shape[1] ** -0.5)
+                _raise_short_rows(v, floor)
 
 
 def _raise_short_rows(w, floor):
@@ -285,18 +289,34 @@ def _raise_short_rows(w, floor):
 
 
 @torch.no_grad()
-def start_response(layers, seed, floor=0.0, pace=1.0):
-    """``init_response`` (rows of V and C at least ``floor`` long) drawn from generator seed ``seed``: the same start
-    every time (a roll-back returns to it), the global generator left as it was. ``pace`` < 1 scales those rows by
-    its square root (the response then learns at ``pace`` times the rate; a roll-back's restart slows it so)."""
+def start_response(layers, seed, floor=0.0, pace=1.0, near_one=False):
+    """``init_response`` (rows of V and C at least ``floor`` long, or near 1) drawn from generator seed ``seed``: the
+    same start every time (a roll-back returns to it), the global generator left as it was. ``pace`` < 1 scales
+    those rows by its square root (the response then learns at ``pace`` times the rate; a roll-back's restart slows
+    it so)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        init_response(layers, floor)
+        init_response(layers, floor, near_one)
     if pace != 1.0:
         for m in layers:
             m.hyper_weight.mul_(pace ** 0.5)
             if m.bias_hyper is not None:
                 m.hyper_bias.mul_(pace ** 0.5)
+
+
+@torch.no_grad()
+def cap_path(layers, sigma, cap):
+    """Scale down W_h's rows where a gate's path at one sigma, |V_r (.) sigma| |W_h,r|, is longer than ``cap`` times
+    its weights' row |W_e,r|: a linear response that moves the weights by more than they are is outside where its
+    fit by difference measured it, and V's steps, which grow with |W_h,r|^2, then run away with it (Delta-STN's
+    response where masks are drawn, defaults.PATH_CAP)."""
+    for m in layers:
+        path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
+        limit = cap * m.gate_rows(m.weight_elem).norm(dim=1)
+        shrink = (limit / path.clamp_min(torch.finfo(path.dtype).tiny)).clamp(max=1.0)
+        shape = [1] * m.weight_hyper.dim()
+        shape[m.gate_dim] = -1
+        m.weight_hyper.mul_(shrink.view(shape))
 
 
 def linearised(model, x, delta):

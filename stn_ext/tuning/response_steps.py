@@ -222,6 +222,8 @@ def _step(t, general, response=None):
         if response is not None:
             torch.nn.utils.clip_grad_norm_(t.response_params, t.clip)
     t.opt_w.step()
+    if response is not None and t.path_cap:
+        models.cap_path(t.layers, F.softplus(t.hscale.detach()), t.path_cap)
 
 
 @torch.no_grad()
@@ -248,7 +250,7 @@ def _scaled(t, diffs, d, sigma, weights=None):
         t._allreduce([sums])
         spread = sums[0] / sums[1]
     spread = spread.clamp_min(torch.finfo(d.dtype).tiny)
-    scale = defaults.DIFFERENCE_PACE * t.response_gain() / sigma.square().mean() / spread
+    scale = t.difference_pace * t.response_gain() / sigma.square().mean() / spread
     return [g.mul_(scale) for g in diffs]
 
 

@@ -10,7 +10,7 @@ def capture(tuner):
             "anchor": t.anchor.clone(), "sigma_max": t.sigma_max, "hyper_lr_factor": t.hyper_lr_factor,
             "space": t.space.names, "method": t.method, "response_gain_max": t.response_gain_max,
             "response_baseline": t.baseline.state_dict() if t.baseline is not None else None,
-            "response_fit": t.response_fit}
+            "response_fit": t.response_fit, "difference": [t.difference_pace, t.near_one, t.path_cap]}
 
 
 def restore(tuner, st, generator=True):
@@ -26,6 +26,13 @@ def restore(tuner, st, generator=True):
         raise ValueError(f"stn_ext: the state (checkpoint) fitted the response by {fit!r}, this tuner by "
                          f"{t.response_fit!r} (the default 'auto' chooses by difference where it can since December "
                          f"2026); to go on as it ran, pass response_fit={fit!r} (--response-fit {fit})")
+    # a state fitted by difference before December 7 (twenty-eighth session): at pace 0.5 from V ~ N(0, 1/n), uncapped
+    ran = st.get("difference", [0.5, False, 0.0])
+    if fit == "difference" and list(ran) != [t.difference_pace, t.near_one, t.path_cap]:
+        raise ValueError(f"stn_ext: the state (checkpoint) fitted the response by difference at pace {ran[0]}, "
+                         f"started near V = 1: {ran[1]}, its path capped at {ran[2]}; this tuner at {t.difference_pace}, "
+                         f"{t.near_one}, {t.path_cap} (Delta-STN's defaults where masks are drawn since December 2026, "
+                         "defaults.difference_settings); go on with the version that wrote it, or start the run anew")
     with torch.no_grad():
         t.u.copy_(st["u"])
         t.hscale.copy_(st["hscale"])
