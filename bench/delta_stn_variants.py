@@ -1,23 +1,32 @@
 """Run a bench script with Delta-STN's per-batch response changed in ways the trainer has no option for (issue 22,
-docs/trainer.md "Forward mode's lessons for Delta-STN's response"): measurements of variants, not defaults.
+docs/trainer.md "Forward mode's lessons for Delta-STN's response" and "Delta-STN's response where masks are drawn"):
+measurements of variants, not defaults.
 
-    python bench/delta_stn_variants.py [--v-near-one] [--coordinate] [--difference-pace P] SCRIPT [ARGS...]
+    python bench/delta_stn_variants.py [--v-near-one] [--coordinate] [--difference-pace P] [--path-cap C]
+                                       [--row-normalised] [--gradient-where-masked] [--nudge-v K]
+                                       [--nudge-weights K] SCRIPT [ARGS...]
 
---v-near-one       the response's start V, C = 1 + N(0, 0.01) (W_h = b_h = 0) instead of N(0, 1/n) with rows raised
-                   to length 1 (models.init_response): every rate's response alike at the start, each row's pace about
-                   n times the default's
+--v-near-one       the response's start V, C = 1 + N(0, 0.01) (W_h = b_h = 0) on every space; the defaults take it
+                   where a tuned rate draws masks (defaults.difference_settings), else V ~ N(0, 1/n) with rows raised
+                   to length 1 (models.init_response)
 --coordinate       the response step perturbs one hyperparameter at a time, in turn: eps = sqrt(n) s e_k, s a random
                    sign (E[eps eps^T] = I, as for a Gaussian eps), instead of a Gaussian draw on every coordinate
---difference-pace  defaults.DIFFERENCE_PACE (0.5): the pace of the response fitted by difference (response_fit
-                   'difference'), relative to the weights'
---delta-stn-difference
-                   response_fit 'auto' takes the difference for Delta-STN per batch whatever it tunes (the defaults
-                   take it where every tuned hyperparameter acts smoothly), so that a bench's other methods keep theirs
+--difference-pace  the pace of the response fitted by difference relative to the weights', on every space
+                   (defaults.DIFFERENCE_PACE 0.5 and MASKED_DIFFERENCE_PACE 0.1)
+--path-cap         defaults.PATH_CAP (0.5; 0: none): the cap on each gate's path at one sigma, relative to its weights'
+                   row, where masks are drawn (models.cap_path)
+--row-normalised   per batch, the response's steps by difference divided on each gate by |V_r|^2 + |W_h,r|^2 (its
+                   factors' sizes), so that the product steps at the pace whatever they are
+--gradient-where-masked
+                   response_fit 'auto' fits Delta-STN's response per batch by the gradient where a tuned rate draws
+                   masks, as the defaults did until December 7 (twenty-eighth session)
+--nudge-v K        V's start (and a roll-back's restart) times 1 + K 1e-7, about K float32 rounding steps: how far a
+                   change that small moves a run (docs/trainer.md, "How far one seed's figure can be trusted")
+--nudge-weights K  the general weights (W_e, b_e and the rest) times 1 + K 1e-7 once the tuner is built (any method)
 
 SCRIPT is a file in bench/ (or a path) run as __main__ with ARGS, in this process, e.g.
 
-    python bench/delta_stn_variants.py --v-near-one --difference-pace 0.1 bench_tuning.py --only fashion \\
-        --fashion-methods delta-stn --fashion-seeds 2 --set response_fit=difference --set response_gain_max=1.0
+    python bench/delta_stn_variants.py --path-cap 0 bench_tuning.py --only cnn --cnn-methods delta-stn
 """
 import argparse
 import math
@@ -63,24 +72,84 @@ def coordinate_response_draws():
 
 
 def v_near_one():
-    def init_response(layers, floor=0.0):
-        for m in layers:
-            m.weight_hyper.zero_()
-            m.hyper_weight.copy_(1 + 0.1 * torch.randn_like(m.hyper_weight))
-            if m.bias_hyper is not None:
-                m.bias_hyper.zero_()
-                m.hyper_bias.copy_(1 + 0.1 * torch.randn_like(m.hyper_bias))
-    models.init_response = init_response  # start_response calls it by its module name
+    init = models.init_response
+
+    def near_one(layers, floor=0.0, near_one=False):
+        init(layers, floor, True)
+    models.init_response = near_one  # start_response calls it by its module name
 
 
-def delta_stn_difference():
+def gradient_where_masked():
     fit = defaults.response_fit
 
     def response_fit(f, method, perturb, kinds, linearize, rows, centred=True):
-        if f == "auto" and method == "delta-stn" and perturb == "batch" and not linearize and rows == 1:
-            return "difference"
-        return fit(f, method, perturb, kinds, linearize, rows, centred)
+        got = fit(f, method, perturb, kinds, linearize, rows, centred)
+        if f == "auto" and got == "difference" and not all(k in defaults.SMOOTH_KINDS for k in kinds):
+            return "gradient"
+        return got
     defaults.response_fit = response_fit  # the Tuner and config.response_fit_of call it by its module name
+
+
+def nudge_v(k):
+    init = models.init_response
+
+    def nudged(layers, floor=0.0, near_one=False):
+        init(layers, floor, near_one)
+        for m in layers:
+            m.hyper_weight.mul_(1 + 1e-7 * k)
+    models.init_response = nudged  # start_response calls it by its module name
+
+
+def nudge_weights(k):
+    build = core.Tuner.__init__
+
+    def nudged(self, *args, **kw):
+        build(self, *args, **kw)
+        with torch.no_grad():
+            for p in self.general_params:
+                p.mul_(1 + 1e-7 * k)
+    core.Tuner.__init__ = nudged
+
+
+def _row_scales(m):
+    """1 / (|V_r|^2 + |W_h,r|^2) per gate r, and 1 / (|C_r|^2 + b_h,r^2) per bias entry (or None): gradient
+    descent on a product V_r W_h,r steps the product at the sum of its factors' squares times the step, so dividing
+    both factors' steps by it steps the product at the pace whatever their sizes."""
+    w = 1 / (m.hyper_weight.detach().square().sum(1) + m.gate_rows(m.weight_hyper.detach()).square().sum(1))
+    b = None
+    if m.hyper_bias is not None:
+        b = 1 / (m.hyper_bias.detach().square().sum(1) + m.bias_hyper.detach().square())
+    return w, b
+
+
+def row_normalised():
+    """Per batch, the response's steps by difference divided, on each gate r, by |V_r|^2 + |W_h,r|^2 (and on each bias
+    entry by |C_r|^2 + b_h,r^2; ``_row_scales``), after the draw's own scaling: the product J_r = V_r W_h,r then
+    steps at DIFFERENCE_PACE whatever its factors' sizes, where plain gradient steps grow with them."""
+    rs = core.response_steps
+    scaled = rs._scaled
+
+    def by_rows(t, diffs, d, sigma, weights=None):
+        out = scaled(t, diffs, d, sigma, weights)
+        if d.dim() != 1:
+            return out
+        i = 0
+        for m in t.layers:
+            w, b = _row_scales(m)
+            for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias):
+                if p is None:
+                    continue
+                if p is m.weight_hyper:
+                    out[i].mul_(w.view(m.gate(torch.zeros_like(d)).shape))
+                elif p is m.hyper_weight:
+                    out[i].mul_(w[:, None])
+                elif p is m.bias_hyper:
+                    out[i].mul_(b)
+                else:
+                    out[i].mul_(b[:, None])
+                i += 1
+        return out
+    rs._scaled = by_rows
 
 
 def main():
@@ -89,7 +158,11 @@ def main():
     p.add_argument("--v-near-one", action="store_true")
     p.add_argument("--coordinate", action="store_true")
     p.add_argument("--difference-pace", type=float, default=None)
-    p.add_argument("--delta-stn-difference", action="store_true")
+    p.add_argument("--path-cap", type=float, default=None)
+    p.add_argument("--row-normalised", action="store_true")
+    p.add_argument("--gradient-where-masked", action="store_true")
+    p.add_argument("--nudge-v", type=float, default=0.0)
+    p.add_argument("--nudge-weights", type=float, default=0.0)
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
@@ -97,12 +170,23 @@ def main():
         coordinate_response_draws()
     if a.v_near_one:
         v_near_one()
-    if a.delta_stn_difference:
-        delta_stn_difference()
+    if a.row_normalised:
+        row_normalised()
+    if a.gradient_where_masked:
+        gradient_where_masked()
+    if a.nudge_v:
+        nudge_v(a.nudge_v)
+    if a.nudge_weights:
+        nudge_weights(a.nudge_weights)
+    if a.path_cap is not None:
+        defaults.PATH_CAP = a.path_cap
     if a.difference_pace is not None:
-        defaults.DIFFERENCE_PACE = a.difference_pace
-    print(f"delta_stn_variants: v_near_one={a.v_near_one} coordinate={a.coordinate} "
-          f"DIFFERENCE_PACE={defaults.DIFFERENCE_PACE} delta_stn_difference={a.delta_stn_difference}", file=sys.stderr, flush=True)
+        defaults.DIFFERENCE_PACE = defaults.MASKED_DIFFERENCE_PACE = a.difference_pace
+    print(f"delta_stn_variants: v_near_one={a.v_near_one} coordinate={a.coordinate} difference paces "
+          f"{defaults.DIFFERENCE_PACE}, {defaults.MASKED_DIFFERENCE_PACE} path_cap={defaults.PATH_CAP} "
+          f"row_normalised={a.row_normalised} gradient_where_masked={a.gradient_where_masked} nudge_v={a.nudge_v} "
+          f"nudge_weights={a.nudge_weights}", file=sys.stderr,
+          flush=True)
     script = a.script if os.path.sep in a.script else os.path.join(HERE, a.script)
     sys.argv = [script] + a.args
     runpy.run_path(script, run_name="__main__")

@@ -1,5 +1,6 @@
 """bench/delta_stn_variants.py's changes to Delta-STN's response (issue 22, docs/trainer.md "Forward mode's lessons for
-Delta-STN's response"): the figures measured through it rest on each change doing what it says, and on nothing else."""
+Delta-STN's response", "Delta-STN's response where masks are drawn"): the figures measured through it rest on each
+change doing what it says, and on nothing else."""
 import math
 
 import pytest
@@ -22,24 +23,27 @@ def variants(monkeypatch):
     """The wrapper's module, every attribute it replaces restored after the test."""
     for owner, name in ((core.Tuner, "_eps"), (core.Tuner, "_response_step"),
                         (core.response_steps, "general_and_difference"), (models, "init_response"),
-                        (defaults, "response_fit"), (defaults, "DIFFERENCE_PACE")):
+                        (defaults, "response_fit"), (defaults, "DIFFERENCE_PACE"),
+                        (defaults, "MASKED_DIFFERENCE_PACE"), (defaults, "PATH_CAP"), (core.response_steps, "_scaled"),
+                        (core.Tuner, "__init__")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     return bench_scripts.load("delta_stn_variants")
 
 
-def _tuner():
+def _tuner(hypers=("dropout",)):
     torch.manual_seed(0)
-    model = mlp(20, 5, 3, (16, 16))
-    space = HyperSpace.build(("dropout",), dropout_slots=["in", "h1", "h2"], inits={"dropout": 0.1})
+    space = HyperSpace.build(hypers, dropout_slots=["in", "h1", "h2"],
+                             inits={"dropout": 0.1} if "dropout" in hypers else {})
+    model = mlp(20, 5, len(space), (16, 16))
     return Tuner(model, space, torch.optim.SGD(model.parameters(), lr=0.01), F.cross_entropy, method="delta-stn",
                  total_steps=100, warmup_steps=0)
 
 
-def test_v_near_one_starts_every_rate_alike(variants):
-    default = torch.cat([m.hyper_weight.reshape(-1) for m in _tuner().layers])
-    assert (default < 0).any()  # N(0, 1/n), rows raised to length 1: signs at random
+def test_v_near_one_starts_every_rate_alike_on_any_space(variants):
+    smooth = torch.cat([m.hyper_weight.reshape(-1) for m in _tuner(("weight_decay", "noise")).layers])
+    assert (smooth < 0).any()  # N(0, 1/n), rows raised to length 1: signs at random
     variants.v_near_one()
-    tu = _tuner()
+    tu = _tuner(("weight_decay", "noise"))
     for m in tu.layers:
         assert torch.count_nonzero(m.weight_hyper) == 0 and torch.count_nonzero(m.bias_hyper) == 0
         assert (m.hyper_weight - 1).abs().max() < 0.5 and (m.hyper_bias - 1).abs().max() < 0.5
@@ -62,13 +66,49 @@ def test_coordinate_draws_one_hyperparameter_in_turn_inside_the_response_step_on
     assert [flag for flag, _ in seen] == [True] and torch.count_nonzero(seen[0][1]) == 1
 
 
-def test_delta_stn_difference_changes_delta_stn_per_batch_alone(variants):
-    args = (["dropout"], False, 1.0)
-    before = {(m, q): defaults.response_fit("auto", m, q, *args, centred=True)
-              for m in ("stn", "delta-stn") for q in ("batch", "example")}
-    assert before[("delta-stn", "batch")] == "gradient"
-    variants.delta_stn_difference()
-    after = {(m, q): defaults.response_fit("auto", m, q, *args, centred=True)
-             for m in ("stn", "delta-stn") for q in ("batch", "example")}
-    assert after == {**before, ("delta-stn", "batch"): "difference"}
-    assert defaults.response_fit("auto", "delta-stn", "batch", ["dropout"], True, 1.0) == "gradient"  # linearised
+def test_gradient_where_masked_changes_delta_stn_per_batch_with_masks_alone(variants):
+    cases = [(m, q, k) for m in ("stn", "delta-stn") for q in ("batch", "example") for k in ("dropout", "weight_decay")]
+    before = {c: defaults.response_fit("auto", c[0], c[1], [c[2]], False, 1.0) for c in cases}
+    assert before[("delta-stn", "batch", "dropout")] == "difference"  # the defaults, since December 7
+    variants.gradient_where_masked()
+    after = {c: defaults.response_fit("auto", c[0], c[1], [c[2]], False, 1.0) for c in cases}
+    assert after == {**before, ("delta-stn", "batch", "dropout"): "gradient"}
+
+
+def test_the_paces_and_the_cap_reach_the_tuner(variants):
+    defaults.DIFFERENCE_PACE = defaults.MASKED_DIFFERENCE_PACE = 0.25
+    defaults.PATH_CAP = 0.0
+    tu = _tuner()
+    assert (tu.difference_pace, tu.near_one, tu.path_cap) == (0.25, True, 0.0)
+    assert _tuner(("weight_decay",)).difference_pace == 0.25
+
+
+def test_row_normalised_divides_each_gates_step_by_its_factors_squares(variants):
+    tu = _tuner()
+    for m in tu.layers:
+        m.weight_hyper.data.normal_()
+    d, sigma = torch.tensor([0.3, -0.2, 0.1]), torch.full((3,), 0.3)
+    ones = [torch.ones_like(p) for p in tu.response_params]
+    plain = core.response_steps._scaled(tu, [g.clone() for g in ones], d, sigma)
+    variants.row_normalised()
+    got = core.response_steps._scaled(tu, [g.clone() for g in ones], d, sigma)
+    m = tu.layers[0]  # its W_h, V, b_h, C: the first four
+    rows = 1 / (m.hyper_weight.square().sum(1) + m.weight_hyper.square().sum(1))
+    bias = 1 / (m.hyper_bias.square().sum(1) + m.bias_hyper.square())
+    torch.testing.assert_close(got[0], plain[0] * rows[:, None])
+    torch.testing.assert_close(got[1], plain[1] * rows[:, None])
+    torch.testing.assert_close(got[2], plain[2] * bias)
+    torch.testing.assert_close(got[3], plain[3] * bias[:, None])
+
+
+def test_the_nudges_scale_the_start_by_about_one_rounding_step_and_nothing_else(variants):
+    plain = _tuner()
+    variants.nudge_v(1)
+    variants.nudge_weights(2)
+    tu = _tuner()
+    for a, b in zip(plain.layers, tu.layers):
+        torch.testing.assert_close(b.hyper_weight, a.hyper_weight * (1 + 1e-7), rtol=0, atol=1e-7)
+        assert not torch.equal(b.hyper_weight, a.hyper_weight) and torch.equal(b.hyper_bias, a.hyper_bias)
+    for a, b in zip(plain.general_params, tu.general_params):
+        torch.testing.assert_close(b, a * (1 + 2e-7), rtol=0, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.general_params, tu.general_params))
