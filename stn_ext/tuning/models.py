@@ -309,7 +309,7 @@ def cap_path(layers, sigma, cap):
     """Scale down W_h's rows where a gate's path at one sigma, |V_r (.) sigma| |W_h,r|, is longer than ``cap`` times
     its weights' row |W_e,r|: a linear response that moves the weights by more than they are is outside where its
     fit by difference measured it, and V's steps, which grow with |W_h,r|^2, then run away with it (Delta-STN's
-    response where masks are drawn, defaults.PATH_CAP)."""
+    response where masks are drawn, defaults.PATH_CAP). b_h is left as it is: b_e may well be near 0."""
     for m in layers:
         path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
         limit = cap * m.gate_rows(m.weight_elem).norm(dim=1)

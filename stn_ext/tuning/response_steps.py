@@ -223,7 +223,7 @@ def _step(t, general, response=None):
             torch.nn.utils.clip_grad_norm_(t.response_params, t.clip)
     t.opt_w.step()
     if response is not None and t.path_cap:
-        models.cap_path(t.layers, F.softplus(t.hscale.detach()), t.path_cap)
+        models.cap_path(t.layers, F.softplus(t.hscale.detach()) * t.tuned, t.path_cap)  # a held one is never moved
 
 
 @torch.no_grad()
