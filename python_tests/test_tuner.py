@@ -723,6 +723,7 @@ def _smooth_setup(hypers, method="delta-stn", reduction="mean", **kw):
     ("delta-stn", ("weight_decay", "noise"), {}, "difference"),
     ("delta-stn", ("dropout", "weight_decay"), {}, "difference"),    # masks too, per batch (difference_settings)
     ("delta-stn", ("dropout",), {"perturb": "example"}, "gradient"),  # masks per example: not in its control variate
+    ("delta-stn", ("dropout", "ar"), {}, "gradient"),  # a language model's space: by the gradient (perplexity)
     ("delta-stn", ("weight_decay", "noise"), {"perturb": "example"}, "difference"),
     ("stn", ("weight_decay",), {"perturb": "example"}, "difference"),
     ("delta-stn", ("ar",), {"perturb": "example"}, "gradient"),   # a model's own penalty: not in its control variate

@@ -186,9 +186,11 @@ def build_parser():
                         "weights and noise draws, over the perturbation's square (difference: at half the weights' pace "
                         "times the gain of --response-gain-max, where the gradient's is sigma^2 times theirs, its "
                         "noise taken out; delta-stn per batch where masks are drawn (dropout, cutout, shift) at a "
-                        "tenth, started near V = 1, each gate's path capped at half its weights; per example, each "
+                        "tenth, started near V = 1, each gate's path capped at half its weights (not for a language "
+                        "model's kinds); per example, each "
                         "example's gradient at u through the tangent of its path, for weight decay and noise only; "
-                        "the hyper lr schedule's auto is tail with it); auto: difference for delta-stn per batch, and "
+                        "the hyper lr schedule's auto is tail with it); auto: difference for delta-stn per batch (not with "
+                        "embed_dropout, dropconnect, ar or tar), and "
                         "where every tuned hyperparameter is weight decay, noise, ar or tar (per example: weight decay "
                         f"or noise) (default {d.response_fit})")
     g.add_argument("--response-rows", type=float, default=d.response_rows,

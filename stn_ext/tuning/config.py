@@ -96,8 +96,8 @@ class TrainConfig:
     response_fit: str = "auto"        # "gradient" (the paper's) | "difference" (less the gradient at u along the
                                       # path, over the perturbation's square: half the weights' pace times the gain;
                                       # hyper_lr_schedule's auto is then tail) | "auto" (difference for Delta-STN per
-                                      # batch, where masks are drawn at a tenth of the pace, started near V = 1 and
-                                      # capped; else where every tuned hyperparameter acts smoothly: weight decay,
+                                      # batch but on a language model's kinds, where masks are drawn at a tenth of the
+                                      # pace, started near V = 1 and capped; else where every tuned hyperparameter acts smoothly: weight decay,
                                       # noise, AR, TAR; per example weight decay and noise); docs/trainer.md, "The
                                       # response by finite difference", "Delta-STN's response where masks are drawn"
     hidden: tuple = (128, 128)
