@@ -98,6 +98,58 @@ def test_a_part_of_a_split_batch_picks_the_same_rows_and_draws_on_any_split():
         BatchRandom(torch.Generator(), 4).pick(0.2)
 
 
+def _draw_pass(rnd):
+    """What a training pass draws: a dropout mask's uniforms, a noise draw, a shared uniform."""
+    return [rnd.rand(3), rnd.randn(2, 2), rnd.shared_rand(4)]
+
+
+def test_a_replayed_pass_gets_the_recorded_draws_without_moving_the_generator():
+    """The response by difference replays the general pass's draws from its DrawTape: the same numbers a pass from
+    the generator's state before it would draw, the generator left where the recorded pass left it."""
+    from stn_ext.tuning import response_steps
+    from stn_ext.tuning.augment import BatchRandom, recording
+
+    gen = torch.Generator().manual_seed(3)
+    rnd = BatchRandom(gen, 6, offset=2, local=3)
+    start = gen.get_state()
+    with recording(rnd) as tape:
+        first = _draw_pass(rnd)
+    after = gen.get_state()
+    assert tape.usable
+    with response_steps._replaying(rnd, tape, 3):
+        again = _draw_pass(rnd)
+    assert all(a is b or torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(gen.get_state(), after)
+    gen.set_state(start)
+    assert all(torch.equal(a, b) for a, b in zip(first, _draw_pass(BatchRandom(gen, 6, offset=2, local=3))))
+    with response_steps._replaying(rnd, tape, 3), pytest.raises(RuntimeError, match="must not depend"):
+        rnd.rand(4)  # the pass it replays drew 3 per row first
+
+
+@pytest.mark.parametrize("spoil", ["draw past the BatchRandom", "change a draw in place"])
+def test_a_tape_that_may_not_hold_the_draws_replays_from_the_generator(spoil):
+    """A model that draws from the generator itself (current_random().generator), or changes a draw in place,
+    leaves a tape that does not hold the pass's draws as they were: the replay draws them again from the generator's
+    state before the pass, as before the tape, and gives the pass's numbers."""
+    from stn_ext.tuning import response_steps
+    from stn_ext.tuning.augment import BatchRandom, recording
+
+    gen = torch.Generator().manual_seed(4)
+    rnd = BatchRandom(gen, 3)
+    with recording(rnd) as tape:
+        first = [d.clone() for d in _draw_pass(rnd)]
+        if spoil == "draw past the BatchRandom":
+            first.append(torch.rand(5, generator=rnd.generator))
+        else:
+            rnd.tape.draws[0].mul_(2)
+    assert not tape.usable
+    after = gen.get_state()
+    with response_steps._replaying(rnd, tape, 3):
+        again = _draw_pass(rnd) + ([torch.rand(5, generator=rnd.generator)] if len(first) == 4 else [])
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(gen.get_state(), after)
+
+
 @pytest.mark.parametrize("baseline,repeat,stopped", [(0.0, False, False), (0.9, True, False), (0.9, False, True)])
 def test_state_dict_resumes_bit_for_bit(baseline, repeat, stopped):
     """Saved after 12 steps and resumed, a run ends where the unbroken run ends: with the response baseline live at the

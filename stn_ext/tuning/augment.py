@@ -4,6 +4,7 @@ Random numbers come from a ``BatchRandom``: it draws for the *global* batch (all
 together) and returns this rank's rows, so a run on 2 processes uses exactly the random numbers of a
 run on 1 process with the same global batch.
 """
+import contextlib
 import math
 
 import torch
@@ -17,6 +18,7 @@ class BatchRandom:
         self.global_batch = global_batch
         self.offset = offset
         self.local = global_batch - offset if local is None else local
+        self.tape = None  # a DrawTape recording or replaying this BatchRandom's draws
 
     def pick(self, fraction):
         """A part of the global batch, spread evenly: row i is picked iff floor((i + 1) f) > floor(i f), the same
@@ -33,21 +35,96 @@ class BatchRandom:
     def _rows(self, t):
         return t[self.offset:self.offset + self.local]
 
+    def _draw(self, fn, shape, device, dtype):
+        if self.tape is not None and self.tape.replaying:
+            return self.tape.next(shape, device, dtype)
+        if self.tape is not None:
+            self.tape.before_draw()
+        out = fn(shape, generator=self.generator, device=device, dtype=dtype)
+        if self.tape is not None:
+            self.tape.record(out)
+        return out
+
     def rand(self, *shape, device=None, dtype=torch.float32):
         device = self.generator.device if device is None else device
-        return self._rows(torch.rand((self.global_batch,) + shape, generator=self.generator, device=device, dtype=dtype))
+        return self._rows(self._draw(torch.rand, (self.global_batch,) + shape, device, dtype))
 
     def randn(self, *shape, device=None, dtype=torch.float32):
         device = self.generator.device if device is None else device
-        return self._rows(torch.randn((self.global_batch,) + shape, generator=self.generator, device=device, dtype=dtype))
+        return self._rows(self._draw(torch.randn, (self.global_batch,) + shape, device, dtype))
 
     def shared_rand(self, *shape, device=None, dtype=torch.float32):
         """One uniform draw shared by the whole batch (same on every rank), on ``device``."""
-        return torch.rand(shape, generator=self.generator, device=self.generator.device, dtype=dtype).to(device)
+        return self._draw(torch.rand, shape, self.generator.device, dtype).to(device)
 
     def shared_randn(self, *shape, dtype=torch.float32):
         """One draw shared by the whole batch (same on every rank)."""
-        return torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=dtype)
+        return self._draw(torch.randn, shape, self.generator.device, dtype)
+
+
+class DrawTape:
+    """The draws a BatchRandom makes during one pass (``recording``), served again in order to a later pass with the
+    same draws (``replaying``, Delta-STN's response by difference) instead of drawing them anew from the generator's
+    state before the pass: the same numbers, without the second draw's cost (on the Fashion-MNIST MLP about 0.8 ms a
+    step, a seventh of a fixed step). ``usable`` is False where the tape may not hold every draw as it was: something drew from the
+    generator past the BatchRandom (the generator's state moved between its draws) or changed a draw in place; the
+    caller then replays from ``start``, the generator's state before the pass."""
+
+    def __init__(self, generator):
+        self.generator, self.start = generator, generator.get_state()
+        self.draws, self.replaying, self._at, self._state, self._versions = [], False, 0, self.start, []
+        self.outside = False  # a draw from the generator not through the BatchRandom
+
+    def before_draw(self):
+        self.outside = self.outside or not torch.equal(self.generator.get_state(), self._state)
+
+    def record(self, out):
+        self.draws.append(out)
+        self._versions.append(out._version)
+        self._state = self.generator.get_state()
+
+    def finish(self):
+        """End the recording: the generator must be where the last draw left it."""
+        self.before_draw()
+
+    @property
+    def usable(self):
+        return not self.outside and all(d._version == v for d, v in zip(self.draws, self._versions))
+
+    def next(self, shape, device, dtype):
+        if self._at >= len(self.draws):
+            raise RuntimeError("stn_ext: a replayed pass drew more random numbers than the pass it replays")
+        d = self.draws[self._at]
+        want = torch.device(device)
+        if (tuple(d.shape) != tuple(shape) or d.dtype != dtype or d.device.type != want.type
+                or want.index not in (None, d.device.index)):
+            raise RuntimeError(f"stn_ext: a replayed pass drew {tuple(shape)} {dtype} on {device} where the pass it "
+                               f"replays drew {tuple(d.shape)} {d.dtype} on {d.device}: the draws must not depend on "
+                               "the hyperparameters' values")
+        self._at += 1
+        return d
+
+
+@contextlib.contextmanager
+def recording(rnd):
+    """Record ``rnd``'s draws within the block on a DrawTape (yielded)."""
+    tape = DrawTape(rnd.generator)
+    rnd.tape = tape
+    try:
+        yield tape
+    finally:
+        rnd.tape = None
+        tape.finish()
+
+
+@contextlib.contextmanager
+def replaying(rnd, tape):
+    """``rnd`` serves the draws of ``tape`` (a finished, usable recording) in order within the block."""
+    tape.replaying, tape._at, rnd.tape = True, 0, tape
+    try:
+        yield
+    finally:
+        rnd.tape, tape.replaying = None, False
 
 
 def _per_example(v, B, device, dtype=torch.float32):

@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from stn_ext.tuning import defaults, models
+from stn_ext.tuning import augment, defaults, models
 from stn_ext.tuning.response_baseline import subtract_along_path
 
 
@@ -41,11 +41,11 @@ def general_and_difference(t, x, y, u, rnd):
     due = t.response_due()
     if due and t.perturb == "example":
         return _general_and_difference_per_example(t, x, y, u, rnd)
-    draws = rnd.generator.get_state() if due else None
     vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
-    xr, rates = t.regularise(x, vals, rnd)
-    with models.regularisers(rates, rnd, t.named(vals)):
-        loss, report = t.loss(xr, y, None, vals)
+    with augment.recording(rnd) if due else contextlib.nullcontext() as draws:
+        xr, rates = t.regularise(x, vals, rnd)
+        with models.regularisers(rates, rnd, t.named(vals)):
+            loss, report = t.loss(xr, y, None, vals)
     grads, problem = t._gradients(loss, t.general_params)
     if problem:
         return report, problem
@@ -74,8 +74,8 @@ def _general_and_difference_per_example(t, x, y, u, rnd):
     sigma = F.softplus(t.hscale.detach())
     u_t = t.perturbed(u, sigma, rnd)
     d = (u_t - u).detach()
-    draws = rnd.generator.get_state()
-    loss, report, cv, problem, w = _at_u_with_tangent(t, x, y, u, d, rnd, sigma=sigma)
+    with augment.recording(rnd) as draws:
+        loss, report, cv, problem, w = _at_u_with_tangent(t, x, y, u, d, rnd, sigma=sigma)
     if problem:
         return report, problem
     grads, problem = t._gradients(loss, t.general_params)
@@ -102,7 +102,7 @@ def _at_u_with_tangent(t, x, y, u, d, rnd, draws=None, sigma=None):
     sum_i <g_i(0), path(d_i)>, g_i example i's gradient at delta = 0, is that tangent against the output's gradient
     plus the weight decay's linear part. Its gradients on the response's parameters are sum_i (V d_i) (.) g_i(0) on
     W_h, and so on: what the response's gradient at d has, less the change of the gradient over d. Examples must not
-    interact (no batch statistics). ``draws``: a generator state to replay (the noise of the step's other pass).
+    interact (no batch statistics). ``draws``: a DrawTape to replay (the noise of the step's other pass).
     ``sigma``: example i's share weighted by ``example_weights`` (where the loss is per example; else None)."""
     with _replaying(rnd, draws, x.shape[0]):
         vals = t._while_unchanged("u values", t.u, lambda: t.space.to_values(u))
@@ -132,12 +132,12 @@ def stn_by_difference(t, x, y, u, rnd):
     sigma = F.softplus(t.hscale.detach())
     u_t = t.perturbed(u, sigma, rnd)
     z, d = t.z(u_t, False), (u_t - u).detach()
-    draws = rnd.generator.get_state()
     vals = t.space.to_values(u_t)
-    xr, rates = t.regularise(x, vals, rnd)
-    with models.regularisers(rates, rnd, t.named(vals)):
-        out = t.forward(xr, z)
-        loss, report = t.loss(xr, y, z, vals, out=out)
+    with augment.recording(rnd) as draws:
+        xr, rates = t.regularise(x, vals, rnd)
+        with models.regularisers(rates, rnd, t.named(vals)):
+            out = t.forward(xr, z)
+            loss, report = t.loss(xr, y, z, vals, out=out)
     if t.perturb == "example" and report.dim():
         return report, _stn_per_example_weighted(t, (x, y, xr, z, vals, out), loss, u, d, sigma, rnd, draws)
     grads, problem = t._gradients(loss, t.params)
@@ -184,9 +184,9 @@ def _stn_per_example_weighted(t, batch, loss, u, d, sigma, rnd, draws):
 
 
 def _replayed_loss(t, x, y, u_at, z, rnd, draws, weights=None):
-    """The training loss at u_at (hypernet input z) with the random draws the generator gave from state ``draws``
-    (the noise of the step's other pass), run beside the step's own (models.side_run); the generator is left where
-    it was. ``weights``: the examples' (Tuner.loss)."""
+    """The training loss at u_at (hypernet input z) with the random draws of the DrawTape ``draws`` (the noise of
+    the step's other pass), run beside the step's own (models.side_run); the generator is left where it was.
+    ``weights``: the examples' (Tuner.loss)."""
     with _replaying(rnd, draws, x.shape[0]):
         vals = t.space.to_values(u_at)
         xr, rates = t.regularise(x, vals, rnd)
@@ -197,14 +197,19 @@ def _replayed_loss(t, x, y, u_at, z, rnd, draws, weights=None):
 
 @contextlib.contextmanager
 def _replaying(rnd, draws, rows):
-    """A run beside the step's own (models.side_run) with the random draws the generator gave from state ``draws``
-    (None: the step's own run, as it is), on ``rows`` rows; the generator is left where it was."""
+    """A run beside the step's own (models.side_run) with the random draws of the DrawTape ``draws`` (None: the
+    step's own run, as it is), on ``rows`` rows: served from the tape where it holds them all as they were, else
+    drawn again from the generator's state before the recorded pass; the generator is left where it was."""
     if draws is None:
         yield
         return
+    if draws.usable:
+        with augment.replaying(rnd, draws), models.side_run(torch.arange(rows)):
+            yield
+        return
     gen = rnd.generator
     after = gen.get_state()
-    gen.set_state(draws)
+    gen.set_state(draws.start)
     try:
         with models.side_run(torch.arange(rows)):
             yield
