@@ -125,7 +125,7 @@ class Trainer:
         self.streams = {"train": language.Stream(), "val": language.Stream()}  # carried hidden states (text)
         self.tuner = Tuner(
             self.model, self.space, torch.optim.SGD(self.model.parameters(), lr=self.settings["lr"],
-                                                    momentum=self.settings["momentum"]),
+                                                    momentum=self.settings["momentum"], foreach=True),
             self._per_example_loss, cfg.method, cfg.steps, hyper_lr=cfg.hyper_lr, hyper_lr_schedule=cfg.hyper_lr_schedule,
             hyper_beta2=cfg.hyper_beta2, scale_init=cfg.scale_init, scale_max=cfg.scale_max, tau=cfg.tau,
             hyper_plain_every=cfg.hyper_plain_every, train_per_cycle=cfg.train_per_cycle, full_batch=self.full_batch,
