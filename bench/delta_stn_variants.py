@@ -84,7 +84,7 @@ def gradient_where_masked():
 
     def response_fit(f, method, perturb, kinds, linearize, rows, centred=True):
         got = fit(f, method, perturb, kinds, linearize, rows, centred)
-        if f == "auto" and got == "difference" and not all(k in defaults.SMOOTH_KINDS for k in kinds):
+        if f == "auto" and got == "difference" and not defaults.smooth(kinds):
             return "gradient"
         return got
     defaults.response_fit = response_fit  # the Tuner and config.response_fit_of call it by its module name
@@ -140,7 +140,7 @@ def row_normalised():
                 if p is None:
                     continue
                 if p is m.weight_hyper:
-                    out[i].mul_(w.view(m.gate(torch.zeros_like(d)).shape))
+                    out[i].mul_(w.view(m.gate_shape()))
                 elif p is m.hyper_weight:
                     out[i].mul_(w[:, None])
                 elif p is m.bias_hyper:

@@ -48,9 +48,13 @@ class _StnMixin:
 
     def gate(self, lam):
         """V lam for one lam ((n_hyper,)), shaped to scale weight_elem along gate_dim."""
+        return (self.hyper_weight @ lam).view(self.gate_shape())
+
+    def gate_shape(self):
+        """The shape that broadcasts one value per gate (an entry of V lam) over weight_elem, along gate_dim."""
         shape = [1] * self.weight_hyper.dim()
         shape[self.gate_dim] = -1
-        return (self.hyper_weight @ lam).view(shape)
+        return shape
 
     def gate_rows(self, w):
         """w (shaped as weight_elem) with one row per entry of the gate V lam, flattened: (gates, rest)."""

@@ -113,9 +113,14 @@ def response_fit(fit, method, perturb, kinds, linearize, rows, centred=True):
                          f"method {method!r}, perturb {perturb!r}, response_rows {rows}, linearize {linearize}, "
                          f"recentred {centred}")
     if fit == "auto":
-        smooth = all(k in SMOOTH_KINDS for k in kinds)
-        return "difference" if eligible and (smooth or _masked_difference(method, perturb, kinds)) else "gradient"
+        return "difference" if eligible and (smooth(kinds) or _masked_difference(method, perturb, kinds)) else "gradient"
     return fit
+
+
+def smooth(kinds):
+    """Whether every one of the tuned hyperparameters' ``kinds`` acts smoothly on the loss (SMOOTH_KINDS: none draws
+    masks)."""
+    return all(k in SMOOTH_KINDS for k in kinds)
 
 
 def _masked_difference(method, perturb, kinds):
@@ -128,7 +133,7 @@ def difference_settings(method, perturb, fit, kinds):
     """(the response's pace by difference, whether it starts near V = 1, the cap on its path or 0): Delta-STN's per
     batch by difference where a tuned rate draws masks (MASKED_DIFFERENCE_PACE, near 1, PATH_CAP), else
     (DIFFERENCE_PACE, False, 0.0)."""
-    if (method, perturb, fit) == ("delta-stn", "batch", "difference") and not all(k in SMOOTH_KINDS for k in kinds):
+    if (method, perturb, fit) == ("delta-stn", "batch", "difference") and not smooth(kinds):
         return MASKED_DIFFERENCE_PACE, True, PATH_CAP
     return DIFFERENCE_PACE, False, 0.0
 
@@ -161,7 +166,7 @@ def resolve(method, perturb="auto", scale_init=-1.0, schedule="auto", beta2=-1.0
             auto_beta2 if beta2 == -1 else beta2)
 
 
-__all__ = ["resolve", "response_every", "response_rows", "response_fit", "difference_settings", "RESPONSE_ROWS",
+__all__ = ["resolve", "response_every", "response_rows", "response_fit", "smooth", "difference_settings", "RESPONSE_ROWS",
            "PERTURB", "BY_MODE", "RESPONSE_EVERY", "RESPONSE_EVERY_DIFFERENCE", "SMOOTH_KINDS", "EXAMPLE_SMOOTH_KINDS",
            "DIFFERENCE_PACE", "MASKED_DIFFERENCE_PACE", "PATH_CAP", "EXAMPLE_SPREAD_FLOOR",
            "STN_EXAMPLE_DIFFERENCE_SCALE"]

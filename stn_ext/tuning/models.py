@@ -314,9 +314,7 @@ def cap_path(layers, sigma, cap):
         path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
         limit = cap * m.gate_rows(m.weight_elem).norm(dim=1)
         shrink = (limit / path.clamp_min(torch.finfo(path.dtype).tiny)).clamp(max=1.0)
-        shape = [1] * m.weight_hyper.dim()
-        shape[m.gate_dim] = -1
-        m.weight_hyper.mul_(shrink.view(shape))
+        m.weight_hyper.mul_(shrink.view(m.gate_shape()))
 
 
 def linearised(model, x, delta):

@@ -2,6 +2,10 @@
 optimiser (which have their own), and the step checks' counts (the Tuner adds those)."""
 import torch
 
+# what a state fitted by difference before December 7 (twenty-eighth session) ran with: pace 0.5 from V ~ N(0, 1/n),
+# uncapped ([pace, started near V = 1, path cap], as ``capture`` keeps them)
+DIFFERENCE_BEFORE_DECEMBER_7 = (0.5, False, 0.0)
+
 
 def capture(tuner):
     t = tuner
@@ -26,8 +30,7 @@ def restore(tuner, st, generator=True):
         raise ValueError(f"stn_ext: the state (checkpoint) fitted the response by {fit!r}, this tuner by "
                          f"{t.response_fit!r} (the default 'auto' chooses by difference where it can since December "
                          f"2026); to go on as it ran, pass response_fit={fit!r} (--response-fit {fit})")
-    # a state fitted by difference before December 7 (twenty-eighth session): at pace 0.5 from V ~ N(0, 1/n), uncapped
-    ran = st.get("difference", [0.5, False, 0.0])
+    ran = st.get("difference", DIFFERENCE_BEFORE_DECEMBER_7)
     if fit == "difference" and list(ran) != [t.difference_pace, t.near_one, t.path_cap]:
         raise ValueError(f"stn_ext: the state (checkpoint) fitted the response by difference at pace {ran[0]}, "
                          f"started near V = 1: {ran[1]}, its path capped at {ran[2]}; this tuner at {t.difference_pace}, "
