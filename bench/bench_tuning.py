@@ -700,8 +700,9 @@ def main(argv=None):
                    help="seeds per setting (default 3; ridge-family ran one until December 5, which hid the runs "
                         "whose response started at a random pace: docs/trainer.md, \"The response's start and baseline\")")
     p.add_argument("--ridge-steps", type=int, default=3000)
-    p.add_argument("--first-seed", type=int, default=0, help="ridge: seeds first-seed .. first-seed + seeds - 1 "
-                                                              "(default 0)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="ridge and fashion: their seeds start here (ridge: first-seed .. first-seed + seeds - 1; "
+                        "fashion: .. + fashion-seeds - 1; default 0)")
     p.add_argument("--sides", type=_sides, default=[-1, 1],
                    help="ridge: the starts, below and/or above (100x; default below,above)")
     p.add_argument("--digits-steps", type=int, default=3000)
@@ -804,7 +805,7 @@ def main(argv=None):
             data = None
         if data is not None:
             rows = []
-            for seed in range(a.fashion_seeds):
+            for seed in range(a.first_seed, a.first_seed + a.fashion_seeds):
                 for m in a.fashion_methods or FASHION_METHODS:
                     rows.append(fashion_run(data, m, seed, a.fashion_steps))
                     print(f"fashion {m} seed {seed}: test loss {rows[-1]['test_loss']:.4f}", file=sys.stderr, flush=True)
