@@ -701,8 +701,8 @@ def main(argv=None):
                         "whose response started at a random pace: docs/trainer.md, \"The response's start and baseline\")")
     p.add_argument("--ridge-steps", type=int, default=3000)
     p.add_argument("--first-seed", type=int, default=0,
-                   help="ridge and fashion: their seeds start here (ridge: first-seed .. first-seed + seeds - 1; "
-                        "fashion: .. + fashion-seeds - 1; default 0)")
+                   help="ridge, fashion and cnn: their seeds start here (first-seed .. first-seed + seeds - 1, "
+                        "fashion-seeds, cnn-seeds; default 0)")
     p.add_argument("--sides", type=_sides, default=[-1, 1],
                    help="ridge: the starts, below and/or above (100x; default below,above)")
     p.add_argument("--digits-steps", type=int, default=3000)
@@ -822,7 +822,7 @@ def main(argv=None):
         if data is not None:
             rows = []
             t0 = time.perf_counter()
-            for seed in range(a.cnn_seeds):
+            for seed in range(a.first_seed, a.first_seed + a.cnn_seeds):
                 for m in a.cnn_methods or CNN_METHODS:
                     rows.append(cnn_run(data, m, seed, a.cnn_steps))
                     r = rows[-1]
