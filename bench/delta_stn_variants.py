@@ -74,9 +74,9 @@ def coordinate_response_draws():
 def v_near_one():
     init = models.init_response
 
-    def near_one(layers, floor=0.0, near_one=False):
+    def started_near_one(layers, floor=0.0, near_one=False):
         init(layers, floor, True)
-    models.init_response = near_one  # start_response calls it by its module name
+    models.init_response = started_near_one  # start_response calls it by its module name
 
 
 def gradient_where_masked():
@@ -133,21 +133,12 @@ def row_normalised():
         out = scaled(t, diffs, d, sigma, weights)
         if d.dim() != 1:
             return out
-        i = 0
+        scales = []  # in response_params' order: W_h, V[, b_h, C] per layer
         for m in t.layers:
             w, b = _row_scales(m)
-            for p in (m.weight_hyper, m.hyper_weight, m.bias_hyper, m.hyper_bias):
-                if p is None:
-                    continue
-                if p is m.weight_hyper:
-                    out[i].mul_(w.view(m.gate_shape()))
-                elif p is m.hyper_weight:
-                    out[i].mul_(w[:, None])
-                elif p is m.bias_hyper:
-                    out[i].mul_(b)
-                else:
-                    out[i].mul_(b[:, None])
-                i += 1
+            scales += [w.view(m.gate_shape()), w[:, None]] + ([] if b is None else [b, b[:, None]])
+        for g, s in zip(out, scales, strict=True):
+            g.mul_(s)
         return out
     rs._scaled = by_rows
 
@@ -185,8 +176,7 @@ def main():
     print(f"delta_stn_variants: v_near_one={a.v_near_one} coordinate={a.coordinate} difference paces "
           f"{defaults.DIFFERENCE_PACE}, {defaults.MASKED_DIFFERENCE_PACE} path_cap={defaults.PATH_CAP} "
           f"row_normalised={a.row_normalised} gradient_where_masked={a.gradient_where_masked} nudge_v={a.nudge_v} "
-          f"nudge_weights={a.nudge_weights}", file=sys.stderr,
-          flush=True)
+          f"nudge_weights={a.nudge_weights}", file=sys.stderr, flush=True)
     script = a.script if os.path.sep in a.script else os.path.join(HERE, a.script)
     sys.argv = [script] + a.args
     runpy.run_path(script, run_name="__main__")
