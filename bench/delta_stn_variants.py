@@ -4,7 +4,7 @@ measurements of variants, not defaults.
 
     python bench/delta_stn_variants.py [--v-near-one] [--coordinate] [--difference-pace P] [--path-cap C]
                                        [--row-normalised] [--gradient-where-masked] [--nudge-v K]
-                                       [--nudge-weights K] SCRIPT [ARGS...]
+                                       [--nudge-weights K] [--near-one-columns K] SCRIPT [ARGS...]
 
 --v-near-one       the response's start V, C = 1 + N(0, 0.01) (W_h = b_h = 0) on every space; the defaults take it
                    where a tuned rate draws masks (defaults.difference_settings), else V ~ N(0, 1/n) with rows raised
@@ -23,6 +23,9 @@ measurements of variants, not defaults.
 --nudge-v K        V's start (and a roll-back's restart) times 1 + K 1e-7, about K float32 rounding steps: how far a
                    change that small moves a run (docs/trainer.md, "How far one seed's figure can be trusted")
 --nudge-weights K  the general weights (W_e, b_e and the rest) times 1 + K 1e-7 once the tuner is built (any method)
+--near-one-columns K
+                   where the response starts near V = 1, only the first K columns of V and C do; the others start at
+                   0.1 N(0, 1) (the CNN protocol's four rates come first, cutout's two after)
 
 SCRIPT is a file in bench/ (or a path) run as __main__ with ARGS, in this process, e.g.
 
@@ -100,6 +103,21 @@ def nudge_v(k):
     models.init_response = nudged  # start_response calls it by its module name
 
 
+def near_one_columns(k):
+    """Where the response starts near V = 1, only V's and C's first ``k`` columns do (the protocol's dropout rates,
+    listed first); the others start at 0.1 N(0, 1), so those hyperparameters' responses are not tied to the rates'
+    shared W_h from the start and learn their own scale and sign per row."""
+    init = models.init_response
+
+    def started(layers, floor=0.0, near_one=False):
+        init(layers, floor, near_one)
+        if near_one:
+            for m in layers:
+                for v in (m.hyper_weight,) if m.hyper_bias is None else (m.hyper_weight, m.hyper_bias):
+                    v[:, k:] = 0.1 * torch.randn_like(v[:, k:])
+    models.init_response = started  # start_response calls it by its module name
+
+
 def nudge_weights(k):
     build = core.Tuner.__init__
 
@@ -154,6 +172,7 @@ def main():
     p.add_argument("--gradient-where-masked", action="store_true")
     p.add_argument("--nudge-v", type=float, default=0.0)
     p.add_argument("--nudge-weights", type=float, default=0.0)
+    p.add_argument("--near-one-columns", type=int, default=None)
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
@@ -169,6 +188,8 @@ def main():
         nudge_v(a.nudge_v)
     if a.nudge_weights:
         nudge_weights(a.nudge_weights)
+    if a.near_one_columns is not None:
+        near_one_columns(a.near_one_columns)
     if a.path_cap is not None:
         defaults.PATH_CAP = a.path_cap
     if a.difference_pace is not None:
@@ -176,7 +197,7 @@ def main():
     print(f"delta_stn_variants: v_near_one={a.v_near_one} coordinate={a.coordinate} difference paces "
           f"{defaults.DIFFERENCE_PACE}, {defaults.MASKED_DIFFERENCE_PACE} path_cap={defaults.PATH_CAP} "
           f"row_normalised={a.row_normalised} gradient_where_masked={a.gradient_where_masked} nudge_v={a.nudge_v} "
-          f"nudge_weights={a.nudge_weights}", file=sys.stderr, flush=True)
+          f"nudge_weights={a.nudge_weights} near_one_columns={a.near_one_columns}", file=sys.stderr, flush=True)
     script = a.script if os.path.sep in a.script else os.path.join(HERE, a.script)
     sys.argv = [script] + a.args
     runpy.run_path(script, run_name="__main__")

@@ -485,6 +485,26 @@ def test_resume_equals_uninterrupted(small_digits, tmp_path, kw):
     assert all(torch.equal(full.best_state[k], resumed.best_state[k]) for k in full.best_state)
 
 
+def test_request_stop_stops_after_a_checkpoint_and_the_run_resumes(small_digits, tmp_path):
+    """Trainer.request_stop() (what SIGINT does, for a user's callback or thread) ends fit at the step boundary where
+    it was asked, with a checkpoint there; resume then finishes the run."""
+    base = dict(method="stn", steps=40, warmup_steps=5, hidden=(16,), eval_every=10, quiet=True, plots=False,
+                out=str(tmp_path / "run"))
+    tr = Trainer(TrainConfig(**base), data=small_digits)
+    step = tr.weight_step
+
+    def asking_at_17():
+        out = step()
+        if tr.step == 17:  # counted once this weight step is taken
+            tr.request_stop()
+        return out
+    tr.weight_step = asking_at_17
+    s = tr.fit()
+    assert not s["complete"] and s["steps"] == 17
+    s2 = Trainer(TrainConfig(resume=True, **base), data=small_digits).fit()
+    assert s2["complete"] and s2["steps"] == 40
+
+
 def test_best_evaluation_is_kept_and_restored(small_digits, tmp_path):
     """best.pt and summary["best"] hold the evaluation with the lowest validation loss (a run at a large step
     whose validation loss goes down, then up and down); restore_best() loads weights that give that loss again."""

@@ -91,6 +91,10 @@ class DrawTape:
     def usable(self):
         return not self.outside and all(d._version == v for d, v in zip(self.draws, self._versions))
 
+    def rewind(self):
+        """Serve the recorded draws again from the first (``replaying``)."""
+        self.replaying, self._at = True, 0
+
     def next(self, shape, device, dtype):
         if self._at >= len(self.draws):
             raise RuntimeError("stn_ext: a replayed pass drew more random numbers than the pass it replays")
@@ -120,7 +124,8 @@ def recording(rnd):
 @contextlib.contextmanager
 def replaying(rnd, tape):
     """``rnd`` serves the draws of ``tape`` (a finished, usable recording) in order within the block."""
-    tape.replaying, tape._at, rnd.tape = True, 0, tape
+    tape.rewind()
+    rnd.tape = tape
     try:
         yield
     finally:

@@ -376,8 +376,13 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame):
+    def request_stop(self):
+        """Stop ``fit`` at the next step boundary, after a checkpoint, as SIGINT or SIGTERM do: the summary then says
+        interrupted, and ``resume`` continues the run. Safe from a signal handler, another thread or a callback."""
         self._stop_flag = True
+
+    def _on_signal(self, signum, frame):
+        self.request_stop()
 
     def fit(self):
         """Train to ``config.steps`` weight steps (continuing from the checkpoint with ``resume``).

@@ -185,7 +185,8 @@ def run_trial(cfg, study, trial, per, space, data=None, model_fn=None):
                               hypers=tuple(space.names), workers=1, pruner="none", storage="", trial_steps=0)
         tr = ReportingTrainer(tcfg, data=data, model=model_fn() if model_fn else None, space=space.with_inits(values))
         _TRAINER[0] = tr  # a signal from here on stops this trial at its first step boundary
-        tr._stop_flag = _STOP[0]  # one that came while the trial was asked and built
+        if _STOP[0]:  # one that came while the trial was asked and built
+            tr.request_stop()
         tr.trial = trial
         tr.progress_label = f"{cfg.method} trial {trial.number} seed {cfg.seed}"
         s = tr.fit()
@@ -257,7 +258,7 @@ def _on_signal(signum, frame):
     # train the whole trial before the worker saw the flag
     _STOP[0] = True
     if _TRAINER[0] is not None:
-        _TRAINER[0]._stop_flag = True
+        _TRAINER[0].request_stop()
 
 
 def _worker_main(cfg_dict, index, data, model_fn, pruner):
