@@ -49,6 +49,16 @@ def test_v_near_one_starts_every_rate_alike_on_any_space(variants):
         assert (m.hyper_weight - 1).abs().max() < 0.5 and (m.hyper_bias - 1).abs().max() < 0.5
 
 
+def test_near_one_columns_starts_only_the_first_columns_near_one(variants):
+    variants.near_one_columns(2)
+    tu = _tuner()  # three dropout rates: the response by difference, started near V = 1 (defaults.difference_settings)
+    assert tu.near_one
+    for m in tu.layers:
+        for v in (m.hyper_weight, m.hyper_bias):
+            assert (v[:, :2] - 1).abs().max() < 0.5
+            assert v[:, 2:].abs().max() < 0.5 and (v[:, 2:] != 0).all()
+
+
 def test_coordinate_draws_one_hyperparameter_in_turn_inside_the_response_step_only(variants):
     variants.coordinate_response_draws()
     tu = _tuner()
