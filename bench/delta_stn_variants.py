@@ -4,7 +4,8 @@ measurements of variants, not defaults.
 
     python bench/delta_stn_variants.py [--v-near-one] [--coordinate] [--difference-pace P] [--path-cap C]
                                        [--row-normalised] [--gradient-where-masked] [--nudge-v K]
-                                       [--nudge-weights K] [--near-one-columns K] SCRIPT [ARGS...]
+                                       [--nudge-weights K] [--near-one-columns K]
+                                       [--watch-cap N] SCRIPT [ARGS...]
 
 --v-near-one       the response's start V, C = 1 + N(0, 0.01) (W_h = b_h = 0) on every space; the defaults take it
                    where a tuned rate draws masks (defaults.difference_settings), else V ~ N(0, 1/n) with rows raised
@@ -26,6 +27,7 @@ measurements of variants, not defaults.
 --near-one-columns K
                    where the response starts near V = 1, only the first K columns of V and C do; the others start at
                    0.1 N(0, 1) (the CNN protocol's four rates come first, cutout's two after)
+--watch-cap N      print, every N response steps, how much of each layer models.cap_path shortened (no value changes)
 
 SCRIPT is a file in bench/ (or a path) run as __main__ with ARGS, in this process, e.g.
 
@@ -118,6 +120,30 @@ def near_one_columns(k):
     models.init_response = started  # start_response calls it by its module name
 
 
+def watch_cap(every, out=sys.stderr):
+    """Print, every ``every`` calls of models.cap_path (one a response step), per layer over those calls: the share of
+    gate rows it shortened, the median and the largest ratio of a row's path at one sigma to its limit. Changes no
+    value: the cap runs as it is after the reading."""
+    cap, seen = models.cap_path, []
+
+    def watched(layers, sigma, limit):
+        with torch.no_grad():
+            rows = []
+            for m in layers:
+                path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
+                r = path / (limit * m.gate_rows(m.weight_elem).norm(dim=1))
+                rows.append(((r > 1).float().mean().item(), r.median().item(), r.max().item()))
+            seen.append(rows)
+        cap(layers, sigma, limit)
+        if len(seen) % every == 0:
+            window = seen[-every:]
+            print(f"cap_path calls {len(seen) - every + 1}-{len(seen)}: " + " | ".join(
+                f"layer {k}: shortened {sum(w[k][0] for w in window) / every:.2f}, ratio median "
+                f"{sum(w[k][1] for w in window) / every:.2f} max {max(w[k][2] for w in window):.2f}"
+                for k in range(len(window[0]))), file=out, flush=True)
+    models.cap_path = watched  # response_steps calls it by its module name
+
+
 def nudge_weights(k):
     build = core.Tuner.__init__
 
@@ -173,6 +199,7 @@ def main():
     p.add_argument("--nudge-v", type=float, default=0.0)
     p.add_argument("--nudge-weights", type=float, default=0.0)
     p.add_argument("--near-one-columns", type=int, default=None)
+    p.add_argument("--watch-cap", type=int, default=0)
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
@@ -190,6 +217,8 @@ def main():
         nudge_weights(a.nudge_weights)
     if a.near_one_columns is not None:
         near_one_columns(a.near_one_columns)
+    if a.watch_cap:
+        watch_cap(a.watch_cap)
     if a.path_cap is not None:
         defaults.PATH_CAP = a.path_cap
     if a.difference_pace is not None:
@@ -197,7 +226,7 @@ def main():
     print(f"delta_stn_variants: v_near_one={a.v_near_one} coordinate={a.coordinate} difference paces "
           f"{defaults.DIFFERENCE_PACE}, {defaults.MASKED_DIFFERENCE_PACE} path_cap={defaults.PATH_CAP} "
           f"row_normalised={a.row_normalised} gradient_where_masked={a.gradient_where_masked} nudge_v={a.nudge_v} "
-          f"nudge_weights={a.nudge_weights} near_one_columns={a.near_one_columns}", file=sys.stderr, flush=True)
+          f"nudge_weights={a.nudge_weights} near_one_columns={a.near_one_columns} watch_cap={a.watch_cap}", file=sys.stderr, flush=True)
     script = a.script if os.path.sep in a.script else os.path.join(HERE, a.script)
     sys.argv = [script] + a.args
     runpy.run_path(script, run_name="__main__")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def variants(monkeypatch):
     """The wrapper's module, every attribute it replaces restored after the test."""
     for owner, name in ((core.Tuner, "_eps"), (core.Tuner, "_response_step"),
-                        (core.response_steps, "general_and_difference"), (models, "init_response"),
+                        (core.response_steps, "general_and_difference"), (models, "init_response"), (models, "cap_path"),
                         (defaults, "response_fit"), (defaults, "DIFFERENCE_PACE"),
                         (defaults, "MASKED_DIFFERENCE_PACE"), (defaults, "PATH_CAP"), (core.response_steps, "_scaled"),
                         (core.Tuner, "__init__")):
@@ -57,6 +57,26 @@ def test_near_one_columns_starts_only_the_first_columns_near_one(variants):
         for v in (m.hyper_weight, m.hyper_bias):
             assert (v[:, :2] - 1).abs().max() < 0.5
             assert v[:, 2:].abs().max() < 0.5 and (v[:, 2:] != 0).all()
+
+
+def test_watch_cap_reports_and_changes_nothing(variants):
+    import io
+    torch.manual_seed(3)
+    tu = _tuner()
+    with torch.no_grad():
+        for m in tu.layers:  # paths past the cap on some rows
+            m.weight_hyper.normal_(0, 5.0)
+        plain = [m.weight_hyper.clone() for m in tu.layers]
+        models.cap_path(tu.layers, 0.3 * torch.ones(3), 0.5)
+        capped = [m.weight_hyper.clone() for m in tu.layers]
+        for m, w in zip(tu.layers, plain):
+            m.weight_hyper.copy_(w)
+        out = io.StringIO()
+        variants.watch_cap(1, out)
+        models.cap_path(tu.layers, 0.3 * torch.ones(3), 0.5)
+    assert all(torch.equal(m.weight_hyper, c) for m, c in zip(tu.layers, capped))
+    assert not all(torch.equal(c, w) for c, w in zip(capped, plain))  # the cap acted
+    assert "layer 0: shortened" in out.getvalue() and "layer 2" in out.getvalue()
 
 
 def test_coordinate_draws_one_hyperparameter_in_turn_inside_the_response_step_only(variants):
