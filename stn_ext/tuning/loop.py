@@ -381,9 +381,6 @@ class Trainer:
         interrupted, and ``resume`` continues the run. Safe from a signal handler, another thread or a callback."""
         self._stop_flag = True
 
-    def _on_signal(self, signum, frame):
-        self.request_stop()
-
     def fit(self):
         """Train to ``config.steps`` weight steps (continuing from the checkpoint with ``resume``).
         Returns the summary dict. SIGINT/SIGTERM stop at the next step boundary after a checkpoint."""
@@ -403,7 +400,7 @@ class Trainer:
         if c.out:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
-                    old[sig] = signal.signal(sig, self._on_signal)
+                    old[sig] = signal.signal(sig, lambda signum, frame: self.request_stop())
                 except ValueError:  # not the main thread
                     pass
         desc = self.progress_label or f"{c.method} seed {c.seed}"
