@@ -130,8 +130,8 @@ def watch_cap(every, out=sys.stderr):
         with torch.no_grad():
             rows = []
             for m in layers:
-                path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
-                r = path / (limit * m.gate_rows(m.weight_elem).norm(dim=1))
+                path, allowed = models.path_and_limit(m, sigma, limit)
+                r = path / allowed
                 rows.append(((r > 1).float().mean().item(), r.median().item(), r.max().item()))
             seen.append(rows)
         cap(layers, sigma, limit)
@@ -226,7 +226,8 @@ def main():
     print(f"delta_stn_variants: v_near_one={a.v_near_one} coordinate={a.coordinate} difference paces "
           f"{defaults.DIFFERENCE_PACE}, {defaults.MASKED_DIFFERENCE_PACE} path_cap={defaults.PATH_CAP} "
           f"row_normalised={a.row_normalised} gradient_where_masked={a.gradient_where_masked} nudge_v={a.nudge_v} "
-          f"nudge_weights={a.nudge_weights} near_one_columns={a.near_one_columns} watch_cap={a.watch_cap}", file=sys.stderr, flush=True)
+          f"nudge_weights={a.nudge_weights} near_one_columns={a.near_one_columns} watch_cap={a.watch_cap}",
+          file=sys.stderr, flush=True)
     script = a.script if os.path.sep in a.script else os.path.join(HERE, a.script)
     sys.argv = [script] + a.args
     runpy.run_path(script, run_name="__main__")

@@ -1,6 +1,7 @@
 """bench/delta_stn_variants.py's changes to Delta-STN's response (issue 22, docs/trainer.md "Forward mode's lessons for
 Delta-STN's response", "Delta-STN's response where masks are drawn"): the figures measured through it rest on each
 change doing what it says, and on nothing else."""
+import io
 import math
 
 import pytest
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def variants(monkeypatch):
     """The wrapper's module, every attribute it replaces restored after the test."""
     for owner, name in ((core.Tuner, "_eps"), (core.Tuner, "_response_step"),
-                        (core.response_steps, "general_and_difference"), (models, "init_response"), (models, "cap_path"),
+                        (core.response_steps, "general_and_difference"), (models, "init_response"),
+                        (models, "cap_path"),
                         (defaults, "response_fit"), (defaults, "DIFFERENCE_PACE"),
                         (defaults, "MASKED_DIFFERENCE_PACE"), (defaults, "PATH_CAP"), (core.response_steps, "_scaled"),
                         (core.Tuner, "__init__")):
@@ -60,7 +62,6 @@ def test_near_one_columns_starts_only_the_first_columns_near_one(variants):
 
 
 def test_watch_cap_reports_and_changes_nothing(variants):
-    import io
     torch.manual_seed(3)
     tu = _tuner()
     with torch.no_grad():

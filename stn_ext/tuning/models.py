@@ -311,10 +311,16 @@ def cap_path(layers, sigma, cap):
     fit by difference measured it, and V's steps, which grow with |W_h,r|^2, then run away with it (Delta-STN's
     response where masks are drawn, defaults.PATH_CAP). b_h is left as it is: b_e may well be near 0."""
     for m in layers:
-        path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
-        limit = cap * m.gate_rows(m.weight_elem).norm(dim=1)
+        path, limit = path_and_limit(m, sigma, cap)
         shrink = (limit / path.clamp_min(torch.finfo(path.dtype).tiny)).clamp(max=1.0)
         m.weight_hyper.mul_(shrink.view(m.gate_shape()))
+
+
+def path_and_limit(m, sigma, cap):
+    """Per gate row of the STN layer ``m``: its path's length at one sigma, |V_r (.) sigma| |W_h,r|, and what
+    ``cap_path`` allows it, ``cap`` |W_e,r|."""
+    path = (m.hyper_weight * sigma).norm(dim=1) * m.gate_rows(m.weight_hyper).norm(dim=1)
+    return path, cap * m.gate_rows(m.weight_elem).norm(dim=1)
 
 
 def linearised(model, x, delta):
